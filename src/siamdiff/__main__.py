@@ -1,0 +1,3 @@
+from siamdiff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""``siamdiff`` command line: parse, load config, call one function per verb.
+
+Every handler imports its module lazily so ``siamdiff --help`` stays instant, and every
+user-facing failure surfaces as one line: ``siamdiff: error: <file>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from siamdiff import __version__
+from siamdiff.errors import SiamdiffError
+
+SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder")
+
+
+def _source(text: str) -> tuple[str, Path]:
+    kind, sep, directory = text.partition("=")
+    if not sep or kind not in SOURCE_KINDS or not directory:
+        raise argparse.ArgumentTypeError(
+            f"expected KIND=DIR with KIND one of {', '.join(SOURCE_KINDS)}, got {text!r}"
+        )
+    return kind, Path(directory)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from siamdiff.data.prepare import prepare
+
+    summary = prepare(
+        args.source,
+        args.out,
+        size=args.size,
+        mask_threshold=args.mask_threshold,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        drop_empty=args.drop_empty,
+        workers=args.workers,
+    )
+    print(summary.format())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from siamdiff.data.manifest import format_verify, verify
+
+    report = verify(args.data)
+    print(format_verify(report))
+    return 0 if report.ok else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from siamdiff.data.stats import format_stats, write_stats
+
+    print(format_stats(write_stats(args.data, args.png)))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from siamdiff.data.download import CVC_CLINICDB_HELP, KVASIR_URL, download_kvasir
+
+    if args.dataset == "cvc-clinicdb":
+        print(CVC_CLINICDB_HELP)
+        return 0
+    path = download_kvasir(args.dest, url=args.url or KVASIR_URL, overwrite=args.overwrite)
+    print(f"Kvasir-SEG is in {path}; next: siamdiff prepare --source kvasir-seg={path} --out DATA")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from siamdiff.config import load_config
+    from siamdiff.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from siamdiff.export import export_run
+
+    out = export_run(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from siamdiff.demo import run_demo
+
+    run_demo(args.out, train_steps=args.train_steps, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamdiff",
+        description="Siamese-Diffusion: synthetic image-mask pairs for segmentation.",
+    )
+    parser.add_argument("--version", action="version", version=f"siamdiff {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        sub = verbs.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = verb("demo", cmd_demo, "Run the whole pipeline on built-in phantom data (no downloads).")
+    demo.add_argument("--out", type=Path, default=Path("siamdiff-demo"))
+    demo.add_argument("--train-steps", type=int, default=150)
+    demo.add_argument("--overwrite", action="store_true")
+
+    prep = verb("prepare", cmd_prepare, "Read public layouts into one siamdiff dataset.")
+    prep.add_argument("--source", type=_source, action="append", required=True, metavar="KIND=DIR")
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--size", type=int, default=384, help="shorter side in pixels")
+    prep.add_argument("--mask-threshold", type=int, default=128, help="foreground = value >= this")
+    prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument("--strict", action="store_true", help="any skipped file is an error")
+    prep.add_argument("--drop-empty", action="store_true", help="leave out frames with empty masks")
+    prep.add_argument("--overwrite", action="store_true")
+
+    ver = verb("verify", cmd_verify, "Re-hash a dataset against its manifest.")
+    ver.add_argument("data", type=Path)
+
+    stats = verb("stats", cmd_stats, "Counts and mask-coverage distribution of a dataset.")
+    stats.add_argument("data", type=Path)
+    stats.add_argument(
+        "--png", type=Path, default=None, help="histogram path (default DATA/stats.png)"
+    )
+
+    down = verb("download", cmd_download, "Download a public dataset (needs internet).")
+    down.add_argument("dataset", choices=("kvasir-seg", "cvc-clinicdb"))
+    down.add_argument("--dest", type=Path, default=Path("raw"))
+    down.add_argument("--url", default=None, help="mirror URL of the zip")
+    down.add_argument("--overwrite", action="store_true")
+
+    train = verb("train", cmd_train, "Train Siamese-Diffusion (or the mask-only baseline).")
+    train.add_argument("config", help="YAML file or a built-in name (tiny, scratch, sd15)")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    export = verb("export", cmd_export, "Write a diffusers-style model directory from a run.")
+    export.add_argument("run", type=Path)
+    export.add_argument("out", type=Path)
+    export.add_argument("--checkpoint", default=None, help="checkpoint name (default: latest)")
+    export.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SiamdiffError as exc:
+        print(f"siamdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"siamdiff: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("siamdiff: interrupted", file=sys.stderr)
+        return 130

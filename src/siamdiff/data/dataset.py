@@ -1,0 +1,66 @@
+"""Training samples: the image-mask pairs of a prepared dataset, through paired transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from siamdiff.data.manifest import Record, load_manifest
+from siamdiff.data.readers import load_mask, load_rgb
+from siamdiff.data.transforms import Sample, TransformConfig, build_transforms
+from siamdiff.errors import SiamdiffError
+
+
+class PairedDataset(Dataset):
+    """Samples ``{"image", "mask", "meta"}`` of one split of a prepared dataset.
+
+    ``split=None`` takes every record. Without ``transform`` the samples go through the
+    eval pipeline at the stored size (the shorter side that ``siamdiff prepare`` wrote).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = "train",
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        manifest = load_manifest(self.root)
+        self.records: list[Record] = manifest.records if split is None else manifest.split(split)
+        if not self.records:
+            which = "records" if split is None else f"{split!r} records"
+            raise SiamdiffError(f"dataset has no {which}", self.root)
+        if transform is None:
+            size = min(min(r.width, r.height) for r in self.records)
+            transform = build_transforms(TransformConfig(size=size), train=False)
+        self.transform = transform
+
+    @property
+    def coverages(self) -> list[float]:
+        """Lesion fraction of each sample, in index order (for the balanced sampler)."""
+        return [r.coverage for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = load_rgb(self.root / record.image)
+        mask = load_mask(self.root / record.mask)
+        if mask.shape != image.shape[:2]:
+            raise SiamdiffError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}",
+                self.root / record.mask,
+            )
+        meta = {
+            "id": record.id,
+            "dataset": record.dataset,
+            "group": record.group,
+            "coverage": record.coverage,
+            "image_sha256": record.image_sha256,
+        }
+        return self.transform({"image": image, "mask": mask, "meta": meta})

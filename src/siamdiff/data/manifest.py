@@ -1,0 +1,256 @@
+"""``manifest-v1.json``: the one place that knows the dataset manifest format.
+
+Every dataset siamdiff writes (prepared real data, synthetic sets) carries this
+manifest, so every verb can read every other verb's output.
+
+Layout::
+
+    {
+      "format": "siamdiff-manifest", "format_version": 1,
+      "dataset_version": "1.0",      # major: raw data added/removed; minor: preprocessing changed
+      "kind": "real" | "synthetic",
+      "created_by": "siamdiff 0.1.0",
+      "preprocessing": {...},        # everything that determines the bytes of the files
+      "records": [Record, ...]       # sorted by id
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from siamdiff import __version__
+from siamdiff.atomic import atomic_write_json
+from siamdiff.errors import SiamdiffError
+
+MANIFEST_NAME = "manifest-v1.json"
+FORMAT = "siamdiff-manifest"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+# Files siamdiff itself may keep beside the data; verify does not report them as extra.
+ANCILLARY_FILES = frozenset({"stats.json", "stats.png", "prepare-summary.json"})
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image-mask pair, as written to disk. Paths are relative to the dataset root."""
+
+    id: str
+    image: str
+    mask: str
+    image_sha256: str
+    mask_sha256: str
+    dataset: str
+    group: str
+    frame: str
+    split: str
+    coverage: float
+    width: int
+    height: int
+    source_image: str = ""
+    source_mask: str = ""
+    source_sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    records: list[Record]
+    preprocessing: dict[str, Any]
+    kind: str = "real"
+    dataset_version: str = "1.0"
+    created_by: str = f"siamdiff {__version__}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dataset_version": self.dataset_version,
+            "kind": self.kind,
+            "created_by": self.created_by,
+            "preprocessing": self.preprocessing,
+            "records": [asdict(r) for r in sorted(self.records, key=lambda r: r.id)],
+        }
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safe_relative(name: object, manifest_path: Path) -> str:
+    """Reject names that could point outside the dataset root (absolute, '..', backslashes)."""
+    if not isinstance(name, str) or not name:
+        raise SiamdiffError(f"record has an invalid file name {name!r}", manifest_path)
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name or ":" in name:
+        raise SiamdiffError(f"file name {name!r} points outside the dataset", manifest_path)
+    return name
+
+
+def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise SiamdiffError("not a siamdiff manifest", manifest_path)
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise SiamdiffError(
+            f"manifest format {obj.get('format_version')!r} is not supported "
+            f"(this siamdiff reads format {FORMAT_VERSION})",
+            manifest_path,
+        )
+    version = obj.get("dataset_version", "1.0")
+    if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
+        raise SiamdiffError(f"dataset_version {version!r} is not MAJOR.MINOR", manifest_path)
+    names = {f for f in Record.__dataclass_fields__}
+    records = []
+    ids: set[str] = set()
+    for raw in obj.get("records", []):
+        if not isinstance(raw, dict) or not {"id", "image", "mask"} <= raw.keys():
+            raise SiamdiffError("a record lacks id/image/mask", manifest_path)
+        unknown = set(raw) - names
+        if unknown:
+            raise SiamdiffError(
+                f"record {raw['id']!r} has unknown keys {sorted(unknown)}", manifest_path
+            )
+        _safe_relative(raw["image"], manifest_path)
+        _safe_relative(raw["mask"], manifest_path)
+        try:
+            records.append(Record(**raw))
+        except TypeError as exc:
+            raise SiamdiffError(
+                f"record {raw['id']!r} is incomplete ({exc})", manifest_path
+            ) from exc
+        if records[-1].split not in SPLITS:
+            raise SiamdiffError(f"record {raw['id']!r} has split {raw['split']!r}", manifest_path)
+        if records[-1].id in ids:
+            raise SiamdiffError(f"record id {raw['id']!r} appears twice", manifest_path)
+        ids.add(records[-1].id)
+    return Manifest(
+        records=records,
+        preprocessing=dict(obj.get("preprocessing", {})),
+        kind=str(obj.get("kind", "real")),
+        dataset_version=version,
+        created_by=str(obj.get("created_by", "")),
+    )
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    """Load and validate ``root/manifest-v1.json``; one-line SiamdiffError on any problem."""
+    path = Path(root) / MANIFEST_NAME
+    if not Path(root).is_dir():
+        raise SiamdiffError("is not a directory", root)
+    if not path.is_file():
+        raise SiamdiffError(f"no {MANIFEST_NAME} here (is this a siamdiff dataset?)", root)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SiamdiffError(f"cannot read manifest ({exc})", path) from exc
+    return manifest_from_json(obj, path)
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Path:
+    path = Path(root) / MANIFEST_NAME
+    atomic_write_json(path, manifest.to_json())
+    return path
+
+
+def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
+    """Major bump when raw data was added or removed, minor when only preprocessing changed."""
+    if previous is None:
+        return "1.0"
+    major, minor = (int(x) for x in previous.dataset_version.split("."))
+    old_sources = {r.source_sha256 or r.id for r in previous.records}
+    new_sources = {r.source_sha256 or r.id for r in new.records}
+    if old_sources != new_sources:
+        return f"{major + 1}.0"
+    if previous.preprocessing != new.preprocessing:
+        return f"{major}.{minor + 1}"
+    return previous.dataset_version
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    changed: list[str]
+    missing: list[str]
+    extra: list[str]
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.changed or self.missing or self.extra or self.unreadable)
+
+
+def verify(root: str | Path) -> VerifyReport:
+    """Re-hash every listed file; report changed, missing, unreadable and unlisted files."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    changed: list[str] = []
+    missing: list[str] = []
+    unreadable: list[str] = []
+    listed = {MANIFEST_NAME, *ANCILLARY_FILES}
+    checked = 0
+    for record in manifest.records:
+        for name, expected in (
+            (record.image, record.image_sha256),
+            (record.mask, record.mask_sha256),
+        ):
+            listed.add(name)
+            path = root / name
+            if not path.is_file():
+                missing.append(name)
+                continue
+            checked += 1
+            try:
+                actual = sha256_file(path)
+            except OSError:
+                unreadable.append(name)
+                continue
+            if actual != expected:
+                changed.append(name)
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    extra = sorted(n for n in present - listed if not Path(n).name.startswith("."))
+    return VerifyReport(
+        checked=checked,
+        changed=sorted(changed),
+        missing=sorted(missing),
+        extra=extra,
+        unreadable=sorted(unreadable),
+    )
+
+
+def format_verify(report: VerifyReport) -> str:
+    """One line per problem file ("changed: NAME"), then a one-line verdict."""
+    lines = [
+        f"{label}: {name}"
+        for label, names in (
+            ("changed", report.changed),
+            ("missing", report.missing),
+            ("unreadable", report.unreadable),
+            ("extra", report.extra),
+        )
+        for name in names
+    ]
+    if report.ok:
+        lines.append(f"OK: {report.checked} files match the manifest")
+    else:
+        problems = (
+            len(report.changed) + len(report.missing) + len(report.unreadable) + len(report.extra)
+        )
+        noun = "problem" if problems == 1 else "problems"
+        lines.append(f"FAILED: {problems} {noun} ({report.checked} files checked)")
+    return "\n".join(lines)

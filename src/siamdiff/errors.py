@@ -1,0 +1,17 @@
+"""The one exception type whose message reaches the user as a one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SiamdiffError(Exception):
+    """A problem with the user's input or environment, phrased for the user.
+
+    The CLI prints ``siamdiff: error: <message>`` and exits with status 2, so the
+    message must be one line and name the file (or setting) at fault.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        text = f"{path}: {message}" if path is not None else message
+        super().__init__(" ".join(text.split()))

@@ -1,0 +1,29 @@
+"""Shared fixtures: the real data in ../shared when present, tiny synthetic data always."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SIAMDIFF_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real Kvasir-SEG / CVC-ClinicDB); the test skips when it is absent."""
+    path = SHARED / "data"
+    if not (path / "Kvasir-SEG").is_dir():
+        pytest.skip(f"real data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_weights() -> Path:
+    """``../shared/weights`` (TAEF2); the test skips when it is absent."""
+    path = SHARED / "weights"
+    if not (path / "taef2" / "taef2_encoder.pth").is_file():
+        pytest.skip(f"pretrained weights not found at {path}")
+    return path
