@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -18,11 +19,24 @@ CONFIG_DIR = Path(__file__).parent
 BUILTIN = ("tiny", "scratch", "sd15")
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _invalid(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    return (
+        f"invalid setting {key}: {_first_line(exc)}"
+        if key
+        else f"invalid setting: {_first_line(exc)}"
+    )
+
+
 def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except (OSError, OmegaConfBaseException, ValueError) as exc:
-        raise SiamdiffError(f"cannot read config ({exc})", path) from exc
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+        raise SiamdiffError(f"cannot read config ({_first_line(exc)})", path) from exc
     if not isinstance(cfg, DictConfig):
         raise SiamdiffError("config must be a YAML mapping", path)
     return cfg
@@ -47,9 +61,11 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         raise SiamdiffError(f"override {bad!r} is not key=value")
     try:
         cfg = OmegaConf.merge(base, _read_yaml(path))
+    except OmegaConfBaseException as exc:
+        raise SiamdiffError(_invalid(exc), path) from exc
+    try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise SiamdiffError(f"invalid setting: {message}", path) from exc
+        raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
     return cfg

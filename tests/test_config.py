@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from siamdiff.config import BUILTIN, load_config
+from siamdiff.errors import SiamdiffError
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_configs_merge_over_base(name: str) -> None:
+    cfg = load_config(name, ["data.root=/data"])
+    assert cfg.data.root == "/data"
+    assert cfg.backbone.kind == name
+    assert cfg.backbone.prompt == "endoscopic image of a colonic polyp"
+
+
+def test_overrides_win_and_are_typed() -> None:
+    cfg = load_config("tiny", ["train.max_steps=7", "optim.lr=0.5", "model.mode=mask-only"])
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.lr == 0.5
+    assert cfg.model.mode == "mask-only"
+
+
+def test_sd15_paths_follow_the_backbone_path() -> None:
+    cfg = load_config("sd15", ["backbone.path=/models/sd15", "data.root=x"])
+    assert cfg.autoencoder.path == "/models/sd15"
+    assert cfg.optim.lr == 1e-5
+
+
+def test_misspelt_override_is_a_one_line_error() -> None:
+    with pytest.raises(SiamdiffError, match=r"train\.max_step") as info:
+        load_config("tiny", ["train.max_step=7"])
+    assert "\n" not in str(info.value)
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(SiamdiffError, match="not key=value"):
+        load_config("tiny", ["train.max_steps"])
+
+
+def test_user_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("backbone:\n  kind: tiny\ntrain:\n  batch_size: 3\n")
+    assert load_config(path).train.batch_size == 3
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(SiamdiffError, match=r"mine\.yaml"):
+        load_config(path)
+    with pytest.raises(SiamdiffError, match="no such config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config("tiny", ["data.root=/d"])
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    assert load_config(path) == cfg
