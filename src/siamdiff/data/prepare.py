@@ -1,0 +1,283 @@
+"""``siamdiff prepare``: raw public datasets -> one resized, hashed, split siamdiff dataset.
+
+Output (``DATA``): ``{dataset}-{group}-{frame}.png`` (RGB) and ``..._mask.png`` (0/255 grey)
+with the shorter side resized to ``size``, ``manifest-v1.json`` and ``prepare-summary.json``
+(counts and every skipped file with its reason). DATA appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from siamdiff.atomic import atomic_output_dir, atomic_save_png, atomic_write_json
+from siamdiff.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    Record,
+    load_manifest,
+    next_dataset_version,
+    sha256_bytes,
+    sha256_file,
+    write_manifest,
+)
+from siamdiff.data.readers import (
+    MASK_THRESHOLD,
+    SourcePair,
+    UnreadableImageError,
+    load_mask,
+    load_rgb,
+    read_source,
+)
+from siamdiff.data.split import DEFAULT_FRACTIONS, split_of
+from siamdiff.errors import SiamdiffError
+
+SUMMARY_NAME = "prepare-summary.json"
+EMPTY_MASK = "empty mask (dropped by --drop-empty)"
+
+
+@dataclass
+class PrepareSummary:
+    """What ``prepare`` did: written to ``prepare-summary.json``, printed via :meth:`format`."""
+
+    out: Path
+    dataset_version: str
+    counts: dict[str, dict[str, int]]  # dataset -> split -> pairs written
+    skipped: list[tuple[str, str]]  # (file, reason)
+    empty_masks: int  # kept with coverage 0, or dropped under drop_empty
+    elapsed_s: float
+    records: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.records = sum(sum(c.values()) for c in self.counts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset_version": self.dataset_version,
+            "records": self.records,
+            "counts": self.counts,
+            "empty_masks": self.empty_masks,
+            "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            "elapsed_s": round(self.elapsed_s, 2),
+        }
+
+    def format(self) -> str:
+        lines = [
+            f"wrote {self.records} pairs to {self.out} "
+            f"(dataset version {self.dataset_version}, {self.elapsed_s:.1f} s)"
+        ]
+        for dataset, counts in sorted(self.counts.items()):
+            splits = ", ".join(f"{s} {n}" for s, n in counts.items())
+            lines.append(f"  {dataset}: {splits}")
+        lines.append(f"empty masks: {self.empty_masks}")
+        if self.skipped:
+            reasons = Counter(reason for _, reason in self.skipped)
+            detail = "; ".join(f"{n} {r}" for r, n in reasons.most_common())
+            lines.append(f"skipped {len(self.skipped)} files ({detail}); see {SUMMARY_NAME}")
+        return "\n".join(lines)
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    scale = size / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shorter side -> ``size``, aspect kept. Image: Lanczos. Mask: bilinear on 0/1 floats, >= 0.5.
+
+    Resampling the mask as a float keeps thin structures that nearest-neighbour drops.
+    """
+    target = _resized_size(image.shape[1], image.shape[0], size)
+    rgb = np.asarray(Image.fromarray(image).resize(target, Image.Resampling.LANCZOS))
+    soft = Image.fromarray(mask.astype(np.float32)).resize(target, Image.Resampling.BILINEAR)
+    return rgb, np.asarray(soft) >= 0.5
+
+
+def _process_pair(
+    pair: SourcePair, out: Path, size: int, threshold: int, drop_empty: bool
+) -> Record | tuple[str, str]:
+    """Write one resized pair into ``out``; a (file, reason) tuple when it has to be skipped."""
+    try:
+        image = load_rgb(pair.image)
+        mask = load_mask(pair.mask, threshold)
+    except UnreadableImageError as exc:
+        return str(exc.path), exc.reason
+    if image.shape[:2] != mask.shape:
+        h, w = image.shape[:2]
+        return str(pair.image), f"image {w}x{h} but mask {mask.shape[1]}x{mask.shape[0]}"
+    image, mask = resize_pair(image, mask, size)
+    coverage = float(mask.mean())
+    if coverage == 0 and drop_empty:
+        return str(pair.mask), EMPTY_MASK
+    image_name, mask_name = f"{pair.id}.png", f"{pair.id}_mask.png"
+    image_bytes = atomic_save_png(out / image_name, image)
+    mask_bytes = atomic_save_png(out / mask_name, mask.astype(np.uint8) * 255)
+    return Record(
+        id=pair.id,
+        image=image_name,
+        mask=mask_name,
+        image_sha256=sha256_bytes(image_bytes),
+        mask_sha256=sha256_bytes(mask_bytes),
+        dataset=pair.dataset,
+        group=pair.group,
+        frame=pair.frame,
+        split=split_of(pair.dataset, pair.group, DEFAULT_FRACTIONS),
+        coverage=round(coverage, 6),
+        width=image.shape[1],
+        height=image.shape[0],
+        source_image=str(pair.image),
+        source_mask=str(pair.mask),
+        source_sha256=sha256_file(pair.image),
+    )
+
+
+def _run(
+    job: Callable[[SourcePair], Record | tuple[str, str]],
+    pairs: list[SourcePair],
+    workers: int,
+    progress: bool,
+) -> list[Record | tuple[str, str]]:
+    """``job`` over ``pairs`` in order: in this process when ``workers <= 1``, else a pool."""
+    bar = tqdm(total=len(pairs), desc="prepare", unit="pair", disable=not progress)
+    with bar:
+        if workers <= 1:
+            return [_tick(bar, job(pair)) for pair in pairs]
+        # spawn, not fork: the parent may hold threads (torch, tqdm) that fork would copy.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return [_tick(bar, r) for r in pool.map(job, pairs, chunksize=8)]
+        except BrokenProcessPool as exc:
+            raise SiamdiffError(
+                "a worker process died (out of memory?); try again with one worker"
+            ) from exc
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def _tick(bar: tqdm, result: Any) -> Any:
+    bar.update()
+    return result
+
+
+def _collect_pairs(
+    sources: list[tuple[str, Path]], strict: bool
+) -> tuple[list[SourcePair], list[tuple[str, str]]]:
+    pairs: dict[str, SourcePair] = {}
+    skipped: list[tuple[str, str]] = []
+    for kind, root in sources:
+        result = read_source(kind, Path(root))
+        if strict and result.skipped:
+            path, reason = result.skipped[0]
+            raise SiamdiffError(reason, path)
+        skipped += [(str(path), reason) for path, reason in result.skipped]
+        for pair in result.pairs:
+            if pair.id in pairs:
+                raise SiamdiffError(
+                    f"output name {pair.id!r} also comes from {pairs[pair.id].image}", pair.image
+                )
+            pairs[pair.id] = pair
+    return list(pairs.values()), skipped
+
+
+def _previous_manifest(out: Path, overwrite: bool) -> Manifest | None:
+    """The manifest that ``overwrite`` replaces; never replace something that is not a dataset."""
+    if not (overwrite and out.exists()):
+        return None
+    if (out / MANIFEST_NAME).is_file():
+        return load_manifest(out)
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    raise SiamdiffError(f"exists and has no {MANIFEST_NAME}; refusing to replace it", out)
+
+
+def _counts(records: list[Record]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for record in records:
+        counts.setdefault(record.dataset, dict.fromkeys(SPLITS, 0))[record.split] += 1
+    return dict(sorted(counts.items()))
+
+
+def prepare(
+    sources: list[tuple[str, Path]],
+    out: Path,
+    size: int = 384,
+    *,
+    mask_threshold: int = MASK_THRESHOLD,
+    overwrite: bool = False,
+    strict: bool = False,
+    drop_empty: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Read every ``(kind, directory)`` source and write one siamdiff dataset to ``out``.
+
+    Unpaired, unreadable or size-mismatched files are skipped and listed in
+    ``prepare-summary.json`` (``strict=True``: the first one is a SiamdiffError instead).
+    Masks that are empty after resizing are kept with coverage 0, or dropped with
+    ``drop_empty``. Replacing a dataset (``overwrite``) bumps its version: major when the
+    raw images changed, minor when only the preprocessing did. ``workers <= 1`` runs in
+    this process.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if size < 8:
+        raise SiamdiffError(f"size must be at least 8 pixels, got {size}")
+    if not 1 <= mask_threshold <= 255:
+        raise SiamdiffError(f"mask threshold must be in 1..255, got {mask_threshold}")
+    if not sources:
+        raise SiamdiffError("no source given")
+    previous = _previous_manifest(out, overwrite)
+    preprocessing = {
+        "size": size,
+        "resize": "shorter-side",
+        "image_filter": "lanczos",
+        "mask_threshold": mask_threshold,
+        "mask_resize": "bilinear>=0.5",
+        "split": {"method": "sha256(dataset/group)", "fractions": list(DEFAULT_FRACTIONS)},
+    }
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            pairs, skipped = _collect_pairs(sources, strict)
+            job = functools.partial(
+                _process_pair, out=tmp, size=size, threshold=mask_threshold, drop_empty=drop_empty
+            )
+            records: list[Record] = []
+            for result in _run(job, pairs, workers, progress):
+                if isinstance(result, Record):
+                    records.append(result)
+                elif strict and result[1] != EMPTY_MASK:
+                    raise SiamdiffError(result[1], result[0])
+                else:
+                    skipped.append(result)
+            if not records:
+                raise SiamdiffError("no usable image-mask pairs in the sources", sources[0][1])
+            manifest = Manifest(records=records, preprocessing=preprocessing)
+            manifest.dataset_version = next_dataset_version(previous, manifest)
+            write_manifest(tmp, manifest)
+            dropped = sum(reason == EMPTY_MASK for _, reason in skipped)
+            summary = PrepareSummary(
+                out=out,
+                dataset_version=manifest.dataset_version,
+                counts=_counts(records),
+                skipped=skipped,
+                empty_masks=dropped + sum(r.coverage == 0 for r in records),
+                elapsed_s=time.perf_counter() - started,
+            )
+            atomic_write_json(tmp / SUMMARY_NAME, summary.to_json())
+    except OSError as exc:  # a full disk or a read-only parent, met while writing
+        raise SiamdiffError(f"cannot write the dataset ({exc.strerror or exc})", out) from exc
+    summary.elapsed_s = time.perf_counter() - started
+    return summary

@@ -1,0 +1,374 @@
+"""Readers for the public polyp layouts: each turns a directory into image-mask pairs.
+
+Four layouts (the ``kind`` of a source):
+
+- ``kvasir-seg``: ``images/`` + ``masks/`` (JPEG masks), ``kavsir_bboxes.json`` used only
+  to cross-check image sizes; no patient ids, so every image is its own group.
+- ``cvc-clinicdb``: ``Original/`` + ``Ground Truth/`` (PNG or the release TIFFs); the group
+  is the video sequence from the frame table in ``README.txt`` (built-in copy as fallback).
+- ``pranet``: ``images/`` + ``masks/`` matched by stem; each image is its own group.
+- ``folder``: ``NAME.ext`` + ``NAME_mask.ext``; ``NAME = {dataset}-{group}-{frame}`` when it
+  has that shape (the phantom demo data and siamdiff's own output do).
+
+Dataset, group and frame are sanitised to ``[A-Za-z0-9._]`` so that
+``{dataset}-{group}-{frame}`` is a safe, parseable output name.
+
+Masks: foreground = 8-bit value >= 128 (after 16-bit input is scaled to 8 bits and
+colour masks are reduced by their maximum channel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from siamdiff.errors import SiamdiffError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+MASK_THRESHOLD = 128
+MASK_SUFFIX = "_mask"
+
+# CVC-ClinicDB README.txt: frames (first, last) of video sequences 1..29.
+CVC_SEQUENCES: tuple[tuple[int, int], ...] = (
+    (1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177),
+    (178, 199), (200, 205), (206, 227), (228, 252), (253, 277), (278, 297), (298, 317),
+    (318, 342), (343, 363), (364, 383), (384, 408), (409, 428), (429, 447), (448, 466),
+    (467, 478), (479, 503), (504, 528), (529, 546), (547, 571), (572, 591), (592, 612),
+)  # fmt: skip
+# One table row, whatever mix of tabs and spaces the README uses: "|  1 to  25  |\t 1\t|".
+_CVC_ROW = re.compile(r"(\d+)\s+to\s+(\d+)\s*\|\s*(\d+)")
+_OUTPUT_NAME = re.compile(r"^([A-Za-z0-9._]+)-([A-Za-z0-9._]+)-([A-Za-z0-9._]+)$")
+
+
+@dataclass(frozen=True)
+class SourcePair:
+    """One raw image and its mask, with the (sanitised) parts of its output name."""
+
+    image: Path
+    mask: Path
+    dataset: str
+    group: str
+    frame: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}-{self.group}-{self.frame}"
+
+
+@dataclass
+class ReadResult:
+    pairs: list[SourcePair] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class UnreadableImageError(SiamdiffError):
+    """An image file that cannot be decoded; keeps path and reason apart for skip lists."""
+
+    def __init__(self, reason: str, path: str | Path) -> None:
+        super().__init__(reason, path)
+        self.path = Path(path)
+        self.reason = reason
+
+
+def sanitize_name(name: str) -> str:
+    """``name`` with every run of characters outside ``[A-Za-z0-9._]`` replaced by ``_``.
+
+    Leading dots are dropped so that no output file is hidden.
+    """
+    return re.sub(r"[^A-Za-z0-9._]+", "_", name).lstrip(".") or "_"
+
+
+# --- pixels -------------------------------------------------------------------------------
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in TIFF_SUFFIXES
+
+
+def _decode_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("1", "L", "RGB") or image.mode.startswith("I") or image.mode == "F":
+            return np.asarray(image)
+        if image.mode in ("LA", "La"):
+            return np.asarray(image.getchannel("L"))
+        # P, PA, RGBA, CMYK, YCbCr, ...: RGB drops any alpha; a palette maps to its colours,
+        # so a red-on-black palette mask stays foreground under the max-channel rule.
+        return np.asarray(image.convert("RGB"))
+
+
+def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 65535:
+        # 16-bit data (Pillow's I;16 / I modes, uint16 TIFFs): 0..65535 -> 0..255, rounded.
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    raise UnreadableImageError(f"unsupported pixel type {array.dtype}", path)
+
+
+def _to_hw_or_hwc(array: np.ndarray, path: Path) -> np.ndarray:
+    """HxW or HxWx3: drop alpha, squeeze single channels, move planar TIFF channels last."""
+    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] > 4:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] in (1, 2):
+        array = array[..., 0]
+    elif array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+        raise UnreadableImageError(f"unsupported image shape {array.shape}", path)
+    return np.ascontiguousarray(array)
+
+
+def _read_uint8(path: Path) -> np.ndarray:
+    """Decode ``path`` to uint8 HxW or HxWx3. TIFF via tifffile (Pillow refuses the CVC TIFFs)."""
+    path = Path(path)
+    try:
+        array = tifffile.imread(path) if _is_tiff(path) else _decode_pil(path)
+    # Decoders raise almost anything on malformed files (struct.error, zlib.error, KeyError,
+    # DecompressionBombError, ...); every one of them means "this file cannot be read".
+    except Exception as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UnreadableImageError(f"cannot read image ({reason})", path) from exc
+    array = np.asarray(array)
+    if array.size == 0:  # tifffile returns an empty array for a truncated TIFF
+        raise UnreadableImageError("cannot read image (no pixel data: truncated file?)", path)
+    return _to_hw_or_hwc(_to_uint8(array, path), path)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """The image at ``path`` as uint8 HxWx3 RGB.
+
+    Alpha is dropped, palettes are expanded, grey is repeated to three channels and 16-bit
+    data is scaled to 8 bits. A corrupt or truncated file raises a one-line
+    :class:`UnreadableImageError` naming it.
+    """
+    array = _read_uint8(Path(path))
+    return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
+
+
+def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """The mask at ``path`` as bool HxW: foreground = 8-bit value >= ``threshold`` (128).
+
+    Colour masks (JPEG masks are RGB with compression noise) use the maximum over their
+    channels; 16-bit masks are first scaled to 8 bits; alpha is ignored.
+    """
+    array = _read_uint8(Path(path))
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    return array >= threshold
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) read from the file header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                return tif.pages[0].imagewidth, tif.pages[0].imagelength
+        with Image.open(path) as image:
+            return image.size
+    except Exception as exc:  # as in _read_uint8: any decoder error means an unreadable file
+        raise UnreadableImageError(f"cannot read image header ({exc})", path) from exc
+
+
+# --- directory listing --------------------------------------------------------------------
+
+
+def _list_dir(directory: Path) -> list[Path]:
+    """Sorted non-hidden entries of ``directory``; one-line SiamdiffError if it cannot be read."""
+    if not directory.is_dir():
+        raise SiamdiffError("is not a directory" if directory.exists() else "not found", directory)
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(Path(e.path) for e in entries if not e.name.startswith("."))
+    except OSError as exc:
+        raise SiamdiffError(f"cannot list directory ({exc.strerror})", directory) from exc
+
+
+def _subdir(root: Path, *names: str) -> Path:
+    """The child of ``root`` called one of ``names`` (case-insensitive), else a SiamdiffError."""
+    wanted = {n.lower() for n in names}
+    for child in _list_dir(root):
+        if child.name.lower() in wanted and child.is_dir():
+            return child
+    raise SiamdiffError(f"missing subfolder {names[0]!r}", root)
+
+
+def _by_stem(
+    paths: list[Path], skipped: list[tuple[Path, str]], strip: str = ""
+) -> dict[str, Path]:
+    """Image files keyed by stem minus the suffix ``strip``; other files are skipped.
+
+    Two images with one stem (``a.png``, ``a.jpg``) are ambiguous: a SiamdiffError.
+    """
+    found: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((path, "not an image file"))
+            continue
+        stem = path.stem.removesuffix(strip)
+        if stem in found:
+            raise SiamdiffError(f"duplicate name: also {found[stem].name}", path)
+        found[stem] = path
+    return found
+
+
+def _match(
+    images: dict[str, Path], masks: dict[str, Path], skipped: list[tuple[Path, str]]
+) -> list[tuple[str, Path, Path]]:
+    skipped.extend((path, "image without mask") for s, path in images.items() if s not in masks)
+    skipped.extend((path, "mask without image") for s, path in masks.items() if s not in images)
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())]
+
+
+def _match_subdirs(
+    root: Path, image_dir: tuple[str, ...], mask_dir: tuple[str, ...], result: ReadResult
+) -> list[tuple[str, Path, Path]]:
+    images = _by_stem(_list_dir(_subdir(root, *image_dir)), result.skipped)
+    masks = _by_stem(_list_dir(_subdir(root, *mask_dir)), result.skipped)
+    return _match(images, masks, result.skipped)
+
+
+# --- layouts ------------------------------------------------------------------------------
+
+
+def _read_images_masks(root: Path, dataset: str) -> ReadResult:
+    """``images/`` + ``masks/`` matched by stem; every image is its own group."""
+    result = ReadResult()
+    for stem, image, mask in _match_subdirs(root, ("images",), ("masks",), result):
+        result.pairs.append(SourcePair(image, mask, dataset, sanitize_name(stem), "0"))
+    return result
+
+
+def _kvasir_sizes(root: Path) -> dict[str, tuple[int, int]]:
+    path = root / "kavsir_bboxes.json"
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        return {stem: (int(e["width"]), int(e["height"])) for stem, e in table.items()}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SiamdiffError(f"cannot read the bounding-box table ({exc})", path) from exc
+
+
+def read_kvasir_seg(root: Path, dataset: str = "kvasir_seg") -> ReadResult:
+    result = _read_images_masks(root, dataset)
+    expected = _kvasir_sizes(root)
+    kept = []
+    for pair in result.pairs:
+        size = expected.get(pair.image.stem)
+        if size is None:
+            kept.append(pair)
+            continue
+        try:
+            actual = image_size(pair.image)
+        except UnreadableImageError as exc:
+            result.skipped.append((pair.image, exc.reason))
+            continue
+        if actual == size:
+            kept.append(pair)
+        else:
+            result.skipped.append(
+                (
+                    pair.image,
+                    f"size {actual[0]}x{actual[1]} but {size[0]}x{size[1]} in kavsir_bboxes.json",
+                )
+            )
+    result.pairs = kept
+    return result
+
+
+def parse_cvc_sequences(readme: str) -> tuple[tuple[int, int], ...]:
+    """(first, last) frame of each sequence, in sequence order, from the README's table."""
+    rows = sorted((int(seq), int(a), int(b)) for a, b, seq in _CVC_ROW.findall(readme))
+    return tuple((first, last) for _, first, last in rows)
+
+
+def _cvc_table(root: Path) -> tuple[tuple[int, int], ...]:
+    readme = root / "README.txt"
+    if not readme.is_file():
+        return CVC_SEQUENCES
+    try:
+        table = parse_cvc_sequences(readme.read_text(encoding="utf-8", errors="replace"))
+    except OSError as exc:
+        raise SiamdiffError(f"cannot read ({exc.strerror})", readme) from exc
+    return table or CVC_SEQUENCES
+
+
+def read_cvc_clinicdb(root: Path, dataset: str = "cvc_clinicdb") -> ReadResult:
+    result = ReadResult()
+    table = _cvc_table(root)
+    matched = _match_subdirs(root, ("Original",), ("Ground Truth", "GroundTruth"), result)
+    for stem, image, mask in matched:
+        if not stem.isdigit():
+            result.skipped.append((image, "frame name is not a number"))
+            continue
+        frame = int(stem)
+        sequence = next((i for i, (a, b) in enumerate(table, 1) if a <= frame <= b), None)
+        if sequence is None:
+            result.skipped.append((image, f"frame {frame} is not in the sequence table"))
+            continue
+        result.pairs.append(SourcePair(image, mask, dataset, f"seq{sequence:02d}", f"{frame:04d}"))
+    return result
+
+
+def read_pranet(root: Path, dataset: str | None = None) -> ReadResult:
+    return _read_images_masks(root, dataset or sanitize_name(root.resolve().name))
+
+
+def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
+    result = ReadResult()
+    images: list[Path] = []
+    masks: list[Path] = []
+    for path in _list_dir(root):
+        (masks if path.stem.endswith(MASK_SUFFIX) else images).append(path)
+    matched = _match(
+        _by_stem(images, result.skipped),
+        _by_stem(masks, result.skipped, MASK_SUFFIX),
+        result.skipped,
+    )
+    default = dataset or sanitize_name(root.resolve().name)
+    for stem, image, mask in matched:
+        parts = _OUTPUT_NAME.match(stem)
+        if parts:
+            result.pairs.append(SourcePair(image, mask, dataset or parts[1], parts[2], parts[3]))
+        else:
+            result.pairs.append(SourcePair(image, mask, default, sanitize_name(stem), "0"))
+    return result
+
+
+READERS: dict[str, Callable[..., ReadResult]] = {
+    "kvasir-seg": read_kvasir_seg,
+    "cvc-clinicdb": read_cvc_clinicdb,
+    "pranet": read_pranet,
+    "folder": read_folder,
+}
+
+
+def read_source(kind: str, root: str | Path, dataset: str | None = None) -> ReadResult:
+    """All image-mask pairs of the ``kind`` layout under ``root``, plus what was skipped and why.
+
+    ``dataset`` overrides the dataset name (sanitised). Unknown kinds, a missing ``root`` or
+    missing required subfolders raise a one-line :class:`SiamdiffError` naming the directory.
+    """
+    reader = READERS.get(kind)
+    if reader is None:
+        raise SiamdiffError(
+            f"unknown source kind {kind!r} (choose from {', '.join(READERS)})", root
+        )
+    root = Path(root)
+    _list_dir(root)
+    return reader(root, sanitize_name(dataset)) if dataset else reader(root)

@@ -1,0 +1,133 @@
+"""``siamdiff stats``: counts per dataset and split, mask-coverage distribution, histogram."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from siamdiff.atomic import atomic_write_bytes, atomic_write_json
+from siamdiff.data.manifest import SPLITS, load_manifest
+from siamdiff.errors import SiamdiffError
+
+STATS_JSON = "stats.json"
+STATS_PNG = "stats.png"
+ALL = "all"
+
+
+def _coverage_summary(coverage: np.ndarray) -> dict[str, float]:
+    p10, median, p90 = np.percentile(coverage, [10, 50, 90])
+    return {
+        "mean": round(float(coverage.mean()), 6),
+        "p10": round(float(p10), 6),
+        "median": round(float(median), 6),
+        "p90": round(float(p90), 6),
+    }
+
+
+def _stats_and_coverage(root: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    manifest = load_manifest(root)
+    if not manifest.records:
+        raise SiamdiffError("the manifest lists no records", root)
+    by_dataset: dict[str, list[float]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for record in sorted(manifest.records, key=lambda r: r.dataset):
+        by_dataset.setdefault(record.dataset, []).append(record.coverage)
+        for row in (record.dataset, ALL):
+            per_split = counts.setdefault(row, dict.fromkeys((*SPLITS, "total"), 0))
+            per_split[record.split] += 1
+            per_split["total"] += 1
+    coverage = {name: np.asarray(values) for name, values in by_dataset.items()}
+    rows = {**coverage, ALL: np.concatenate(list(coverage.values()))}
+    stats = {
+        "dataset_version": manifest.dataset_version,
+        "counts": {name: counts[name] for name in rows},
+        "coverage": {name: _coverage_summary(values) for name, values in rows.items()},
+        "empty_masks": {name: int((values == 0).sum()) for name, values in rows.items()},
+    }
+    return stats, coverage
+
+
+def dataset_stats(root: str | Path) -> dict[str, Any]:
+    """Counts per dataset x split, mask coverage (mean, p10, median, p90) and empty masks.
+
+    Every table has one row per dataset plus an ``"all"`` row. Coverage is the fraction of
+    mask pixels that are foreground, as recorded in the manifest.
+    """
+    return _stats_and_coverage(Path(root))[0]
+
+
+def _histogram_png(coverage: dict[str, np.ndarray]) -> bytes:
+    # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.hist(
+        list(coverage.values()),
+        bins=np.linspace(0, 1, 41),
+        stacked=True,
+        label=list(coverage),
+    )
+    axes.set_xlabel("mask coverage (foreground fraction)")
+    axes.set_ylabel("pairs")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise SiamdiffError(f"cannot write ({exc.strerror})", path) from exc
+
+
+def write_stats(root: str | Path, png: str | Path | None = None) -> dict[str, Any]:
+    """:func:`dataset_stats`, written to ``root/stats.json``, plus a coverage histogram PNG.
+
+    The histogram (stacked bars coloured by dataset) goes to ``png``, by default
+    ``root/stats.png``; ``verify`` ignores both files.
+    """
+    root = Path(root)
+    png = Path(png) if png is not None else root / STATS_PNG
+    stats, coverage = _stats_and_coverage(root)
+    with _writing(root / STATS_JSON):
+        atomic_write_json(root / STATS_JSON, stats)
+    with _writing(png):
+        atomic_write_bytes(png, _histogram_png(coverage))
+    return stats
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """An aligned plain-text table: one row per dataset (and all), counts then coverage."""
+    header = ["dataset", *SPLITS, "total", "empty", "cov.mean", "p10", "median", "p90"]
+    rows = [header]
+    # "all" last, whatever order the dict came in (stats.json is written with sorted keys).
+    for name in sorted(stats["counts"], key=lambda n: (n == ALL, n)):
+        counts = stats["counts"][name]
+        coverage = stats["coverage"][name]
+        rows.append(
+            [
+                name,
+                *(str(counts[s]) for s in (*SPLITS, "total")),
+                str(stats["empty_masks"][name]),
+                *(f"{coverage[k]:.3f}" for k in ("mean", "p10", "median", "p90")),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )

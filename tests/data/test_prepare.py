@@ -1,0 +1,307 @@
+"""``prepare`` end to end: a small real subset, bad inputs, versioning, atomicity, verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import siamdiff.data.prepare as prepare_module
+from siamdiff.data.manifest import (
+    MANIFEST_NAME,
+    format_verify,
+    load_manifest,
+    sha256_file,
+    verify,
+)
+from siamdiff.data.prepare import EMPTY_MASK, SUMMARY_NAME, prepare, resize_pair
+from siamdiff.data.readers import load_mask
+from siamdiff.data.split import split_of
+from siamdiff.errors import SiamdiffError
+
+SIZE = 64
+# Three short CVC sequences that land in three different splits (see test_split.py).
+CVC_FRAMES = {"seq03": range(51, 68), "seq04": range(68, 79), "seq10": range(200, 206)}
+
+
+def link(target: Path, link_path: Path) -> None:
+    link_path.parent.mkdir(parents=True, exist_ok=True)
+    link_path.symlink_to(target)
+
+
+def kvasir_subset(shared_data: Path, root: Path, count: int) -> Path:
+    source = shared_data / "Kvasir-SEG"
+    for image in sorted((source / "images").iterdir())[:count]:
+        link(image, root / "images" / image.name)
+        link(source / "masks" / image.name, root / "masks" / image.name)
+    link(source / "kavsir_bboxes.json", root / "kavsir_bboxes.json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def raw(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 Kvasir-SEG pairs and three CVC-ClinicDB sequences (34 frames), symlinked."""
+    root = tmp_path_factory.mktemp("raw")
+    kvasir_subset(shared_data, root / "kvasir", 12)
+    cvc = shared_data / "CVC-ClinicDB"
+    for frames in CVC_FRAMES.values():
+        for frame in frames:
+            link(cvc / "Original" / f"{frame}.png", root / "cvc" / "Original" / f"{frame}.png")
+            link(
+                cvc / "Ground Truth" / f"{frame}.png",
+                root / "cvc" / "Ground Truth" / f"{frame}.png",
+            )
+    link(cvc / "README.txt", root / "cvc" / "README.txt")
+    return root
+
+
+def sources(raw: Path, kvasir: Path | None = None) -> list[tuple[str, Path]]:
+    return [("kvasir-seg", kvasir or raw / "kvasir"), ("cvc-clinicdb", raw / "cvc")]
+
+
+@pytest.fixture(scope="module")
+def prepared(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "DATA"
+    prepare(sources(raw), out, SIZE, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def data_copy(prepared: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(prepared, tmp_path / "DATA"))
+
+
+def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / f"{name}.png")
+    Image.fromarray(mask).save(root / f"{name}_mask.png")
+
+
+def disc(size: int = 32, radius: int = 8) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2) * 255).astype(np.uint8)
+
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+# --- the real subset ----------------------------------------------------------------------
+
+
+def test_prepare_writes_resized_hashed_split_pairs(prepared: Path, raw: Path) -> None:
+    manifest = load_manifest(prepared)
+    assert manifest.dataset_version == "1.0" and manifest.kind == "real"
+    assert manifest.preprocessing == {
+        "size": SIZE,
+        "resize": "shorter-side",
+        "image_filter": "lanczos",
+        "mask_threshold": 128,
+        "mask_resize": "bilinear>=0.5",
+        "split": {"method": "sha256(dataset/group)", "fractions": [0.8, 0.1, 0.1]},
+    }
+    assert len(manifest.records) == 12 + 34
+    for record in manifest.records:
+        assert record.id == f"{record.dataset}-{record.group}-{record.frame}"
+        assert record.image == f"{record.id}.png" and record.mask == f"{record.id}_mask.png"
+        image, mask = Image.open(prepared / record.image), Image.open(prepared / record.mask)
+        assert image.mode == "RGB" and mask.mode == "L"
+        assert image.size == mask.size == (record.width, record.height)
+        assert min(image.size) == SIZE
+        values = np.asarray(mask)
+        assert set(np.unique(values)) <= {0, 255}
+        assert record.coverage == pytest.approx((values > 0).mean(), abs=1e-6)
+        assert record.image_sha256 == sha256_file(prepared / record.image)
+        assert record.mask_sha256 == sha256_file(prepared / record.mask)
+        assert record.source_sha256 == sha256_file(record.source_image)
+        assert record.split == split_of(record.dataset, record.group)
+    cvc = [r for r in manifest.records if r.dataset == "cvc_clinicdb"]
+    assert {(r.width, r.height) for r in cvc} == {(85, 64)}  # 384x288, aspect kept
+    assert {r.group: r.split for r in cvc} == {"seq03": "test", "seq04": "val", "seq10": "train"}
+    assert Path(cvc[0].source_image).parent == raw / "cvc" / "Original"
+    summary = json.loads((prepared / SUMMARY_NAME).read_text())
+    assert summary["counts"]["cvc_clinicdb"] == {"train": 6, "val": 11, "test": 17}
+    assert sum(summary["counts"]["kvasir_seg"].values()) == 12
+    assert summary["skipped"] == [] and summary["empty_masks"] == 0
+    assert verify(prepared).ok
+
+
+def test_mask_coverage_survives_resizing(prepared: Path) -> None:
+    for record in load_manifest(prepared).records:
+        source = load_mask(record.source_mask).mean()
+        assert record.coverage == pytest.approx(source, abs=0.02)
+
+
+def test_resize_pair_keeps_aspect_and_lesion() -> None:
+    mask = disc(200, 60)[:, :150] > 0  # 200 tall, 150 wide
+    image = np.zeros((200, 150, 3), np.uint8)
+    small_image, small_mask = resize_pair(image, mask, 30)
+    assert small_image.shape == (40, 30, 3) and small_mask.shape == (40, 30)
+    assert small_mask.mean() == pytest.approx(mask.mean(), abs=0.02)
+
+
+def test_verify_names_each_changed_missing_and_extra_file(data_copy: Path) -> None:
+    records = load_manifest(data_copy).records
+    flipped, deleted = records[3].image, records[5].mask
+    raw_bytes = bytearray((data_copy / flipped).read_bytes())
+    raw_bytes[len(raw_bytes) // 2] ^= 0x01
+    (data_copy / flipped).write_bytes(bytes(raw_bytes))
+    (data_copy / deleted).unlink()
+    (data_copy / "stray.png").write_bytes(b"x")
+    report = verify(data_copy)
+    assert (report.changed, report.missing, report.extra) == ([flipped], [deleted], ["stray.png"])
+    assert not report.ok and report.checked == 2 * len(records) - 1
+    text = format_verify(report)
+    assert f"changed: {flipped}" in text and f"missing: {deleted}" in text
+    assert "extra: stray.png" in text and text.splitlines()[-1].startswith("FAILED: 3")
+
+
+def test_versioning_minor_for_preprocessing_major_for_raw_data(
+    data_copy: Path, raw: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    prepare(sources(raw), data_copy, 48, overwrite=True, workers=1, progress=False)
+    assert load_manifest(data_copy).dataset_version == "1.1"
+    more = kvasir_subset(shared_data, tmp_path / "kvasir13", 13)
+    summary = prepare(sources(raw, more), data_copy, 48, overwrite=True, progress=False)
+    assert summary.dataset_version == "2.0"
+    assert load_manifest(data_copy).dataset_version == "2.0"
+    assert len(load_manifest(data_copy).records) == 13 + 34
+
+
+def test_failed_prepare_leaves_no_output_and_keeps_old_data(
+    data_copy: Path, raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_save = prepare_module.atomic_save_png
+
+    def failing_save(path: Path, array: np.ndarray) -> bytes:
+        calls.append(path)
+        if len(calls) > 7:
+            raise OSError(28, "No space left on device")
+        return real_save(path, array)
+
+    monkeypatch.setattr(prepare_module, "atomic_save_png", failing_save)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SiamdiffError, match="No space left"):
+        prepare(sources(raw), tmp_path / "NEW", SIZE, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no NEW, no temp dir
+
+    manifest_bytes = (data_copy / MANIFEST_NAME).read_bytes()
+    calls.clear()
+    with pytest.raises(SiamdiffError, match="No space left"):
+        prepare(sources(raw), data_copy, 32, overwrite=True, workers=1, progress=False)
+    assert (data_copy / MANIFEST_NAME).read_bytes() == manifest_bytes
+    assert verify(data_copy).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# --- synthetic bad inputs -----------------------------------------------------------------
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    root = tmp_path / "messy"
+    write_pair(root, "d-good-0", IMAGE, disc())
+    write_pair(root, "d-empty-0", IMAGE, np.zeros((32, 32), np.uint8))
+    write_pair(root, "d-mismatch-0", IMAGE, disc()[:30])
+    write_pair(root, "d-corrupt-0", IMAGE, disc())
+    (root / "d-corrupt-0.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    Image.fromarray(IMAGE).save(root / "d-lonely-0.png")
+    return root
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(messy: Path, tmp_path: Path) -> None:
+    summary = prepare([("folder", messy)], tmp_path / "out", 16, workers=1, progress=False)
+    manifest = load_manifest(tmp_path / "out")
+    coverage = {r.group: r.coverage for r in manifest.records}
+    assert coverage.keys() == {"good", "empty"} and coverage["empty"] == 0
+    assert coverage["good"] > 0 and summary.empty_masks == 1
+    reasons = {Path(f).name: r for f, r in summary.skipped}
+    assert reasons.keys() == {"d-mismatch-0.png", "d-corrupt-0.png", "d-lonely-0.png"}
+    assert reasons["d-mismatch-0.png"] == "image 32x32 but mask 32x30"
+    assert reasons["d-lonely-0.png"] == "image without mask"
+    assert reasons["d-corrupt-0.png"].startswith("cannot read image")
+    listed = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["skipped"]
+    assert sorted(Path(s["file"]).name for s in listed) == sorted(reasons)
+    text = summary.format()
+    assert "wrote 2 pairs" in text and "skipped 3 files" in text and "empty masks: 1" in text
+
+
+def test_drop_empty_and_strict(messy: Path, tmp_path: Path) -> None:
+    summary = prepare(
+        [("folder", messy)], tmp_path / "out", 16, drop_empty=True, workers=1, progress=False
+    )
+    assert [r.group for r in load_manifest(tmp_path / "out").records] == ["good"]
+    assert (str(messy / "d-empty-0_mask.png"), EMPTY_MASK) in summary.skipped
+    assert summary.empty_masks == 1
+
+    with pytest.raises(SiamdiffError) as exc:
+        prepare([("folder", messy)], tmp_path / "strict", 16, strict=True, workers=1)
+    assert "\n" not in str(exc.value) and str(messy) in str(exc.value)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_strict_accepts_dropped_empty_masks(tmp_path: Path) -> None:
+    root = tmp_path / "clean"
+    write_pair(root, "d-good-0", IMAGE, disc())
+    write_pair(root, "d-empty-0", IMAGE, np.zeros((32, 32), np.uint8))
+    summary = prepare(
+        [("folder", root)], tmp_path / "out", 16, strict=True, drop_empty=True, workers=1
+    )
+    assert summary.records == 1
+
+
+def test_duplicate_output_names_name_both_sources(tmp_path: Path) -> None:
+    write_pair(tmp_path / "a", "d-g-0", IMAGE, disc())
+    write_pair(tmp_path / "b", "d-g-0", IMAGE, disc())
+    with pytest.raises(SiamdiffError, match="d-g-0") as exc:
+        prepare([("folder", tmp_path / "a"), ("folder", tmp_path / "b")], tmp_path / "out")
+    assert str(tmp_path / "a" / "d-g-0.png") in str(exc.value)
+    assert str(tmp_path / "b" / "d-g-0.png") in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_is_independent_of_source_order_and_workers(tmp_path: Path) -> None:
+    for i in range(4):
+        write_pair(tmp_path / "a", f"a-g{i}-0", np.roll(IMAGE, i, axis=0), disc(radius=4 + i))
+        write_pair(tmp_path / "b", f"b-g{i}-0", np.roll(IMAGE, i, axis=1), disc(radius=4 + i))
+    one = [("folder", tmp_path / "a"), ("folder", tmp_path / "b")]
+    prepare(one, tmp_path / "serial", 16, workers=1, progress=False)
+    prepare(one[::-1], tmp_path / "pool", 16, workers=2, progress=False)
+    serial = (tmp_path / "serial" / MANIFEST_NAME).read_bytes()
+    assert (tmp_path / "pool" / MANIFEST_NAME).read_bytes() == serial
+    assert len(load_manifest(tmp_path / "pool").records) == 8
+
+
+def test_existing_output_is_protected(tmp_path: Path) -> None:
+    write_pair(tmp_path / "src", "d-g-0", IMAGE, disc())
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    with pytest.raises(SiamdiffError, match="already exists"):
+        prepare([("folder", tmp_path / "src")], tmp_path / "home", progress=False)
+    with pytest.raises(SiamdiffError, match="refusing to replace"):
+        prepare([("folder", tmp_path / "src")], tmp_path / "home", overwrite=True, progress=False)
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+
+
+def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
+    write_pair(tmp_path / "src", "d-g-0", IMAGE, disc()[:10])
+    with pytest.raises(SiamdiffError, match="no usable image-mask pairs"):
+        prepare([("folder", tmp_path / "src")], tmp_path / "out", 16, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": 4}, "size"),
+        ({"mask_threshold": 0}, "threshold"),
+        ({"mask_threshold": 256}, "threshold"),
+    ],
+)
+def test_invalid_settings(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(SiamdiffError, match=message):
+        prepare([("folder", tmp_path)], tmp_path / "out", **kwargs)

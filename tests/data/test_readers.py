@@ -1,0 +1,341 @@
+"""Readers: the real layouts, every pixel format we accept, and every bad input we refuse."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from siamdiff.data.readers import (
+    CVC_SEQUENCES,
+    UnreadableImageError,
+    load_mask,
+    load_rgb,
+    parse_cvc_sequences,
+    read_source,
+    sanitize_name,
+)
+from siamdiff.errors import SiamdiffError
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(path, **kwargs)
+    return path
+
+
+def pair_dirs(root: Path, images: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> Path:
+    for name, array in images.items():
+        save(root / "images" / name, array)
+    for name, array in masks.items():
+        save(root / "masks" / name, array)
+    return root
+
+
+def one_line_error_naming(exc: pytest.ExceptionInfo, path: Path) -> bool:
+    return "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+# --- real data ----------------------------------------------------------------------------
+
+
+def test_kvasir_seg_real_layout(shared_data: Path) -> None:
+    result = read_source("kvasir-seg", shared_data / "Kvasir-SEG")
+    assert len(result.pairs) == 900
+    assert result.skipped == []
+    pair = result.pairs[0]
+    assert pair.image.parent.name == "images" and pair.mask.parent.name == "masks"
+    assert pair.image.name == pair.mask.name
+    assert (pair.dataset, pair.group, pair.frame) == ("kvasir_seg", pair.image.stem, "0")
+    assert len({p.group for p in result.pairs}) == 900
+
+
+def test_kvasir_jpeg_mask_is_binarised(shared_data: Path) -> None:
+    pair = read_source("kvasir-seg", shared_data / "Kvasir-SEG").pairs[0]
+    raw = np.asarray(Image.open(pair.mask))
+    assert len(np.unique(raw)) > 2  # JPEG noise around 0 and 255
+    mask = load_mask(pair.mask)
+    assert mask.dtype == bool and mask.shape == raw.shape[:2]
+    np.testing.assert_array_equal(mask, raw.max(axis=-1) >= 128)
+    assert 0.01 < mask.mean() < 0.99
+
+
+def test_cvc_clinicdb_groups_are_sequences(shared_data: Path) -> None:
+    result = read_source("cvc-clinicdb", shared_data / "CVC-ClinicDB")
+    assert len(result.pairs) == 528
+    assert result.skipped == []
+    by_frame = {int(p.frame): p for p in result.pairs}
+    assert sorted(by_frame) == list(range(1, 529))
+    assert by_frame[1].group == "seq01" and by_frame[25].group == "seq01"
+    assert by_frame[26].group == "seq02" and by_frame[200].group == "seq10"
+    assert by_frame[528].group == "seq25"
+    assert by_frame[7].frame == "0007" and by_frame[7].image.name == "7.png"
+    assert by_frame[7].mask.parent.name == "Ground Truth"
+    assert len({p.group for p in result.pairs}) == 25
+
+
+def test_cvc_readme_table_matches_builtin_copy(shared_data: Path) -> None:
+    readme = (shared_data / "CVC-ClinicDB" / "README.txt").read_text(errors="replace")
+    assert "\t" in readme  # the messy tabs the parser must survive
+    assert parse_cvc_sequences(readme) == CVC_SEQUENCES
+    assert len(CVC_SEQUENCES) == 29 and CVC_SEQUENCES[-1] == (592, 612)
+
+
+def test_cvc_release_tiffs_equal_the_png_frames(shared_data: Path) -> None:
+    tiffs = read_source("cvc-clinicdb", shared_data / "CVC-ClinicDB-tiff-sample")
+    assert [p.image.name for p in tiffs.pairs] == ["1.tif", "2.tif", "3.tif"]
+    with pytest.raises(OSError):  # why tifffile: Pillow refuses the release's photometric tag
+        Image.open(tiffs.pairs[0].image).load()
+    for pair in tiffs.pairs:
+        png = shared_data / "CVC-ClinicDB" / "Original" / f"{int(pair.frame)}.png"
+        png_mask = shared_data / "CVC-ClinicDB" / "Ground Truth" / f"{int(pair.frame)}.png"
+        np.testing.assert_array_equal(load_rgb(pair.image), load_rgb(png))
+        np.testing.assert_array_equal(load_mask(pair.mask), load_mask(png_mask))
+        assert load_mask(pair.mask).any()
+
+
+# --- pixel formats ------------------------------------------------------------------------
+
+
+def test_rgba_drops_alpha(tmp_path: Path) -> None:
+    rgba = np.concatenate([RGB, np.zeros((6, 8, 1), np.uint8)], axis=-1)
+    np.testing.assert_array_equal(load_rgb(save(tmp_path / "a.png", rgba)), RGB)
+
+
+def test_grey_and_grey_alpha_become_rgb(tmp_path: Path) -> None:
+    grey = RGB[..., 0]
+    for name, mode in (("l.png", "L"), ("la.png", "LA")):
+        rgb = load_rgb(save(tmp_path / name, grey, mode))
+        assert rgb.shape == (6, 8, 3)
+        np.testing.assert_array_equal(rgb[..., 2], grey)
+
+
+def test_palette_image_expands_to_its_colours(tmp_path: Path) -> None:
+    path = save(tmp_path / "p.png", RGB, "P")
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(load_rgb(path), expected)
+
+
+def test_palette_mask_uses_colours_not_luminance(tmp_path: Path) -> None:
+    # Dark red (128, 0, 0) has luminance 38: converting to "L" would erase the lesion.
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 128, 0, 0])
+    image.putpixel((1, 2), 1)
+    image.save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png")
+    assert mask.sum() == 1 and mask[2, 1]
+
+
+def test_16_bit_png_and_tiff_are_scaled_to_8_bit(tmp_path: Path) -> None:
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    tifffile.imwrite(tmp_path / "16.tif", values)
+    for name in ("16.png", "16.tif"):
+        np.testing.assert_array_equal(load_rgb(tmp_path / name)[0, :, 0], [0, 1, 128, 255])
+        np.testing.assert_array_equal(load_mask(tmp_path / name)[0], [False, False, True, True])
+
+
+def test_planar_rgb_tiff(tmp_path: Path) -> None:
+    tifffile.imwrite(
+        tmp_path / "p.tif", np.moveaxis(RGB, -1, 0), photometric="rgb", planarconfig="separate"
+    )
+    np.testing.assert_array_equal(load_rgb(tmp_path / "p.tif"), RGB)
+
+
+def test_mask_threshold_is_128_on_the_max_channel(tmp_path: Path) -> None:
+    rgb = np.zeros((1, 4, 3), np.uint8)
+    rgb[0, 1, 0] = 127  # below the threshold
+    rgb[0, 2, 1] = 128  # exactly the threshold: foreground
+    rgb[0, 3] = (10, 250, 12)  # JPEG-like noise around a green foreground pixel
+    np.testing.assert_array_equal(load_mask(save(tmp_path / "m.png", rgb))[0], [0, 0, 1, 1])
+    np.testing.assert_array_equal(load_mask(tmp_path / "m.png", threshold=200)[0], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("garbage.png", b"\x89PNG\r\n\x1a\nnot really a png"),
+        ("empty.jpg", b""),
+        ("text.tif", b"this is not a tiff"),
+    ],
+)
+def test_corrupt_files_are_one_line_errors(tmp_path: Path, name: str, data: bytes) -> None:
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UnreadableImageError) as exc:
+        load_rgb(tmp_path / name)
+    assert one_line_error_naming(exc, tmp_path / name)
+    assert exc.value.path == tmp_path / name and exc.value.reason
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_truncated_files_are_errors(tmp_path: Path, fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format=fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(UnreadableImageError) as exc:
+        load_rgb(path)
+    assert one_line_error_naming(exc, path)
+    assert exc.value.reason.startswith("cannot read image")
+
+
+def test_truncated_release_tiff_is_an_error(shared_data: Path, tmp_path: Path) -> None:
+    # The release TIFFs keep their directory at the end: cut, tifffile finds no pixels at all.
+    release = shared_data / "CVC-ClinicDB-tiff-sample" / "Original" / "1.tif"
+    (tmp_path / "1.tif").write_bytes(release.read_bytes()[:100_000])
+    with pytest.raises(UnreadableImageError, match="truncated") as exc:
+        load_rgb(tmp_path / "1.tif")
+    assert one_line_error_naming(exc, tmp_path / "1.tif")
+
+
+# --- layouts and bad directories ----------------------------------------------------------
+
+
+def test_unpaired_and_foreign_files_are_skipped_with_reasons(tmp_path: Path) -> None:
+    root = pair_dirs(
+        tmp_path / "set",
+        {"a.png": RGB, "lonely.png": RGB},
+        {"a.png": RGB[..., 0], "orphan.png": RGB[..., 0]},
+    )
+    (root / "images" / "notes.txt").write_text("hello")
+    (root / "images" / ".DS_Store").write_bytes(b"hidden files are ignored")
+    result = read_source("pranet", root)
+    assert [(p.image.name, p.mask.name) for p in result.pairs] == [("a.png", "a.png")]
+    assert sorted((p.name, reason) for p, reason in result.skipped) == [
+        ("lonely.png", "image without mask"),
+        ("notes.txt", "not an image file"),
+        ("orphan.png", "mask without image"),
+    ]
+
+
+def test_pranet_dataset_defaults_to_sanitised_dir_name(tmp_path: Path) -> None:
+    root = pair_dirs(tmp_path / "CVC-300 test", {"x 1.jpg": RGB}, {"x 1.png": RGB[..., 0]})
+    (pair,) = read_source("pranet", root).pairs
+    assert (pair.dataset, pair.group, pair.frame) == ("CVC_300_test", "x_1", "0")
+    (named,) = read_source("pranet", root, dataset="my set").pairs
+    assert named.dataset == "my_set"
+
+
+def test_duplicate_stems_are_an_error_naming_both(tmp_path: Path) -> None:
+    root = pair_dirs(tmp_path / "set", {"a.png": RGB, "a.jpg": RGB}, {"a.png": RGB[..., 0]})
+    with pytest.raises(SiamdiffError) as exc:
+        read_source("pranet", root)
+    assert "a.png" in str(exc.value) and "a.jpg" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_folder_names_follow_dataset_group_frame(tmp_path: Path) -> None:
+    root = tmp_path / "demo-raw"
+    save(root / "phantom-p03-0007.png", RGB)
+    save(root / "phantom-p03-0007_mask.png", RGB[..., 0])
+    save(root / "free name.jpg", RGB)
+    save(root / "free name_mask.png", RGB[..., 0])
+    save(root / "nomask.png", RGB)
+    pairs = {p.image.name: p for p in read_source("folder", root).pairs}
+    phantom = pairs["phantom-p03-0007.png"]
+    assert (phantom.dataset, phantom.group, phantom.frame) == ("phantom", "p03", "0007")
+    assert phantom.mask.name == "phantom-p03-0007_mask.png"
+    free = pairs["free name.jpg"]
+    assert (free.dataset, free.group, free.frame, free.id) == (
+        "demo_raw",
+        "free_name",
+        "0",
+        "demo_raw-free_name-0",
+    )
+    assert [(p.name, r) for p, r in read_source("folder", root).skipped] == [
+        ("nomask.png", "image without mask")
+    ]
+
+
+def test_kvasir_size_disagreeing_with_bbox_table_is_skipped(tmp_path: Path) -> None:
+    root = pair_dirs(tmp_path / "kv", {"a.jpg": RGB, "b.jpg": RGB}, {"a.jpg": RGB, "b.jpg": RGB})
+    table = {"a": {"width": 8, "height": 6}, "b": {"width": 80, "height": 60}}
+    (root / "kavsir_bboxes.json").write_text(json.dumps(table))
+    result = read_source("kvasir-seg", root)
+    assert [p.image.name for p in result.pairs] == ["a.jpg"]
+    ((path, reason),) = result.skipped
+    assert path.name == "b.jpg" and "8x6" in reason and "80x60" in reason
+    (root / "kavsir_bboxes.json").write_text("{broken")
+    with pytest.raises(SiamdiffError, match=r"kavsir_bboxes\.json"):
+        read_source("kvasir-seg", root)
+
+
+def test_cvc_without_readme_uses_builtin_table(tmp_path: Path) -> None:
+    root = tmp_path / "cvc"
+    for frame in ("1", "26", "612", "613", "cover"):
+        save(root / "Original" / f"{frame}.png", RGB)
+        save(root / "Ground Truth" / f"{frame}.png", RGB[..., 0])
+    result = read_source("cvc-clinicdb", root)
+    assert [(p.frame, p.group) for p in result.pairs] == [
+        ("0001", "seq01"),
+        ("0026", "seq02"),
+        ("0612", "seq29"),
+    ]
+    assert sorted((p.name, r) for p, r in result.skipped) == [
+        ("613.png", "frame 613 is not in the sequence table"),
+        ("cover.png", "frame name is not a number"),
+    ]
+
+
+def test_parse_messy_readme_rows() -> None:
+    text = "|      1 to  25    |\t 1\t|\n\t  |    26 to 30    |2\t|\n|  31 to  40  |\t10   |\n"
+    assert parse_cvc_sequences(text) == ((1, 25), (26, 30), (31, 40))
+
+
+@pytest.mark.parametrize(
+    ("kind", "layout", "message"),
+    [
+        ("nonsense", {"images/a.png"}, "unknown source kind"),
+        ("pranet", {"images/a.png"}, "missing subfolder 'masks'"),
+        ("cvc-clinicdb", {"Original/1.png"}, "missing subfolder 'Ground Truth'"),
+        ("kvasir-seg", set(), "missing subfolder 'images'"),
+    ],
+)
+def test_bad_source_dirs_are_one_line_errors(
+    tmp_path: Path, kind: str, layout: set[str], message: str
+) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in layout:
+        save(root / name, RGB)
+    with pytest.raises(SiamdiffError, match=message) as exc:
+        read_source(kind, root)
+    assert one_line_error_naming(exc, root)
+
+
+def test_missing_root_or_file_root_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SiamdiffError, match="not found") as exc:
+        read_source("folder", tmp_path / "nowhere")
+    assert one_line_error_naming(exc, tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SiamdiffError, match="is not a directory"):
+        read_source("folder", tmp_path / "file")
+
+
+def test_unreadable_dir_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests may run as root, where chmod 000 does not stop reading: fail the listing instead.
+    def denied(path: os.PathLike) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(SiamdiffError, match="cannot list directory") as exc:
+        read_source("folder", tmp_path)
+    assert one_line_error_naming(exc, tmp_path)
+
+
+def test_sanitize_name() -> None:
+    assert sanitize_name("Kvasir-SEG") == "Kvasir_SEG"
+    assert sanitize_name("a b//c.d") == "a_b_c.d"
+    assert sanitize_name(".hidden") == "hidden"
+    assert sanitize_name("---") == "_"
