@@ -1,0 +1,197 @@
+"""LMDB latent cache: encode each training image once, reuse it every epoch.
+
+An entry's key is ``sha256(f"{image_sha256}|{encoder_identity}|{view}")``: the
+raw image's SHA-256, the autoencoder's identity (kind, weights hash, scaling
+factor) and ``view``, a name for the deterministic preprocessing the latent was
+encoded from (e.g. ``"crop256"``). Changing the encoder or the crop therefore
+never reuses stale latents; entries of other encoders or views stay in the same
+database untouched.
+
+Values are float16 bytes behind a small JSON header (``dtype``, ``shape``). Each
+(identity, view) pair also keeps a counter, so ``len()`` needs no scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import LatentAutoencoder
+
+DEFAULT_MAP_SIZE = 1 << 30
+_HEADER_LENGTH = struct.Struct("<I")
+
+
+def _pack(array: np.ndarray) -> bytes:
+    header = json.dumps({"dtype": "float16", "shape": list(array.shape)}).encode()
+    return _HEADER_LENGTH.pack(len(header)) + header + array.tobytes()
+
+
+def _unpack(data: bytes) -> Tensor:
+    (length,) = _HEADER_LENGTH.unpack_from(data)
+    header = json.loads(data[_HEADER_LENGTH.size : _HEADER_LENGTH.size + length])
+    array = np.frombuffer(data, dtype=header["dtype"], offset=_HEADER_LENGTH.size + length)
+    return torch.from_numpy(array.reshape(header["shape"]).astype(np.float32))
+
+
+class LatentCache:
+    """Latents of one (encoder identity, view) pair in an LMDB database directory.
+
+    Read-only caches open without LMDB's lock file, so any number of DataLoader
+    workers can read at once (no writer may run meanwhile). The environment opens
+    lazily in each process and is dropped on pickling, so a read-only cache can sit
+    inside a Dataset handed to worker processes, whether forked or spawned. LMDB
+    allows one open handle per path and process: close a cache before opening the
+    same path again.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        encoder_identity: str,
+        view: str,
+        readonly: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        self.encoder_identity = encoder_identity
+        self.view = view
+        self.readonly = readonly
+        self.map_size = map_size
+        namespace = f"{encoder_identity}|{view}".encode()
+        # 32-byte entry keys can never collide with this longer counter key.
+        self._count_key = b"count|" + hashlib.sha256(namespace).digest()
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+        self._environment()  # fail now, not in the first worker, if the path is bad
+
+    def _environment(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            if self._env is not None:
+                # Inherited through fork(): LMDB handles must not be used across fork, and
+                # lmdb refuses a second open of a path it still lists, so drop this copy.
+                # A read-only handle holds no lock, so closing it leaves the parent intact.
+                self._env.close()
+            self._env = self._open()
+            self._pid = os.getpid()
+        return self._env
+
+    def _open(self) -> lmdb.Environment:
+        try:
+            if self.readonly:
+                return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False)
+            self.path.mkdir(parents=True, exist_ok=True)
+            return lmdb.open(str(self.path), map_size=self.map_size, readahead=False)
+        except (lmdb.Error, OSError) as exc:
+            raise SiamdiffError(f"cannot open latent cache ({exc})", self.path) from exc
+
+    def _key(self, image_sha256: str) -> bytes:
+        return hashlib.sha256(
+            f"{image_sha256}|{self.encoder_identity}|{self.view}".encode()
+        ).digest()
+
+    def get(self, image_sha256: str) -> Tensor | None:
+        """The float32 latent of this image, or None when it is not cached."""
+        with self._environment().begin() as txn:
+            data = txn.get(self._key(image_sha256))
+        return None if data is None else _unpack(data)
+
+    def __contains__(self, image_sha256: object) -> bool:
+        if not isinstance(image_sha256, str):
+            return False
+        with self._environment().begin() as txn:
+            return txn.get(self._key(image_sha256)) is not None
+
+    def __len__(self) -> int:
+        with self._environment().begin() as txn:
+            count = txn.get(self._count_key)
+        return 0 if count is None else int(count)
+
+    def put_many(self, items: Iterable[tuple[str, Tensor]]) -> int:
+        """Store ``(image_sha256, latent)`` pairs in one transaction; returns how many were new.
+
+        Entries already present are kept: an equal key means the same image, encoder
+        and view, hence the same latent. The map doubles until the batch fits.
+        """
+        if self.readonly:
+            raise SiamdiffError("latent cache is open read-only", self.path)
+        packed = []
+        for sha, latent in items:
+            array = latent.detach().to("cpu", torch.float16).contiguous().numpy()
+            if not np.isfinite(array).all():
+                raise SiamdiffError(f"latent of image {sha} is not finite in float16", self.path)
+            packed.append((self._key(sha), _pack(array)))
+        env = self._environment()
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    added = sum(txn.put(key, value, overwrite=False) for key, value in packed)
+                    count = txn.get(self._count_key)
+                    total = added + (0 if count is None else int(count))
+                    txn.put(self._count_key, str(total).encode())
+                return added
+            except lmdb.MapFullError:
+                env.set_mapsize(env.info()["map_size"] * 2)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+        self._env = None
+
+    def __enter__(self) -> LatentCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_env": None, "_pid": None}
+
+
+def build_latent_cache(
+    dataset: Dataset,
+    autoencoder: LatentAutoencoder,
+    path: str | Path,
+    view: str,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LatentCache:
+    """Encode the images of ``dataset`` that ``path`` lacks; returns the open (writable) cache.
+
+    ``dataset`` yields ``{"image": 3xHxW in [-1, 1], "mask", "meta": {"image_sha256", ...}}``
+    through a deterministic (eval) transform that ``view`` names.
+    """
+    cache = LatentCache(path, autoencoder.identity, view)
+    indices = list(range(len(dataset)))
+    records = getattr(dataset, "records", None)
+    if records is not None:
+        # PairedDataset knows every image's hash without decoding it: load only the misses.
+        indices = [i for i in indices if records[i].image_sha256 not in cache]
+    if not indices:
+        return cache
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
+    autoencoder.to(device)
+    with tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            shas = batch["meta"]["image_sha256"]
+            todo = [i for i, sha in enumerate(shas) if sha not in cache]
+            if todo:
+                with torch.inference_mode():
+                    latents = autoencoder.encode(batch["image"][todo].to(device)).cpu()
+                cache.put_many(zip([shas[i] for i in todo], latents, strict=True))
+            bar.update(len(shas))
+    return cache

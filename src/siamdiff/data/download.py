@@ -1,0 +1,129 @@
+"""Download Kvasir-SEG from its official site, for users with internet access.
+
+The archive streams to a temporary file beside the destination, is checked
+(zip, optional SHA-256, safe entry names, images/ and masks/ present), and is
+extracted into a temporary folder that is renamed into place only when all of
+it succeeded: a failed download leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from tqdm.auto import tqdm
+
+from siamdiff.atomic import atomic_output_dir
+from siamdiff.errors import SiamdiffError
+
+KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
+KVASIR_FOLDER = "Kvasir-SEG"
+REQUIRED_FOLDERS = ("images", "masks")
+_CHUNK = 1 << 20
+
+CVC_CLINICDB_HELP = (
+    "CVC-ClinicDB has no direct public download: request it from the dataset page "
+    "https://polyp.grand-challenge.org/CVCClinicDB/ (registration required), unpack it, and "
+    "point siamdiff at the folder holding 'Original' and 'Ground Truth'."
+)
+
+
+def _fetch(url: str, target: Path, progress: bool, timeout: float) -> str:
+    """Stream ``url`` into ``target``; returns the SHA-256 of the bytes received."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=KVASIR_FOLDER, disable=not progress
+            ) as bar:
+                received = 0
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as exc:
+        raise SiamdiffError(f"download failed: HTTP {exc.code} {exc.reason}", url) from exc
+    except urllib.error.URLError as exc:
+        raise SiamdiffError(f"download failed: {exc.reason}", url) from exc
+    except (http.client.HTTPException, OSError) as exc:
+        raise SiamdiffError(f"download failed: {type(exc).__name__}: {exc}", url) from exc
+    if total is not None and received != total:
+        raise SiamdiffError(f"download truncated: got {received} of {total} bytes", url)
+    return digest.hexdigest()
+
+
+def _root_prefix(names: list[str], url: str) -> str:
+    """The folder inside the archive holding images/ and masks/: '' or one top folder."""
+    tops = {f"{PurePosixPath(name).parts[0]}/" for name in names if "/" in name}
+    for prefix in ["", *sorted(tops)]:
+        if all(any(n.startswith(f"{prefix}{f}/") for n in names) for f in REQUIRED_FOLDERS):
+            return prefix
+    raise SiamdiffError("archive has no images/ and masks/ folders (not Kvasir-SEG?)", url)
+
+
+def _check_name(name: str, url: str) -> None:
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name or ":" in name:
+        raise SiamdiffError(f"archive entry {name!r} points outside its folder; refused", url)
+
+
+def _extract(archive: Path, out: Path, url: str) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.filename.startswith("__MACOSX/")]
+            for member in members:
+                _check_name(member.filename, url)
+            prefix = _root_prefix([m.filename for m in members if not m.is_dir()], url)
+            for member in members:
+                if member.is_dir() or not member.filename.startswith(prefix):
+                    continue
+                target = out / member.filename[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise SiamdiffError(f"downloaded file is not a valid zip archive ({exc})", url) from exc
+
+
+def download_kvasir(
+    dest: str | Path,
+    url: str = KVASIR_URL,
+    expected_sha256: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """Download and unpack Kvasir-SEG; returns ``dest/Kvasir-SEG`` (images/, masks/, bboxes).
+
+    Works with the official archive (top folder ``Kvasir-SEG/``) and with one
+    without a top folder. Any failure raises a one-line SiamdiffError naming the
+    URL and leaves nothing new inside ``dest``.
+    """
+    dest = Path(dest)
+    target = dest / KVASIR_FOLDER
+    if target.exists() and not overwrite:
+        raise SiamdiffError("already exists (pass --overwrite to replace it)", target)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SiamdiffError(f"cannot create directory ({exc.strerror})", dest) from exc
+    with tempfile.TemporaryDirectory(prefix=".kvasir-seg.", suffix=".download", dir=dest) as tmp:
+        archive = Path(tmp) / "kvasir-seg.zip"
+        sha256 = _fetch(url, archive, progress, timeout)
+        if expected_sha256 is not None and sha256 != expected_sha256.lower():
+            raise SiamdiffError(
+                f"SHA-256 mismatch: got {sha256}, expected {expected_sha256.lower()}", url
+            )
+        with atomic_output_dir(target, overwrite=overwrite) as out:
+            _extract(archive, out, url)
+    return target

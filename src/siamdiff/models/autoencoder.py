@@ -1,0 +1,378 @@
+"""Frozen latent autoencoders behind one interface: TAEF2 and diffusers' VAEs.
+
+The diffusion model never sees pixels: it works on ``encode(images)``, latents
+already multiplied by the autoencoder's scaling factor (~unit variance), and
+the sampler turns latents back into images with ``decode``. Images are always
+RGB in [-1, 1]; each adapter converts to whatever range its network expects.
+Colour conversions such as Lab are augmentations of the *hint*, never of the
+autoencoder input: an RGB-pretrained VAE fed Lab tensors reconstructs badly,
+one of the replication's failure causes (tests/models/test_autoencoder.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+from torch import Tensor, nn
+
+from siamdiff.errors import SiamdiffError
+
+TAEF2_ENCODER_FILE = "taef2_encoder.pth"
+TAEF2_DECODER_FILE = "taef2_decoder.pth"
+TAEF2_LATENT_CHANNELS = 32
+# Measured with TAEF2 on 64 real frames (the first 32 of Kvasir-SEG/images and of
+# CVC-ClinicDB/Original in name order, resized to 256x256): raw latents have mean
+# -0.006 and std 0.804 over all channels and positions (per-channel std 0.55..1.08;
+# reconstruction PSNR 34.5 dB mean), so 1 / 0.804 ~= 1.24 gives ~unit std.
+TAEF2_SCALING_FACTOR = 1.24
+
+
+# --- TAEF2 ------------------------------------------------------------------
+# madebyollin's tiny autoencoder distilled from the FLUX.2 VAE. diffusers'
+# AutoencoderTiny lacks the GroupNorm "pool" block variant, so the network is
+# rebuilt here with module indices matching the published state dicts.
+
+
+def _conv(n_in: int, n_out: int, bias: bool = True, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class _Clamp(nn.Module):
+    """Soft clamp of the latents to (-3, 3) before decoding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class _Block(nn.Module):
+    """Residual block of three 3x3 convs; ``pool`` adds a GroupNorm channel mixer first."""
+
+    def __init__(self, channels: int, pool: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            _conv(channels, channels),
+            nn.ReLU(),
+            _conv(channels, channels),
+            nn.ReLU(),
+            _conv(channels, channels),
+        )
+        self.pool = (
+            nn.Sequential(
+                nn.Conv2d(channels, 4 * channels, 1, bias=False),
+                nn.GroupNorm(4, 4 * channels),
+                nn.ReLU(),
+                nn.Conv2d(4 * channels, channels, 1, bias=False),
+            )
+            if pool
+            else None
+        )
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + x)
+
+
+def _taef2_encoder(width: int = 64) -> nn.Sequential:
+    def stage(pool: bool = False) -> list[nn.Module]:
+        return [_conv(width, width, bias=False, stride=2)] + [_Block(width, pool) for _ in range(3)]
+
+    return nn.Sequential(
+        _conv(3, width),
+        _Block(width),
+        *stage(),
+        *stage(),
+        *stage(pool=True),
+        _conv(width, TAEF2_LATENT_CHANNELS),
+    )
+
+
+def _taef2_decoder(width: int = 64) -> nn.Sequential:
+    def stage(blocks: int) -> list[nn.Module]:
+        return [
+            nn.Upsample(scale_factor=2),
+            _conv(width, width, bias=False),
+            *(_Block(width) for _ in range(blocks)),
+        ]
+
+    return nn.Sequential(
+        _Clamp(),
+        _conv(TAEF2_LATENT_CHANNELS, width),
+        nn.ReLU(),
+        *(_Block(width, pool=True) for _ in range(3)),
+        *stage(3),
+        *stage(3),
+        *stage(1),
+        _conv(width, 3),
+    )
+
+
+def _load_state_dict(module: nn.Module, file: Path) -> None:
+    """Strictly load a plain state dict; any mismatch is a one-line user error."""
+    if not file.is_file():
+        raise SiamdiffError("TAEF2 weight file not found", file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for corrupt files
+        raise SiamdiffError(f"cannot read TAEF2 weights ({type(exc).__name__})", file) from exc
+    if not isinstance(state, dict):
+        raise SiamdiffError("is not a state dict", file)
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise SiamdiffError(
+            f"keys do not match TAEF2 (missing {missing[:3]}, unexpected {unexpected[:3]})", file
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise SiamdiffError(f"tensor shapes do not match TAEF2 ({first})", file) from exc
+
+
+class TAEF2(nn.Module):
+    """TAEF2: RGB [0, 1] <-> 32-channel latents at 1/8 resolution (raw, unscaled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _taef2_encoder()
+        self.decoder = _taef2_decoder()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> TAEF2:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise SiamdiffError("TAEF2 weights directory not found", directory)
+        model = cls()
+        _load_state_dict(model.encoder, directory / TAEF2_ENCODER_FILE)
+        _load_state_dict(model.decoder, directory / TAEF2_DECODER_FILE)
+        return model
+
+
+# --- the interface ----------------------------------------------------------
+
+
+def _hash_modules(*modules: nn.Module) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest.update(f"{index}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentAutoencoder(nn.Module, ABC):
+    """A frozen autoencoder: RGB images in [-1, 1] <-> scaled latents.
+
+    ``latents = (raw - shift_factor) * scaling_factor``. Subclasses implement the
+    raw network calls and name the modules that determine ``encode``'s output.
+    """
+
+    kind: str
+
+    def __init__(
+        self,
+        latent_channels: int,
+        downscale: int,
+        scaling_factor: float,
+        shift_factor: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.downscale = downscale
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+
+    @abstractmethod
+    def _encode_raw(self, images: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def _decode_raw(self, latents: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def _encoder_modules(self) -> tuple[nn.Module, ...]:
+        """The modules whose weights determine ``encode`` (the decoder does not)."""
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+        # Computed once, from the weights as loaded, so later dtype casts keep the name.
+        self.identity = (
+            f"{self.kind}:sha256={_hash_modules(*self._encoder_modules())}"
+            f":scale={self.scaling_factor!r}:shift={self.shift_factor!r}"
+        )
+
+    def train(self, mode: bool = True) -> LatentAutoencoder:
+        # Frozen for good: a parent model's .train() must not switch this one.
+        return super().train(False)
+
+    @property
+    def _param(self) -> Tensor:
+        return next(self.parameters())
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Bx3xHxW RGB in [-1, 1] -> float32 latents, B x C x H/downscale x W/downscale."""
+        param = self._param
+        raw = self._encode_raw(images.to(device=param.device, dtype=param.dtype))
+        return (raw.float() - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> float32 RGB images in [-1, 1]."""
+        param = self._param
+        raw = latents.float() / self.scaling_factor + self.shift_factor
+        images = self._decode_raw(raw.to(device=param.device, dtype=param.dtype))
+        return images.float().clamp(-1, 1)
+
+
+class TAEF2Autoencoder(LatentAutoencoder):
+    kind = "taef2"
+
+    def __init__(self, model: TAEF2, scaling_factor: float = TAEF2_SCALING_FACTOR) -> None:
+        super().__init__(TAEF2_LATENT_CHANNELS, 8, scaling_factor)
+        self.model = model
+        self._freeze()
+
+    def _encode_raw(self, images: Tensor) -> Tensor:
+        return self.model.encoder((images + 1) / 2)
+
+    def _decode_raw(self, latents: Tensor) -> Tensor:
+        return self.model.decoder(latents).clamp(0, 1) * 2 - 1
+
+    def _encoder_modules(self) -> tuple[nn.Module, ...]:
+        return (self.model.encoder,)
+
+
+class DiffusersKLAutoencoder(LatentAutoencoder):
+    """diffusers ``AutoencoderKL`` (Stable Diffusion's VAE and its relatives).
+
+    Encoding takes the posterior's mode instead of a sample: the cached latent of
+    an image is then one reproducible value (the cache would otherwise freeze a
+    single random draw anyway), and the SD VAE, trained with a tiny KL weight, has
+    a posterior std so small next to the latents' spread that sampling adds no
+    useful augmentation.
+    """
+
+    kind = "diffusers-kl"
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float | None = None) -> None:
+        config = vae.config
+        super().__init__(
+            latent_channels=config.latent_channels,
+            downscale=2 ** (len(config.block_out_channels) - 1),
+            scaling_factor=config.scaling_factor if scaling_factor is None else scaling_factor,
+            shift_factor=config.get("shift_factor") or 0.0,
+        )
+        self.vae = vae
+        self._freeze()
+
+    def _encode_raw(self, images: Tensor) -> Tensor:
+        return self.vae.encode(images).latent_dist.mode()
+
+    def _decode_raw(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents).sample
+
+    def _encoder_modules(self) -> tuple[nn.Module, ...]:
+        modules = (self.vae.encoder, self.vae.quant_conv)
+        return tuple(m for m in modules if m is not None)
+
+
+class DiffusersTinyAutoencoder(LatentAutoencoder):
+    """diffusers ``AutoencoderTiny`` (TAESD and relatives without the pool block)."""
+
+    kind = "diffusers-tiny"
+
+    def __init__(self, vae: AutoencoderTiny, scaling_factor: float | None = None) -> None:
+        config = vae.config
+        super().__init__(
+            latent_channels=config.latent_channels,
+            downscale=2 ** (len(config.encoder_block_out_channels) - 1),
+            scaling_factor=config.scaling_factor if scaling_factor is None else scaling_factor,
+            shift_factor=config.get("shift_factor") or 0.0,
+        )
+        self.vae = vae
+        self._freeze()
+
+    # AutoencoderTiny's encoder and decoder take and return [-1, 1] themselves.
+    def _encode_raw(self, images: Tensor) -> Tensor:
+        return self.vae.encode(images).latents
+
+    def _decode_raw(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents).sample
+
+    def _encoder_modules(self) -> tuple[nn.Module, ...]:
+        return (self.vae.encoder,)
+
+
+# --- factory ----------------------------------------------------------------
+
+
+def random_kl_vae(seed: int = 0) -> AutoencoderKL:
+    """A tiny randomly initialised AutoencoderKL (f=8, 4 latent channels) for tests and demos."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+        )
+
+
+def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
+    local = Path(path)
+    # A full Stable Diffusion pipeline folder keeps its VAE in vae/.
+    if (
+        subfolder is None
+        and not (local / "config.json").is_file()
+        and (local / "vae" / "config.json").is_file()
+    ):
+        subfolder = "vae"
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder)
+    except Exception as exc:  # missing/corrupt files, offline hub, bad repo id: many types
+        where = f"{path}/{subfolder}" if subfolder else path
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SiamdiffError(f"cannot load {cls.__name__} ({reason})", where) from exc
+
+
+def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
+    """Build the frozen autoencoder a config names.
+
+    ``cfg``: ``kind`` (taef2 | diffusers-kl | diffusers-tiny | random), ``path``
+    (directory or hub id; unused by random), ``subfolder`` (diffusers, optional),
+    ``scaling_factor`` (optional override), ``seed`` (random only).
+    """
+    kind = cfg.get("kind")
+    path = cfg.get("path")
+    scaling_factor = cfg.get("scaling_factor")
+    if kind == "random":
+        return DiffusersKLAutoencoder(random_kl_vae(int(cfg.get("seed") or 0)), scaling_factor)
+    if kind not in ("taef2", "diffusers-kl", "diffusers-tiny"):
+        raise SiamdiffError(
+            f"unknown autoencoder kind {kind!r} "
+            "(expected taef2, diffusers-kl, diffusers-tiny or random)",
+            "autoencoder.kind",
+        )
+    if not path:
+        raise SiamdiffError(f"autoencoder kind {kind!r} needs a path", "autoencoder.path")
+    if kind == "taef2":
+        model = TAEF2.from_pretrained(path)
+        return TAEF2Autoencoder(
+            model, TAEF2_SCALING_FACTOR if scaling_factor is None else scaling_factor
+        )
+    if kind == "diffusers-kl":
+        vae = _from_pretrained(AutoencoderKL, str(path), cfg.get("subfolder"))
+        return DiffusersKLAutoencoder(vae, scaling_factor)
+    vae = _from_pretrained(AutoencoderTiny, str(path), cfg.get("subfolder"))
+    return DiffusersTinyAutoencoder(vae, scaling_factor)

@@ -1,0 +1,165 @@
+"""Kvasir-SEG download against a local HTTP server: success and every failure leaves no trace."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import zipfile
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamdiff.data.download import KVASIR_FOLDER, download_kvasir
+from siamdiff.errors import SiamdiffError
+
+
+def _jpeg(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _kvasir_entries(top: str = "Kvasir-SEG/") -> dict[str, bytes]:
+    entries = {"__MACOSX/._junk": b"resource fork"}
+    for name, value in (("a", 40), ("b", 200)):
+        entries[f"{top}images/{name}.jpg"] = _jpeg(value)
+        entries[f"{top}masks/{name}.jpg"] = _jpeg(255 - value)
+    entries[f"{top}kavsir_bboxes.json"] = b"{}"
+    return entries
+
+
+def _write_zip(path: Path, entries: dict[str, bytes]) -> bytes:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path.read_bytes()
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Serves the folder; ``/short.zip`` promises more bytes than it sends."""
+
+    def do_GET(self) -> None:
+        if self.path == "/short.zip":
+            self.send_response(200)
+            self.send_header("Content-Length", "4096")
+            self.end_headers()
+            self.wfile.write(b"PK\x03\x04 only the start")
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep pytest output clean
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, folder it serves) of an HTTP server on 127.0.0.1."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def _fails(dest: Path, url: str, match: str, **kwargs: object) -> None:
+    """The download raises a one-line error naming ``url`` and leaves ``dest`` empty."""
+    with pytest.raises(SiamdiffError, match=match) as info:
+        download_kvasir(dest, url=url, progress=False, **kwargs)
+    assert url in str(info.value) and "\n" not in str(info.value)
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("top", ["Kvasir-SEG/", ""])
+def test_download_with_or_without_top_folder(served, dest: Path, top: str):
+    base, root = served
+    entries = _kvasir_entries(top)
+    sha = hashlib.sha256(_write_zip(root / "kvasir-seg.zip", entries)).hexdigest()
+    out = download_kvasir(dest, url=f"{base}/kvasir-seg.zip", expected_sha256=sha, progress=False)
+    assert out == dest / KVASIR_FOLDER
+    assert [p.name for p in dest.iterdir()] == [KVASIR_FOLDER]  # no temporary leftovers
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "images/a.jpg",
+        "images/b.jpg",
+        "kavsir_bboxes.json",
+        "masks/a.jpg",
+        "masks/b.jpg",
+    ]
+    assert (out / "masks" / "b.jpg").read_bytes() == entries[f"{top}masks/b.jpg"]
+
+
+def test_existing_destination_needs_overwrite(served, dest: Path):
+    base, root = served
+    _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+    url = f"{base}/kvasir-seg.zip"
+    (dest / KVASIR_FOLDER).mkdir()
+    (dest / KVASIR_FOLDER / "mine.txt").write_text("keep")
+    with pytest.raises(SiamdiffError, match="already exists"):
+        download_kvasir(dest, url=url, progress=False)
+    assert (dest / KVASIR_FOLDER / "mine.txt").read_text() == "keep"
+    out = download_kvasir(dest, url=url, progress=False, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "images" / "a.jpg").is_file()
+    assert [p.name for p in dest.iterdir()] == [KVASIR_FOLDER]
+
+
+def test_sha256_mismatch(served, dest: Path):
+    base, root = served
+    _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+    _fails(dest, f"{base}/kvasir-seg.zip", "SHA-256 mismatch", expected_sha256="0" * 64)
+
+
+def test_http_404(served, dest: Path):
+    base, _ = served
+    _fails(dest, f"{base}/missing.zip", "HTTP 404")
+
+
+def test_unreachable_server(dest: Path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = server.server_address[1]
+    server.server_close()  # nothing listens on this port any more
+    _fails(dest, f"http://127.0.0.1:{port}/kvasir-seg.zip", "download failed")
+
+
+def test_truncated_transfer(served, dest: Path):
+    base, _ = served
+    _fails(dest, f"{base}/short.zip", "download truncated")
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "cut short"])
+def test_corrupt_archive(served, dest: Path, damage: str):
+    base, root = served
+    data = _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+    body = b"<html>login</html>" if damage == "not a zip" else data[: len(data) // 2]
+    (root / "kvasir-seg.zip").write_bytes(body)
+    _fails(dest, f"{base}/kvasir-seg.zip", "not a valid zip archive")
+
+
+def test_zip_slip_entry_is_refused(served, dest: Path, tmp_path: Path):
+    base, root = served
+    _write_zip(root / "kvasir-seg.zip", {**_kvasir_entries(), "Kvasir-SEG/../../evil.txt": b"x"})
+    _fails(dest, f"{base}/kvasir-seg.zip", "points outside")
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_archive_without_masks(served, dest: Path):
+    base, root = served
+    entries = {k: v for k, v in _kvasir_entries().items() if "/masks/" not in k}
+    _write_zip(root / "kvasir-seg.zip", entries)
+    _fails(dest, f"{base}/kvasir-seg.zip", "no images/ and masks/")

@@ -1,0 +1,217 @@
+"""Latent autoencoders: TAEF2 on real frames, the diffusers adapters on tiny random VAEs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from PIL import Image
+
+from siamdiff.data import transforms
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import (
+    TAEF2,
+    TAEF2_DECODER_FILE,
+    TAEF2_ENCODER_FILE,
+    LatentAutoencoder,
+    load_autoencoder,
+    random_kl_vae,
+)
+
+
+def _frame(path: Path, size: int) -> torch.Tensor:
+    """A real frame as a 1x3xSxS RGB tensor in [-1, 1]."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two [-1, 1] images, on the [0, 1] scale."""
+    mse = ((a - b) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / mse)
+
+
+@pytest.fixture(scope="module")
+def taef2(shared_weights: Path) -> LatentAutoencoder:
+    return load_autoencoder({"kind": "taef2", "path": shared_weights / "taef2"})
+
+
+@pytest.fixture(scope="module")
+def kvasir_frame(shared_data: Path) -> torch.Tensor:
+    # The second frame in name order is a typical one (34.5 dB); the first, 29.0 dB, is the
+    # hardest of the 64 measured for TAEF2_SCALING_FACTOR (whose mean was 34.5 dB).
+    return _frame(sorted((shared_data / "Kvasir-SEG" / "images").glob("*.jpg"))[1], 256)
+
+
+def _copy_taef2(src: Path, dst: Path, perturb: str | None = None) -> Path:
+    """Copy the TAEF2 files, optionally nudging one weight of ``perturb``'s file."""
+    dst.mkdir()
+    for name in (TAEF2_ENCODER_FILE, TAEF2_DECODER_FILE):
+        state = torch.load(src / name, weights_only=True)
+        if name == perturb:
+            state["0.bias" if "encoder" in name else "1.bias"][0] += 0.01
+        torch.save(state, dst / name)
+    return dst
+
+
+def test_taef2_loads_strictly_and_is_frozen(taef2: LatentAutoencoder, shared_weights: Path):
+    files = [shared_weights / "taef2" / f for f in (TAEF2_ENCODER_FILE, TAEF2_DECODER_FILE)]
+    model = TAEF2.from_pretrained(shared_weights / "taef2")
+    for module, file in zip((model.encoder, model.decoder), files, strict=True):
+        state = torch.load(file, weights_only=True)
+        assert set(module.state_dict()) == set(state)
+        assert all(torch.equal(t, state[k].float()) for k, t in module.state_dict().items())
+    assert (taef2.latent_channels, taef2.downscale) == (32, 8)
+    assert not any(p.requires_grad for p in taef2.parameters())
+    taef2.train()
+    assert not taef2.training
+
+
+@pytest.mark.parametrize("size", [256, 384])
+def test_taef2_latent_shape(taef2: LatentAutoencoder, size: int):
+    with torch.no_grad():
+        latents = taef2.encode(torch.rand(1, 3, size, size) * 2 - 1)
+    assert latents.shape == (1, 32, size // 8, size // 8)
+    assert latents.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def kvasir_roundtrip(
+    taef2: LatentAutoencoder, kvasir_frame: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frame's latents and its reconstruction, shared by the tests below."""
+    with torch.no_grad():
+        latents = taef2.encode(kvasir_frame)
+        return latents, taef2.decode(latents)
+
+
+def test_taef2_reconstructs_a_real_frame(
+    kvasir_frame: torch.Tensor, kvasir_roundtrip: tuple[torch.Tensor, torch.Tensor]
+):
+    latents, decoded = kvasir_roundtrip
+    assert decoded.shape == kvasir_frame.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+    assert _psnr(decoded, kvasir_frame) > 30
+    # The default scaling factor brings the latents near unit variance.
+    assert 0.6 < latents.std().item() < 1.5
+
+
+def test_lab_input_breaks_the_rgb_autoencoder(
+    taef2: LatentAutoencoder,
+    kvasir_frame: torch.Tensor,
+    kvasir_roundtrip: tuple[torch.Tensor, torch.Tensor],
+):
+    rgb_to_lab = getattr(transforms, "rgb_to_lab_normalized", None)
+    if rgb_to_lab is None:
+        pytest.skip("siamdiff.data.transforms.rgb_to_lab_normalized is not written yet")
+    lab = rgb_to_lab((kvasir_frame + 1) / 2)
+    with torch.no_grad():
+        lab_decoded = taef2.decode(taef2.encode(lab))
+    rgb_psnr = _psnr(kvasir_roundtrip[1], kvasir_frame)
+    lab_psnr = _psnr(lab_decoded, kvasir_frame)
+    assert rgb_psnr - lab_psnr > 10, (rgb_psnr, lab_psnr)
+
+
+def test_taef2_identity_names_the_encoder_weights(
+    taef2: LatentAutoencoder, shared_weights: Path, tmp_path: Path
+):
+    src = shared_weights / "taef2"
+    same = load_autoencoder({"kind": "taef2", "path": _copy_taef2(src, tmp_path / "same")})
+    encoder = _copy_taef2(src, tmp_path / "enc", perturb=TAEF2_ENCODER_FILE)
+    decoder = _copy_taef2(src, tmp_path / "dec", perturb=TAEF2_DECODER_FILE)
+    assert same.identity == taef2.identity
+    assert taef2.identity.startswith("taef2:sha256=")
+    assert load_autoencoder({"kind": "taef2", "path": encoder}).identity != taef2.identity
+    # The decoder does not change the latents, so the cache may keep them.
+    assert load_autoencoder({"kind": "taef2", "path": decoder}).identity == taef2.identity
+    rescaled = load_autoencoder({"kind": "taef2", "path": src, "scaling_factor": 1.0})
+    assert rescaled.identity != taef2.identity
+
+
+def test_taef2_rejects_bad_weight_files(shared_weights: Path, tmp_path: Path):
+    folder = _copy_taef2(shared_weights / "taef2", tmp_path / "bad")
+    state = torch.load(folder / TAEF2_ENCODER_FILE, weights_only=True)
+    state["99.weight"] = state.pop("14.weight")
+    torch.save(state, folder / TAEF2_ENCODER_FILE)
+    with pytest.raises(SiamdiffError, match=r"taef2_encoder\.pth: keys do not match") as info:
+        TAEF2.from_pretrained(folder)
+    assert "\n" not in str(info.value)
+
+    (folder / TAEF2_DECODER_FILE).write_bytes(b"not a checkpoint")
+    (folder / TAEF2_ENCODER_FILE).unlink()
+    with pytest.raises(SiamdiffError, match="weight file not found"):
+        TAEF2.from_pretrained(folder)
+
+
+def test_taef2_missing_directory_is_a_user_error(tmp_path: Path):
+    with pytest.raises(SiamdiffError, match="weights directory not found"):
+        load_autoencoder({"kind": "taef2", "path": tmp_path / "nowhere"})
+
+
+def test_random_autoencoder_shapes_and_determinism():
+    autoencoder = load_autoencoder({"kind": "random", "seed": 1})
+    images = torch.rand(2, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        latents = autoencoder.encode(images)
+        decoded = autoencoder.decode(latents)
+    assert latents.shape == (2, 4, 8, 6)
+    assert decoded.shape == images.shape
+    assert decoded.abs().max() <= 1
+    # Deterministic encoding (posterior mode): the same image gives the same latent.
+    with torch.no_grad():
+        assert torch.equal(autoencoder.encode(images), latents)
+    assert load_autoencoder({"kind": "random", "seed": 1}).identity == autoencoder.identity
+    assert load_autoencoder({"kind": "random", "seed": 2}).identity != autoencoder.identity
+
+
+def test_diffusers_kl_loads_a_saved_vae(tmp_path: Path):
+    # A Stable Diffusion pipeline folder keeps its VAE in vae/; the loader finds it.
+    random_kl_vae(seed=3).save_pretrained(tmp_path / "vae")
+    loaded = load_autoencoder({"kind": "diffusers-kl", "path": tmp_path})
+    reference = load_autoencoder({"kind": "random", "seed": 3})
+    assert loaded.identity == reference.identity
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(images), reference.encode(images))
+    assert loaded.scaling_factor == pytest.approx(0.18215)
+
+
+def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        ).save_pretrained(tmp_path)
+    autoencoder = load_autoencoder({"kind": "diffusers-tiny", "path": tmp_path})
+    images = torch.rand(1, 3, 32, 40) * 2 - 1
+    with torch.no_grad():
+        latents = autoencoder.encode(images)
+        assert latents.shape == (1, 4, 4, 5)
+        assert autoencoder.decode(latents).shape == images.shape
+    assert autoencoder.identity.startswith("diffusers-tiny:sha256=")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"kind": "sd99", "path": "x"}, "unknown autoencoder kind"),
+        ({"kind": "taef2"}, "needs a path"),
+        ({"kind": "diffusers-kl", "path": "{tmp}/no/such/vae"}, "cannot load AutoencoderKL"),
+        ({"kind": "diffusers-tiny", "path": "{tmp}/empty"}, "cannot load AutoencoderTiny"),
+    ],
+)
+def test_load_autoencoder_errors(tmp_path: Path, cfg: dict, message: str):
+    (tmp_path / "empty").mkdir()
+    if "path" in cfg:
+        cfg = {**cfg, "path": cfg["path"].format(tmp=tmp_path)}
+    with pytest.raises(SiamdiffError, match=message) as info:
+        load_autoencoder(cfg)
+    assert "\n" not in str(info.value)
