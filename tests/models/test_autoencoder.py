@@ -215,3 +215,19 @@ def test_load_autoencoder_errors(tmp_path: Path, cfg: dict, message: str):
     with pytest.raises(SiamdiffError, match=message) as info:
         load_autoencoder(cfg)
     assert "\n" not in str(info.value)
+
+
+def test_pixel_shuffle_autoencoder_is_exact_and_weight_free() -> None:
+    autoencoder = load_autoencoder({"kind": "pixel-shuffle"})
+    images = torch.rand(2, 3, 64, 48) * 2 - 1
+    latents = autoencoder.encode(images)
+    assert latents.shape == (2, 192, 8, 6)
+    assert autoencoder.latent_channels == 192 and autoencoder.downscale == 8
+    assert torch.equal(latents[0, ::64, 0, 0], images[0, :, 0, 0] * 2)  # channel-major patches
+    torch.testing.assert_close(autoencoder.decode(latents), images)
+    assert not list(autoencoder.parameters())
+    assert autoencoder.identity == load_autoencoder({"kind": "pixel-shuffle"}).identity
+    assert (
+        autoencoder.identity
+        != load_autoencoder({"kind": "pixel-shuffle", "scaling_factor": 1.0}).identity
+    )
