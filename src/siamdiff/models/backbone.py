@@ -1,0 +1,366 @@
+"""The diffusion backbone for a config: UNet + DHI ControlNet + text conditioning + noise schedule.
+
+Three kinds (``backbone.kind``):
+
+- ``sd15``: a diffusers-format Stable Diffusion v1.5 directory (``backbone.path``); the UNet,
+  scheduler and (``text: clip``) text encoder + tokenizer come from its subfolders.
+- ``tiny``: the same classes with tiny widths, random init; CPU-fast (tests, demo).
+- ``scratch``: a ~200M-parameter UNet for 256-384 px latents, trained from scratch on one GPU.
+
+In every kind the ControlNet is initialised from the UNet encoder (``ControlNetModel.from_unet``)
+and its hint encoder is a :class:`~siamdiff.models.dhi.DenseHintInput`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin
+from torch import Tensor, nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.dhi import DenseHintInput
+
+UNCONDITIONAL_PROMPT = ""
+KINDS = ("tiny", "scratch", "sd15")
+
+# Widths per kind; ``backbone.unet`` in the config overrides any of these UNet arguments.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "attention_head_dim": 2,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+    },
+    # ~200M parameters (+~80M ControlNet); 64-dim attention heads.
+    "scratch": {
+        "block_out_channels": (192, 384, 576, 576),
+        "layers_per_block": 2,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "attention_head_dim": (3, 6, 9, 9),
+        "cross_attention_dim": 768,
+    },
+}
+DHI_BASE_CHANNELS = {"tiny": 4, "scratch": 16, "sd15": 16}
+
+
+def method_noise_scheduler() -> DDPMScheduler:
+    """method.md's schedule: T=1000, scaled-linear betas 0.00085..0.012, eps-prediction.
+
+    ``clip_sample=False`` because latents are not bounded to [-1, 1]; ``steps_offset=1``
+    matches Stable Diffusion v1.5's own scheduler config, so every kind samples alike.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+class DHIControlNetModel(ControlNetModel):
+    """diffusers' ControlNetModel whose hint encoder (``controlnet_cond_embedding``) is a DHI.
+
+    The DHI's width is the extra config entry ``dhi_base_channels``; its hint channels are
+    ControlNetModel's own ``conditioning_channels``. Both round-trip through
+    ``save_pretrained`` / ``from_pretrained``.
+    """
+
+    def __init__(self, dhi_base_channels: int = 16, **controlnet_kwargs: Any) -> None:
+        super().__init__(**controlnet_kwargs)
+        self._use_dense_hint_input(dhi_base_channels)
+
+    @staticmethod
+    def _get_init_keys(input_class: type) -> set[str]:
+        # __init__ forwards ControlNetModel's arguments as **kwargs, which diffusers' config loader
+        # cannot see; without them from_pretrained would rebuild a default-sized ControlNet.
+        keys = ConfigMixin._get_init_keys(input_class)
+        if issubclass(input_class, DHIControlNetModel):
+            keys |= ConfigMixin._get_init_keys(ControlNetModel)
+        return keys
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        *,
+        dhi_base_channels: int = 16,
+        hint_channels: int = 3,
+        load_weights_from_unet: bool = True,
+    ) -> DHIControlNetModel:
+        """A ControlNet copied from ``unet``'s encoder and middle block, with a fresh DHI."""
+        controlnet = super().from_unet(
+            unet, conditioning_channels=hint_channels, load_weights_from_unet=load_weights_from_unet
+        )
+        controlnet._use_dense_hint_input(dhi_base_channels)
+        return controlnet
+
+    def _use_dense_hint_input(self, base_channels: int) -> None:
+        self.register_to_config(dhi_base_channels=base_channels)
+        self.controlnet_cond_embedding = DenseHintInput(
+            out_channels=self.config.block_out_channels[0],
+            hint_channels=self.config.conditioning_channels,
+            base_channels=base_channels,
+        )
+
+
+class TextConditioner(nn.Module, ABC):
+    """Prompts -> cross-attention context ``[B, L, D]``; ``""`` is the unconditional prompt.
+
+    Each distinct prompt in a batch is encoded once (a batch holds at most the prompt and "").
+    """
+
+    kind: str
+    trainable: bool
+
+    def forward(self, prompts: Sequence[str]) -> Tensor:
+        unique = list(dict.fromkeys(prompts))
+        table = self.encode_unique(unique)
+        return table[[unique.index(prompt) for prompt in prompts]]
+
+    @abstractmethod
+    def encode_unique(self, prompts: list[str]) -> Tensor:
+        """``[len(prompts), L, D]`` for distinct prompts."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """D, the context width the UNet's cross-attention must take."""
+
+
+class LearnedTextConditioner(TextConditioner):
+    """One learned ``[tokens, dim]`` embedding per prompt of a fixed vocabulary: the prompt and "".
+
+    Needs no text-encoder weights; the embeddings train with the ControlNet.
+    """
+
+    kind = "learned"
+    trainable = True
+
+    def __init__(self, prompts: Sequence[str], dim: int, tokens: int = 8) -> None:
+        super().__init__()
+        self.vocabulary = list(dict.fromkeys([UNCONDITIONAL_PROMPT, *prompts]))
+        # Unit variance, like the layer-normed outputs of a CLIP text encoder.
+        self.embeddings = nn.Parameter(torch.randn(len(self.vocabulary), tokens, dim))
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[-1]
+
+    def encode_unique(self, prompts: list[str]) -> Tensor:
+        for prompt in prompts:
+            if prompt not in self.vocabulary:
+                known = [p for p in self.vocabulary if p != UNCONDITIONAL_PROMPT]
+                raise SiamdiffError(
+                    f"prompt {prompt!r} has no learned text embedding (this model knows {known})"
+                )
+        return self.embeddings[[self.vocabulary.index(prompt) for prompt in prompts]]
+
+
+class ClipTextConditioner(TextConditioner):
+    """A frozen CLIP text encoder (last hidden state, padded to the tokenizer's max length)."""
+
+    kind = "clip"
+    trainable = False
+
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ClipTextConditioner:
+        """Load ``text_encoder/`` and ``tokenizer/`` from a diffusers Stable Diffusion directory."""
+        path = Path(path)
+        for sub in ("text_encoder", "tokenizer"):
+            if not (path / sub).is_dir():
+                raise SiamdiffError(f"no {sub}/ folder: CLIP text conditioning needs one", path)
+        try:
+            text_encoder = CLIPTextModel.from_pretrained(
+                path / "text_encoder", local_files_only=True
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise SiamdiffError(
+                f"cannot load the CLIP text encoder ({_first_line(exc)})", path
+            ) from exc
+        return cls(text_encoder, tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @torch.no_grad()
+    def encode_unique(self, prompts: list[str]) -> Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+def drop_prompts(
+    prompts: Sequence[str], p: float, generator: torch.Generator | None = None
+) -> list[str]:
+    """Replace each prompt by "" with probability ``p`` (classifier-free guidance training)."""
+    dropped = (torch.rand(len(prompts), generator=generator) < p).tolist()
+    return [
+        UNCONDITIONAL_PROMPT if drop else prompt
+        for prompt, drop in zip(prompts, dropped, strict=True)
+    ]
+
+
+@dataclass
+class Backbone:
+    unet: UNet2DConditionModel
+    controlnet: DHIControlNetModel
+    text: TextConditioner
+    noise_scheduler: DDPMScheduler
+
+
+def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
+    """Build (tiny, scratch) or load (sd15) the backbone described by the ``backbone`` config.
+
+    Keys: ``kind``, ``path`` (sd15), ``prompt``, ``text`` (learned | clip), ``seed``; optional
+    ``text_path`` (a directory with text_encoder/ and tokenizer/; default ``path``),
+    ``text_tokens`` (learned: tokens per prompt, default 8), ``dhi`` (``base_channels``,
+    ``hint_channels``) and ``unet`` (UNet2DConditionModel arguments overriding the preset).
+    Random initialisation is seeded by ``seed`` without touching the global RNG.
+    """
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise SiamdiffError(f"unknown backbone kind {kind!r} (choose one of {', '.join(KINDS)})")
+    text_kind = cfg.get("text", "learned")
+    if text_kind not in ("learned", "clip"):
+        raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
+    dhi = dict(cfg.get("dhi") or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        clip = ClipTextConditioner.from_pretrained(_text_path(cfg)) if text_kind == "clip" else None
+        if kind == "sd15":
+            unet, noise_scheduler = _load_sd15(_sd15_path(cfg), latent_channels)
+        else:
+            unet = _build_unet(kind, cfg.get("unet") or {}, latent_channels, clip)
+            noise_scheduler = method_noise_scheduler()
+        text = clip or LearnedTextConditioner(
+            [cfg.get("prompt", UNCONDITIONAL_PROMPT)],
+            dim=unet.config.cross_attention_dim,
+            tokens=int(cfg.get("text_tokens", 8)),
+        )
+        if text.dim != unet.config.cross_attention_dim:
+            raise SiamdiffError(
+                f"text encoder width {text.dim} does not match the UNet's cross-attention width "
+                f"{unet.config.cross_attention_dim}",
+                _text_path(cfg),
+            )
+        controlnet = DHIControlNetModel.from_unet(
+            unet,
+            dhi_base_channels=int(dhi.get("base_channels", DHI_BASE_CHANNELS[kind])),
+            hint_channels=int(dhi.get("hint_channels", 3)),
+        )
+    return Backbone(unet=unet, controlnet=controlnet, text=text, noise_scheduler=noise_scheduler)
+
+
+def freeze_for_training(
+    backbone: Backbone, *, train_unet_encoder: bool = False
+) -> list[nn.Parameter]:
+    """Set ``requires_grad`` as method.md says and return the trainable parameters.
+
+    Trainable: the ControlNet (with its DHI), the UNet decoder (up blocks, output norm and conv)
+    and learned text embeddings. Frozen: the UNet encoder and middle block, a CLIP text encoder.
+    ``train_unet_encoder=True`` trains the whole UNet: for a randomly initialised (scratch)
+    UNet, whose encoder has nothing worth keeping.
+    """
+    unet = backbone.unet
+    unet.requires_grad_(train_unet_encoder)
+    for decoder_part in (unet.up_blocks, unet.conv_norm_out, unet.conv_out):
+        decoder_part.requires_grad_(True)
+    backbone.controlnet.requires_grad_(True)
+    backbone.text.requires_grad_(backbone.text.trainable)
+    modules = (backbone.controlnet, unet, backbone.text)
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _sd15_path(cfg: Mapping[str, Any]) -> Path:
+    if not cfg.get("path"):
+        raise SiamdiffError("backbone.path must name a diffusers Stable Diffusion v1.5 directory")
+    return Path(cfg["path"])
+
+
+def _text_path(cfg: Mapping[str, Any]) -> Path:
+    path = cfg.get("text_path") or cfg.get("path")
+    if not path:
+        raise SiamdiffError(
+            "text: clip needs backbone.text_path (a directory with text_encoder/ and tokenizer/)"
+        )
+    return Path(path)
+
+
+def _plain(value: Any) -> Any:
+    # Config lists (OmegaConf ListConfig included) become tuples, as diffusers' configs expect.
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(value)
+    return value
+
+
+def _build_unet(
+    kind: str,
+    overrides: Mapping[str, Any],
+    latent_channels: int,
+    clip: ClipTextConditioner | None,
+) -> UNet2DConditionModel:
+    arguments = {**UNET_PRESETS[kind], "in_channels": latent_channels}
+    arguments["out_channels"] = latent_channels
+    if clip is not None:
+        arguments["cross_attention_dim"] = clip.dim
+    arguments.update({key: _plain(value) for key, value in overrides.items()})
+    try:
+        return UNet2DConditionModel(**arguments)
+    except (TypeError, ValueError) as exc:
+        raise SiamdiffError(f"invalid backbone.unet settings ({_first_line(exc)})") from exc
+
+
+def _load_sd15(path: Path, latent_channels: int) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    for config in ("unet/config.json", "scheduler/scheduler_config.json"):
+        if not (path / config).is_file():
+            raise SiamdiffError(f"not a diffusers Stable Diffusion directory (no {config})", path)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(
+            path, subfolder="scheduler", clip_sample=False, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SiamdiffError(f"cannot load Stable Diffusion ({_first_line(exc)})", path) from exc
+    if unet.config.in_channels != latent_channels:
+        raise SiamdiffError(
+            f"the UNet takes {unet.config.in_channels} latent channels but the autoencoder "
+            f"gives {latent_channels}",
+            path / "unet",
+        )
+    if scheduler.config.prediction_type != "epsilon":
+        raise SiamdiffError(
+            f"prediction_type {scheduler.config.prediction_type!r} is not supported (epsilon only)",
+            path / "scheduler",
+        )
+    return unet, scheduler

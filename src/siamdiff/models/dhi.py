@@ -1,0 +1,98 @@
+"""Dense Hint Input (DHI): the ControlNet hint encoder of Siamese-Diffusion.
+
+It replaces ControlNet's strided-conv hint embedding and maps a pixel-space hint
+``[B, hint_channels, H, W]`` to the latent grid ``[B, out_channels, H/8, W/8]``
+(method.md, "Model")::
+
+    conv3x3 hint->b, ResidualBlock(b), conv3x3 b->2b, ResidualBlock(2b),
+    3x [PatchMerging (2x2 -> LayerNorm(4C) -> Linear(4C->2C)), conv3x3, ResidualBlock]
+        at 4b, 8b, 16b channels,
+    zero-initialised conv3x3 16b->out_channels
+
+with ``b = base_channels`` (16 in the paper: 16, 32, 64, 128, 256 -> 320).
+
+Shapes for the sizes we train at (SD v1.5 widths, ``out_channels=320``)::
+
+    hint 3 x 256 x 256 -> 320 x 32 x 32
+    hint 3 x 384 x 384 -> 320 x 48 x 48
+    hint 3 x 512 x 512 -> 320 x 64 x 64
+
+Hints: the mask hint is a {0, 1} mask repeated to 3 channels, the image hint an
+RGB image in [0, 1]. :func:`mask_to_hint` and :func:`image_to_hint` convert the
+data pipeline's [-1, 1] tensors into these.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.swin_transformer import PatchMerging
+
+from siamdiff.errors import SiamdiffError
+
+
+def mask_to_hint(mask: Tensor) -> Tensor:
+    """A ``[B, 1, H, W]`` mask in [-1, 1] (or {0, 1}) -> the ``[B, 3, H, W]`` {0, 1} mask hint."""
+    dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    return (mask > 0).to(dtype).expand(-1, 3, -1, -1)
+
+
+def image_to_hint(image: Tensor) -> Tensor:
+    """A ``[B, 3, H, W]`` image in [-1, 1] -> the image hint in [0, 1]."""
+    return ((image + 1) / 2).clamp(0, 1)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3, SiLU, conv3x3, + identity skip, SiLU (method.md; channels never change here)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(x + self.conv2(self.act(self.conv1(x))))
+
+
+class ChannelsFirstPatchMerging(PatchMerging):
+    """torchvision's Swin PatchMerging (2x2 -> LayerNorm(4C) -> Linear(4C->2C)) on NCHW tensors."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DenseHintInput(nn.Module):
+    """Pixel hint ``[B, hint_channels, H, W]`` -> ``[B, out_channels, H/8, W/8]``, zero at init."""
+
+    downscale = 8
+
+    def __init__(self, out_channels: int, hint_channels: int = 3, base_channels: int = 16) -> None:
+        super().__init__()
+        b = base_channels
+        layers: list[nn.Module] = [
+            nn.Conv2d(hint_channels, b, 3, padding=1),
+            ResidualBlock(b),
+            nn.Conv2d(b, 2 * b, 3, padding=1),
+            ResidualBlock(2 * b),
+        ]
+        channels = 2 * b
+        for _ in range(3):
+            layers += [
+                ChannelsFirstPatchMerging(channels),
+                nn.Conv2d(2 * channels, 2 * channels, 3, padding=1),
+                ResidualBlock(2 * channels),
+            ]
+            channels *= 2
+        self.body = nn.Sequential(*layers)
+        # Zero output: at initialisation the ControlNet sees exactly the UNet encoder's input.
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hint: Tensor) -> Tensor:
+        height, width = hint.shape[-2:]
+        if height % self.downscale or width % self.downscale:
+            # PatchMerging would pad silently and the result would not match the latent grid.
+            raise SiamdiffError(f"hint size {height}x{width} is not a multiple of {self.downscale}")
+        return self.conv_out(self.body(hint))

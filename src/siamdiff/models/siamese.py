@@ -1,0 +1,228 @@
+"""Siamese-Diffusion: the Mask- and Image-Diffusion branches and their four loss terms.
+
+One shared ControlNet conditions one UNet (method.md, "Training (one step)")::
+
+    c_m   = ControlNet(zt, t, c, hint=mask)        eps_m   = UNet(zt, t, c, control=c_m)
+    c_i   = ControlNet(zt, t, c, hint=image)
+    c_mix = w_m * sg(c_m) + w_i * c_i              eps_mix = UNet(zt, t, c, control=c_mix)
+
+    Loss = L_m + L_i + lambda_c * L_c + L_aug
+
+``c_m`` is computed once per step and reused, detached, by the image branch (the authors' code
+recomputes it on deep copies of the networks). The image branch's UNet pass sends gradient only
+to the ControlNet, through ``c_i``. Hints come from :func:`siamdiff.models.dhi.mask_to_hint` and
+:func:`siamdiff.models.dhi.image_to_hint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.backbone import Backbone
+
+MODES = ("siamese", "mask-only")
+
+
+class Control(NamedTuple):
+    """A ControlNet's residuals for the UNet's skip connections and middle block."""
+
+    down: tuple[Tensor, ...]
+    mid: Tensor
+
+
+def mix_controls(mask_control: Control, image_control: Control, image_weight: float) -> Control:
+    """c_mix = w_m * sg(c_m) + w_i * c_i with w_m = 1 and w_i = ``image_weight``."""
+
+    def mix(mask_residual: Tensor, image_residual: Tensor) -> Tensor:
+        return mask_residual.detach() + image_weight * image_residual
+
+    return Control(
+        down=tuple(mix(m, i) for m, i in zip(mask_control.down, image_control.down, strict=True)),
+        mid=mix(mask_control.mid, image_control.mid),
+    )
+
+
+@contextmanager
+def gradient_checkpointing_paused(module: nn.Module) -> Iterator[None]:
+    """Turn diffusers' per-block gradient checkpointing off inside the block, then back on."""
+    blocks = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)]
+    for block in blocks:
+        block.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.gradient_checkpointing = True
+
+
+def denoising_loss(eps_pred: Tensor, noise: Tensor) -> Tensor:
+    """||eps_pred - eps||^2 (mean over all elements): L_m, L_i and L_aug."""
+    return F.mse_loss(eps_pred.float(), noise.float())
+
+
+def noise_consistency_loss(eps_mask: Tensor, eps_image: Tensor) -> Tensor:
+    """Noise Consistency Loss, L_c = ||eps_m - sg(eps_mix)||^2 (mean over all elements).
+
+    The Image-Diffusion prediction is the target: it carries no gradient, so L_c pulls only the
+    Mask-Diffusion branch towards the image-conditioned noise estimate.
+    """
+    return F.mse_loss(eps_mask.float(), eps_image.detach().float())
+
+
+class SiameseDiffusion(nn.Module):
+    """The two branches of Siamese-Diffusion (``mode="siamese"``) or plain ControlNet+DHI
+    training on the mask hint alone (``mode="mask-only"``, the ablation baseline)."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        mode: str = "siamese",
+        aug_t_max: int = 200,
+        aug_start: float = 1 / 3,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise SiamdiffError(f"unknown model mode {mode!r} (choose one of {', '.join(MODES)})")
+        self.unet = backbone.unet
+        self.controlnet = backbone.controlnet
+        self.text = backbone.text
+        self.noise_scheduler = backbone.noise_scheduler
+        self.mode = mode
+        self.aug_t_max = aug_t_max
+        self.aug_start = aug_start
+        self.register_buffer(
+            "alphas_cumprod", backbone.noise_scheduler.alphas_cumprod.clone(), persistent=False
+        )
+
+    def loss_terms(
+        self,
+        z0: Tensor,
+        mask_hint: Tensor,
+        image_hint: Tensor,
+        text_emb: Tensor,
+        *,
+        progress: float,
+        consistency_weight: float,
+        noise: Tensor | None = None,
+        timesteps: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """One training step's loss terms on clean latents ``z0`` ``[B, C, h, w]``.
+
+        Hints are ``[B, 3, H, W]`` (see :mod:`siamdiff.models.dhi`), ``text_emb`` is ``[B, L, D]``.
+
+        ``progress`` is step / max_steps in [0, 1]: it is the image-branch weight w_i and turns
+        the augmentation term on once past ``aug_start``. Returns ``mask``, ``image``,
+        ``consistency`` and ``augment`` (zero when inactive) and ``loss``, their weighted sum, to
+        backpropagate. In mask-only mode only ``mask`` is non-zero.
+        """
+        if noise is None:
+            noise = torch.randn_like(z0)
+        if timesteps is None:
+            timesteps = torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device
+            )
+        zt = self.noise_scheduler.add_noise(z0, noise, timesteps)
+        mask_control = self.control(zt, timesteps, text_emb, mask_hint)
+        eps_mask = self.denoise(zt, timesteps, text_emb, mask_control)
+
+        zero = zt.new_zeros((), dtype=torch.float32)
+        terms = {
+            "mask": denoising_loss(eps_mask, noise),
+            "image": zero,
+            "consistency": zero,
+            "augment": zero,
+        }
+        if self.mode == "siamese":
+            eps_mix = self.eps_image(zt, timesteps, text_emb, image_hint, mask_control, progress)
+            terms["image"] = denoising_loss(eps_mix, noise)
+            terms["consistency"] = noise_consistency_loss(eps_mask, eps_mix)
+            if progress > self.aug_start:
+                terms["augment"] = self.augment_loss(
+                    zt, timesteps, noise, eps_mix, text_emb, mask_hint
+                )
+        terms["loss"] = (
+            terms["mask"]
+            + terms["image"]
+            + consistency_weight * terms["consistency"]
+            + terms["augment"]
+        )
+        return terms
+
+    # A DDP-wrapped model must be called as model(...) for its gradient hooks to fire.
+    forward = loss_terms
+
+    def control(self, zt: Tensor, t: Tensor, text_emb: Tensor, hint: Tensor) -> Control:
+        down, mid = self.controlnet(
+            zt, t, encoder_hidden_states=text_emb, controlnet_cond=hint, return_dict=False
+        )
+        return Control(tuple(down), mid)
+
+    def denoise(
+        self, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control, *, unet_grad: bool = True
+    ) -> Tensor:
+        """The UNet's eps under ``control``; ``unet_grad=False`` keeps gradient off its weights."""
+        args = (zt, t)
+        kwargs = {
+            "encoder_hidden_states": text_emb,
+            "down_block_additional_residuals": control.down,
+            "mid_block_additional_residual": control.mid,
+            "return_dict": False,
+        }
+        if unet_grad:
+            return self.unet(*args, **kwargs)[0]
+        # The same modules with detached weights: no copy, and no gradient reaches the UNet.
+        # Checkpointing would recompute in backward with the real weights and fail on the
+        # mismatch, so this pass keeps its (decoder-only) activations instead.
+        detached = {name: p.detach() for name, p in self.unet.named_parameters()}
+        with gradient_checkpointing_paused(self.unet):
+            return functional_call(self.unet, detached, args, kwargs)[0]
+
+    def eps_mask(self, zt: Tensor, t: Tensor, text_emb: Tensor, mask_hint: Tensor) -> Tensor:
+        """Mask-Diffusion's eps (the only branch used for sampling)."""
+        return self.denoise(zt, t, text_emb, self.control(zt, t, text_emb, mask_hint))
+
+    def eps_image(
+        self,
+        zt: Tensor,
+        t: Tensor,
+        text_emb: Tensor,
+        image_hint: Tensor,
+        mask_control: Control,
+        image_weight: float,
+    ) -> Tensor:
+        """Image-Diffusion's eps_mix under c_mix = sg(c_m) + w_i * c_i."""
+        image_control = self.control(zt, t, text_emb, image_hint)
+        mixed = mix_controls(mask_control, image_control, image_weight)
+        return self.denoise(zt, t, text_emb, mixed, unet_grad=False)
+
+    def predict_x0(self, zt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0 = (zt - sqrt(1 - a_t) * eps) / sqrt(a_t), a_t the cumulative alpha product."""
+        alpha = self.alphas_cumprod[t].to(zt.dtype).view(-1, *([1] * (zt.dim() - 1)))
+        return (zt - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+    def augment_loss(
+        self,
+        zt: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        eps_mix: Tensor,
+        text_emb: Tensor,
+        mask_hint: Tensor,
+    ) -> Tensor:
+        """L_aug = ||eps_theta_mask(sg(zt'), t) - eps||^2 on the samples with t <= aug_t_max, where
+        zt' = q(z0', t, eps) re-noises z0' = predict_x0(zt, t, eps_mix) with the same t and eps."""
+        keep = t <= self.aug_t_max
+        if not keep.any():
+            return zt.new_zeros((), dtype=torch.float32)
+        zt, t, noise, eps_mix = zt[keep], t[keep], noise[keep], eps_mix[keep]
+        renoised = self.noise_scheduler.add_noise(self.predict_x0(zt, t, eps_mix), noise, t)
+        eps = self.eps_mask(renoised.detach(), t, text_emb[keep], mask_hint[keep])
+        return denoising_loss(eps, noise)

@@ -1,0 +1,205 @@
+"""Backbone construction: tiny/sd15 kinds, DHI ControlNet round-trip, text, freezing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from omegaconf import OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.backbone import (
+    DHIControlNetModel,
+    LearnedTextConditioner,
+    build_backbone,
+    drop_prompts,
+    freeze_for_training,
+    method_noise_scheduler,
+)
+from siamdiff.models.dhi import DenseHintInput
+
+PROMPT = "lower newer"  # spelt with the toy CLIP vocabulary below
+
+
+def tiny_cfg(**extra: object) -> dict:
+    return {"kind": "tiny", "prompt": PROMPT, "text": "learned", "seed": 0, **extra}
+
+
+def test_tiny_backbone_parts() -> None:
+    backbone = build_backbone(tiny_cfg(), latent_channels=4)
+    unet, controlnet = backbone.unet, backbone.controlnet
+    assert unet.config.in_channels == unet.config.out_channels == 4
+    assert isinstance(controlnet.controlnet_cond_embedding, DenseHintInput)
+    assert controlnet.config.dhi_base_channels == 4
+    # ControlNet initialised from the UNet encoder (method.md).
+    unet_state = unet.down_blocks.state_dict()
+    for name, value in controlnet.down_blocks.state_dict().items():
+        assert torch.equal(value, unet_state[name])
+    assert backbone.noise_scheduler.config.num_train_timesteps == 1000
+    assert backbone.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert backbone.noise_scheduler.config.prediction_type == "epsilon"
+    assert backbone.text([PROMPT]).shape == (1, 8, unet.config.cross_attention_dim)
+
+
+def test_seed_determines_weights_without_touching_global_rng() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_backbone(tiny_cfg(seed=1), latent_channels=4)
+    assert torch.equal(torch.rand(1), before)
+    b = build_backbone(tiny_cfg(seed=1), latent_channels=4)
+    c = build_backbone(tiny_cfg(seed=2), latent_channels=4)
+    weight = "conv_in.weight"
+    assert torch.equal(a.unet.state_dict()[weight], b.unet.state_dict()[weight])
+    assert not torch.equal(a.unet.state_dict()[weight], c.unet.state_dict()[weight])
+    assert torch.equal(a.text.embeddings, b.text.embeddings)
+
+
+def test_config_overrides_from_struct_omegaconf() -> None:
+    cfg = OmegaConf.create(
+        tiny_cfg(
+            unet={"block_out_channels": [16, 32]}, dhi={"base_channels": 2, "hint_channels": 4}
+        )
+    )
+    OmegaConf.set_struct(cfg, True)
+    backbone = build_backbone(cfg, latent_channels=6)
+    assert list(backbone.unet.config.block_out_channels) == [16, 32]
+    assert backbone.controlnet.config.conditioning_channels == 4
+    assert backbone.controlnet.controlnet_cond_embedding.conv_out.out_channels == 16
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"kind": "huge"}, "unknown backbone kind 'huge'"),
+        (tiny_cfg(text="bert"), "unknown backbone text conditioning 'bert'"),
+        (tiny_cfg(unet={"block_out_channels": [16, 32, 64]}), "invalid backbone.unet settings"),
+        ({"kind": "sd15", "text": "learned"}, "backbone.path must name"),
+        (tiny_cfg(text="clip"), "text: clip needs backbone.text_path"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(cfg: dict, message: str) -> None:
+    with pytest.raises(SiamdiffError, match=message) as info:
+        build_backbone(cfg, latent_channels=4)
+    assert "\n" not in str(info.value)
+
+
+def test_dhi_controlnet_round_trips_through_save_pretrained(tmp_path: Path) -> None:
+    unet = build_backbone(tiny_cfg(), latent_channels=4).unet
+    controlnet = DHIControlNetModel.from_unet(unet, dhi_base_channels=2, hint_channels=5)
+    torch.nn.init.normal_(controlnet.controlnet_cond_embedding.conv_out.weight)
+    controlnet.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dhi_base_channels"] == 2
+    loaded = DHIControlNetModel.from_pretrained(tmp_path)
+    assert loaded.config.dhi_base_channels == 2
+    assert loaded.config.conditioning_channels == 5
+    assert list(loaded.config.block_out_channels) == list(unet.config.block_out_channels)
+    expected = controlnet.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_learned_text_conditioner() -> None:
+    text = LearnedTextConditioner([PROMPT], dim=6, tokens=3)
+    out = text([PROMPT, "", PROMPT])
+    assert out.shape == (3, 3, 6)
+    assert torch.equal(out[0], out[2])
+    assert not torch.equal(out[0], out[1])  # "" is the separately learned unconditional prompt
+    out.sum().backward()
+    assert torch.equal(text.embeddings.grad[text.vocabulary.index(PROMPT)], torch.full((3, 6), 2.0))
+    with pytest.raises(SiamdiffError, match="prompt 'a cat' has no learned text embedding"):
+        text(["a cat"])
+
+
+def test_freeze_for_training_leaves_encoder_and_middle_frozen() -> None:
+    backbone = build_backbone(tiny_cfg(), latent_channels=4)
+    trainable = {id(p) for p in freeze_for_training(backbone)}
+    unet = backbone.unet
+    for module in (unet.conv_in, unet.time_embedding, unet.down_blocks, unet.mid_block):
+        assert not any(p.requires_grad or id(p) in trainable for p in module.parameters())
+    for module in (unet.up_blocks, unet.conv_out, backbone.controlnet, backbone.text):
+        assert all(p.requires_grad and id(p) in trainable for p in module.parameters())
+    everything = freeze_for_training(backbone, train_unet_encoder=True)
+    assert {id(p) for p in unet.parameters()} <= {id(p) for p in everything}
+
+
+def test_drop_prompts() -> None:
+    prompts = [PROMPT] * 400
+    assert drop_prompts(prompts, 0.0) == prompts
+    assert drop_prompts(prompts, 1.0) == [""] * 400
+    first = drop_prompts(prompts, 0.05, torch.Generator().manual_seed(0))
+    assert first == drop_prompts(prompts, 0.05, torch.Generator().manual_seed(0))
+    assert 5 <= first.count("") <= 40
+
+
+def write_fake_sd15(root: Path, in_channels: int = 4) -> Path:
+    """A diffusers-layout "Stable Diffusion" directory with toy-sized weights and vocabulary."""
+    vocab = ["l", "o", "w", "e", "r", "n", "lo", "w</w>", "r</w>", "low</w>", "er</w>", "<unk>"]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (root / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (root / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    tokenizer = CLIPTokenizer(
+        str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8
+    )
+    tokenizer.save_pretrained(root / "tokenizer")
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+    unet = UNet2DConditionModel(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+    )
+    unet.save_pretrained(root / "unet")
+    method_noise_scheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd15_directory_with_clip_text(tmp_path: Path) -> None:
+    root = write_fake_sd15(tmp_path)
+    backbone = build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    assert isinstance(backbone.noise_scheduler, DDPMScheduler)
+    assert list(backbone.unet.config.block_out_channels) == [16, 32]
+    assert backbone.controlnet.config.dhi_base_channels == 16
+    context = backbone.text([PROMPT, "", PROMPT])
+    assert context.shape == (3, 8, 16)
+    assert torch.equal(context[0], context[2])
+    assert not torch.allclose(context[0], context[1])
+    assert not context.requires_grad
+    trainable = {id(p) for p in freeze_for_training(backbone)}
+    assert not any(id(p) in trainable for p in backbone.text.parameters())
+    # CLIP text with a from-scratch UNet: the UNet takes the encoder's width.
+    tiny = build_backbone(tiny_cfg(text="clip", text_path=str(root)), latent_channels=4)
+    assert tiny.unet.config.cross_attention_dim == 16
+
+
+def test_sd15_errors_name_the_directory(tmp_path: Path) -> None:
+    root = write_fake_sd15(tmp_path)
+    with pytest.raises(SiamdiffError, match="takes 4 latent channels but the autoencoder gives 32"):
+        build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 32)
+    with pytest.raises(SiamdiffError, match=r"nowhere: not a diffusers Stable Diffusion directory"):
+        build_backbone({"kind": "sd15", "path": str(tmp_path / "nowhere")}, 4)
+    (root / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(SiamdiffError, match="cannot load Stable Diffusion"):
+        build_backbone({"kind": "sd15", "path": str(root)}, 4)
