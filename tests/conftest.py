@@ -6,9 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIAMDIFF_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread() -> None:
+    """One intra-op thread for the whole suite: the tests' tensors are tiny, so thread
+    hand-offs cost more than the work, and badly so on a loaded 2-core machine."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

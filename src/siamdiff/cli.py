@@ -64,7 +64,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     if args.dataset == "cvc-clinicdb":
         print(CVC_CLINICDB_HELP)
         return 0
-    path = download_kvasir(args.dest, url=args.url or KVASIR_URL, overwrite=args.overwrite)
+    path = download_kvasir(
+        args.dest, url=args.url or KVASIR_URL, expected_sha256=args.sha256, overwrite=args.overwrite
+    )
     print(f"Kvasir-SEG is in {path}; next: siamdiff prepare --source kvasir-seg={path} --out DATA")
     return 0
 
@@ -135,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("dataset", choices=("kvasir-seg", "cvc-clinicdb"))
     down.add_argument("--dest", type=Path, default=Path("raw"))
     down.add_argument("--url", default=None, help="mirror URL of the zip")
+    down.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
     down.add_argument("--overwrite", action="store_true")
 
     train = verb("train", cmd_train, "Train Siamese-Diffusion (or the mask-only baseline).")

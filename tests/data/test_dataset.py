@@ -16,8 +16,6 @@ from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
 HEIGHT, WIDTH = 32, 44  # shorter side 32, as `siamdiff prepare --size 32` would write
 
 

@@ -20,7 +20,6 @@ from siamdiff.data.transforms import (
 )
 from siamdiff.errors import SiamdiffError
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
 SIZE = 48
 # Every photometric and geometric op fires; the large alpha makes the elastic field move
 # pixels by several pixels, so a drift between image and mask could not hide in it.

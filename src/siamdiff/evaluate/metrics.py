@@ -1,0 +1,515 @@
+"""``siamdiff evaluate REAL SYN``: every offline metric of a synthetic set, in one metrics.json.
+
+Domain metrics (always computed, no pretrained weights needed) use siamdiff's own polyp
+segmenter, trained on the REAL training split only (``siamdiff train-segmenter``):
+
+- FD-seg / KID-seg: Fréchet distance and KID between the pooled deepest-encoder features
+  of the real training images and of the synthetic images (the authors compare with the
+  training images). A domain metric: its scale is not comparable with Inception FID.
+- Mask fidelity: the segmenter's mask for each synthetic image against its conditioning
+  mask, Dice / IoU per image (the replication reports' "mDice 0.615" protocol), beside the
+  same segmenter's score on the real test split as a reference.
+- Diversity: mean pairwise MS-SSIM (lower = more diverse) and LPIPS (higher = more
+  diverse, when its backbone is on disk) among samples of the same conditioning mask.
+- Pixel statistics: per-channel colour means / stds, per-channel Wasserstein-1 distance
+  between intensity histograms, Jensen-Shannon distance between joint colour histograms.
+
+Optional: segmentation utility (:mod:`siamdiff.evaluate.utility`) and the standard metrics
+(:mod:`siamdiff.evaluate.standard`), each reported ``unavailable`` with a reason when not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import wasserstein_distance
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+from tqdm import tqdm
+
+from siamdiff import __version__
+from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from siamdiff.data.manifest import Record, load_manifest
+from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate.features import (
+    extract_features,
+    frechet_distance,
+    kernel_inception_distance,
+)
+from siamdiff.evaluate.segmenter import (
+    SegmentationScores,
+    frames,
+    load_segmenter,
+    read_segmenter_config,
+    score_segmenter,
+    split_fingerprint,
+)
+from siamdiff.evaluate.standard import MissingWeights, load_lpips, standard_metrics, unavailable
+from siamdiff.evaluate.utility import segmentation_utility
+
+FORMAT = "siamdiff-metrics"
+FORMAT_VERSION = 1
+REPORT_NAME = "report.html"
+HISTOGRAM_NAME = "mask_fidelity.png"
+# Wang et al. 2003, the five-scale weights that torchmetrics also uses.
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_KERNEL = 11
+COLOUR_BINS = 8  # per channel, for the joint histogram
+
+
+def same_mask_groups(records: Sequence[Record]) -> list[list[int]]:
+    """Indices of the synthetic samples that share a conditioning mask, groups of 2 or more."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        source = record.extra.get("source_id")
+        if source is not None:
+            groups[str(source)].append(index)
+    return [members for _, members in sorted(groups.items()) if len(members) > 1]
+
+
+def ms_ssim_betas(size: int) -> tuple[float, ...]:
+    """The MS-SSIM scale weights an image of side ``size`` allows, renormalised to sum to 1.
+
+    Five scales need about 176 px with the 11 px window (torchmetrics' own bound); smaller
+    images use fewer scales, so values at different sizes are not comparable.
+    """
+    scales = 1
+    for count in range(2, len(MS_SSIM_BETAS) + 1):
+        if size >= 2**count and size // (count - 1) ** 2 > MS_SSIM_KERNEL - 1:
+            scales = count
+    betas = np.array(MS_SSIM_BETAS[:scales])
+    return tuple(float(b) for b in betas / betas.sum())
+
+
+def diversity(
+    synthetic: Dataset,
+    groups: Sequence[Sequence[int]],
+    lpips: torch.nn.Module | str,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Mean pairwise MS-SSIM and LPIPS over every pair of samples within each group.
+    ``lpips`` is torchmetrics' LPIPS module, or the reason it is unavailable."""
+    if not groups:
+        reason = "no conditioning mask has two or more samples (sample with --per-mask 2 or more)"
+        return {"ms_ssim": unavailable(reason), "lpips": unavailable(reason)}
+    size = synthetic[groups[0][0]]["image"].shape[-1]
+    betas = ms_ssim_betas(size)
+    ssim_values, lpips_values = [], []
+    for members in tqdm(groups, desc="diversity", unit="mask", disable=not progress, leave=False):
+        images = torch.stack([synthetic[i]["image"] for i in members]).to(device)
+        first, second = zip(*itertools.combinations(range(len(members)), 2), strict=True)
+        a, b = images[list(first)], images[list(second)]
+        with torch.inference_mode():
+            ssim_values.append(
+                multiscale_structural_similarity_index_measure(
+                    (a + 1) / 2, (b + 1) / 2, data_range=1.0, betas=betas, reduction="none"
+                ).cpu()
+            )
+            if not isinstance(lpips, str):
+                lpips_values.append(lpips(a, b).reshape(-1).cpu())
+    counts = {"pairs": sum(len(v) for v in ssim_values), "masks": len(groups)}
+    ssim = torch.cat(ssim_values).double()
+    result = {
+        "ms_ssim": {
+            "available": True,
+            "mean": float(ssim.mean()),
+            "std": float(ssim.std()) if len(ssim) > 1 else 0.0,
+            "scales": len(betas),
+            "size": size,
+            **counts,
+        }
+    }
+    if isinstance(lpips, str):
+        result["lpips"] = unavailable(lpips)
+    else:
+        scores = torch.cat(lpips_values).double()
+        result["lpips"] = {"available": True, "mean": float(scores.mean()), **counts}
+    return result
+
+
+def colour_histograms(
+    dataset: Dataset, batch_size: int = 32, workers: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel 256-bin histograms (3 x 256) and the joint ``COLOUR_BINS``³ histogram."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    channels = torch.zeros(3, 256, dtype=torch.float64)
+    joint = torch.zeros(COLOUR_BINS**3, dtype=torch.float64)
+    shift = 8 - int(np.log2(COLOUR_BINS))
+    for batch in loader:
+        pixels = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).long()
+        pixels = pixels.permute(1, 0, 2, 3).reshape(3, -1)
+        for c in range(3):
+            channels[c] += torch.bincount(pixels[c], minlength=256)
+        coarse = pixels >> shift
+        cell = (coarse[0] * COLOUR_BINS + coarse[1]) * COLOUR_BINS + coarse[2]
+        joint += torch.bincount(cell, minlength=COLOUR_BINS**3)
+    return channels.numpy(), joint.numpy()
+
+
+def colour_statistics(real: Dataset, synthetic: Dataset, workers: int = 0) -> dict[str, Any]:
+    """Colour means / stds (0..255) of both sets and the distances between their histograms."""
+    (real_channels, real_joint), (syn_channels, syn_joint) = (
+        colour_histograms(data, workers=workers) for data in (real, synthetic)
+    )
+    levels = np.arange(256, dtype=np.float64)
+
+    def moments(histograms: np.ndarray) -> dict[str, list[float]]:
+        weights = histograms / histograms.sum(axis=1, keepdims=True)
+        mean = weights @ levels
+        std = np.sqrt(weights @ levels**2 - mean**2)
+        return {"mean": mean.round(3).tolist(), "std": std.round(3).tolist()}
+
+    return {
+        "available": True,
+        "real": moments(real_channels),
+        "synthetic": moments(syn_channels),
+        "wasserstein_rgb": [
+            float(wasserstein_distance(levels, levels, real_channels[c], syn_channels[c]))
+            for c in range(3)
+        ],
+        "histogram_js": float(jensenshannon(real_joint, syn_joint, base=2)),
+        "histogram_bins": COLOUR_BINS,
+    }
+
+
+def _per_image(scores: SegmentationScores) -> dict[str, dict[str, float]]:
+    return {
+        image_id: {"dice": round(float(d), 6), "iou": round(float(i), 6)}
+        for image_id, d, i in zip(scores.ids, scores.dice, scores.iou, strict=True)
+    }
+
+
+def _segmenter_section(segmenter_dir: Path, real_root: Path, warnings: list[str]) -> dict[str, Any]:
+    """What the segmenter was trained on; it must be real data only (else FD-seg is biased)."""
+    config = read_segmenter_config(segmenter_dir)
+    data = config.get("data", [])
+    if len(data) != 1 or data[0].get("kind") != "real":
+        raise SiamdiffError(
+            "this segmenter was trained with extra data; FD-seg, KID-seg and mask fidelity "
+            "need one trained on the real training split only",
+            segmenter_dir,
+        )
+    same_split = data[0].get("fingerprint") == split_fingerprint(load_manifest(real_root), "train")
+    if not same_split:
+        warnings.append(
+            f"segmenter {segmenter_dir} was trained on other images than the training split "
+            f"of {real_root}"
+        )
+    return {
+        "dir": str(segmenter_dir),
+        **config["spec"],
+        "training": config.get("training", {}),
+        "trained_on_this_real_train_split": same_split,
+    }
+
+
+def evaluate(
+    real_root: str | Path,
+    syn_root: str | Path,
+    out_json: str | Path,
+    *,
+    segmenter_dir: str | Path,
+    utility: bool = False,
+    utility_options: Mapping[str, Any] | None = None,
+    inception_weights: str | Path | None = None,
+    clip_model: str | Path | None = None,
+    lpips_net: str = "alex",
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute every metric of SYN against REAL and write them to ``out_json`` (atomically).
+
+    ``utility_options`` are keyword arguments of :func:`segmentation_utility` (archs, seeds,
+    epochs, size, ...), used when ``utility`` is true. Deterministic for ``seed``.
+    """
+    real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
+    real_manifest, syn_manifest = load_manifest(real_root), load_manifest(syn_root)
+    if real_manifest.kind != "real":
+        raise SiamdiffError(
+            f"REAL must be a real dataset, this one is {real_manifest.kind}", real_root
+        )
+    if syn_manifest.kind != "synthetic":
+        raise SiamdiffError(
+            f"SYN must be a synthetic set (siamdiff sample), this one is {syn_manifest.kind}",
+            syn_root,
+        )
+    for root, count in (
+        (real_root, len(real_manifest.split("train"))),
+        (syn_root, len(syn_manifest.records)),
+    ):
+        if count < 2:
+            raise SiamdiffError(f"needs at least 2 images to compare, has {count}", root)
+    warnings: list[str] = []
+    segmenter_info = _segmenter_section(segmenter_dir, real_root, warnings)
+    segmenter = load_segmenter(segmenter_dir, device)
+    size = segmenter.spec.size
+    real_train, synthetic = frames(real_root, "train", size), frames(syn_root, None, size)
+    scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
+
+    real_features = extract_features(
+        segmenter.features,
+        real_train,
+        batch_size,
+        device,
+        workers=workers,
+        progress=progress,
+        desc="segmenter features real",
+    )
+    syn_scores = score_segmenter(segmenter, synthetic, desc="segment synthetic", **scan)
+    kid_mean, kid_std = kernel_inception_distance(
+        real_features, syn_scores.features, kid_subsets, kid_subset_size, seed
+    )
+    metrics: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"siamdiff {__version__}",
+        "real": {
+            "root": str(real_root),
+            "dataset_version": real_manifest.dataset_version,
+            "train_images": len(real_train),
+        },
+        "synthetic": {
+            "root": str(syn_root),
+            "images": len(synthetic),
+            "masks": len({r.extra.get("source_id", r.id) for r in syn_manifest.records}),
+        },
+        "segmenter": segmenter_info,
+        "fd_seg": {
+            "available": True,
+            "value": frechet_distance(real_features, syn_scores.features),
+            "features": real_features.shape[1],
+        },
+        "kid_seg": {
+            "available": True,
+            "mean": kid_mean,
+            "std": kid_std,
+            "subsets": kid_subsets,
+            "subset_size": min(kid_subset_size, len(real_features), len(syn_scores.features)),
+        },
+        "mask_fidelity": {
+            "available": True,
+            **syn_scores.summary(),
+            "median_dice": float(np.median(syn_scores.dice)),
+            "per_image": _per_image(syn_scores),
+        },
+    }
+    if real_manifest.split("test"):
+        test_scores = score_segmenter(
+            segmenter, frames(real_root, "test", size), desc="segment real test", **scan
+        )
+        metrics["segmenter"]["real_test"] = {
+            **test_scores.summary(),
+            "per_image": _per_image(test_scores),
+        }
+        if len(test_scores.ids) > 1:
+            # How far real images the segmenter never saw lie from its training images.
+            reference = frechet_distance(real_features, test_scores.features)
+            metrics["fd_seg"]["reference_real_test"] = reference
+
+    try:
+        lpips: torch.nn.Module | str = load_lpips(lpips_net, device)
+    except MissingWeights as exc:
+        lpips = str(exc)
+    groups = same_mask_groups(synthetic.records)
+    metrics["diversity"] = diversity(synthetic, groups, lpips, device=device, progress=progress)
+    metrics["pixel_stats"] = colour_statistics(real_train, synthetic, workers)
+    metrics["standard"] = standard_metrics(
+        real_root,
+        syn_root,
+        inception_weights=inception_weights,
+        clip_model=clip_model,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    metrics["utility"] = (
+        segmentation_utility(
+            real_root,
+            syn_root,
+            device=device,
+            workers=workers,
+            progress=progress,
+            **(utility_options or {}),
+        )
+        if utility
+        else unavailable("not requested")
+    )
+    metrics["warnings"] = warnings
+    atomic_write_json(out_json, metrics)
+    return metrics
+
+
+def _value(entry: Mapping[str, Any] | None, text: str) -> str:
+    """``text`` formatted with the entry's fields, or why the metric is missing."""
+    if not entry:
+        return "n/a"
+    if not entry.get("available", True):
+        return f"n/a ({entry.get('reason', 'unavailable')})"
+    return text.format(**entry)
+
+
+def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(metric, value) rows for the CLI table and the HTML report."""
+    standard = metrics.get("standard", {})
+    diversity_ = metrics.get("diversity", {})
+    reference = metrics.get("fd_seg", {}).get("reference_real_test")
+    real_test = metrics.get("segmenter", {}).get("real_test")
+    pixel = metrics.get("pixel_stats")
+    rows = [
+        ("FD-seg (lower is better)", _value(metrics.get("fd_seg"), "{value:.3f}")),
+        (
+            "  reference: real test vs real train",
+            "n/a" if reference is None else f"{reference:.3f}",
+        ),
+        ("KID-seg (lower is better)", _value(metrics.get("kid_seg"), "{mean:.4f} ± {std:.4f}")),
+        (
+            "Mask fidelity mDice / mIoU",
+            _value(metrics.get("mask_fidelity"), "{mdice:.3f} / {miou:.3f}"),
+        ),
+        ("  reference: segmenter on real test", _value(real_test, "{mdice:.3f} / {miou:.3f}")),
+        (
+            "MS-SSIM same mask (lower = more diverse)",
+            _value(diversity_.get("ms_ssim"), "{mean:.3f} ({pairs} pairs)"),
+        ),
+        (
+            "LPIPS same mask (higher = more diverse)",
+            _value(diversity_.get("lpips"), "{mean:.3f} ({pairs} pairs)"),
+        ),
+        (
+            "Colour W1 R / G / B (0..255)",
+            "n/a" if not pixel else " / ".join(f"{w:.2f}" for w in pixel["wasserstein_rgb"]),
+        ),
+        ("Colour histogram JS distance", _value(pixel, "{histogram_js:.3f}")),
+        ("Inception FID", _value(standard.get("inception_fid"), "{value:.2f}")),
+        ("Inception KID", _value(standard.get("inception_kid"), "{mean:.4f} ± {std:.4f}")),
+        ("CLIP-I (higher is closer)", _value(standard.get("clip_i"), "{value:.4f}")),
+        ("CMMD (lower is better)", _value(standard.get("cmmd"), "{value:.4f}")),
+    ]
+    utility = metrics.get("utility", {})
+    if not utility.get("available", False):
+        rows.append(("Segmentation utility", _value(utility, "")))
+    for arch, result in utility.get("archs", {}).items():
+        for metric in ("mdice", "miou"):
+            cells = [
+                f"{name} {result[name][metric]['mean']:.3f} ± {result[name][metric]['std']:.3f}"
+                for name in ("real", "real+syn")
+                if name in result
+            ]
+            if f"gain_{metric}" in result:
+                cells.append(f"gain {result[f'gain_{metric}']:+.3f}")
+            rows.append((f"Utility {arch} {metric}", ", ".join(cells)))
+    return rows
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """The metrics as an aligned two-column text table, then any warnings."""
+    rows = summary_rows(metrics)
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def _png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def mask_fidelity_histogram(metrics: Mapping[str, Any]) -> bytes:
+    """PNG: per-image Dice of the synthetic images (and of the real test images, for scale)."""
+    figure = Figure(figsize=(6, 3.5))
+    ax = figure.add_subplot()
+    bins = np.linspace(0.0, 1.0, 21)
+    sets = (
+        ("synthetic vs conditioning mask", metrics.get("mask_fidelity", {})),
+        ("real test vs ground truth", metrics.get("segmenter", {}).get("real_test", {})),
+    )
+    for label, entry in sets:
+        dice = [v["dice"] for v in entry.get("per_image", {}).values()]
+        if dice:
+            ax.hist(dice, bins=bins, alpha=0.6, density=True, label=f"{label} (n={len(dice)})")
+    ax.set_xlabel("Dice per image")
+    ax.set_ylabel("density")
+    ax.set_title("Mask fidelity: segmenter trained on real data")
+    ax.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return _png_bytes(figure)
+
+
+def _img(title: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    title = html.escape(title)
+    return f'<h2>{title}</h2>\n<img alt="{title}" src="data:image/png;base64,{data}">'
+
+
+def write_evaluation_report(
+    metrics: Mapping[str, Any], out_dir: str | Path, run_dir: str | Path | None = None
+) -> Path:
+    """Write ``report.html`` (self-contained: images embedded) and ``mask_fidelity.png`` to
+    ``out_dir``; with ``run_dir``, embed its ``loss_curve.png`` and newest ``samples/*.png``."""
+    out_dir = Path(out_dir)
+    histogram = mask_fidelity_histogram(metrics)
+    atomic_write_bytes(out_dir / HISTOGRAM_NAME, histogram)
+    table = "\n".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
+        for name, value in summary_rows(metrics)
+    )
+    sections = [_img("Mask fidelity per image", histogram)]
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        loss_curve = run_dir / "loss_curve.png"
+        if loss_curve.is_file():
+            sections.append(_img("Training losses", loss_curve.read_bytes()))
+        grids = sorted(run_dir.glob("samples/*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+        if grids:
+            sections.append(_img(f"Samples ({grids[-1].name})", grids[-1].read_bytes()))
+    notes = [
+        "FD-seg / KID-seg use the pooled features of a polyp segmenter trained by siamdiff on "
+        "the real training split: a domain metric, not comparable with Inception FID.",
+        *[f"Warning: {w}" for w in metrics.get("warnings", [])],
+    ]
+    real, synthetic = metrics.get("real", {}), metrics.get("synthetic", {})
+
+    def text(value: Any) -> str:
+        return html.escape(str(value))
+
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>siamdiff evaluation</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
+td{{padding:2px 12px;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
+<body><h1>siamdiff evaluation</h1>
+<p>Real: {text(real.get("root"))} ({text(real.get("train_images"))} training images)<br>
+Synthetic: {text(synthetic.get("root"))} ({text(synthetic.get("images"))} images,
+{text(synthetic.get("masks"))} masks)<br>{text(metrics.get("created_by"))}</p>
+<table>
+{table}
+</table>
+{"".join(f"<p>{text(n)}</p>" for n in notes)}
+{chr(10).join(sections)}
+</body></html>
+"""
+    report = out_dir / REPORT_NAME
+    atomic_write_text(report, page)
+    return report

@@ -1,0 +1,75 @@
+"""Pictures people look at: loss curves and mask | real | synthetic sample grids."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from siamdiff.atomic import atomic_save_png, atomic_write_bytes
+
+
+def read_loss_log(path: str | Path) -> list[dict]:
+    """The JSON-lines loss log written by training; a torn last line (killed run) is ignored."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def save_loss_curve(log_path: str | Path, png: str | Path) -> None:
+    """One panel per loss term against the optimiser step (log scale where positive)."""
+    rows = read_loss_log(log_path) if Path(log_path).exists() else []
+    keys = [k for k in ("loss", "mask", "image", "consistency", "augment") if rows and k in rows[0]]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3), dpi=100)
+    axes = np.atleast_1d(axes)
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes, keys, strict=False):
+        values = [r[key] for r in rows]
+        ax.plot(steps, values, lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if all(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png, buffer.getvalue())
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Bx{1,3}xHxW in [-1, 1] (images) or {0, 1} (masks, 1 channel) -> Bx3xHxW uint8."""
+    images = images.detach().float().cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1) * 2 - 1
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def save_sample_grid(
+    path: str | Path, masks: torch.Tensor, reals: torch.Tensor, *synthetic: torch.Tensor
+) -> None:
+    """Rows: one per mask. Columns: mask | real | each synthetic set given."""
+    columns = [to_uint8_rgb(t) for t in (masks, reals, *synthetic)]
+    size = columns[1].shape[-2:]
+    columns = [
+        torch.nn.functional.interpolate(c.float(), size=size).to(torch.uint8)
+        if c.shape[-2:] != size
+        else c
+        for c in columns
+    ]
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)
+    grid = make_grid(tiles, nrow=len(columns), padding=2, pad_value=255)
+    atomic_save_png(path, grid.permute(1, 2, 0).contiguous().numpy())

@@ -1,0 +1,378 @@
+"""Siamese-Diffusion training loop: read it top to bottom.
+
+    data (PairedDataset + balanced sampler) -> frozen autoencoder -> SiameseDiffusion
+    -> AdamW + warm-up/cosine -> checkpoints, TensorBoard, sample grids, loss curve.
+
+One file, one function (`train`), a few helpers above it. Multi-GPU / multi-node
+through ``accelerate launch`` (or ``torchrun``): each rank draws its own batches from
+the balanced sampler; DDP keeps the weights identical.
+
+Resume is exact: the batch order is a function of (seed, epoch), every sample's
+augmentation is seeded by (seed, epoch, index), and accelerate restores the model,
+optimiser, scheduler and RNG states, so a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.manifest import verify
+from siamdiff.data.sampling import BalancedBatchSampler
+from siamdiff.data.transforms import TransformConfig, build_transforms
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
+from siamdiff.models.backbone import build_backbone, freeze_for_training
+from siamdiff.models.siamese import SiameseDiffusion
+from siamdiff.report import save_loss_curve, save_sample_grid
+from siamdiff.sample import ddim_sample
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
+
+
+class SeededAugmentation(Dataset):
+    """Seeds each sample's random transforms by (seed, epoch, index).
+
+    A sample's augmentation then no longer depends on which worker loads it or on
+    how many samples that worker saw before, so a resumed run reproduces the
+    augmentations of an uninterrupted one. The caller's RNG is left untouched.
+    """
+
+    def __init__(self, dataset: PairedDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.dataset[index]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (partial ones never match the name)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
+    """accelerate state (safetensors weights, optimiser, scheduler, RNG) written to a
+    temporary name and renamed, so a kill mid-write never leaves a loadable half-checkpoint."""
+    final = run_dir / "checkpoints" / f"step-{step:08d}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    if accelerator.is_main_process:
+        atomic_write_json(partial / "trainer_state.json", {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def batches(
+    data: SeededAugmentation,
+    sampler: BalancedBatchSampler,
+    start: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[dict]:
+    """Endless stream of batches, epoch after epoch, skipping the first `start` batches."""
+    per_epoch = len(sampler)
+    if per_epoch == 0:
+        raise SiamdiffError("fewer training samples than one batch: lower train.batch_size")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        data.epoch = epoch
+        order = list(sampler)[skip:]
+        # Without its own generator a DataLoader draws worker seeds from the global RNG,
+        # and a resumed run would draw them at another point of the RNG stream.
+        seeds = torch.Generator().manual_seed(data.seed * 1_000_003 + epoch)
+        yield from DataLoader(
+            data,
+            batch_sampler=order,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=seeds,
+        )
+        epoch, skip = epoch + 1, 0
+
+
+def to_hints(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask hint {0,1} x3 channels and image hint in [0,1], as the ControlNet expects."""
+    mask_hint = batch["mask"].repeat(1, 3, 1, 1)
+    image_hint = (batch["image"] + 1) / 2
+    return mask_hint, image_hint
+
+
+@torch.no_grad()
+def write_samples(
+    model: SiameseDiffusion,
+    autoencoder: LatentAutoencoder,
+    batch: dict,
+    cfg: DictConfig,
+    path: Path,
+) -> None:
+    """Sample grid (mask | real | synthetic) from Mask-Diffusion alone, fixed seeds."""
+    mask_hint, _ = to_hints(batch)
+    count = mask_hint.shape[0]
+    text = model.text([cfg.backbone.prompt] * count)
+    uncond = model.text([""] * count)
+    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(count)]
+    latents = ddim_sample(
+        model,
+        mask_hint,
+        text,
+        uncond,
+        steps=cfg.train.sample_steps,
+        guidance=cfg.train.guidance,
+        generator=generators,
+    )
+    synthetic = autoencoder.decode(latents)
+    save_sample_grid(path, batch["mask"], batch["image"], synthetic)
+
+
+def weights_fingerprint(parameters: list[torch.nn.Parameter]) -> int:
+    """A 63-bit hash of the exact bytes of `parameters` (equal iff the weights are equal)."""
+    digest = hashlib.sha256()
+    for parameter in parameters:
+        data = parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(data.numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+def check_ranks_in_sync(accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """DDP must leave every rank with the same weights; a silent divergence would corrupt
+    every later checkpoint, so it is checked once at the end of training."""
+    mine = torch.tensor([weights_fingerprint(parameters)], device=accelerator.device)
+    every = accelerator.gather(mine)
+    if not bool((every == mine).all()):
+        raise SiamdiffError(f"ranks ended with different weights (fingerprints {every.tolist()})")
+    accelerator.print(f"weights identical on all {accelerator.num_processes} ranks")
+
+
+def train(cfg: DictConfig, resume: bool = False) -> Path:
+    """Train one run described by `cfg` (see config/base.yaml); returns the run directory."""
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise SiamdiffError(
+            "data.root is not set: pass data.root=DIR (a `siamdiff prepare` output)"
+        )
+    run_dir = Path(cfg.run_dir)
+    if not resume and checkpoints(run_dir):
+        raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(cfg.seed + accelerator.process_index)
+    device = accelerator.device
+
+    # ---- data -------------------------------------------------------------------------
+    root = Path(cfg.data.root)
+    if cfg.data.verify and accelerator.is_main_process:
+        report = verify(root)
+        if not report.ok:
+            bad = (report.changed + report.missing + report.extra)[0]
+            raise SiamdiffError(
+                f"dataset does not verify ({len(report.changed)} changed, {len(report.missing)} "
+                f"missing, {len(report.extra)} extra, e.g. {bad}); fix it or set data.verify=false",
+                root,
+            )
+    transform_cfg = TransformConfig.from_dict(OmegaConf.to_container(cfg.data.transforms))
+    dataset = PairedDataset(
+        root, split=cfg.data.split, transform=build_transforms(transform_cfg, True)
+    )
+    sampler = BalancedBatchSampler(
+        dataset.coverages,
+        cfg.train.batch_size,
+        fg_ratio=tuple(cfg.data.balanced.fg_ratio) if cfg.data.balanced.enabled else (1, 0),
+        seed=cfg.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    seeded = SeededAugmentation(dataset, cfg.seed)
+    preview = next(
+        iter(
+            DataLoader(
+                PairedDataset(
+                    root, split=cfg.data.split, transform=build_transforms(transform_cfg, False)
+                ),
+                batch_size=cfg.train.sample_count,
+                shuffle=False,
+            )
+        )
+    )
+
+    # ---- model ------------------------------------------------------------------------
+    autoencoder = load_autoencoder(OmegaConf.to_container(cfg.autoencoder)).to(device)
+    backbone = build_backbone(OmegaConf.to_container(cfg.backbone), autoencoder.latent_channels)
+    if cfg.train.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+        backbone.controlnet.enable_gradient_checkpointing()
+    train_encoder = cfg.model.train_unet_encoder
+    if train_encoder == "auto":  # a random UNet encoder has nothing worth freezing
+        train_encoder = cfg.backbone.kind != "sd15"
+    trainable = freeze_for_training(backbone, train_unet_encoder=bool(train_encoder))
+    model = SiameseDiffusion(
+        backbone, mode=cfg.model.mode, aug_t_max=cfg.model.aug_t_max, aug_start=cfg.model.aug_start
+    )
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",
+    )
+    lr_schedule = get_cosine_schedule_with_warmup(
+        optimizer, cfg.optim.warmup_steps, cfg.train.max_steps
+    )
+    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    core: SiameseDiffusion = accelerator.unwrap_model(model)
+
+    # ---- run directory, resume ----------------------------------------------------------
+    step = 0
+    if resume and checkpoints(run_dir):
+        last = checkpoints(run_dir)[-1]
+        accelerator.load_state(str(last))
+        step = json.loads((last / "trainer_state.json").read_text())["step"]
+        accelerator.print(f"resumed from {last} at step {step}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        accelerator.init_trackers("siamdiff")
+    log_path = run_dir / "losses.jsonl"
+
+    # ---- loop -------------------------------------------------------------------------
+    stream = batches(
+        seeded,
+        sampler,
+        start=step * cfg.optim.grad_accum,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    progress = tqdm(
+        total=cfg.train.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    seen, nonfinite, started = 0, 0, time.perf_counter()
+    try:
+        while step < cfg.train.max_steps:
+            batch = next(stream)
+            with accelerator.accumulate(model):
+                images = batch["image"].to(device, non_blocking=True)
+                batch["mask"] = batch["mask"].to(device, non_blocking=True)
+                mask_hint, image_hint = to_hints({"image": images, "mask": batch["mask"]})
+                with torch.no_grad():
+                    z0 = autoencoder.encode(images)
+                keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
+                prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
+                warm = min(1.0, step / max(1, cfg.model.consistency_warmup_steps))
+                with accelerator.autocast():
+                    terms = model(
+                        z0,
+                        mask_hint,
+                        image_hint,
+                        core.text(prompts),
+                        progress=step / cfg.train.max_steps,
+                        consistency_weight=cfg.model.consistency_weight * warm,
+                    )
+                # Every rank must agree to skip, or DDP's all-reduce would hang.
+                finite = accelerator.gather(torch.isfinite(terms["loss"].detach()).reshape(1))
+                if not finite.all():
+                    nonfinite += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if nonfinite >= cfg.train.max_nonfinite:
+                        raise SiamdiffError(
+                            f"loss was NaN/Inf {nonfinite} times in a row at step {step}; the last "
+                            "good checkpoint is kept (try a lower optim.lr)",
+                            run_dir,
+                        )
+                    continue
+                nonfinite = 0
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key in LOSS_KEYS:
+                sums[key] += terms[key].detach().float().item()
+            seen += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr_schedule.step()
+            step += 1
+            progress.update(1)
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                means = {k: v / seen for k, v in sums.items()}
+                means["lr"] = lr_schedule.get_last_lr()[0]
+                means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
+                accelerator.log(
+                    {f"loss/{k}": means[k] for k in LOSS_KEYS} | {"lr": means["lr"]}, step=step
+                )
+                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+                if accelerator.is_main_process:
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"step": step, **means}) + "\n")
+                sums = dict.fromkeys(LOSS_KEYS, 0.0)
+                seen, started = 0, time.perf_counter()
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
+            if accelerator.is_main_process and (
+                step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
+            ):
+                write_samples(
+                    core, autoencoder, preview, cfg, run_dir / "samples" / f"step-{step:08d}.png"
+                )
+    except KeyboardInterrupt:
+        progress.close()
+        if step > 0:
+            accelerator.print(f"interrupted: saving a checkpoint at step {step}")
+            save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
+        raise
+    progress.close()
+    if accelerator.num_processes > 1:
+        check_ranks_in_sync(accelerator, trainable)
+    if accelerator.is_main_process:
+        save_loss_curve(log_path, run_dir / "loss_curve.png")
+    accelerator.end_training()
+    return run_dir

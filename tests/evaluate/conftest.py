@@ -1,0 +1,93 @@
+"""Tiny real-like and synthetic datasets for the evaluation tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from siamdiff.atomic import atomic_save_png
+from siamdiff.data.manifest import Manifest, Record, load_manifest, sha256_bytes, write_manifest
+from siamdiff.data.phantom import make_phantom_dataset
+from siamdiff.data.prepare import prepare
+from siamdiff.data.readers import load_mask, load_rgb
+
+SIZE = 64
+
+
+def make_synthetic(
+    real_root: Path, out: Path, per_mask: int = 2, noise: float = 0.0, seed: int = 0
+) -> Path:
+    """A fake ``siamdiff sample`` output: ``per_mask`` copies of each real training image
+    with Gaussian pixel noise of std ``noise`` (in 0..255 units), conditioned on its mask."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for source in load_manifest(real_root).split("train"):
+        mask = load_mask(real_root / source.mask).astype(np.uint8) * 255
+        clean = load_rgb(real_root / source.image).astype(np.float64)
+        for k in range(per_mask):
+            image = np.clip(clean + rng.normal(0.0, noise, clean.shape), 0, 255).round()
+            name = f"syn-{source.group}-{source.frame}{k}"
+            image_bytes = atomic_save_png(out / f"{name}.png", image.astype(np.uint8))
+            mask_bytes = atomic_save_png(out / f"{name}_mask.png", mask)
+            records.append(
+                Record(
+                    id=name,
+                    image=f"{name}.png",
+                    mask=f"{name}_mask.png",
+                    image_sha256=sha256_bytes(image_bytes),
+                    mask_sha256=sha256_bytes(mask_bytes),
+                    dataset="syn",
+                    group=source.group,
+                    frame=f"{source.frame}{k}",
+                    split="train",
+                    coverage=source.coverage,
+                    width=source.width,
+                    height=source.height,
+                    extra={"source_id": source.id, "seed": k, "sampler": {"name": "copy"}},
+                )
+            )
+    write_manifest(out, Manifest(records=records, preprocessing={}, kind="synthetic"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 phantom frames at 64 px, one group each: 18 train, 3 val, 3 test."""
+    base = tmp_path_factory.mktemp("real")
+    raw = make_phantom_dataset(base / "raw", n=24, size=SIZE, groups=24, seed=0)
+    prepare([("folder", raw)], base / "data", size=SIZE, workers=1, progress=False)
+    return base / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two lightly noised copies of every real training frame."""
+    return make_synthetic(real_root, tmp_path_factory.mktemp("syn") / "syn", noise=8.0)
+
+
+@pytest.fixture(scope="session")
+def copies(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One exact copy of every real training frame."""
+    return make_synthetic(real_root, tmp_path_factory.mktemp("copies") / "syn", per_mask=1)
+
+
+@pytest.fixture(autouse=True)
+def few_threads() -> Iterator[None]:
+    """Two intra-op threads at most: tests share a 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(2, previous))
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def segmenter_dir(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net trained for 2 epochs on the 18 real training frames."""
+    from siamdiff.evaluate.segmenter import train_segmenter
+
+    out = tmp_path_factory.mktemp("segmenter") / "seg"
+    return train_segmenter(real_root, out, size=SIZE, epochs=2, batch_size=4, progress=False)

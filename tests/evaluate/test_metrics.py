@@ -1,0 +1,193 @@
+"""metrics.json end to end on phantom data, its parts, the CLI table and the HTML report."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from siamdiff.data.manifest import Record
+from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate.features import extract_features, frechet_distance
+from siamdiff.evaluate.metrics import (
+    HISTOGRAM_NAME,
+    colour_statistics,
+    evaluate,
+    format_metrics,
+    ms_ssim_betas,
+    same_mask_groups,
+    write_evaluation_report,
+)
+from siamdiff.evaluate.segmenter import (
+    Segmenter,
+    SegmenterSpec,
+    frames,
+    load_segmenter,
+    score_segmenter,
+    train_segmenter,
+)
+
+from .conftest import SIZE, make_synthetic
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def record(id_: str, source: str | None) -> Record:
+    extra = {} if source is None else {"source_id": source}
+    return Record(id_, "i.png", "m.png", "", "", "syn", "g", "f", "train", 0.1, 8, 8, extra=extra)
+
+
+def test_same_mask_groups_keeps_masks_with_two_or_more_samples() -> None:
+    records = [record("a", "x"), record("b", "y"), record("c", "x"), record("d", None)]
+    records += [record("e", "z"), record("f", "z"), record("g", "x")]
+    assert same_mask_groups(records) == [[0, 2, 6], [4, 5]]
+
+
+@pytest.mark.parametrize(("size", "scales"), [(16, 2), (64, 3), (128, 4), (256, 5), (512, 5)])
+def test_ms_ssim_uses_the_scales_an_image_allows(size: int, scales: int) -> None:
+    betas = ms_ssim_betas(size)
+    assert len(betas) == scales and sum(betas) == pytest.approx(1.0)
+
+
+def test_fd_seg_plumbing_with_a_random_weight_segmenter(real_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    segmenter = Segmenter(SegmenterSpec(size=SIZE).build(), SegmenterSpec(size=SIZE), "cpu")
+    real = extract_features(segmenter.features, frames(real_root, "train", SIZE))
+    assert real.shape == (18, 512)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-9)
+    distances = []
+    for noise in (5.0, 20.0, 60.0):
+        root = make_synthetic(real_root, tmp_path / f"noise{noise:g}", per_mask=1, noise=noise)
+        noisy = extract_features(segmenter.features, frames(root, None, SIZE))
+        distances.append(frechet_distance(real, noisy))
+    assert 0 < distances[0] < distances[1] < distances[2]
+
+
+def test_colour_statistics(real_root: Path, copies: Path, tmp_path: Path) -> None:
+    real = frames(real_root, "train", SIZE)
+    same = colour_statistics(real, frames(copies, None, SIZE))
+    assert same["wasserstein_rgb"] == [0.0, 0.0, 0.0] and same["histogram_js"] == 0.0
+    assert same["real"] == same["synthetic"]
+    noisy = make_synthetic(real_root, tmp_path / "noisy", per_mask=1, noise=30.0)
+    different = colour_statistics(real, frames(noisy, None, SIZE))
+    assert all(w > 1.0 for w in different["wasserstein_rgb"])
+    assert 0.0 < different["histogram_js"] <= 1.0
+    # Zero-mean noise keeps the means (up to clipping) and widens the spread.
+    np.testing.assert_allclose(different["synthetic"]["mean"], same["real"]["mean"], atol=3.0)
+    assert all(
+        s > r for s, r in zip(different["synthetic"]["std"], same["real"]["std"], strict=True)
+    )
+
+
+@pytest.fixture(scope="session")
+def evaluated(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path_factory: Any
+) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("eval") / "metrics.json"
+    metrics = evaluate(
+        real_root, synthetic_root, out, segmenter_dir=segmenter_dir, kid_subsets=10, progress=False
+    )
+    return metrics, out
+
+
+def test_evaluate_writes_every_metric(
+    evaluated: tuple[dict[str, Any], Path], synthetic_root: Path
+) -> None:
+    metrics, out = evaluated
+    assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["synthetic"] == {"root": str(synthetic_root), "images": 36, "masks": 18}
+    assert metrics["segmenter"]["trained_on_this_real_train_split"] is True
+    assert metrics["warnings"] == []
+    assert metrics["fd_seg"]["value"] > 0 and metrics["fd_seg"]["features"] == 512
+    assert metrics["fd_seg"]["reference_real_test"] > 0
+    assert metrics["kid_seg"]["subset_size"] == 18
+    fidelity = metrics["mask_fidelity"]
+    assert len(fidelity["per_image"]) == 36 and fidelity["images"] == 36
+    dice = [v["dice"] for v in fidelity["per_image"].values()]
+    assert fidelity["mdice"] == pytest.approx(np.mean(dice), abs=1e-6)
+    assert metrics["segmenter"]["real_test"]["images"] == 3
+    assert metrics["diversity"]["ms_ssim"]["pairs"] == 18
+    assert 0 < metrics["diversity"]["ms_ssim"]["mean"] < 1
+    assert metrics["utility"] == {"available": False, "reason": "not requested"}
+    for name in ("inception_fid", "inception_kid", "clip_i", "cmmd"):
+        assert metrics["standard"][name]["available"] is False
+
+
+def test_mask_fidelity_of_exact_copies_is_the_segmenters_score_on_the_originals(
+    real_root: Path, copies: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    metrics = evaluate(
+        real_root, copies, tmp_path / "m.json", segmenter_dir=segmenter_dir, progress=False
+    )
+    on_real = score_segmenter(load_segmenter(segmenter_dir), frames(real_root, "train", SIZE))
+    assert metrics["mask_fidelity"]["mdice"] == pytest.approx(on_real.summary()["mdice"])
+    assert metrics["fd_seg"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["pixel_stats"]["wasserstein_rgb"] == [0.0, 0.0, 0.0]
+    reason = metrics["diversity"]["ms_ssim"]["reason"]
+    assert metrics["diversity"]["ms_ssim"]["available"] is False and "--per-mask" in reason
+
+
+def test_evaluate_refuses_bad_inputs(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "metrics.json"
+    with pytest.raises(SiamdiffError, match="REAL must be a real dataset"):
+        evaluate(synthetic_root, real_root, out, segmenter_dir=segmenter_dir, progress=False)
+    mixed = train_segmenter(
+        real_root,
+        tmp_path / "mixed",
+        size=32,
+        epochs=1,
+        extra_roots=(synthetic_root,),
+        progress=False,
+    )
+    with pytest.raises(SiamdiffError, match="trained on the real training split only"):
+        evaluate(real_root, synthetic_root, out, segmenter_dir=mixed, progress=False)
+    assert not out.exists()
+
+
+def test_format_metrics_shows_values_and_reasons(evaluated: tuple[dict[str, Any], Path]) -> None:
+    metrics, _ = evaluated
+    text = format_metrics(metrics)
+    fd = metrics["fd_seg"]["value"]
+    assert re.search(rf"^FD-seg \(lower is better\) +{fd:.3f}$", text, re.MULTILINE)
+    assert "Inception FID" in text and "n/a (FID Inception-V3 weights not found" in text
+    assert "Segmentation utility" in text and "n/a (not requested)" in text
+    utility = {
+        "available": True,
+        "archs": {
+            "unet": {
+                "real": {"mdice": {"mean": 0.5, "std": 0.01}, "miou": {"mean": 0.4, "std": 0.02}},
+                "real+syn": {"mdice": {"mean": 0.6, "std": 0.0}, "miou": {"mean": 0.5, "std": 0}},
+                "gain_mdice": 0.1,
+                "gain_miou": 0.1,
+            }
+        },
+    }
+    text = format_metrics({**metrics, "utility": utility})
+    assert "real 0.500 ± 0.010, real+syn 0.600 ± 0.000, gain +0.100" in text
+
+
+def test_report_is_self_contained_and_escaped(
+    evaluated: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    metrics, _ = evaluated
+    metrics = {**metrics, "real": {**metrics["real"], "root": "<script>alert(1)</script>"}}
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    for name in ("loss_curve.png", "samples/step_000100.png", "samples/step_000200.png"):
+        (run / name).write_bytes(PNG + name.encode())
+    report = write_evaluation_report(metrics, tmp_path / "report", run_dir=run)
+    page = report.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    embedded = [base64.b64decode(b) for b in re.findall(r"base64,([A-Za-z0-9+/=]+)", page)]
+    assert embedded[0] == (tmp_path / "report" / HISTOGRAM_NAME).read_bytes()
+    assert embedded[0].startswith(PNG)
+    assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step_000200.png"]
+    assert "Samples (step_000200.png)" in page

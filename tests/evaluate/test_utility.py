@@ -1,0 +1,65 @@
+"""Segmentation utility: real vs real + synthetic, several architectures and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate.utility import mean_std, segmentation_utility
+
+
+def test_mean_std_uses_the_sample_std() -> None:
+    assert mean_std([0.5, 0.7, 0.9]) == {
+        "mean": pytest.approx(0.7),
+        "std": pytest.approx(0.2),
+        "per_seed": [0.5, 0.7, 0.9],
+    }
+    assert mean_std([0.4])["std"] == 0.0
+
+
+def test_utility_trains_each_arch_and_seed_on_both_sets(
+    real_root: Path, synthetic_root: Path
+) -> None:
+    result = segmentation_utility(
+        real_root,
+        synthetic_root,
+        archs=("unet", "fpn"),
+        seeds=(0, 1),
+        epochs=1,
+        size=32,
+        batch_size=6,
+        progress=False,
+    )
+    assert result["protocol"]["test_images"] == 3
+    assert result["protocol"]["encoder_weights"] is None
+    assert set(result["archs"]) == {"unet", "fpn"}
+    for per_arch in result["archs"].values():
+        assert per_arch["real"]["train_images"] == 18
+        assert per_arch["real+syn"]["train_images"] == 18 + 36
+        for setting in ("real", "real+syn"):
+            for metric in ("mdice", "miou"):
+                values = per_arch[setting][metric]["per_seed"]
+                assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+                assert per_arch[setting][metric]["mean"] == pytest.approx(np.mean(values))
+        gain = per_arch["real+syn"]["mdice"]["mean"] - per_arch["real"]["mdice"]["mean"]
+        assert per_arch["gain_mdice"] == pytest.approx(gain)
+    # IoU never exceeds Dice, per image and so on average.
+    unet = result["archs"]["unet"]["real+syn"]
+    assert all(
+        i <= d for i, d in zip(unet["miou"]["per_seed"], unet["mdice"]["per_seed"], strict=True)
+    )
+
+
+def test_real_only_baseline_has_no_gain(real_root: Path) -> None:
+    result = segmentation_utility(
+        real_root, None, archs=("unet",), seeds=(0,), epochs=1, size=32, progress=False
+    )
+    assert set(result["archs"]["unet"]) == {"real"}
+
+
+def test_utility_needs_a_test_split(synthetic_root: Path) -> None:
+    with pytest.raises(SiamdiffError, match="no test split"):
+        segmentation_utility(synthetic_root, None, epochs=1, size=32, progress=False)

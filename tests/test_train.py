@@ -1,0 +1,177 @@
+"""Training on the tiny backbone over phantom data: real steps, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from siamdiff.config import load_config
+from siamdiff.data.phantom import make_phantom_dataset
+from siamdiff.data.prepare import prepare
+from siamdiff.errors import SiamdiffError
+from siamdiff.report import read_loss_log
+from siamdiff.train import SeededAugmentation, checkpoints, train
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    raw = make_phantom_dataset(root / "raw", n=24, size=64, groups=6, seed=1)
+    prepare([("folder", raw)], root / "data", size=SIZE, workers=1, progress=False)
+    return root / "data"
+
+
+def tiny_config(data: Path, run_dir: Path, *overrides: str):
+    return load_config(
+        "tiny",
+        [
+            f"data.root={data}",
+            f"run_dir={run_dir}",
+            f"data.transforms.size={SIZE}",
+            "train.batch_size=2",
+            "train.sample_count=2",
+            "train.sample_steps=2",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def test_run_directory_holds_everything_a_user_looks_at(phantom_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    train(
+        tiny_config(
+            phantom_data,
+            run,
+            "train.max_steps=4",
+            "train.checkpoint_every=1",
+            "train.keep_last=2",
+            "train.sample_every=2",
+        )
+    )
+    assert [p.name for p in checkpoints(run)] == ["step-00000003", "step-00000004"]
+    assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text()) == {"step": 4}
+    assert load_config(run / "config.yaml").train.max_steps == 4
+    rows = read_loss_log(run / "losses.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) >= {"loss", "mask", "image", "consistency", "augment", "lr"}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-00000002.png",
+        "step-00000004.png",
+    ]
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_existing_run_needs_resume(phantom_data: Path, tmp_path: Path):
+    cfg = tiny_config(phantom_data, tmp_path / "run", "train.max_steps=1")
+    train(cfg)
+    with pytest.raises(SiamdiffError, match="--resume"):
+        train(cfg)
+
+
+def test_interrupted_run_resumes_to_bit_identical_weights(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    overrides = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100")
+    straight = tmp_path / "straight"
+    train(tiny_config(phantom_data, straight, *overrides))
+
+    # Ctrl-C while the batch for step 3 loads: a checkpoint at step 2 is written, then resume.
+    calls = {"n": 0}
+    original = SeededAugmentation.__getitem__
+
+    def interrupt_at_step_three(self, index):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(SeededAugmentation, "__getitem__", interrupt_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(phantom_data, broken, *overrides))
+    monkeypatch.setattr(SeededAugmentation, "__getitem__", original)
+    assert [p.name for p in checkpoints(broken)] == ["step-00000002"]
+    train(tiny_config(phantom_data, broken, *overrides), resume=True)
+
+    a, b = final_weights(straight), final_weights(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_loss_log(broken / "losses.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_partial_checkpoint_is_never_resumed_from(phantom_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=2", "train.checkpoint_every=1"))
+    # A kill during save leaves only a ".partial" directory: resume must ignore it.
+    (run / "checkpoints" / "step-00000009.partial").mkdir()
+    assert checkpoints(run)[-1].name == "step-00000002"
+
+
+def test_training_refuses_a_dataset_that_does_not_verify(phantom_data: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for item in phantom_data.iterdir():
+        (data / item.name).write_bytes(item.read_bytes())
+    victim = next(data.glob("*_mask.png"))
+    raw = bytearray(victim.read_bytes())
+    raw[-20] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(SiamdiffError, match="does not verify"):
+        train(tiny_config(data, tmp_path / "run", "train.max_steps=1"))
+    train(tiny_config(data, tmp_path / "run", "train.max_steps=1", "data.verify=false"))
+
+
+def test_frozen_weights_stay_and_trainable_ones_move(phantom_data: Path, tmp_path: Path):
+    sd15_like = ("train.max_steps=3", "model.train_unet_encoder=false", "train.checkpoint_every=1")
+    run = tmp_path / "run"
+    train(tiny_config(phantom_data, run, *sd15_like, "train.keep_last=3"))
+    first, last = (load_file(p / "model.safetensors") for p in checkpoints(run)[::2])
+    frozen = [k for k in first if k.startswith(("unet.down_blocks", "unet.mid_block"))]
+    moving = [k for k in first if k.startswith(("unet.up_blocks", "controlnet."))]
+    assert frozen and moving
+    assert all(torch.equal(first[k], last[k]) for k in frozen)
+    assert sum(not torch.equal(first[k], last[k]) for k in moving) > len(moving) // 2
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: Path):
+    run = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "siamdiff",
+        "train",
+        "tiny",
+        f"data.root={phantom_data}",
+        f"run_dir={run}",
+        f"data.transforms.size={SIZE}",
+        "train.batch_size=2",
+        "train.max_steps=3",
+        "train.sample_steps=2",
+        "train.sample_count=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in done.stdout + done.stderr
+    assert checkpoints(run)[-1].name == "step-00000003"
