@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from siamdiff.data.phantom import make_phantom_dataset
+from siamdiff.data.prepare import prepare
+from tests.helpers import PHANTOM_SIZE
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIAMDIFF_SHARED", REPO.parent / "shared"))
 
@@ -35,3 +39,12 @@ def shared_weights() -> Path:
     if not (path / "taef2" / "taef2_encoder.pth").is_file():
         pytest.skip(f"pretrained weights not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared phantom dataset (24 pairs, 6 groups) at the tiny runs' resolution."""
+    root = tmp_path_factory.mktemp("phantom")
+    raw = make_phantom_dataset(root / "raw", n=24, size=64, groups=6, seed=1)
+    prepare([("folder", raw)], root / "data", size=PHANTOM_SIZE, workers=1, progress=False)
+    return root / "data"

@@ -13,37 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from siamdiff.config import load_config
-from siamdiff.data.phantom import make_phantom_dataset
-from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
 from siamdiff.report import read_loss_log
 from siamdiff.train import SeededAugmentation, checkpoints, train
-
-SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def phantom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    raw = make_phantom_dataset(root / "raw", n=24, size=64, groups=6, seed=1)
-    prepare([("folder", raw)], root / "data", size=SIZE, workers=1, progress=False)
-    return root / "data"
-
-
-def tiny_config(data: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        "tiny",
-        [
-            f"data.root={data}",
-            f"run_dir={run_dir}",
-            f"data.transforms.size={SIZE}",
-            "train.batch_size=2",
-            "train.sample_count=2",
-            "train.sample_steps=2",
-            "train.log_every=1",
-            *overrides,
-        ],
-    )
+from tests.helpers import PHANTOM_SIZE, tiny_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +137,7 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
         "tiny",
         f"data.root={phantom_data}",
         f"run_dir={run}",
-        f"data.transforms.size={SIZE}",
+        f"data.transforms.size={PHANTOM_SIZE}",
         "train.batch_size=2",
         "train.max_steps=3",
         "train.sample_steps=2",
@@ -175,3 +148,25 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stdout + done.stderr
     assert checkpoints(run)[-1].name == "step-00000003"
+
+
+@pytest.mark.slow
+def test_two_hundred_tiny_steps_lower_the_loss(phantom_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    train(
+        tiny_config(
+            phantom_data,
+            run,
+            "train.max_steps=200",
+            "train.batch_size=4",
+            "train.log_every=20",
+            "train.checkpoint_every=200",
+            "train.sample_every=200",
+        )
+    )
+    rows = read_loss_log(run / "losses.jsonl")
+    assert len(rows) == 10
+    # Means over 20 steps each: the first window against the last two.
+    first, last = rows[0]["mask"], (rows[-1]["mask"] + rows[-2]["mask"]) / 2
+    assert last < 0.8 * first, [round(r["mask"], 3) for r in rows]
+    assert rows[-1]["loss"] < rows[0]["loss"]

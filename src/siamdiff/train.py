@@ -37,8 +37,9 @@ from siamdiff.data.manifest import verify
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
-from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
-from siamdiff.models.backbone import build_backbone, freeze_for_training
+from siamdiff.export import build_model
+from siamdiff.models.autoencoder import LatentAutoencoder
+from siamdiff.models.backbone import freeze_for_training
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import save_loss_curve, save_sample_grid
 from siamdiff.sample import ddim_sample
@@ -238,8 +239,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     )
 
     # ---- model ------------------------------------------------------------------------
-    autoencoder = load_autoencoder(OmegaConf.to_container(cfg.autoencoder)).to(device)
-    backbone = build_backbone(OmegaConf.to_container(cfg.backbone), autoencoder.latent_channels)
+    model, autoencoder, backbone = build_model(cfg)
+    autoencoder.to(device)
     if cfg.train.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
         backbone.controlnet.enable_gradient_checkpointing()
@@ -247,9 +248,6 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if train_encoder == "auto":  # a random UNet encoder has nothing worth freezing
         train_encoder = cfg.backbone.kind != "sd15"
     trainable = freeze_for_training(backbone, train_unet_encoder=bool(train_encoder))
-    model = SiameseDiffusion(
-        backbone, mode=cfg.model.mode, aug_t_max=cfg.model.aug_t_max, aug_start=cfg.model.aug_start
-    )
     optimizer = torch.optim.AdamW(
         trainable,
         lr=cfg.optim.lr,

@@ -217,17 +217,42 @@ def test_load_autoencoder_errors(tmp_path: Path, cfg: dict, message: str):
     assert "\n" not in str(info.value)
 
 
-def test_pixel_shuffle_autoencoder_is_exact_and_weight_free() -> None:
-    autoencoder = load_autoencoder({"kind": "pixel-shuffle"})
-    images = torch.rand(2, 3, 64, 48) * 2 - 1
-    latents = autoencoder.encode(images)
-    assert latents.shape == (2, 192, 8, 6)
-    assert autoencoder.latent_channels == 192 and autoencoder.downscale == 8
-    assert torch.equal(latents[0, ::64, 0, 0], images[0, :, 0, 0] * 2)  # channel-major patches
-    torch.testing.assert_close(autoencoder.decode(latents), images)
+def test_dct_autoencoder_is_weight_free_and_projects_exactly() -> None:
+    autoencoder = load_autoencoder({"kind": "dct"})
     assert not list(autoencoder.parameters())
-    assert autoencoder.identity == load_autoencoder({"kind": "pixel-shuffle"}).identity
-    assert (
-        autoencoder.identity
-        != load_autoencoder({"kind": "pixel-shuffle", "scaling_factor": 1.0}).identity
+    assert autoencoder.latent_channels == 16 and autoencoder.downscale == 8
+    images = torch.rand(2, 3, 64, 48) * 1.6 - 0.8
+    latents = autoencoder.encode(images)
+    assert latents.shape == (2, 16, 8, 6)
+    # Decoding is an orthogonal projection onto the kept coefficients: re-encoding is exact.
+    torch.testing.assert_close(
+        autoencoder.encode(autoencoder.decode(latents)), latents, atol=1e-4, rtol=1e-4
     )
+    # A block-constant image has only DC coefficients, which are kept: exact reconstruction.
+    flat = torch.rand(1, 3, 2, 2).repeat_interleave(8, 2).repeat_interleave(8, 3) - 0.5
+    torch.testing.assert_close(
+        autoencoder.decode(autoencoder.encode(flat)), flat, atol=1e-5, rtol=1e-5
+    )
+    assert autoencoder.identity == load_autoencoder({"kind": "dct"}).identity
+    assert autoencoder.identity != load_autoencoder({"kind": "dct", "scaling_factor": 2}).identity
+
+
+def test_dct_autoencoder_on_real_frames(shared_data: Path) -> None:
+    autoencoder = load_autoencoder({"kind": "dct"})
+    frames = sorted((shared_data / "Kvasir-SEG" / "images").glob("*.jpg"))[10:14]
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(Image.open(f).convert("RGB").resize((256, 256)))
+                ).permute(2, 0, 1)
+                for f in frames
+            ]
+        ).float()
+        / 127.5
+        - 1
+    )
+    latents = autoencoder.encode(images)
+    assert 0.5 < latents.std().item() < 1.5  # standardised coefficients
+    mse = ((autoencoder.decode(latents) - images) ** 2).mean(dim=(1, 2, 3))
+    assert (10 * torch.log10(4 / mse)).mean() > 26  # a blurry but faithful JPEG-like copy

@@ -12,6 +12,7 @@ one of the replication's failure causes (tests/models/test_autoencoder.py).
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,9 +32,21 @@ TAEF2_LATENT_CHANNELS = 32
 # -0.006 and std 0.804 over all channels and positions (per-channel std 0.55..1.08;
 # reconstruction PSNR 34.5 dB mean), so 1 / 0.804 ~= 1.24 gives ~unit std.
 TAEF2_SCALING_FACTOR = 1.24
-# Polyp frames in [-1, 1] have pixel std ~0.52 (40 frames of Kvasir-SEG + CVC-ClinicDB), so
-# x2 brings pixel-shuffle latents to ~unit std, like the learned autoencoders' latents.
-PIXEL_SHUFFLE_SCALING_FACTOR = 2.0
+DCT_SCALING_FACTOR = 1.0
+# JPEG's (BT.601, full range) RGB -> YCbCr; on [-1, 1] inputs, so no offsets.
+RGB_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+)
+# Mean and std of each kept DCT coefficient (luma 10, Cb 3, Cr 3) over 64 polyp frames of
+# Kvasir-SEG + CVC-ClinicDB at 256 px: standardising by them gives ~unit-std latents.
+DCT_COEFFICIENT_MEAN = torch.tensor(
+    [-2.179, 0.0, -0.013, -0.004, 0.0, 0.008, -0.002, 0.0, 0.001, 0.008,
+     -1.234, 0.0, 0.003, 1.725, -0.002, -0.003]
+)  # fmt: skip
+DCT_COEFFICIENT_STD = torch.tensor(
+    [3.63, 0.543, 0.432, 0.233, 0.234, 0.199, 0.165, 0.173, 0.145, 0.15,
+     0.848, 0.125, 0.104, 1.193, 0.172, 0.143]
+)  # fmt: skip
 
 
 # --- TAEF2 ------------------------------------------------------------------
@@ -318,31 +331,82 @@ class DiffusersTinyAutoencoder(LatentAutoencoder):
 # --- factory ----------------------------------------------------------------
 
 
-class PixelShuffleAutoencoder(LatentAutoencoder):
-    """Weight-free and exactly invertible: each 8x8 RGB patch becomes 192 channels.
+def _dct_basis(block: int, max_order: int) -> Tensor:
+    """Orthonormal 2-D DCT-II basis functions with u + v <= max_order, lowest first:
+    ``[k, block * block]`` (rows orthonormal)."""
+    x = torch.arange(block, dtype=torch.float64)
+    u = torch.arange(block, dtype=torch.float64)[:, None]
+    one_d = torch.cos((2 * x + 1) * u * math.pi / (2 * block)) * math.sqrt(2 / block)
+    one_d[0] /= math.sqrt(2)
+    orders = sorted((u + v, u, v) for u in range(block) for v in range(block) if u + v <= max_order)
+    return torch.stack([torch.outer(one_d[u], one_d[v]).flatten() for _, u, v in orders]).float()
 
-    The built-in default for CPU demos and tests: it needs no download, reconstructs
-    perfectly and keeps the f=8 latent grid the DHI and the UNet expect. It does no
-    perceptual compression, so real runs use TAEF2 or Stable Diffusion's VAE.
+
+class DCTAutoencoder(LatentAutoencoder):
+    """Weight-free, JPEG-like: YCbCr, 8x8 block DCT, the lowest-frequency coefficients kept.
+
+    Luma keeps the 10 coefficients with u + v <= 3, each chroma channel the 3 with u + v <= 1:
+    16 latent channels on the f=8 grid the DHI and UNet expect. It needs no download, so it is
+    the default for CPU demos and tests; decoding is blurry and blocky (a low-quality JPEG),
+    so real runs use TAEF2 or Stable Diffusion's VAE. (Raw 8x8 patches, 192 channels, are too
+    wide for a tiny UNet to learn eps-prediction in a few hundred steps.)
     """
 
-    kind = "pixel-shuffle"
+    kind = "dct"
+    block = 8
+    luma_order, chroma_order = 3, 1
 
-    def __init__(self, downscale: int = 8, scaling_factor: float = PIXEL_SHUFFLE_SCALING_FACTOR):
-        super().__init__(3 * downscale**2, downscale, scaling_factor)
-        # No weights, but encode/decode still need to know the device and dtype to use.
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+    def __init__(self, scaling_factor: float = DCT_SCALING_FACTOR) -> None:
+        luma = _dct_basis(self.block, self.luma_order)
+        chroma = _dct_basis(self.block, self.chroma_order)
+        super().__init__(len(luma) + 2 * len(chroma), self.block, scaling_factor)
+        self.register_buffer("luma", luma, persistent=False)
+        self.register_buffer("chroma", chroma, persistent=False)
+        self.register_buffer("rgb_to_ycbcr", RGB_TO_YCBCR.clone(), persistent=False)
+        self.register_buffer("coefficient_mean", DCT_COEFFICIENT_MEAN.clone(), persistent=False)
+        self.register_buffer("coefficient_std", DCT_COEFFICIENT_STD.clone(), persistent=False)
         self._freeze()
 
     @property
     def _param(self) -> Tensor:
-        return self.anchor
+        return self.luma
+
+    def _patches(self, planes: Tensor) -> Tensor:
+        """[B, H, W] -> [B, h, w, 64]"""
+        b, height, width = planes.shape
+        patches = planes.reshape(b, height // 8, 8, width // 8, 8).permute(0, 1, 3, 2, 4)
+        return patches.reshape(b, height // 8, width // 8, 64)
 
     def _encode_raw(self, images: Tensor) -> Tensor:
-        return nn.functional.pixel_unshuffle(images, self.downscale)
+        ycbcr = torch.einsum("ij,bjhw->bihw", self.rgb_to_ycbcr, images)
+        coefficients = [self._patches(ycbcr[:, 0]) @ self.luma.T] + [
+            self._patches(ycbcr[:, c]) @ self.chroma.T for c in (1, 2)
+        ]
+        latents = torch.cat(coefficients, dim=-1).permute(0, 3, 1, 2)
+        return (latents - self.coefficient_mean[:, None, None]) / self.coefficient_std[
+            :, None, None
+        ]
 
     def _decode_raw(self, latents: Tensor) -> Tensor:
-        return nn.functional.pixel_shuffle(latents, self.downscale)
+        standard = (
+            latents * self.coefficient_std[:, None, None] + self.coefficient_mean[:, None, None]
+        )
+        coefficients = standard.permute(0, 2, 3, 1)
+        k = len(self.luma)
+        planes = [coefficients[..., :k] @ self.luma] + [
+            coefficients[..., k + i * len(self.chroma) : k + (i + 1) * len(self.chroma)]
+            @ self.chroma
+            for i in range(2)
+        ]
+        b, h, w, _ = coefficients.shape
+        ycbcr = torch.stack(
+            [
+                p.reshape(b, h, w, 8, 8).permute(0, 1, 3, 2, 4).reshape(b, h * 8, w * 8)
+                for p in planes
+            ],
+            dim=1,
+        )
+        return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.rgb_to_ycbcr), ycbcr)
 
     def _encoder_modules(self) -> tuple[nn.Module, ...]:
         return ()
@@ -382,7 +446,7 @@ def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
 def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
     """Build the frozen autoencoder a config names.
 
-    ``cfg``: ``kind`` (taef2 | diffusers-kl | diffusers-tiny | random | pixel-shuffle), ``path``
+    ``cfg``: ``kind`` (taef2 | diffusers-kl | diffusers-tiny | random | dct), ``path``
     (directory or hub id; unused by random), ``subfolder`` (diffusers, optional),
     ``scaling_factor`` (optional override), ``seed`` (random only).
     """
@@ -391,16 +455,12 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
     scaling_factor = cfg.get("scaling_factor")
     if kind == "random":
         return DiffusersKLAutoencoder(random_kl_vae(int(cfg.get("seed") or 0)), scaling_factor)
-    if kind == "pixel-shuffle":
-        return PixelShuffleAutoencoder(
-            scaling_factor=PIXEL_SHUFFLE_SCALING_FACTOR
-            if scaling_factor is None
-            else scaling_factor
-        )
+    if kind == "dct":
+        return DCTAutoencoder(DCT_SCALING_FACTOR if scaling_factor is None else scaling_factor)
     if kind not in ("taef2", "diffusers-kl", "diffusers-tiny"):
         raise SiamdiffError(
             f"unknown autoencoder kind {kind!r} "
-            "(expected taef2, diffusers-kl, diffusers-tiny, random or pixel-shuffle)",
+            "(expected taef2, diffusers-kl, diffusers-tiny, random or dct)",
             "autoencoder.kind",
         )
     if not path:

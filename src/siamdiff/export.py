@@ -1,0 +1,201 @@
+"""Model directories: build a model from a config, export a run, load an export.
+
+An export is a diffusers-style directory that needs neither the run nor siamdiff's
+config files to be used::
+
+    OUT/
+      siamdiff.json          what this is: mode, prompt, resolution, autoencoder, source run
+      unet/                  UNet2DConditionModel.save_pretrained
+      controlnet/            DHIControlNetModel.save_pretrained (config + safetensors)
+      scheduler/             the training noise schedule (DDPMScheduler)
+      text/                  learned prompt embeddings, or CLIP text_encoder/ + tokenizer/
+
+The autoencoder is frozen and not trained, so it is referenced (config + identity), not
+copied; loading checks that the referenced weights are still the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from siamdiff import __version__
+from siamdiff.atomic import atomic_output_dir, atomic_write_json
+from siamdiff.config import load_config
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
+from siamdiff.models.backbone import (
+    Backbone,
+    ClipTextConditioner,
+    DHIControlNetModel,
+    LearnedTextConditioner,
+    TextConditioner,
+    build_backbone,
+)
+from siamdiff.models.siamese import SiameseDiffusion
+
+EXPORT_FORMAT = "siamdiff-export"
+EXPORT_VERSION = 1
+META_NAME = "siamdiff.json"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_model(cfg: DictConfig) -> tuple[SiameseDiffusion, LatentAutoencoder, Backbone]:
+    """The autoencoder, backbone and Siamese model a training config describes."""
+    autoencoder = load_autoencoder(_plain(cfg.autoencoder))
+    backbone = build_backbone(_plain(cfg.backbone), autoencoder.latent_channels)
+    model = SiameseDiffusion(
+        backbone, mode=cfg.model.mode, aug_t_max=cfg.model.aug_t_max, aug_start=cfg.model.aug_start
+    )
+    return model, autoencoder, backbone
+
+
+def _save_text(text: TextConditioner, directory: Path) -> dict[str, Any]:
+    directory.mkdir(parents=True)
+    if isinstance(text, LearnedTextConditioner):
+        save_file(
+            {"embeddings": text.embeddings.detach().cpu().contiguous()},
+            directory / "embeddings.safetensors",
+        )
+        return {"kind": "learned", "vocabulary": text.vocabulary}
+    if isinstance(text, ClipTextConditioner):
+        text.text_encoder.save_pretrained(directory / "text_encoder")
+        text.tokenizer.save_pretrained(directory / "tokenizer")
+        return {"kind": "clip"}
+    raise SiamdiffError(f"cannot export text conditioning of type {type(text).__name__}")
+
+
+def _load_text(directory: Path, meta: dict[str, Any]) -> TextConditioner:
+    if meta["kind"] == "clip":
+        return ClipTextConditioner.from_pretrained(directory)
+    embeddings = load_file(directory / "embeddings.safetensors")["embeddings"]
+    vocabulary = meta["vocabulary"]
+    text = LearnedTextConditioner(
+        [p for p in vocabulary if p], embeddings.shape[-1], embeddings.shape[1]
+    )
+    if text.vocabulary != vocabulary:
+        raise SiamdiffError("learned prompt vocabulary does not match its embeddings", directory)
+    text.embeddings.data.copy_(embeddings)
+    return text
+
+
+def save_model(
+    model: SiameseDiffusion,
+    cfg: DictConfig,
+    autoencoder: LatentAutoencoder,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as an export directory (atomically: all or nothing)."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.unet.save_pretrained(tmp / "unet")
+        model.controlnet.save_pretrained(tmp / "controlnet")
+        model.noise_scheduler.save_pretrained(tmp / "scheduler")
+        text_meta = _save_text(model.text, tmp / "text")
+        autoencoder_cfg = _plain(cfg.autoencoder)
+        if autoencoder_cfg.get("path"):
+            autoencoder_cfg["path"] = str(Path(autoencoder_cfg["path"]).resolve())
+        atomic_write_json(
+            tmp / META_NAME,
+            {
+                "format": EXPORT_FORMAT,
+                "format_version": EXPORT_VERSION,
+                "created_by": f"siamdiff {__version__}",
+                "mode": model.mode,
+                "prompt": cfg.backbone.prompt,
+                "resolution": cfg.data.transforms.size,
+                "text": text_meta,
+                "autoencoder": autoencoder_cfg,
+                "autoencoder_identity": autoencoder.identity,
+                **(extra or {}),
+            },
+        )
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: SiameseDiffusion
+    autoencoder: LatentAutoencoder
+    meta: dict[str, Any]
+
+    @property
+    def prompt(self) -> str:
+        return self.meta["prompt"]
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an export directory for sampling (eval mode, no gradients)."""
+    path = Path(path)
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise SiamdiffError(f"no {META_NAME}: not a siamdiff export (run `siamdiff export`)", path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SiamdiffError(f"cannot read ({exc})", meta_path) from exc
+    if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
+        raise SiamdiffError(f"unsupported export format {meta.get('format_version')!r}", meta_path)
+    autoencoder = load_autoencoder(meta["autoencoder"])
+    if autoencoder.identity != meta["autoencoder_identity"]:
+        raise SiamdiffError(
+            "the autoencoder weights differ from those the model was trained with",
+            meta["autoencoder"].get("path") or meta_path,
+        )
+    try:
+        backbone = Backbone(
+            unet=UNet2DConditionModel.from_pretrained(path / "unet"),
+            controlnet=DHIControlNetModel.from_pretrained(path / "controlnet"),
+            text=_load_text(path / "text", meta["text"]),
+            noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise SiamdiffError(f"incomplete export ({str(exc).splitlines()[0]})", path) from exc
+    model = SiameseDiffusion(backbone, mode=meta["mode"]).requires_grad_(False).eval()
+    return LoadedModel(model.to(device), autoencoder.to(device), meta)
+
+
+def export_run(
+    run: str | Path, out: str | Path, checkpoint: str | None = None, overwrite: bool = False
+) -> Path:
+    """Export one checkpoint (default: the newest) of a training run."""
+    from siamdiff.train import checkpoints  # the run layout belongs to train.py
+
+    run, out = Path(run), Path(out)
+    found = checkpoints(run)
+    if not found:
+        raise SiamdiffError("no checkpoints (is this a `siamdiff train` run directory?)", run)
+    chosen = found[-1] if checkpoint is None else run / "checkpoints" / checkpoint
+    if chosen not in found:
+        raise SiamdiffError(f"no complete checkpoint {checkpoint!r}", run / "checkpoints")
+    cfg = load_config(run / "config.yaml")
+    model, autoencoder, _ = build_model(cfg)
+    weights = load_file(chosen / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise SiamdiffError(
+            f"checkpoint does not match the run's config ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors)",
+            chosen / "model.safetensors",
+        )
+    step = json.loads((chosen / "trainer_state.json").read_text())["step"]
+    return save_model(
+        model,
+        cfg,
+        autoencoder,
+        out,
+        overwrite=overwrite,
+        extra={"source_run": str(run.resolve()), "step": step},
+    )

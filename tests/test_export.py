@@ -1,0 +1,85 @@
+"""Export a trained run to a diffusers-style directory and load it back for sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from siamdiff.cli import main
+from siamdiff.config import load_config
+from siamdiff.errors import SiamdiffError
+from siamdiff.export import build_model, export_run, load_export
+from siamdiff.sample import ddim_sample
+from siamdiff.train import checkpoints, train
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=2", "train.sample_every=100"))
+    return run
+
+
+def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_path: Path):
+    out = export_run(trained_run, tmp_path / "export")
+    assert {p.name for p in out.iterdir()} == {
+        "siamdiff.json",
+        "unet",
+        "controlnet",
+        "scheduler",
+        "text",
+    }
+    meta = json.loads((out / "siamdiff.json").read_text())
+    assert meta["step"] == 2 and meta["mode"] == "siamese" and meta["resolution"] == 32
+
+    reference, _, _ = build_model(load_config(trained_run / "config.yaml"))
+    reference.load_state_dict(load_file(checkpoints(trained_run)[-1] / "model.safetensors"))
+    loaded = load_export(out)
+    torch.manual_seed(0)
+    zt, hint = torch.randn(2, 192, 4, 4), (torch.rand(2, 3, 32, 32) > 0.5).float()
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        text = reference.text([loaded.prompt, ""])
+        expected = reference.eps_mask(zt, t, text, hint)
+        actual = loaded.model.eps_mask(zt, t, loaded.model.text([loaded.prompt, ""]), hint)
+    torch.testing.assert_close(actual, expected)
+
+    latents = ddim_sample(
+        loaded.model,
+        hint,
+        loaded.model.text([loaded.prompt] * 2),
+        loaded.model.text(["", ""]),
+        steps=3,
+        guidance=9.0,
+    )
+    images = loaded.autoencoder.decode(latents)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):
+    with pytest.raises(SiamdiffError, match="no checkpoints"):
+        export_run(tmp_path, tmp_path / "x")
+    with pytest.raises(SiamdiffError, match="no complete checkpoint"):
+        export_run(trained_run, tmp_path / "x", checkpoint="step-00000099")
+    out = export_run(trained_run, tmp_path / "export")
+    with pytest.raises(SiamdiffError, match="already exists"):
+        export_run(trained_run, out)
+    meta = json.loads((out / "siamdiff.json").read_text())
+    meta["autoencoder"]["scaling_factor"] = 1.0
+    (out / "siamdiff.json").write_text(json.dumps(meta))
+    with pytest.raises(SiamdiffError, match="autoencoder weights differ"):
+        load_export(out)
+    with pytest.raises(SiamdiffError, match="not a siamdiff export"):
+        load_export(tmp_path)
+
+
+def test_cli_export_prints_one_line_errors(trained_run: Path, tmp_path: Path, capsys):
+    assert main(["export", str(trained_run), str(tmp_path / "e")]) == 0
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamdiff: error:")
