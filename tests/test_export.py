@@ -41,7 +41,8 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
     reference.load_state_dict(load_file(checkpoints(trained_run)[-1] / "model.safetensors"))
     loaded = load_export(out)
     torch.manual_seed(0)
-    zt, hint = torch.randn(2, 192, 4, 4), (torch.rand(2, 3, 32, 32) > 0.5).float()
+    channels = loaded.autoencoder.latent_channels
+    zt, hint = torch.randn(2, channels, 4, 4), (torch.rand(2, 3, 32, 32) > 0.5).float()
     t = torch.tensor([10, 900])
     with torch.no_grad():
         text = reference.text([loaded.prompt, ""])
@@ -70,7 +71,7 @@ def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):
     with pytest.raises(SiamdiffError, match="already exists"):
         export_run(trained_run, out)
     meta = json.loads((out / "siamdiff.json").read_text())
-    meta["autoencoder"]["scaling_factor"] = 1.0
+    meta["autoencoder"]["scaling_factor"] = 2.0
     (out / "siamdiff.json").write_text(json.dumps(meta))
     with pytest.raises(SiamdiffError, match="autoencoder weights differ"):
         load_export(out)

@@ -170,3 +170,26 @@ def test_two_hundred_tiny_steps_lower_the_loss(phantom_data: Path, tmp_path: Pat
     first, last = rows[0]["mask"], (rows[-1]["mask"] + rows[-2]["mask"]) / 2
     assert last < 0.8 * first, [round(r["mask"], 3) for r in rows]
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_latent_cache_is_built_once_and_used(phantom_data: Path, tmp_path: Path, monkeypatch):
+    cache = tmp_path / "latents.lmdb"
+    overrides = ("train.max_steps=2", f"data.latent_cache={cache}", "train.sample_every=100")
+    train(tiny_config(phantom_data, tmp_path / "a", *overrides))
+    assert cache.is_dir()
+
+    # Second run: every latent comes from the cache; the autoencoder never encodes.
+    from siamdiff.models.autoencoder import LatentAutoencoder
+
+    def no_encoding(self, images):
+        raise AssertionError("encoded although the latent was cached")
+
+    monkeypatch.setattr(LatentAutoencoder, "encode", no_encoding)
+    train(tiny_config(phantom_data, tmp_path / "b", *overrides))
+    assert checkpoints(tmp_path / "b")[-1].name == "step-00000002"
+
+
+def test_lab_colour_is_refused_for_a_latent_model(phantom_data: Path, tmp_path: Path):
+    cfg = tiny_config(phantom_data, tmp_path / "run", "data.transforms.colour=lab")
+    with pytest.raises(SiamdiffError, match="RGB"):
+        train(cfg)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import verify
 from siamdiff.data.sampling import BalancedBatchSampler
@@ -56,7 +57,7 @@ class SeededAugmentation(Dataset):
     augmentations of an uninterrupted one. The caller's RNG is left untouched.
     """
 
-    def __init__(self, dataset: PairedDataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
@@ -160,6 +161,62 @@ def write_samples(
     save_sample_grid(path, batch["mask"], batch["image"], synthetic)
 
 
+def verified_root(cfg: DictConfig) -> Path:
+    """The dataset root, refused when its files no longer match the manifest."""
+    root = Path(cfg.data.root)
+    if cfg.data.verify:
+        report = verify(root)
+        if not report.ok:
+            bad = (report.changed + report.missing + report.extra + report.unreadable)[0]
+            raise SiamdiffError(
+                f"dataset does not verify ({len(report.changed)} changed, {len(report.missing)} "
+                f"missing, {len(report.extra)} extra, e.g. {bad}); fix it or set data.verify=false",
+                root,
+            )
+    return root
+
+
+def training_data(
+    cfg: DictConfig, accelerator: Accelerator, autoencoder: LatentAutoencoder
+) -> tuple[Dataset, BalancedBatchSampler, dict]:
+    """(training dataset, this rank's balanced batch sampler, a fixed preview batch)."""
+    root = verified_root(cfg)
+    transform_cfg = TransformConfig.from_dict(OmegaConf.to_container(cfg.data.transforms))
+    if transform_cfg.colour != "rgb":
+        raise SiamdiffError(
+            "the autoencoder expects RGB; Lab input is for pixel-space models only",
+            "data.transforms.colour",
+        )
+    fixed_view = PairedDataset(
+        root, cfg.data.split, transform=build_transforms(transform_cfg, False)
+    )
+    preview = next(iter(DataLoader(fixed_view, batch_size=cfg.train.sample_count)))
+    if cfg.data.latent_cache:
+        # Latents of the fixed (lesion-centred, resized) view: the autoencoder runs once per
+        # image instead of every step, at the price of no random augmentation.
+        view = f"{transform_cfg.crop}{transform_cfg.size}"
+        if accelerator.is_main_process:
+            build_latent_cache(
+                fixed_view, autoencoder, cfg.data.latent_cache, view, device=accelerator.device
+            ).close()
+        accelerator.wait_for_everyone()
+        cache = LatentCache(cfg.data.latent_cache, autoencoder.identity, view, readonly=True)
+        dataset: Dataset = WithCachedLatents(fixed_view, cache)
+    else:
+        dataset = PairedDataset(
+            root, cfg.data.split, transform=build_transforms(transform_cfg, True)
+        )
+    sampler = BalancedBatchSampler(
+        fixed_view.coverages,
+        cfg.train.batch_size,
+        fg_ratio=tuple(cfg.data.balanced.fg_ratio) if cfg.data.balanced.enabled else (1, 0),
+        seed=cfg.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    return dataset, sampler, preview
+
+
 def weights_fingerprint(parameters: list[torch.nn.Parameter]) -> int:
     """A 63-bit hash of the exact bytes of `parameters` (equal iff the weights are equal)."""
     digest = hashlib.sha256()
@@ -202,42 +259,6 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
 
-    # ---- data -------------------------------------------------------------------------
-    root = Path(cfg.data.root)
-    if cfg.data.verify and accelerator.is_main_process:
-        report = verify(root)
-        if not report.ok:
-            bad = (report.changed + report.missing + report.extra)[0]
-            raise SiamdiffError(
-                f"dataset does not verify ({len(report.changed)} changed, {len(report.missing)} "
-                f"missing, {len(report.extra)} extra, e.g. {bad}); fix it or set data.verify=false",
-                root,
-            )
-    transform_cfg = TransformConfig.from_dict(OmegaConf.to_container(cfg.data.transforms))
-    dataset = PairedDataset(
-        root, split=cfg.data.split, transform=build_transforms(transform_cfg, True)
-    )
-    sampler = BalancedBatchSampler(
-        dataset.coverages,
-        cfg.train.batch_size,
-        fg_ratio=tuple(cfg.data.balanced.fg_ratio) if cfg.data.balanced.enabled else (1, 0),
-        seed=cfg.seed,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
-    seeded = SeededAugmentation(dataset, cfg.seed)
-    preview = next(
-        iter(
-            DataLoader(
-                PairedDataset(
-                    root, split=cfg.data.split, transform=build_transforms(transform_cfg, False)
-                ),
-                batch_size=cfg.train.sample_count,
-                shuffle=False,
-            )
-        )
-    )
-
     # ---- model ------------------------------------------------------------------------
     model, autoencoder, backbone = build_model(cfg)
     autoencoder.to(device)
@@ -259,6 +280,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         optimizer, cfg.optim.warmup_steps, cfg.train.max_steps
     )
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+
+    # ---- data -------------------------------------------------------------------------
+    dataset, sampler, preview = training_data(cfg, accelerator, autoencoder)
+    seeded = SeededAugmentation(dataset, cfg.seed)
     core: SiameseDiffusion = accelerator.unwrap_model(model)
 
     # ---- run directory, resume ----------------------------------------------------------
@@ -299,8 +324,11 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 images = batch["image"].to(device, non_blocking=True)
                 batch["mask"] = batch["mask"].to(device, non_blocking=True)
                 mask_hint, image_hint = to_hints({"image": images, "mask": batch["mask"]})
-                with torch.no_grad():
-                    z0 = autoencoder.encode(images)
+                if "latent" in batch:
+                    z0 = batch["latent"].to(device, non_blocking=True)
+                else:
+                    with torch.no_grad():
+                        z0 = autoencoder.encode(images)
                 keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
                 prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
                 warm = min(1.0, step / max(1, cfg.model.consistency_warmup_steps))
@@ -362,12 +390,15 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                     core, autoencoder, preview, cfg, run_dir / "samples" / f"step-{step:08d}.png"
                 )
     except KeyboardInterrupt:
-        progress.close()
         if step > 0:
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
             save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
         raise
-    progress.close()
+    finally:
+        progress.close()
+        stream.close()  # stops DataLoader workers now, not at garbage collection
+        if isinstance(dataset, WithCachedLatents):
+            dataset.cache.close()  # LMDB allows one open environment per path and process
     if accelerator.num_processes > 1:
         check_ranks_in_sync(accelerator, trainable)
     if accelerator.is_main_process:

@@ -195,3 +195,23 @@ def build_latent_cache(
                 cache.put_many(zip([shas[i] for i in todo], latents, strict=True))
             bar.update(len(shas))
     return cache
+
+
+class WithCachedLatents(Dataset):
+    """Adds ``"latent"`` (from a read-only cache) to each item of a dataset of the cached view."""
+
+    def __init__(self, dataset: Dataset, cache: LatentCache) -> None:
+        self.dataset = dataset
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        latent = self.cache.get(item["meta"]["image_sha256"])
+        if latent is None:
+            raise SiamdiffError(
+                f"no cached latent for {item['meta']['id']} (rebuild the cache)", self.cache.path
+            )
+        return {**item, "latent": latent.float()}

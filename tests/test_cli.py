@@ -1,0 +1,85 @@
+"""The command line as a user meets it: exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from siamdiff.cli import SOURCE_KINDS, main
+from siamdiff.data.readers import READERS
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("siamdiff: error: ")
+    return lines[0]
+
+
+def test_console_script_and_module_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "siamdiff", "--help"], capture_output=True, text=True, check=True
+    )
+    for verb in ("demo", "prepare", "verify", "stats", "download", "train", "export"):
+        assert verb in done.stdout
+
+
+def test_cli_source_kinds_are_the_readers() -> None:
+    assert set(SOURCE_KINDS) == set(READERS)
+
+
+def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, capsys) -> None:
+    raw = phantom_data.parent / "raw"
+    out = tmp_path / "data"
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                f"folder={raw}",
+                "--out",
+                str(out),
+                "--size",
+                "32",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert main(["verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["stats", str(out)]) == 0
+    assert "phantom" in capsys.readouterr().out and (out / "stats.png").is_file()
+
+    victim = next(out.glob("*_mask.png"))
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    assert main(["verify", str(out)]) == 1
+    assert victim.name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["prepare", "--source", "folder=/no/such/dir", "--out", "{tmp}/o"], "/no/such/dir"),
+        (["verify", "{tmp}"], "manifest-v1.json"),
+        (["stats", "{tmp}/absent"], "absent"),
+        (["train", "tiny"], "data.root"),
+        (["train", "tiny", "data.root=x", "train.bogus=1"], "train.bogus"),
+        (["train", "{tmp}/missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    assert needle in one_line_error(capsys)
+
+
+def test_prepare_rejects_an_unknown_source_kind(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--source", "dicom=/x", "--out", "o"])
+    assert exit_info.value.code == 2
+    assert "KIND=DIR" in capsys.readouterr().err
