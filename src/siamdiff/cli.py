@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verb("demo", cmd_demo, "Run the whole pipeline on built-in phantom data (no downloads).")
     demo.add_argument("--out", type=Path, default=Path("siamdiff-demo"))
-    demo.add_argument("--train-steps", type=int, default=150)
+    demo.add_argument("--train-steps", type=int, default=400)
     demo.add_argument("--overwrite", action="store_true")
 
     prep = verb("prepare", cmd_prepare, "Read public layouts into one siamdiff dataset.")
