@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,12 @@ from siamdiff.evaluate.metrics import (
     write_evaluation_report,
 )
 from siamdiff.evaluate.segmenter import (
+    CONFIG_NAME,
     Segmenter,
     SegmenterSpec,
     frames,
     load_segmenter,
     score_segmenter,
-    train_segmenter,
 )
 
 from .conftest import SIZE, make_synthetic
@@ -139,14 +140,11 @@ def test_evaluate_refuses_bad_inputs(
     out = tmp_path / "metrics.json"
     with pytest.raises(SiamdiffError, match="REAL must be a real dataset"):
         evaluate(synthetic_root, real_root, out, segmenter_dir=segmenter_dir, progress=False)
-    mixed = train_segmenter(
-        real_root,
-        tmp_path / "mixed",
-        size=32,
-        epochs=1,
-        extra_roots=(synthetic_root,),
-        progress=False,
-    )
+    mixed = tmp_path / "mixed"
+    shutil.copytree(segmenter_dir, mixed)
+    config = json.loads((mixed / CONFIG_NAME).read_text())
+    config["data"].append({**config["data"][0], "kind": "synthetic"})
+    (mixed / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(SiamdiffError, match="trained on the real training split only"):
         evaluate(real_root, synthetic_root, out, segmenter_dir=mixed, progress=False)
     assert not out.exists()

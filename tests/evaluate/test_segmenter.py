@@ -103,8 +103,11 @@ def test_bad_settings_and_files_are_one_line_errors(
 ) -> None:
     with pytest.raises(SiamdiffError, match="multiple of 32"):
         SegmenterSpec(size=50).build()
-    with pytest.raises(SiamdiffError, match="Wrong architecture type `nope`"):
+    with pytest.raises(SiamdiffError, match=r"nope/resnet18: Wrong architecture type `nope`$"):
         train_segmenter(real_root, tmp_path / "x", arch="nope", progress=False)
+    with pytest.raises(SiamdiffError, match=r"unet/nope: Wrong encoder name `nope`$"):
+        SegmenterSpec(encoder="nope").build()
+    assert not (tmp_path / "x").exists()
     with pytest.raises(SiamdiffError, match="already exists"):
         train_segmenter(real_root, segmenter_dir, size=SIZE, epochs=1, progress=False)
     with pytest.raises(SiamdiffError, match=f"no {CONFIG_NAME} here"):

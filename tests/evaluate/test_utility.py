@@ -20,17 +20,15 @@ def test_mean_std_uses_the_sample_std() -> None:
     assert mean_std([0.4])["std"] == 0.0
 
 
-def test_utility_trains_each_arch_and_seed_on_both_sets(
-    real_root: Path, synthetic_root: Path
-) -> None:
+def test_utility_trains_each_arch_and_seed_on_both_sets(real_root: Path, copies: Path) -> None:
     result = segmentation_utility(
         real_root,
-        synthetic_root,
+        copies,
         archs=("unet", "fpn"),
         seeds=(0, 1),
         epochs=1,
         size=32,
-        batch_size=6,
+        batch_size=9,
         progress=False,
     )
     assert result["protocol"]["test_images"] == 3
@@ -38,7 +36,7 @@ def test_utility_trains_each_arch_and_seed_on_both_sets(
     assert set(result["archs"]) == {"unet", "fpn"}
     for per_arch in result["archs"].values():
         assert per_arch["real"]["train_images"] == 18
-        assert per_arch["real+syn"]["train_images"] == 18 + 36
+        assert per_arch["real+syn"]["train_images"] == 18 + 18
         for setting in ("real", "real+syn"):
             for metric in ("mdice", "miou"):
                 values = per_arch[setting][metric]["per_seed"]

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from siamdiff.data.manifest import Record, load_manifest
+from siamdiff.data.manifest import Manifest, Record, load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
     extract_features,
@@ -49,6 +49,7 @@ from siamdiff.evaluate.features import (
 )
 from siamdiff.evaluate.segmenter import (
     SegmentationScores,
+    Segmenter,
     frames,
     load_segmenter,
     read_segmenter_config,
@@ -216,6 +217,78 @@ def _segmenter_section(segmenter_dir: Path, real_root: Path, warnings: list[str]
     }
 
 
+def segmenter_metrics(
+    segmenter: Segmenter,
+    real_root: Path,
+    syn_root: Path,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """FD-seg, KID-seg and mask fidelity of the synthetic set; and the segmenter's own score
+    on the real test split (None without one), the scale to read mask fidelity against."""
+    size = segmenter.spec.size
+    scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    real = extract_features(
+        segmenter.features,
+        frames(real_root, "train", size),
+        desc="segmenter features real",
+        device=segmenter.device,
+        **scan,
+    )
+    synthetic = score_segmenter(segmenter, frames(syn_root, None, size), desc="segment syn", **scan)
+    kid_mean, kid_std = kernel_inception_distance(
+        real, synthetic.features, kid_subsets, kid_subset_size, seed
+    )
+    metrics: dict[str, Any] = {
+        "fd_seg": {
+            "available": True,
+            "value": frechet_distance(real, synthetic.features),
+            "features": real.shape[1],
+        },
+        "kid_seg": {
+            "available": True,
+            "mean": kid_mean,
+            "std": kid_std,
+            "subsets": kid_subsets,
+            "subset_size": min(kid_subset_size, len(real), len(synthetic.features)),
+        },
+        "mask_fidelity": {
+            "available": True,
+            **synthetic.summary(),
+            "median_dice": float(np.median(synthetic.dice)),
+            "per_image": _per_image(synthetic),
+        },
+    }
+    if not load_manifest(real_root).split("test"):
+        return metrics, None
+    test = score_segmenter(segmenter, frames(real_root, "test", size), desc="segment test", **scan)
+    if len(test.ids) > 1:
+        # How far real images the segmenter never saw lie from its training images.
+        metrics["fd_seg"]["reference_real_test"] = frechet_distance(real, test.features)
+    return metrics, {**test.summary(), "per_image": _per_image(test)}
+
+
+def _check_inputs(real_root: Path, syn_root: Path) -> tuple[Manifest, Manifest]:
+    """Both manifests; REAL must be real and SYN synthetic (catches swapped arguments)."""
+    real, synthetic = load_manifest(real_root), load_manifest(syn_root)
+    if real.kind != "real":
+        raise SiamdiffError(f"REAL must be a real dataset, this one is {real.kind}", real_root)
+    if synthetic.kind != "synthetic":
+        raise SiamdiffError(
+            f"SYN must be a synthetic set (siamdiff sample), this one is {synthetic.kind}",
+            syn_root,
+        )
+    for root, count in ((real_root, len(real.split("train"))), (syn_root, len(synthetic.records))):
+        if count < 2:
+            raise SiamdiffError(f"needs at least 2 images to compare, has {count}", root)
+    return real, synthetic
+
+
 def evaluate(
     real_root: str | Path,
     syn_root: str | Path,
@@ -241,42 +314,8 @@ def evaluate(
     epochs, size, ...), used when ``utility`` is true. Deterministic for ``seed``.
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
-    real_manifest, syn_manifest = load_manifest(real_root), load_manifest(syn_root)
-    if real_manifest.kind != "real":
-        raise SiamdiffError(
-            f"REAL must be a real dataset, this one is {real_manifest.kind}", real_root
-        )
-    if syn_manifest.kind != "synthetic":
-        raise SiamdiffError(
-            f"SYN must be a synthetic set (siamdiff sample), this one is {syn_manifest.kind}",
-            syn_root,
-        )
-    for root, count in (
-        (real_root, len(real_manifest.split("train"))),
-        (syn_root, len(syn_manifest.records)),
-    ):
-        if count < 2:
-            raise SiamdiffError(f"needs at least 2 images to compare, has {count}", root)
+    real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
     warnings: list[str] = []
-    segmenter_info = _segmenter_section(segmenter_dir, real_root, warnings)
-    segmenter = load_segmenter(segmenter_dir, device)
-    size = segmenter.spec.size
-    real_train, synthetic = frames(real_root, "train", size), frames(syn_root, None, size)
-    scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
-
-    real_features = extract_features(
-        segmenter.features,
-        real_train,
-        batch_size,
-        device,
-        workers=workers,
-        progress=progress,
-        desc="segmenter features real",
-    )
-    syn_scores = score_segmenter(segmenter, synthetic, desc="segment synthetic", **scan)
-    kid_mean, kid_std = kernel_inception_distance(
-        real_features, syn_scores.features, kid_subsets, kid_subset_size, seed
-    )
     metrics: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -284,50 +323,37 @@ def evaluate(
         "real": {
             "root": str(real_root),
             "dataset_version": real_manifest.dataset_version,
-            "train_images": len(real_train),
+            "train_images": len(real_manifest.split("train")),
         },
         "synthetic": {
             "root": str(syn_root),
-            "images": len(synthetic),
+            "images": len(syn_manifest.records),
             "masks": len({r.extra.get("source_id", r.id) for r in syn_manifest.records}),
         },
-        "segmenter": segmenter_info,
-        "fd_seg": {
-            "available": True,
-            "value": frechet_distance(real_features, syn_scores.features),
-            "features": real_features.shape[1],
-        },
-        "kid_seg": {
-            "available": True,
-            "mean": kid_mean,
-            "std": kid_std,
-            "subsets": kid_subsets,
-            "subset_size": min(kid_subset_size, len(real_features), len(syn_scores.features)),
-        },
-        "mask_fidelity": {
-            "available": True,
-            **syn_scores.summary(),
-            "median_dice": float(np.median(syn_scores.dice)),
-            "per_image": _per_image(syn_scores),
-        },
+        "segmenter": _segmenter_section(segmenter_dir, real_root, warnings),
     }
-    if real_manifest.split("test"):
-        test_scores = score_segmenter(
-            segmenter, frames(real_root, "test", size), desc="segment real test", **scan
-        )
-        metrics["segmenter"]["real_test"] = {
-            **test_scores.summary(),
-            "per_image": _per_image(test_scores),
-        }
-        if len(test_scores.ids) > 1:
-            # How far real images the segmenter never saw lie from its training images.
-            reference = frechet_distance(real_features, test_scores.features)
-            metrics["fd_seg"]["reference_real_test"] = reference
+    segmenter = load_segmenter(segmenter_dir, device)
+    domain, real_test = segmenter_metrics(
+        segmenter,
+        real_root,
+        syn_root,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    metrics |= domain
+    if real_test is not None:
+        metrics["segmenter"]["real_test"] = real_test
 
     try:
         lpips: torch.nn.Module | str = load_lpips(lpips_net, device)
     except MissingWeights as exc:
         lpips = str(exc)
+    size = segmenter.spec.size
+    real_train, synthetic = frames(real_root, "train", size), frames(syn_root, None, size)
     groups = same_mask_groups(synthetic.records)
     metrics["diversity"] = diversity(synthetic, groups, lpips, device=device, progress=progress)
     metrics["pixel_stats"] = colour_statistics(real_train, synthetic, workers)

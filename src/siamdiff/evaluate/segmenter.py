@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -123,8 +124,12 @@ class SegmenterSpec:
             return smp.create_model(
                 self.arch, encoder_name=self.encoder, encoder_weights=None, classes=1
             )
-        except KeyError as exc:
-            raise SiamdiffError(str(exc.args[0]).split(". ")[0]) from exc
+        except (KeyError, RuntimeError) as exc:  # smp / timm: unknown architecture or encoder
+            # smp's message goes on to list every option; its first clause names the culprit.
+            detail = re.split(r"[.,] ", str(exc.args[0]), maxsplit=1)[0]
+            raise SiamdiffError(
+                f"cannot build segmenter {self.arch}/{self.encoder}: {detail}"
+            ) from exc
 
 
 class Segmenter:
@@ -247,8 +252,8 @@ def fit_segmenter(
 ) -> tuple[Segmenter, dict[str, Any]]:
     """Train ``spec`` on ``dataset`` in memory: BCE + Dice loss, AdamW, cosine decay.
 
-    Deterministic for a seed (weights, shuffling and augmentation draw from it); the
-    caller's global RNG state is restored afterwards. Returns the segmenter and the
+    Deterministic for a seed on the CPU (weights, shuffling and augmentation all draw from
+    it); the caller's global RNG state is restored afterwards. Returns the segmenter and the
     training record (loss per epoch, images per second).
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:

@@ -76,7 +76,7 @@ def inception_extractor(
     try:
         network = NoTrainInceptionV3(
             name="inception-v3-compat",
-            features_list=[str(2048)],
+            features_list=["2048"],
             feature_extractor_weights_path=str(weights),
         ).to(device)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
@@ -191,8 +191,8 @@ def clip_metrics(
         syn, src = (np.array(index) for index in zip(*pairs, strict=True))
         unit_b = b[syn] / np.linalg.norm(b[syn], axis=1, keepdims=True)
         unit_a = a[src] / np.linalg.norm(a[src], axis=1, keepdims=True)
-        clip_i = {"available": True, "value": float((unit_a * unit_b).sum(1).mean())}
-        clip_i["pairs"] = len(pairs)
+        similarity = float((unit_a * unit_b).sum(axis=1).mean())
+        clip_i = {"available": True, "value": similarity, "pairs": len(pairs)}
     else:
         clip_i = unavailable("no synthetic image's source image is in the real set")
     return {"clip_i": clip_i, "cmmd": {"available": True, "value": cmmd(a, b)}}
