@@ -89,6 +89,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_segmenter(args: argparse.Namespace) -> int:
+    from siamdiff.evaluate.segmenter import train_segmenter
+
+    out = train_segmenter(
+        args.data,
+        args.out,
+        arch=args.arch,
+        encoder=args.encoder,
+        size=args.size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        extra_roots=tuple(args.extra),
+        device=args.device,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    print(f"segmenter written to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from siamdiff.evaluate.metrics import evaluate, format_metrics, write_evaluation_report
+
+    utility_options = {
+        "epochs": args.utility_epochs,
+        "size": args.utility_size,
+        "seeds": tuple(range(args.utility_seeds)),
+        "device": args.device,
+    }
+    metrics = evaluate(
+        args.real,
+        args.syn,
+        args.out,
+        segmenter_dir=args.segmenter,
+        utility=args.utility,
+        utility_options=utility_options,
+        inception_weights=args.inception_weights,
+        clip_model=args.clip_model,
+        device=args.device,
+        workers=args.workers,
+    )
+    print(format_metrics(metrics))
+    report = write_evaluation_report(metrics, args.report or args.out.parent, run_dir=args.run)
+    print(f"metrics: {args.out}\nreport: {report}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from siamdiff.demo import run_demo
 
@@ -144,6 +193,58 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file or a built-in name (tiny, scratch, sd15)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    seg = verb(
+        "train-segmenter",
+        cmd_train_segmenter,
+        "Train a segmentation model (segmentation-models-pytorch) on a dataset.",
+    )
+    seg.add_argument("data", type=Path)
+    seg.add_argument("--out", type=Path, required=True)
+    seg.add_argument("--arch", default="unet")
+    seg.add_argument("--encoder", default="resnet18")
+    seg.add_argument("--size", type=int, default=256)
+    seg.add_argument("--epochs", type=int, default=10)
+    seg.add_argument("--batch-size", type=int, default=8)
+    seg.add_argument("--lr", type=float, default=1e-3)
+    seg.add_argument("--seed", type=int, default=0)
+    seg.add_argument(
+        "--extra",
+        type=Path,
+        action="append",
+        default=[],
+        help="another dataset to train on as well (e.g. a synthetic set)",
+    )
+    seg.add_argument("--device", default="cpu")
+    seg.add_argument("--workers", type=int, default=0)
+    seg.add_argument("--overwrite", action="store_true")
+
+    ev = verb("evaluate", cmd_evaluate, "Metrics of a synthetic set against the real one.")
+    ev.add_argument("real", type=Path)
+    ev.add_argument("syn", type=Path)
+    ev.add_argument("--out", type=Path, default=Path("metrics.json"))
+    ev.add_argument(
+        "--segmenter",
+        type=Path,
+        required=True,
+        help="from `siamdiff train-segmenter REAL` (real training split only)",
+    )
+    ev.add_argument(
+        "--utility",
+        action="store_true",
+        help="also train segmenters on real vs real + synthetic (slow)",
+    )
+    ev.add_argument("--utility-epochs", type=int, default=20)
+    ev.add_argument("--utility-size", type=int, default=256)
+    ev.add_argument("--utility-seeds", type=int, default=3)
+    ev.add_argument("--inception-weights", type=Path, default=None)
+    ev.add_argument("--clip-model", type=Path, default=None)
+    ev.add_argument(
+        "--report", type=Path, default=None, help="report directory (default: beside --out)"
+    )
+    ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--workers", type=int, default=0)
 
     export = verb("export", cmd_export, "Write a diffusers-style model directory from a run.")
     export.add_argument("run", type=Path)

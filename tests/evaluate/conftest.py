@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from siamdiff.atomic import atomic_save_png
 from siamdiff.data.manifest import Manifest, Record, load_manifest, sha256_bytes, write_manifest
@@ -73,15 +71,6 @@ def synthetic_root(real_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def copies(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One exact copy of every real training frame."""
     return make_synthetic(real_root, tmp_path_factory.mktemp("copies") / "syn", per_mask=1)
-
-
-@pytest.fixture(autouse=True)
-def few_threads() -> Iterator[None]:
-    """Two intra-op threads at most: tests share a 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""`siamdiff train-segmenter` and `siamdiff evaluate` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from siamdiff.cli import main
+from tests.evaluate.conftest import SIZE
+
+
+def test_train_segmenter_then_evaluate(
+    real_root: Path, synthetic_root: Path, tmp_path: Path, capsys
+) -> None:
+    seg = tmp_path / "seg"
+    assert (
+        main(
+            [
+                "train-segmenter",
+                str(real_root),
+                "--out",
+                str(seg),
+                "--size",
+                str(SIZE),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (seg / "model.safetensors").is_file()
+    out = tmp_path / "eval" / "metrics.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(real_root),
+                str(synthetic_root),
+                "--out",
+                str(out),
+                "--segmenter",
+                str(seg),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(out.read_text())
+    assert metrics["format"] and "mask fidelity" in capsys.readouterr().out.lower()
+    assert (out.parent / "report.html").is_file()
+
+
+def test_evaluate_with_swapped_sets_is_a_one_line_error(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path, capsys
+) -> None:
+    assert (
+        main(
+            [
+                "evaluate",
+                str(synthetic_root),
+                str(real_root),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--segmenter",
+                str(segmenter_dir),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamdiff: error:")
