@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from siamdiff.atomic import atomic_save_png
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.manifest import Manifest, Record, sha256_bytes, write_manifest
+from siamdiff.data.manifest import Manifest, save_pair, write_manifest
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
@@ -29,22 +29,16 @@ def write_dataset(root: Path, splits: list[str]) -> Path:
         image = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
         image[..., 0] = mask * 255
         name = f"demo-g{i % 3}-{i:03d}"
-        image_bytes = atomic_save_png(root / f"{name}.png", image)
-        mask_bytes = atomic_save_png(root / f"{name}_mask.png", mask.astype(np.uint8) * 255)
         records.append(
-            Record(
-                id=name,
-                image=f"{name}.png",
-                mask=f"{name}_mask.png",
-                image_sha256=sha256_bytes(image_bytes),
-                mask_sha256=sha256_bytes(mask_bytes),
+            save_pair(
+                root,
+                name,
+                image,
+                mask,
                 dataset="demo",
                 group=f"g{i % 3}",
                 frame=f"{i:03d}",
                 split=split,
-                coverage=float(mask.mean()),
-                width=WIDTH,
-                height=HEIGHT,
             )
         )
     write_manifest(root, Manifest(records=records, preprocessing={"size": HEIGHT}))

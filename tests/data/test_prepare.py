@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import siamdiff.data.prepare as prepare_module
+import siamdiff.data.manifest as manifest_module
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     format_verify,
@@ -175,7 +175,7 @@ def test_failed_prepare_leaves_no_output_and_keeps_old_data(
     data_copy: Path, raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_save = prepare_module.atomic_save_png
+    real_save = manifest_module.atomic_save_png
 
     def failing_save(path: Path, array: np.ndarray) -> bytes:
         calls.append(path)
@@ -183,7 +183,7 @@ def test_failed_prepare_leaves_no_output_and_keeps_old_data(
             raise OSError(28, "No space left on device")
         return real_save(path, array)
 
-    monkeypatch.setattr(prepare_module, "atomic_save_png", failing_save)
+    monkeypatch.setattr(manifest_module, "atomic_save_png", failing_save)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SiamdiffError, match="No space left"):
         prepare(sources(raw), tmp_path / "NEW", SIZE, workers=1, progress=False)

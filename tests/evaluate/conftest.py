@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from siamdiff.atomic import atomic_save_png
-from siamdiff.data.manifest import Manifest, Record, load_manifest, sha256_bytes, write_manifest
+from siamdiff.data.manifest import Manifest, load_manifest, save_pair, write_manifest
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
 from siamdiff.data.readers import load_mask, load_rgb
@@ -24,27 +23,21 @@ def make_synthetic(
     rng = np.random.default_rng(seed)
     records = []
     for source in load_manifest(real_root).split("train"):
-        mask = load_mask(real_root / source.mask).astype(np.uint8) * 255
+        mask = load_mask(real_root / source.mask)
         clean = load_rgb(real_root / source.image).astype(np.float64)
         for k in range(per_mask):
             image = np.clip(clean + rng.normal(0.0, noise, clean.shape), 0, 255).round()
             name = f"syn-{source.group}-{source.frame}{k}"
-            image_bytes = atomic_save_png(out / f"{name}.png", image.astype(np.uint8))
-            mask_bytes = atomic_save_png(out / f"{name}_mask.png", mask)
             records.append(
-                Record(
-                    id=name,
-                    image=f"{name}.png",
-                    mask=f"{name}_mask.png",
-                    image_sha256=sha256_bytes(image_bytes),
-                    mask_sha256=sha256_bytes(mask_bytes),
+                save_pair(
+                    out,
+                    name,
+                    image.astype(np.uint8),
+                    mask,
                     dataset="syn",
                     group=source.group,
                     frame=f"{source.frame}{k}",
                     split="train",
-                    coverage=source.coverage,
-                    width=source.width,
-                    height=source.height,
                     extra={"source_id": source.id, "seed": k, "sampler": {"name": "copy"}},
                 )
             )

@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from siamdiff import __version__
-from siamdiff.atomic import atomic_write_json
+from siamdiff.atomic import atomic_save_png, atomic_write_json
 from siamdiff.errors import SiamdiffError
 
 MANIFEST_NAME = "manifest-v1.json"
@@ -79,6 +81,29 @@ class Manifest:
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
+
+
+def save_pair(
+    root: str | Path, record_id: str, image: np.ndarray, mask: np.ndarray, **fields: Any
+) -> Record:
+    """Write ``{id}.png`` (uint8 HxWx3) and ``{id}_mask.png`` (0/255) atomically and return
+    their Record; ``fields`` are the remaining Record fields (dataset, group, frame, split...)."""
+    foreground = np.asarray(mask).astype(bool)
+    image_bytes = atomic_save_png(Path(root) / f"{record_id}.png", image)
+    mask_bytes = atomic_save_png(
+        Path(root) / f"{record_id}_mask.png", foreground.astype(np.uint8) * 255
+    )
+    return Record(
+        id=record_id,
+        image=f"{record_id}.png",
+        mask=f"{record_id}_mask.png",
+        image_sha256=sha256_bytes(image_bytes),
+        mask_sha256=sha256_bytes(mask_bytes),
+        coverage=round(float(foreground.mean()), 6),
+        width=image.shape[1],
+        height=image.shape[0],
+        **fields,
+    )
 
 
 def sha256_bytes(data: bytes) -> str:

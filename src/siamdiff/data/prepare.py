@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from siamdiff.atomic import atomic_output_dir, atomic_save_png, atomic_write_json
+from siamdiff.atomic import atomic_output_dir, atomic_write_json
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -30,7 +30,7 @@ from siamdiff.data.manifest import (
     Record,
     load_manifest,
     next_dataset_version,
-    sha256_bytes,
+    save_pair,
     sha256_file,
     write_manifest,
 )
@@ -119,25 +119,17 @@ def _process_pair(
         h, w = image.shape[:2]
         return str(pair.image), f"image {w}x{h} but mask {mask.shape[1]}x{mask.shape[0]}"
     image, mask = resize_pair(image, mask, size)
-    coverage = float(mask.mean())
-    if coverage == 0 and drop_empty:
+    if drop_empty and not mask.any():
         return str(pair.mask), EMPTY_MASK
-    image_name, mask_name = f"{pair.id}.png", f"{pair.id}_mask.png"
-    image_bytes = atomic_save_png(out / image_name, image)
-    mask_bytes = atomic_save_png(out / mask_name, mask.astype(np.uint8) * 255)
-    return Record(
-        id=pair.id,
-        image=image_name,
-        mask=mask_name,
-        image_sha256=sha256_bytes(image_bytes),
-        mask_sha256=sha256_bytes(mask_bytes),
+    return save_pair(
+        out,
+        pair.id,
+        image,
+        mask,
         dataset=pair.dataset,
         group=pair.group,
         frame=pair.frame,
         split=split_of(pair.dataset, pair.group, DEFAULT_FRACTIONS),
-        coverage=round(coverage, 6),
-        width=image.shape[1],
-        height=image.shape[0],
         source_image=str(pair.image),
         source_mask=str(pair.mask),
         source_sha256=sha256_file(pair.image),
