@@ -1,0 +1,607 @@
+"""``siamdiff sample``: a trained model + a dataset's masks -> a synthetic siamdiff dataset.
+
+Output (``SYN``), the same layout and manifest as ``siamdiff prepare``, so ``verify``,
+``stats`` and ``train`` read it::
+
+    {source_id}-s{k:02d}.png        synthetic image k of source mask ``source_id``
+    {source_id}-s{k:02d}_mask.png   the mask it was conditioned on (after mask augmentation)
+    manifest-v1.json                kind "synthetic"; written last, from the journal
+    samples.png                     mask | real | synthetic for the first 8 masks
+    export-{pranet,nnunet,folder}/  optional copies in other tools' layouts
+    .settings.json                  what determines the bytes; a rerun must match it
+    .journal-{rank}.jsonl           one fsync'd line per finished pair (resume)
+
+Sampling is Mask-Diffusion only (method.md, "Sampling"); bf16 autocast on CUDA.
+
+Determinism: sample ``k`` of source mask ``m`` draws its noise and its mask augmentation
+from seeds derived from ``(seed, m, k)``, never from its batch position or rank. The
+network's floating point does depend on the batch it runs in (kernels block matmuls by
+batch size), so the job is cut into fixed batches of ``batch_size`` consecutive pairs and
+each batch is always computed whole: the same command on the same device gives the same
+bytes whatever the number of ranks or interruptions; another batch size moves some pixels
+by one grey level.
+
+Resume: a pair counts as finished when its journal line exists and both files still hash
+to it; a batch with an unfinished pair is recomputed and only its unfinished pairs are
+written, each file atomically. The manifest is written last, from the journals, once every
+pair is finished. A training run directory is sampled at its newest checkpoint, exported
+to a temporary directory first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+from tqdm.auto import tqdm
+
+from siamdiff.atomic import (
+    atomic_output_dir,
+    atomic_save_png,
+    atomic_write_bytes,
+    atomic_write_json,
+)
+from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    Record,
+    sha256_bytes,
+    sha256_file,
+    write_manifest,
+)
+from siamdiff.data.readers import load_mask, load_rgb
+from siamdiff.data.transforms import TransformConfig, build_transforms, lesion_centre
+from siamdiff.errors import SiamdiffError
+from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
+from siamdiff.report import save_sample_grid, to_uint8_rgb
+from siamdiff.sample import SCHEDULERS, ddim_sample
+
+MASK_AUGMENTATIONS = ("flip", "scale", "shift")
+FORMATS = ("pranet", "nnunet", "folder")
+SETTINGS_NAME = ".settings.json"
+GRID_NAME = "samples.png"
+GRID_MASKS = 8
+# Mask augmentation ranges: each flip with p = 0.5, scale about the lesion centre, shift
+# of each axis as a fraction of the side.
+FLIP_P = 0.5
+SCALE_RANGE = (0.8, 1.2)
+SHIFT_FRACTION = 0.1
+NNUNET_LABELS = {"background": 0, "polyp": 1}
+SAMPLER_KEYS = ("scheduler", "steps", "guidance", "eta", "mask_aug")
+
+
+def derived_seed(seed: int, source_id: str, sample_index: int, purpose: str) -> int:
+    """A 63-bit seed from (global seed, source mask, sample index, purpose) via SHA-256."""
+    key = f"{seed}/{source_id}/{sample_index}/{purpose}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def augment_mask(mask: Tensor, augmentations: Sequence[str], rng: np.random.Generator) -> Tensor:
+    """A 1xSxS {0,1} mask flipped / scaled / shifted as ``augmentations`` ask, still binary.
+
+    Every draw is made whatever is enabled, so enabling one kind never changes another's.
+    Flips (horizontal, vertical) with p = FLIP_P each; scale uniform in SCALE_RANGE about
+    the lesion centre; shift uniform in +-SHIFT_FRACTION of the side, rounded to pixels.
+    """
+    flip_h, flip_v = rng.random(2) < FLIP_P
+    scale = float(rng.uniform(*SCALE_RANGE))
+    shift = [round(float(d)) for d in rng.uniform(-1, 1, 2) * SHIFT_FRACTION * mask.shape[-1]]
+    if "flip" in augmentations:
+        mask = mask.flip(-1) if flip_h else mask
+        mask = mask.flip(-2) if flip_v else mask
+    scale = scale if "scale" in augmentations else 1.0
+    shift = shift if "shift" in augmentations else [0, 0]
+    if scale != 1.0 or any(shift):
+        row, col = lesion_centre(mask[0].numpy() > 0.5)
+        mask = F.affine(
+            mask,
+            angle=0.0,
+            translate=shift,
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.NEAREST,
+            center=[float(col), float(row)],
+        )
+    return (mask > 0.5).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: an export directory, or a run's checkpoint."""
+
+    export: Path | None
+    run: Path | None
+    checkpoint: str | None
+    resolution: int
+    identity: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        if self.export is not None:
+            return str(self.export)
+        return str(self.run / "checkpoints" / self.checkpoint)
+
+    def load(self, device: torch.device) -> LoadedModel:
+        if self.export is not None:
+            return load_export(self.export, device)
+        with tempfile.TemporaryDirectory(prefix="siamdiff-sample-") as tmp:
+            exported = export_run(self.run, Path(tmp) / "model", checkpoint=self.checkpoint)
+            return load_export(exported, device)
+
+
+def resolve_model(path: str | Path) -> ModelSource:
+    """An export directory (has siamdiff.json) or a training run (its newest checkpoint)."""
+    from siamdiff.config import load_config
+    from siamdiff.train import checkpoints  # the run layout belongs to train.py
+
+    path = Path(path).resolve()
+    meta_path = path / META_NAME
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            resolution = int(meta["resolution"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
+        identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
+        return ModelSource(path, None, None, resolution, identity)
+    found = checkpoints(path) if path.is_dir() else []
+    if not found:
+        raise SiamdiffError(
+            f"neither an export ({META_NAME}) nor a training run with checkpoints", path
+        )
+    cfg = load_config(path / "config.yaml")
+    identity = {"checkpoint": found[-1].name}
+    return ModelSource(None, path, found[-1].name, int(cfg.data.transforms.size), identity)
+
+
+def split_masks_argument(text: str) -> tuple[Path, str | None]:
+    """The CLI's ``DATA[:split]`` -> (DATA, split): ``train`` without a suffix, ``None`` (every
+    record) for ``:all``; a colon followed by anything else belongs to the path."""
+    root, sep, split = text.rpartition(":")
+    if sep and split in (*SPLITS, "all"):
+        return Path(root), None if split == "all" else split
+    return Path(text), "train"
+
+
+def pair_name(source_id: str, sample_index: int) -> str:
+    """The file stem (and record id) of sample ``sample_index`` of mask ``source_id``."""
+    return f"{source_id}-s{sample_index:02d}"
+
+
+@dataclass
+class SynthesisSummary:
+    """What one ``synthesize`` call did; :meth:`format` is the CLI's report."""
+
+    out: Path
+    generated: int  # pairs written by this call
+    reused: int  # pairs found finished (resume) and kept
+    elapsed_s: float
+    manifest_written: bool
+    missing: int  # pairs of the whole job not yet finished (other ranks) when this call ended
+    exports: dict[str, Path] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    def format(self) -> str:
+        rate = self.generated / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
+        lines = [
+            f"wrote {self.generated} pairs to {self.out}{where}, kept {self.reused} finished "
+            f"ones, in {self.elapsed_s:.1f} s ({rate:.2f} pairs/s)"
+        ]
+        if self.manifest_written:
+            lines.append(f"manifest: {self.out / MANIFEST_NAME}; grid: {self.out / GRID_NAME}")
+        elif self.rank == 0:
+            lines.append(
+                f"manifest not written yet: {self.missing} pairs are not finished "
+                "(rerun the same command to complete them)"
+            )
+        lines += [f"export {name}: {path}" for name, path in self.exports.items()]
+        return "\n".join(lines)
+
+
+class Journal:
+    """This rank's progress journal: one JSON line per finished pair, fsync'd."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "a+b")  # noqa: SIM115 (held across pairs; see close())
+        # A crash mid-line leaves a torn last line; start on a fresh one so it stays alone.
+        if self.handle.seek(0, os.SEEK_END) > 0:
+            self.handle.seek(-1, os.SEEK_END)
+            if self.handle.read(1) != b"\n":
+                self.handle.write(b"\n")
+
+    def append(self, record: Record) -> None:
+        self.handle.write(json.dumps(asdict(record), sort_keys=True).encode("utf-8") + b"\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _read_journals(out: Path) -> dict[str, Record]:
+    """Every parseable journal line of every rank; torn lines (killed runs) are skipped."""
+    entries: dict[str, Record] = {}
+    for path in sorted(out.glob(".journal-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = Record(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            entries[record.id] = record
+    return entries
+
+
+def _finished(out: Path, ids: Sequence[str]) -> dict[str, Record]:
+    """The pairs among ``ids`` that the journal lists and whose files still match it."""
+    entries = _read_journals(out)
+    done = {}
+    for pair_id in ids:
+        record = entries.get(pair_id)
+        if record is not None and all(
+            (out / name).is_file() and sha256_file(out / name) == digest
+            for name, digest in (
+                (record.image, record.image_sha256),
+                (record.mask, record.mask_sha256),
+            )
+        ):
+            done[pair_id] = record
+    return done
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, rank: int) -> None:
+    """Refuse an ``out`` made by other settings (unless overwrite); rank 0 (re)creates it."""
+    settings_path = out / SETTINGS_NAME
+    if out.exists() and not out.is_dir():
+        raise SiamdiffError("exists and is not a directory", out)
+    ours = settings_path.is_file() or (out / MANIFEST_NAME).is_file()
+    if out.exists() and any(out.iterdir()) and not ours:
+        raise SiamdiffError(
+            "exists and is not a siamdiff synthesis output; refusing to use it", out
+        )
+    if settings_path.is_file() and not overwrite:
+        try:
+            previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SiamdiffError(f"cannot read ({exc})", settings_path) from exc
+        if previous != settings:
+            changed = sorted(
+                k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
+            )
+            raise SiamdiffError(
+                f"was made with other settings ({', '.join(changed)} differ); "
+                "pass --overwrite to replace it or choose another output",
+                out,
+            )
+    if rank != 0:
+        return
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not settings_path.is_file():
+        atomic_write_json(settings_path, settings)
+
+
+def _wait_for_other_ranks(world_size: int) -> None:
+    if world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _write_pair(out: Path, record: Record, image: np.ndarray, mask: np.ndarray) -> Record:
+    image_bytes = atomic_save_png(out / record.image, image)
+    mask_bytes = atomic_save_png(out / record.mask, mask)
+    return Record(
+        **{
+            **asdict(record),
+            "image_sha256": sha256_bytes(image_bytes),
+            "mask_sha256": sha256_bytes(mask_bytes),
+        }
+    )
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _pair_record(source: Record, source_root: Path, k: int, mask: Tensor, extra: dict) -> Record:
+    """The manifest record of sample ``k`` of ``source`` (hashes filled in once written)."""
+    name = pair_name(source.id, k)
+    return Record(
+        id=name,
+        image=f"{name}.png",
+        mask=f"{name}_mask.png",
+        image_sha256="",
+        mask_sha256="",
+        dataset=source.dataset,
+        group=source.group,
+        frame=source.frame,
+        split=source.split,
+        coverage=round(float(mask.mean()), 6),
+        width=mask.shape[-1],
+        height=mask.shape[-2],
+        source_mask=str(source_root / source.mask),
+        source_sha256=source.mask_sha256,
+        extra=extra,
+    )
+
+
+def _generate(
+    loaded: LoadedModel,
+    batches: list[list[tuple[int, int]]],
+    done: set[str],
+    masks: PairedDataset,
+    out: Path,
+    journal: Journal,
+    settings: dict[str, Any],
+    sampler: dict[str, Any],
+    device: torch.device,
+    progress: bool,
+) -> int:
+    """Sample each batch of (record index, sample index) with ``sampler``'s settings; write
+    and journal the pairs not in ``done``. Returns the number of pairs written."""
+    model = loaded.model
+    with torch.no_grad():
+        text, uncond = model.text([loaded.prompt]), model.text([""])
+    todo = sum(pair_name(masks.records[i].id, k) not in done for b in batches for i, k in b)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with tqdm(total=todo, desc="sample", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            records, hints, generators = [], [], []
+            for index, k in batch:
+                source = masks.records[index]
+                seed = derived_seed(settings["seed"], source.id, k, "noise")
+                rng = np.random.default_rng(derived_seed(settings["seed"], source.id, k, "mask"))
+                mask = augment_mask(masks[index]["mask"], sampler["mask_aug"], rng)
+                extra = {
+                    "source_id": source.id,
+                    "seed": seed,
+                    "sample_index": k,
+                    "sampler": sampler,
+                    "model": settings["model"],
+                }
+                records.append(_pair_record(source, masks.root, k, mask, extra))
+                hints.append(mask.expand(3, -1, -1))
+                # CPU generators: the same noise whatever the device samples on.
+                generators.append(torch.Generator().manual_seed(seed))
+            with autocast:
+                latents = ddim_sample(
+                    model,
+                    torch.stack(hints).to(device),
+                    text,
+                    uncond,
+                    steps=sampler["steps"],
+                    guidance=sampler["guidance"],
+                    eta=sampler["eta"],
+                    generator=generators,
+                    scheduler=sampler["scheduler"],
+                )
+            images = to_uint8_rgb(loaded.autoencoder.decode(latents)).permute(0, 2, 3, 1).numpy()
+            for record, image, hint in zip(records, images, hints, strict=True):
+                if record.id in done:
+                    continue
+                mask = (hint[0].numpy() * 255).astype(np.uint8)
+                journal.append(_write_pair(out, record, np.ascontiguousarray(image), mask))
+                bar.update()
+    return todo
+
+
+def _write_grid(out: Path, masks: PairedDataset, indices: list[int]) -> None:
+    """mask | real | synthetic of sample 0 of the first GRID_MASKS masks."""
+    rows = []
+    for index in indices[:GRID_MASKS]:
+        name = pair_name(masks.records[index].id, 0)
+        mask = torch.from_numpy(load_mask(out / f"{name}_mask.png")).float()[None]
+        synthetic = torch.tensor(load_rgb(out / f"{name}.png")).permute(2, 0, 1)
+        rows.append((mask, masks[index]["image"], synthetic.float() / 127.5 - 1))
+    save_sample_grid(out / GRID_NAME, *(torch.stack(column) for column in zip(*rows, strict=True)))
+
+
+def export_format(root: Path, records: Sequence[Record], fmt: str, dest: Path) -> Path:
+    """Copy a synthetic set into another tool's layout at ``dest`` (replaced whole).
+
+    ``pranet``: ``images/ID.png`` + ``masks/ID.png`` (0/255). ``folder``: ``ID.png`` +
+    ``ID_mask.png``. ``nnunet``: an nnU-Net v2 raw dataset (``imagesTr/ID_0000.png`` RGB,
+    ``labelsTr/ID.png`` with labels 0/1, ``dataset.json``); move it to
+    ``nnUNet_raw/DatasetXXX_Name`` to use it.
+    """
+    with atomic_output_dir(dest, overwrite=True) as tmp:
+        for record in records:
+            image, mask = root / record.image, root / record.mask
+            if fmt == "pranet":
+                atomic_write_bytes(tmp / "images" / f"{record.id}.png", image.read_bytes())
+                atomic_write_bytes(tmp / "masks" / f"{record.id}.png", mask.read_bytes())
+            elif fmt == "folder":
+                atomic_write_bytes(tmp / f"{record.id}.png", image.read_bytes())
+                atomic_write_bytes(tmp / f"{record.id}_mask.png", mask.read_bytes())
+            else:
+                atomic_write_bytes(tmp / "imagesTr" / f"{record.id}_0000.png", image.read_bytes())
+                label = load_mask(mask).astype(np.uint8)
+                atomic_save_png(tmp / "labelsTr" / f"{record.id}.png", label)
+        if fmt == "nnunet":
+            atomic_write_json(
+                tmp / "dataset.json",
+                {
+                    "channel_names": {"0": "R", "1": "G", "2": "B"},
+                    "labels": NNUNET_LABELS,
+                    "numTraining": len(records),
+                    "file_ending": ".png",
+                },
+            )
+    return dest
+
+
+def _finalize(
+    out: Path,
+    masks: PairedDataset,
+    indices: list[int],
+    ids: list[str],
+    settings: dict[str, Any],
+    formats: Sequence[str],
+) -> tuple[int, dict[str, Path]]:
+    """Manifest, grid and exports once every pair is finished; (pairs missing, exports)."""
+    done = _finished(out, ids)
+    if len(done) < len(ids):
+        return len(ids) - len(done), {}
+    # Temporaries of writes killed mid-way (atomic_write_bytes names them ".NAME.*.tmp").
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()
+    records = [done[pair_id] for pair_id in ids]
+    write_manifest(
+        out,
+        Manifest(records=records, kind="synthetic", preprocessing={"synthesis": settings}),
+    )
+    _write_grid(out, masks, indices)
+    exports = {fmt: export_format(out, records, fmt, out / f"export-{fmt}") for fmt in formats}
+    return 0, exports
+
+
+def _check_arguments(
+    per_mask: int,
+    steps: int,
+    eta: float,
+    scheduler: str,
+    mask_aug: Sequence[str],
+    batch_size: int,
+    formats: Sequence[str],
+    rank: int,
+    world_size: int,
+    limit: int | None,
+) -> None:
+    problems = [
+        (per_mask < 1, f"--per-mask must be at least 1, got {per_mask}"),
+        (steps < 1, f"--steps must be at least 1, got {steps}"),
+        (batch_size < 1, f"batch size must be at least 1, got {batch_size}"),
+        (limit is not None and limit < 1, f"limit must be at least 1, got {limit}"),
+        (scheduler not in SCHEDULERS, f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})"),
+        (bool(eta) and scheduler != "ddim", f"eta applies to ddim only, not {scheduler!r}"),
+        (not 0 <= rank < world_size, f"rank {rank} is not in 0..{world_size - 1}"),
+    ]
+    problems += [
+        (
+            name not in MASK_AUGMENTATIONS,
+            f"unknown mask augmentation {name!r} ({', '.join(MASK_AUGMENTATIONS)})",
+        )
+        for name in mask_aug
+    ]
+    problems += [
+        (fmt not in FORMATS, f"unknown export format {fmt!r} ({', '.join(FORMATS)})")
+        for fmt in formats
+    ]
+    for failed, message in problems:
+        if failed:
+            raise SiamdiffError(message)
+
+
+def synthesize(
+    model_path: str | Path,
+    masks_root: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = "train",
+    per_mask: int = 1,
+    steps: int = 50,
+    guidance: float = 9.0,
+    eta: float = 0.0,
+    seed: int = 42,
+    scheduler: str = "ddim",
+    mask_aug: Sequence[str] = (),
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    formats: Sequence[str] = (),
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+) -> SynthesisSummary:
+    """Write ``per_mask`` synthetic pairs per mask of ``masks_root``'s ``split`` into ``out``.
+
+    ``split=None`` takes every record; ``limit`` the first ``limit`` masks (by id). Reruns
+    resume; other settings on an existing ``out`` are refused unless ``overwrite``. With
+    ``world_size > 1`` this process does batches ``j % world_size == rank``; after a barrier
+    (accelerate's, when launched distributed) rank 0 writes the manifest if every pair is
+    finished; otherwise rerunning the command (any world size) finishes it.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    _check_arguments(
+        per_mask, steps, eta, scheduler, mask_aug, batch_size, formats, rank, world_size, limit
+    )
+    mask_aug = tuple(a for a in MASK_AUGMENTATIONS if a in mask_aug)  # canonical order
+    source = resolve_model(model_path)
+    masks_root = Path(masks_root).resolve()
+    settings = {
+        "model": source.label,
+        "model_identity": source.identity,
+        "masks": str(masks_root),
+        "split": split,
+        "limit": limit,
+        "per_mask": per_mask,
+        "resolution": source.resolution,
+        "steps": steps,
+        "guidance": float(guidance),
+        "eta": float(eta),
+        "seed": seed,
+        "scheduler": scheduler,
+        "mask_aug": list(mask_aug),
+    }
+    transform = build_transforms(TransformConfig(size=source.resolution), train=False)
+    masks = PairedDataset(masks_root, split, transform=transform)
+    indices = sorted(range(len(masks.records)), key=lambda i: masks.records[i].id)[:limit]
+    _prepare_out(out, settings, overwrite, rank)
+    _wait_for_other_ranks(world_size)
+
+    every = [(i, k) for i in indices for k in range(per_mask)]
+    names = {item: pair_name(masks.records[item[0]].id, item[1]) for item in every}
+    # Batches are fixed slices of the whole job, dealt to the ranks in turn: a pair is always
+    # computed in the same batch, whatever the rank count or interruptions, so floating point
+    # gives the same bytes. (Another batch size may move a pixel by one rounding step.)
+    mine = list(_batches(every, batch_size))[rank::world_size]
+    done = set(_finished(out, [names[item] for batch in mine for item in batch]))
+    work = [batch for batch in mine if any(names[item] not in done for item in batch)]
+    generated = 0
+    if work:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = source.load(device)
+        with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
+            sampler = {key: settings[key] for key in SAMPLER_KEYS} | {"batch_size": batch_size}
+            generated = _generate(
+                loaded, work, done, masks, out, journal, settings, sampler, device, progress
+            )
+
+    _wait_for_other_ranks(world_size)
+    missing, exports = 0, {}
+    if rank == 0:
+        ids = [names[item] for item in every]
+        missing, exports = _finalize(out, masks, indices, ids, settings, formats)
+    return SynthesisSummary(
+        out=out,
+        generated=generated,
+        reused=len(done),
+        elapsed_s=time.perf_counter() - started,
+        manifest_written=rank == 0 and missing == 0,
+        missing=missing,
+        exports=exports,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -1,0 +1,324 @@
+"""``siamdiff sample``: synthetic datasets from a trained tiny model, resumable and rank-split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import siamdiff.synthesize as synth
+from siamdiff.data.manifest import load_manifest, verify
+from siamdiff.errors import SiamdiffError
+from siamdiff.export import export_run
+from siamdiff.synthesize import (
+    augment_mask,
+    derived_seed,
+    split_masks_argument,
+    synthesize,
+)
+from siamdiff.train import train
+from tests.helpers import PHANTOM_SIZE, tiny_config
+
+LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs in batches of 3, 3 and 2
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("synthesize") / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=2", "train.sample_every=100"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run: Path) -> Path:
+    return export_run(trained_run, trained_run.parent / "export")
+
+
+def sample(model: Path, data: Path, out: Path, **kwargs) -> synth.SynthesisSummary:
+    options = {"steps": 2, "per_mask": PER_MASK, "limit": LIMIT, "batch_size": BATCH}
+    return synthesize(model, data, out, progress=False, **(options | kwargs))
+
+
+@pytest.fixture(scope="module")
+def reference(exported: Path, phantom_data: Path) -> Path:
+    """One uninterrupted run that the resumed, rank-split and run-directory runs must match."""
+    out = exported.parent / "reference"
+    summary = sample(exported, phantom_data, out)
+    assert (summary.generated, summary.reused, summary.manifest_written) == (8, 0, True)
+    return out
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every visible file under ``root`` (the journal and settings are bookkeeping)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: Path, exported):
+    report = verify(reference)
+    assert report.checked == 16 and not (report.changed or report.missing or report.unreadable)
+    assert set(report.extra) <= {"samples.png"}  # until verify lists it as ancillary
+    manifest = load_manifest(reference)
+    sources = {r.id: r for r in load_manifest(phantom_data).split("train")}
+    first = sorted(sources)[:LIMIT]
+    assert manifest.kind == "synthetic"
+    assert [r.id for r in manifest.records] == [f"{s}-s{k:02d}" for s in first for k in (0, 1)]
+    for record in manifest.records:
+        source = sources[record.extra["source_id"]]
+        k = record.extra["sample_index"]
+        assert record.image == f"{source.id}-s{k:02d}.png"
+        assert record.mask == f"{source.id}-s{k:02d}_mask.png"
+        assert (record.dataset, record.group, record.split, record.frame) == (
+            source.dataset,
+            source.group,
+            source.split,
+            source.frame,
+        )
+        assert record.extra["seed"] == derived_seed(42, source.id, k, "noise")
+        assert record.extra["model"] == str(exported.resolve())
+        assert record.extra["sampler"] == {
+            "scheduler": "ddim",
+            "steps": 2,
+            "guidance": 9.0,
+            "eta": 0.0,
+            "mask_aug": [],
+            "batch_size": BATCH,
+        }
+        mask, image = png(reference / record.mask), png(reference / record.image)
+        assert image.shape == (PHANTOM_SIZE, PHANTOM_SIZE, 3) and record.width == PHANTOM_SIZE
+        assert set(np.unique(mask)) <= {0, 255}
+        assert record.coverage == pytest.approx((mask > 0).mean(), abs=1e-6)
+        # Without augmentation the saved mask is the source mask at the model's resolution.
+        np.testing.assert_array_equal(mask, png(phantom_data / source.mask))
+    # Samples of one mask differ: their noise seeds differ.
+    assert not np.array_equal(*(png(reference / f"{first[0]}-s{k:02d}.png") for k in (0, 1)))
+    grid = png(reference / "samples.png")
+    assert grid.shape[1] == 3 * PHANTOM_SIZE + 4 * 2  # mask | real | synthetic, 2 px padding
+    assert grid.shape[0] == LIMIT * PHANTOM_SIZE + (LIMIT + 1) * 2
+
+
+def test_rerun_keeps_everything_and_other_seeds_give_other_images(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    before = files(reference)
+    summary = sample(exported, phantom_data, reference)
+    assert (summary.generated, summary.reused) == (0, 8)
+    assert files(reference) == before
+    other = sample(exported, phantom_data, tmp_path / "other", seed=7)
+    assert other.manifest_written
+    name = load_manifest(reference).records[0].image
+    assert not np.array_equal(png(reference / name), png(tmp_path / "other" / name))
+
+
+def test_batch_size_changes_neither_seeds_nor_masks(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    """Noise and masks never depend on batch position. The network's floating point may
+    (matmul blocking differs with the batch), so pixels agree to one rounding step."""
+    sample(exported, phantom_data, tmp_path / "one", batch_size=1)
+    single, batched = load_manifest(tmp_path / "one"), load_manifest(reference)
+    for a, b in zip(single.records, batched.records, strict=True):
+        assert (a.id, a.mask_sha256, a.extra["seed"]) == (b.id, b.mask_sha256, b.extra["seed"])
+        difference = png(tmp_path / "one" / a.image).astype(int) - png(reference / b.image)
+        assert np.abs(difference).max() <= 1
+
+
+def test_resume_after_a_crash_ends_byte_identical(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
+):
+    out = tmp_path / "syn"
+    real_save = synth.atomic_save_png
+    calls = []
+
+    def crash_after_three_pairs_and_an_image(path, array):
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        calls.append(path)
+        return real_save(path, array)
+
+    monkeypatch.setattr(synth, "atomic_save_png", crash_after_three_pairs_and_an_image)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sample(exported, phantom_data, out)
+    monkeypatch.undo()
+    records = load_manifest(reference).records
+    journal = out / ".journal-0.jsonl"
+    assert len(journal.read_text().splitlines()) == 3
+    assert (out / records[3].image).is_file() and not (out / records[3].mask).exists()
+    assert not (out / "manifest-v1.json").exists()
+    # A kill mid-line, a temporary file of a killed write, and a finished file damaged later.
+    with open(journal, "a") as handle:
+        handle.write('{"id": "phantom-p0')
+    (out / f".{records[4].image}.x1y2.tmp").write_bytes(b"half")
+    (out / records[1].image).write_bytes(b"damaged")
+
+    summary = sample(exported, phantom_data, out)
+    assert (summary.generated, summary.reused, summary.manifest_written) == (6, 2, True)
+    assert files(out) == files(reference)
+    assert not list(out.glob(".*.tmp"))
+    assert verify(out).checked == 16
+
+
+def test_other_settings_on_an_existing_output_are_refused(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    shutil.copytree(reference, out)
+    with pytest.raises(SiamdiffError) as error:
+        sample(exported, phantom_data, out, seed=43, guidance=7.5)
+    message = str(error.value)
+    assert "\n" not in message and str(out) in message
+    assert "guidance, seed differ" in message and "--overwrite" in message
+    summary = sample(exported, phantom_data, out, seed=43, guidance=7.5, overwrite=True)
+    assert (summary.generated, summary.reused) == (8, 0)
+    assert load_manifest(out).records[0].extra["seed"] == derived_seed(
+        43, "phantom-p00-0000", 0, "noise"
+    )
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(SiamdiffError, match="not a siamdiff synthesis output"):
+            sample(exported, phantom_data, foreign, overwrite=overwrite)
+    assert (foreign / "holiday.jpg").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"formats": ("coco",)}, "unknown export format 'coco'"),
+        ({"mask_aug": ("rotate",)}, "unknown mask augmentation 'rotate'"),
+        ({"scheduler": "euler"}, "unknown scheduler 'euler'"),
+        ({"scheduler": "unipc", "eta": 0.5}, "eta applies to ddim only"),
+        ({"rank": 2, "world_size": 2}, "rank 2 is not in 0..1"),
+        ({"per_mask": 0}, "--per-mask must be at least 1"),
+        ({"limit": 0}, "limit must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(
+    options: dict, expected: str, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    with pytest.raises(SiamdiffError, match=expected) as error:
+        sample(exported, phantom_data, tmp_path / "syn", **options)
+    assert "\n" not in str(error.value) and not (tmp_path / "syn").exists()
+
+
+def test_a_model_that_is_not_one_is_refused(phantom_data: Path, tmp_path: Path):
+    with pytest.raises(SiamdiffError, match="neither an export"):
+        sample(tmp_path, phantom_data, tmp_path / "syn")
+
+
+def test_mask_augmentation_is_deterministic_and_binary():
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 10:20, 8:14] = 1.0
+    every = ("flip", "scale", "shift")
+
+    def augmented(seed: int, kinds=every) -> torch.Tensor:
+        return augment_mask(mask, kinds, np.random.default_rng(seed))
+
+    assert torch.equal(augmented(0), augmented(0))
+    results = [augmented(seed) for seed in range(12)]
+    assert len({r.numpy().tobytes() for r in results}) > 6
+    for result in results:
+        assert set(result.unique().tolist()) <= {0.0, 1.0} and result.shape == mask.shape
+        # Scale 0.8..1.2 about the lesion centre: area within 0.64..1.44 (+ nearest rounding).
+        assert 0.5 * mask.sum() <= result.sum() <= 1.6 * mask.sum()
+    assert torch.equal(augmented(3, ()), mask)
+    flipped = augmented(1, ("flip",))
+    assert flipped.sum() == mask.sum()  # flips move pixels, never add or drop them
+    assert any(not torch.equal(augmented(s, ("flip",)), mask) for s in range(4))
+
+
+def test_augmented_masks_and_exports(exported: Path, phantom_data: Path, tmp_path: Path):
+    out = tmp_path / "syn"
+    kwargs = {"mask_aug": ("shift", "flip", "scale"), "formats": ("pranet", "nnunet", "folder")}
+    summary = sample(exported, phantom_data, out, **kwargs)
+    records = load_manifest(out).records
+    assert records[0].extra["sampler"]["mask_aug"] == ["flip", "scale", "shift"]
+    changed = 0
+    for record in records:
+        mask = png(out / record.mask)
+        source = png(phantom_data / f"{record.extra['source_id']}_mask.png")
+        assert set(np.unique(mask)) <= {0, 255}
+        assert record.coverage == pytest.approx((mask > 0).mean(), abs=1e-6)
+        changed += not np.array_equal(mask, source)
+    assert changed >= len(records) // 2
+    again = sample(exported, phantom_data, tmp_path / "again", batch_size=BATCH, **kwargs)
+    assert again.manifest_written
+    assert files(tmp_path / "again") == files(out)
+
+    ids = [r.id for r in records]
+    assert set(summary.exports) == {"pranet", "nnunet", "folder"}
+    pranet, nnunet, folder = (out / f"export-{f}" for f in ("pranet", "nnunet", "folder"))
+    assert sorted(p.name for p in (pranet / "images").iterdir()) == [f"{i}.png" for i in ids]
+    for record in records:
+        image, mask = (out / record.image).read_bytes(), (out / record.mask).read_bytes()
+        assert (pranet / "images" / f"{record.id}.png").read_bytes() == image
+        assert (pranet / "masks" / f"{record.id}.png").read_bytes() == mask
+        assert (folder / f"{record.id}.png").read_bytes() == image
+        assert (folder / f"{record.id}_mask.png").read_bytes() == mask
+        assert (nnunet / "imagesTr" / f"{record.id}_0000.png").read_bytes() == image
+        label = png(nnunet / "labelsTr" / f"{record.id}.png")
+        np.testing.assert_array_equal(label, png(out / record.mask) // 255)
+    assert len(list(folder.iterdir())) == 2 * len(ids)
+    assert sorted(p.name for p in (nnunet / "labelsTr").iterdir()) == [f"{i}.png" for i in ids]
+    assert json.loads((nnunet / "dataset.json").read_text()) == {
+        "channel_names": {"0": "R", "1": "G", "2": "B"},
+        "labels": {"background": 0, "polyp": 1},
+        "numTraining": len(ids),
+        "file_ending": ".png",
+    }
+
+
+def test_rank_split_union_equals_a_single_run(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    first = sample(exported, phantom_data, out, rank=0, world_size=2)
+    # Rank 0 has batches 0 and 2 (3 + 2 pairs); rank 1's batch is still missing.
+    assert (first.generated, first.manifest_written, first.missing) == (5, False, 3)
+    assert "manifest not written yet: 3 pairs" in first.format()
+    second = sample(exported, phantom_data, out, rank=1, world_size=2)
+    assert (second.generated, second.manifest_written) == (3, False)
+    assert {p.name for p in out.glob(".journal-*.jsonl")} == {
+        ".journal-0.jsonl",
+        ".journal-1.jsonl",
+    }
+    final = sample(exported, phantom_data, out)
+    assert (final.generated, final.reused, final.manifest_written) == (0, 8, True)
+    assert files(out) == files(reference)
+
+
+def test_a_run_directory_samples_its_newest_checkpoint(
+    reference: Path, trained_run: Path, phantom_data: Path, tmp_path: Path
+):
+    sample(trained_run, phantom_data, tmp_path / "syn")
+    records = load_manifest(tmp_path / "syn").records
+    assert records[0].extra["model"] == str(trained_run.resolve() / "checkpoints/step-00000002")
+    for record in records:
+        assert (tmp_path / "syn" / record.image).read_bytes() == (
+            reference / record.image
+        ).read_bytes()
+
+
+def test_masks_argument_and_seeds():
+    assert split_masks_argument("data") == (Path("data"), "train")
+    assert split_masks_argument("data:val") == (Path("data"), "val")
+    assert split_masks_argument("data:all") == (Path("data"), None)
+    assert split_masks_argument("C:/data") == (Path("C:/data"), "train")
+    seeds = {derived_seed(42, source, k, "noise") for source in ("a", "b") for k in (0, 1)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert derived_seed(42, "a", 0, "noise") != derived_seed(42, "a", 0, "mask")
+    assert derived_seed(42, "a", 0, "noise") == derived_seed(42, "a", 0, "noise")
