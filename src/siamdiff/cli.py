@@ -89,6 +89,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from siamdiff.sample import SCHEDULERS
+    from siamdiff.synthesize import split_masks_argument, synthesize
+
+    if args.scheduler not in SCHEDULERS:
+        raise SiamdiffError(f"unknown --scheduler {args.scheduler!r} ({', '.join(SCHEDULERS)})")
+    masks_root, split = split_masks_argument(args.masks)
+    state = PartialState()  # one process, or one of `accelerate launch`'s
+    summary = synthesize(
+        args.model,
+        masks_root,
+        args.out,
+        split=split,
+        per_mask=args.per_mask,
+        steps=args.steps,
+        guidance=args.guidance,
+        eta=args.eta,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        mask_aug=[a for a in args.mask_aug.split(",") if a],
+        batch_size=args.batch_size,
+        device=args.device,
+        formats=[f for f in args.format.split(",") if f],
+        overwrite=args.overwrite,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        limit=args.limit,
+    )
+    print(summary.format())
+    return 0
+
+
 def cmd_train_segmenter(args: argparse.Namespace) -> int:
     from siamdiff.evaluate.segmenter import train_segmenter
 

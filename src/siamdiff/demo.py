@@ -1,6 +1,7 @@
 """``siamdiff demo``: the whole pipeline on procedural phantom data, on a laptop CPU.
 
-phantom images -> prepare -> verify -> stats -> train (tiny backbone) -> sample grid.
+phantom images -> prepare -> verify -> stats -> train (tiny backbone) -> export -> sample
+-> segmenter on the real split -> evaluate -> report.html.
 Nothing is downloaded; every stage writes what a real run writes.
 """
 
@@ -18,11 +19,17 @@ from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
 from siamdiff.data.stats import format_stats, write_stats
 from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate.metrics import evaluate, format_metrics, write_evaluation_report
+from siamdiff.evaluate.segmenter import train_segmenter
+from siamdiff.export import export_run
+from siamdiff.synthesize import synthesize
 from siamdiff.train import train
 
 PHANTOM_IMAGES = 48
 PHANTOM_SIZE = 128
 TRAIN_SIZE = 64
+SAMPLE_STEPS = 20
+SEGMENTER_EPOCHS = 3
 
 
 def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path:
@@ -40,24 +47,24 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
     def stage(name: str) -> None:
         print(f"\n== {name} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    stage("1/5 phantom data")
+    stage("1/8 phantom data")
     raw = make_phantom_dataset(out / "raw", n=PHANTOM_IMAGES, size=PHANTOM_SIZE, seed=0)
     print(f"{PHANTOM_IMAGES} image-mask pairs in {raw}")
 
-    stage("2/5 prepare")
+    stage("2/8 prepare")
     data = out / "data"
     print(prepare([("folder", raw)], data, size=TRAIN_SIZE).format())
 
-    stage("3/5 verify")
+    stage("3/8 verify")
     report = verify(data)
     print(format_verify(report))
     if not report.ok:
         raise SiamdiffError("freshly prepared data does not verify", data)
 
-    stage("4/5 stats")
+    stage("4/8 stats")
     print(format_stats(write_stats(data)))
 
-    stage(f"5/5 train (tiny backbone, {train_steps} steps)")
+    stage(f"5/8 train (tiny backbone, {train_steps} steps)")
     run_dir = out / "run"
     cfg = load_config(
         "tiny",
@@ -71,6 +78,26 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
         ],
     )
     train(cfg)
+
+    stage("6/8 export + sample (Mask-Diffusion, DDIM, one pair per training mask)")
+    model = export_run(run_dir, out / "model")
+    synthetic = out / "synthetic"
+    print(synthesize(model, data, synthetic, steps=SAMPLE_STEPS, batch_size=8).format())
+
+    stage("7/8 segmenter trained on the real training split (the evaluation's yardstick)")
+    segmenter = train_segmenter(
+        data, out / "segmenter", size=TRAIN_SIZE, epochs=SEGMENTER_EPOCHS, batch_size=8
+    )
+
+    stage("8/8 evaluate")
+    metrics = evaluate(
+        data, synthetic, out / "evaluation" / "metrics.json", segmenter_dir=segmenter
+    )
+    print(format_metrics(metrics))
+    report = write_evaluation_report(metrics, out / "evaluation", run_dir=run_dir)
     stage("done")
-    print(f"data: {data}\nrun: {run_dir} (loss_curve.png, samples/, checkpoints/, tb/)")
+    print(
+        f"data: {data}\nrun: {run_dir} (loss_curve.png, samples/, checkpoints/, tb/)\n"
+        f"synthetic pairs: {synthetic} (samples.png)\nreport: {report}"
+    )
     return run_dir

@@ -244,7 +244,7 @@ def test_dct_autoencoder_on_real_frames(shared_data: Path) -> None:
         torch.stack(
             [
                 torch.from_numpy(
-                    np.asarray(Image.open(f).convert("RGB").resize((256, 256)))
+                    np.array(Image.open(f).convert("RGB").resize((256, 256)))
                 ).permute(2, 0, 1)
                 for f in frames
             ]

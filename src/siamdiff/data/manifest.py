@@ -35,7 +35,9 @@ FORMAT = "siamdiff-manifest"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 # Files siamdiff itself may keep beside the data; verify does not report them as extra.
-ANCILLARY_FILES = frozenset({"stats.json", "stats.png", "prepare-summary.json"})
+ANCILLARY_FILES = frozenset({"stats.json", "stats.png", "prepare-summary.json", "samples.png"})
+# Folders of re-exported copies (`siamdiff sample --format`), not part of the dataset itself.
+EXPORT_PREFIX = "export-"
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,11 @@ def verify(root: str | Path) -> VerifyReport:
             if actual != expected:
                 changed.append(name)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    extra = sorted(n for n in present - listed if not Path(n).name.startswith("."))
+    extra = sorted(
+        n
+        for n in present - listed
+        if not Path(n).name.startswith(".") and not n.startswith(EXPORT_PREFIX)
+    )
     return VerifyReport(
         checked=checked,
         changed=sorted(changed),
