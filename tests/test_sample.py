@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
 from siamdiff.errors import SiamdiffError
+from siamdiff.models.backbone import method_noise_scheduler
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.sample import SCHEDULERS, ddim_sample
 from tests.models.test_siamese import PROMPT, tiny_model
@@ -92,3 +95,37 @@ def test_sampler_errors_are_one_line(
         ddim_sample(model, masks(1), *prompts, steps=2, scheduler="euler")
     with pytest.raises(SiamdiffError, match="eta applies to the ddim scheduler only"):
         ddim_sample(model, masks(1), *prompts, steps=2, eta=0.5, scheduler="unipc")
+
+
+class _OracleDenoiser:
+    """The exact eps-predictor for a data distribution that is a single point ``x_star``."""
+
+    def __init__(self, x_star: torch.Tensor) -> None:
+        self.x_star = x_star
+        self.noise_scheduler = method_noise_scheduler()
+        self.unet = SimpleNamespace(
+            config=SimpleNamespace(in_channels=x_star.shape[1]), dtype=torch.float32
+        )
+
+    def eps_mask(self, zt, t, text_emb, mask_hint):
+        abar = self.noise_scheduler.alphas_cumprod[int(t)]
+        return (zt - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "unipc"])
+def test_sampling_with_the_exact_denoiser_lands_on_the_data(scheduler: str) -> None:
+    x_star = torch.randn(1, 4, 2, 2)
+    oracle = _OracleDenoiser(x_star)
+    hint = torch.zeros(2, 3, 16, 16)
+    text = torch.zeros(1, 1, 1)
+    latents = ddim_sample(
+        oracle,
+        hint,
+        text,
+        text,
+        steps=10,
+        guidance=9.0,
+        scheduler=scheduler,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    )
+    torch.testing.assert_close(latents, x_star.expand(2, -1, -1, -1), atol=2e-3, rtol=0)
