@@ -503,6 +503,11 @@ def write_evaluation_report(
         for name, value in summary_rows(metrics)
     )
     sections = [_img("Mask fidelity per image", histogram)]
+    synthetic_grid = Path(str(metrics.get("synthetic", {}).get("root", ""))) / "samples.png"
+    if synthetic_grid.is_file():  # written by `siamdiff sample`: mask | real | synthetic
+        sections.insert(
+            0, _img("Synthetic samples (mask | real | synthetic)", synthetic_grid.read_bytes())
+        )
     if run_dir is not None:
         run_dir = Path(run_dir)
         loss_curve = run_dir / "loss_curve.png"
