@@ -23,7 +23,20 @@ def test_console_script_and_module_run() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "siamdiff", "--help"], capture_output=True, text=True, check=True
     )
-    for verb in ("demo", "prepare", "verify", "stats", "download", "train", "export"):
+    verbs = (
+        "demo",
+        "prepare",
+        "verify",
+        "stats",
+        "download",
+        "train",
+        "export",
+        "sample",
+        "train-segmenter",
+        "evaluate",
+        "rate",
+    )
+    for verb in verbs:
         assert verb in done.stdout
 
 
@@ -70,10 +83,14 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
         (["train", "tiny"], "data.root"),
         (["train", "tiny", "data.root=x", "train.bogus=1"], "train.bogus"),
         (["train", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["rate"], "SYN REAL --study"),
+        (["rate", "--export", "{tmp}"], "{tmp}"),
+        (["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/syn"], "{tmp}"),
     ],
 )
 def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    needle = needle.replace("{tmp}", str(tmp_path))
     assert main(argv) == 2
     assert needle in one_line_error(capsys)
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from siamdiff.cli import main
 from siamdiff.config import load_config
+from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import build_model, export_run, load_export
 from siamdiff.sample import ddim_sample
@@ -84,3 +85,30 @@ def test_cli_export_prints_one_line_errors(trained_run: Path, tmp_path: Path, ca
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("siamdiff: error:")
+
+
+def test_cli_sample_from_a_run_writes_a_verified_synthetic_set(
+    trained_run: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    argv = [
+        "sample",
+        str(trained_run),
+        "--masks",
+        f"{phantom_data}:train",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--limit",
+        "2",
+        "--per-mask",
+        "2",
+        "--format",
+        "pranet",
+    ]
+    assert main(argv) == 0
+    assert verify(out).ok
+    assert len(load_manifest(out).records) == 4
+    assert len(list((out / "export-pranet" / "images").iterdir())) == 4
+    assert main(argv) == 0  # the same command again: everything is reused

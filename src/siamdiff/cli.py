@@ -172,6 +172,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rate(args: argparse.Namespace) -> int:
+    from siamdiff import rate
+
+    if args.export is not None:
+        summary = rate.export_results(args.export)
+        print(f"wrote mos.json, mos.csv, mos.png to {args.export} ({summary['answers']} answers)")
+        return 0
+    if args.syn is None or args.real is None or args.study is None:
+        raise SiamdiffError("rate needs SYN REAL --study DIR (or --export DIR)")
+    study = rate.open_study(
+        args.syn,
+        args.real,
+        args.study,
+        per_source=args.per_source,
+        repeats=args.repeats,
+        seed=args.seed,
+        overlay=args.overlay,
+    )
+    rate.serve(study.root, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from siamdiff.demo import run_demo
 
@@ -228,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
+    sample = verb(
+        "sample", cmd_sample, "Synthesise image-mask pairs from masks with Mask-Diffusion."
+    )
+    sample.add_argument("model", type=Path, help="an export directory or a training run")
+    sample.add_argument(
+        "--masks",
+        required=True,
+        metavar="DATA[:split]",
+        help="conditioning masks: a siamdiff dataset; train split unless :val, :test or :all",
+    )
+    sample.add_argument("--out", type=Path, required=True)
+    sample.add_argument("--per-mask", type=int, default=1)
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--guidance", type=float, default=9.0)
+    sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument("--seed", type=int, default=42)
+    sample.add_argument("--scheduler", default="ddim", help="ddim | dpmsolver++ | unipc")
+    sample.add_argument("--mask-aug", default="", help="comma list of flip, scale, shift")
+    sample.add_argument("--batch-size", type=int, default=8)
+    sample.add_argument("--device", default=None, help="default: cuda when available")
+    sample.add_argument(
+        "--format", default="", help="also export: comma list of pranet, nnunet, folder"
+    )
+    sample.add_argument("--limit", type=int, default=None, help="only the first N masks")
+    sample.add_argument("--overwrite", action="store_true")
+
     seg = verb(
         "train-segmenter",
         cmd_train_segmenter,
@@ -279,6 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--workers", type=int, default=0)
+
+    rate = verb("rate", cmd_rate, "Blinded realism rating (MOS) of synthetic vs real images.")
+    rate.add_argument("syn", type=Path, nargs="?", help="synthetic dataset")
+    rate.add_argument("real", type=Path, nargs="?", help="real dataset")
+    rate.add_argument("--study", type=Path, help="study directory (created, or resumed)")
+    rate.add_argument("--host", default="127.0.0.1")
+    rate.add_argument("--port", type=int, default=8765)
+    rate.add_argument(
+        "--per-source",
+        type=int,
+        default=None,
+        help="images per source (default: the smaller set's size)",
+    )
+    rate.add_argument("--repeats", type=int, default=3, help="items shown twice (consistency)")
+    rate.add_argument("--seed", type=int, default=0)
+    rate.add_argument("--overlay", action="store_true", help="mask overlay on demand")
+    rate.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write mos.json / mos.csv / mos.png for a study and exit",
+    )
 
     export = verb("export", cmd_export, "Write a diffusers-style model directory from a run.")
     export.add_argument("run", type=Path)

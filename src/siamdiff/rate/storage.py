@@ -1,0 +1,139 @@
+"""SQLite storage of raters and answers: WAL, one connection per request, and
+``BEGIN IMMEDIATE`` writes, so concurrent raters serialise instead of colliding and an
+answer is on disk before the next image is served."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+DB_FILE = "ratings.db"
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no look-alikes (0/O, 1/I)
+CODE_LENGTH = 8
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS raters (
+    id INTEGER PRIMARY KEY,
+    code TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created TEXT NOT NULL DEFAULT (datetime('now'))
+);
+CREATE TABLE IF NOT EXISTS answers (
+    rater_id INTEGER NOT NULL REFERENCES raters(id),
+    position INTEGER NOT NULL,
+    item INTEGER NOT NULL,
+    score INTEGER NOT NULL CHECK (score BETWEEN 1 AND 5),
+    guess TEXT CHECK (guess IN ('real', 'synthetic')),
+    answered TEXT NOT NULL DEFAULT (datetime('now')),
+    PRIMARY KEY (rater_id, position)
+);
+"""
+
+
+class PositionTaken(Exception):
+    """The rater already answered this position (a replayed or double-submitted form)."""
+
+
+class WrongPosition(Exception):
+    """The answer is not for the rater's current position."""
+
+
+@dataclass(frozen=True)
+class Rater:
+    id: int
+    code: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    rater: str  # the rater's code
+    position: int
+    item: int
+    score: int
+    guess: str | None
+
+
+def connect(study_root: str | Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit, so BEGIN IMMEDIATE means what it says.
+    conn = sqlite3.connect(Path(study_root) / DB_FILE, timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def init_db(study_root: str | Path) -> None:
+    conn = connect(study_root)
+    try:
+        conn.executescript(SCHEMA)
+    finally:
+        conn.close()
+
+
+def create_rater(conn: sqlite3.Connection, name: str) -> Rater:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        while True:
+            code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+            if conn.execute("SELECT 1 FROM raters WHERE code = ?", (code,)).fetchone() is None:
+                break
+        cursor = conn.execute("INSERT INTO raters (code, name) VALUES (?, ?)", (code, name))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return Rater(int(cursor.lastrowid or 0), code, name)
+
+
+def find_rater(conn: sqlite3.Connection, code: str) -> Rater | None:
+    row = conn.execute("SELECT id, code, name FROM raters WHERE code = ?", (code,)).fetchone()
+    return Rater(*row) if row else None
+
+
+def next_position(conn: sqlite3.Connection, rater: Rater) -> int:
+    """Answers are only accepted in order, so the count of answers is the next position."""
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM answers WHERE rater_id = ?", (rater.id,)
+    ).fetchone()
+    return int(count)
+
+
+def record_answer(
+    conn: sqlite3.Connection,
+    rater: Rater,
+    position: int,
+    item: int,
+    score: int,
+    guess: str | None,
+) -> None:
+    """Commit one answer; raises PositionTaken or WrongPosition for out-of-order answers."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = next_position(conn, rater)
+        if position < current:
+            raise PositionTaken(position)
+        if position != current:
+            raise WrongPosition(position)
+        conn.execute(
+            "INSERT INTO answers (rater_id, position, item, score, guess) VALUES (?, ?, ?, ?, ?)",
+            (rater.id, position, item, score, guess),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def all_answers(study_root: str | Path) -> list[Answer]:
+    conn = connect(study_root)
+    try:
+        rows = conn.execute(
+            "SELECT r.code, a.position, a.item, a.score, a.guess FROM answers a "
+            "JOIN raters r ON r.id = a.rater_id ORDER BY r.code, a.position"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [Answer(*row) for row in rows]

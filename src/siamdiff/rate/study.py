@@ -1,0 +1,210 @@
+"""A rating study: a seeded, balanced, shuffled sequence of real and synthetic images.
+
+Layout of a study directory::
+
+    study.json     format, version, items (source + record per item) and the sequence
+    secret.key     random key for opaque image names and per-position answer tokens
+    images/        re-encoded copies named by HMAC(secret, item index): nothing in a
+                   name, URL or PNG chunk tells a rater where an image came from
+    ratings.db     the answers (created by the server, see storage.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from siamdiff import __version__
+from siamdiff.atomic import (
+    atomic_output_dir,
+    atomic_save_png,
+    atomic_write_bytes,
+    atomic_write_json,
+)
+from siamdiff.data.manifest import Manifest, Record, load_manifest
+from siamdiff.data.readers import load_mask, load_rgb
+from siamdiff.errors import SiamdiffError
+
+STUDY_FORMAT = "siamdiff-rating-study"
+STUDY_VERSION = 1
+STUDY_FILE = "study.json"
+SECRET_FILE = "secret.key"
+IMAGES_DIR = "images"
+SOURCES = ("real", "synthetic")
+OVERLAY_COLOUR = np.array([0, 255, 0], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One distinct image of the study; ``name`` is its opaque file stem."""
+
+    name: str
+    source: str
+    record_id: str
+    dataset: str
+    overlay: bool
+
+
+@dataclass(frozen=True)
+class Study:
+    root: Path
+    items: list[Item]
+    sequence: list[int]  # item indices in presentation order; repeated items appear twice
+    secret: bytes
+    info: dict[str, Any]
+
+    @property
+    def by_name(self) -> dict[str, Item]:
+        return {item.name: item for item in self.items}
+
+    def image_path(self, name: str, overlay: bool = False) -> Path:
+        suffix = "-overlay" if overlay else ""
+        return self.root / IMAGES_DIR / f"{name}{suffix}.png"
+
+    def position_token(self, rater_id: int, position: int) -> str:
+        """HMAC binding an answer to one rater, one position and the item shown there."""
+        message = f"{rater_id}:{position}:{self.sequence[position]}".encode()
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+
+
+def _opaque_name(secret: bytes, index: int) -> str:
+    return hmac.new(secret, f"item:{index}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the mask's outline drawn in green (the lesion itself stays visible)."""
+    outline = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    out = image.copy()
+    out[outline] = OVERLAY_COLOUR
+    return out
+
+
+def _pick(manifest: Manifest, count: int, rng: np.random.Generator) -> list[Record]:
+    records = sorted(manifest.records, key=lambda r: r.id)
+    chosen = rng.choice(len(records), size=count, replace=False)
+    return [records[i] for i in sorted(chosen)]
+
+
+def _sequence(n_items: int, repeats: int, rng: np.random.Generator) -> list[int]:
+    """Shuffled items, then ``repeats`` of them re-inserted at least two places after their
+    first showing, so a repeat is never seen back to back."""
+    order = [int(i) for i in rng.permutation(n_items)]
+    # Never the last-shown item: it has no later slot two places on.
+    for item in (int(i) for i in rng.choice(order[:-1], size=repeats, replace=False)):
+        first = order.index(item)
+        order.insert(int(rng.integers(first + 2, len(order) + 1)), item)
+    return order
+
+
+def build_study(
+    synthetic: str | Path,
+    real: str | Path,
+    out: str | Path,
+    per_source: int | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    overlay: bool = False,
+) -> Study:
+    """Create the study directory ``out`` (atomically) and return the loaded study.
+
+    ``per_source`` images are drawn from each set (default: as many as the smaller set has);
+    ``repeats`` of them are shown a second time to measure intra-rater consistency.
+    """
+    manifests = {"synthetic": load_manifest(synthetic), "real": load_manifest(real)}
+    for source, root in (("synthetic", synthetic), ("real", real)):
+        if not manifests[source].records:
+            raise SiamdiffError("dataset has no records to rate", root)
+    available = min(len(m.records) for m in manifests.values())
+    count = available if per_source is None else per_source
+    if not 1 <= count <= available:
+        raise SiamdiffError(
+            f"--per-source must be between 1 and {available} (the smaller set's size), got {count}"
+        )
+    if not 0 <= repeats <= 2 * count - 1:
+        raise SiamdiffError(f"--repeats must be between 0 and {2 * count - 1}, got {repeats}")
+    rng = np.random.default_rng(seed)
+    secret = secrets.token_bytes(32)
+    roots = {"synthetic": Path(synthetic), "real": Path(real)}
+    picked = [(s, r) for s in SOURCES for r in _pick(manifests[s], count, rng)]
+    shuffled = [picked[i] for i in rng.permutation(len(picked))]
+    with atomic_output_dir(out) as tmp:
+        items = []
+        for index, (source, record) in enumerate(shuffled):
+            name = _opaque_name(secret, index)
+            image = load_rgb(roots[source] / record.image)
+            atomic_save_png(tmp / IMAGES_DIR / f"{name}.png", image)
+            if overlay:
+                mask = load_mask(roots[source] / record.mask)
+                atomic_save_png(tmp / IMAGES_DIR / f"{name}-overlay.png", mask_overlay(image, mask))
+            items.append(Item(name, source, record.id, record.dataset, overlay))
+        atomic_write_bytes(tmp / SECRET_FILE, secret.hex().encode())
+        atomic_write_json(
+            tmp / STUDY_FILE,
+            {
+                "format": STUDY_FORMAT,
+                "format_version": STUDY_VERSION,
+                "created_by": f"siamdiff {__version__}",
+                "sources": {s: str(Path(roots[s]).resolve()) for s in SOURCES},
+                "settings": {
+                    "per_source": count,
+                    "repeats": repeats,
+                    "seed": seed,
+                    "overlay": overlay,
+                },
+                "items": [asdict(item) for item in items],
+                "sequence": _sequence(len(items), repeats, rng),
+            },
+        )
+    return load_study(out)
+
+
+def load_study(root: str | Path) -> Study:
+    """Load and validate a study directory; one-line SiamdiffError on any problem."""
+    root = Path(root)
+    path = root / STUDY_FILE
+    if not path.is_file():
+        raise SiamdiffError(f"no {STUDY_FILE} here (is this a siamdiff rating study?)", root)
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        secret = bytes.fromhex((root / SECRET_FILE).read_text(encoding="ascii").strip())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SiamdiffError(f"cannot read the study ({exc})", path) from exc
+    if not isinstance(info, dict) or info.get("format") != STUDY_FORMAT:
+        raise SiamdiffError("not a siamdiff rating study", path)
+    if info.get("format_version") != STUDY_VERSION:
+        raise SiamdiffError(
+            f"study format {info.get('format_version')!r} is not supported "
+            f"(this siamdiff reads format {STUDY_VERSION}; it was made by "
+            f"{info.get('created_by', 'an unknown version')})",
+            path,
+        )
+    try:
+        items = [Item(**raw) for raw in info["items"]]
+        sequence = [int(i) for i in info["sequence"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SiamdiffError(f"study is malformed ({exc})", path) from exc
+    if any(not 0 <= i < len(items) for i in sequence) or any(
+        item.source not in SOURCES for item in items
+    ):
+        raise SiamdiffError("study is malformed (bad item index or source)", path)
+    return Study(root=root, items=items, sequence=sequence, secret=secret, info=info)
+
+
+def open_study(
+    synthetic: str | Path,
+    real: str | Path,
+    out: str | Path,
+    **settings: Any,
+) -> Study:
+    """Resume the study at ``out`` if it exists, else build it (``settings`` as build_study)."""
+    if Path(out).exists():
+        return load_study(out)
+    return build_study(synthetic, real, out, **settings)

@@ -1,0 +1,185 @@
+"""HTTP behaviour of the rating app: blinding, ordering, replay/forgery, injection, paths."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from flask.testing import FlaskClient
+
+from siamdiff.errors import SiamdiffError
+from siamdiff.rate.export import export_results
+from siamdiff.rate.server import create_app
+from siamdiff.rate.storage import all_answers, connect, find_rater
+from siamdiff.rate.study import Study
+
+
+@pytest.fixture
+def client(study: Study) -> FlaskClient:
+    return create_app(study.root).test_client()
+
+
+def begin(client: FlaskClient, name: str = "Dr Who") -> str:
+    response = client.post("/start", data={"name": name})
+    assert response.status_code == 303
+    return response.headers["Location"].rsplit("/", 1)[1]
+
+
+def current_form(client: FlaskClient, code: str) -> dict[str, str]:
+    page = client.get(f"/rate/{code}").get_data(as_text=True)
+    fields = dict(re.findall(r'name="(position|token)" value="([^"]*)"', page))
+    fields["image"] = re.search(r'src="/image/([0-9a-f]+)"', page).group(1)
+    return fields
+
+
+def answer(client: FlaskClient, code: str, score: int, guess: str = "") -> int:
+    form = current_form(client, code)
+    data = {"position": form["position"], "token": form["token"], "score": str(score)}
+    if guess:
+        data["guess"] = guess
+    return client.post(f"/rate/{code}", data=data).status_code
+
+
+def test_full_rating_round_trip(client: FlaskClient, study: Study) -> None:
+    code = begin(client)
+    shown = []
+    for position in range(len(study.sequence)):
+        form = current_form(client, code)
+        assert form["position"] == str(position)
+        shown.append(form["image"])
+        assert client.get(f"/image/{form['image']}").status_code == 200
+        assert answer(client, code, 1 + position % 5, "real") == 303
+    assert shown == [study.items[i].name for i in study.sequence]
+    assert "Thank you" in client.get(f"/rate/{code}").get_data(as_text=True)
+    answers = all_answers(study.root)
+    assert [a.score for a in answers] == [1 + p % 5 for p in range(len(study.sequence))]
+    summary = export_results(study.root)
+    assert summary["answers"] == len(study.sequence)
+    assert {p.name for p in study.root.iterdir()} >= {"mos.json", "mos.csv", "mos.png"}
+
+
+def test_page_never_reveals_the_source(client: FlaskClient, study: Study) -> None:
+    code = begin(client)
+    skeletons: dict[str, set[str]] = {}
+    for index in study.sequence:
+        item = study.items[index]
+        page = client.get(f"/rate/{code}").get_data(as_text=True)
+        assert item.record_id not in page
+        form = current_form(client, code)
+        assert form["image"] == item.name
+        # Strip what legitimately changes; what is left must not depend on the source.
+        for varying in (item.name, form["token"]):
+            page = page.replace(varying, "")
+        skeletons.setdefault(item.source, set()).add(re.sub(r"\d+", "#", page))
+        assert answer(client, code, 3) == 303
+    assert skeletons["real"] == skeletons["synthetic"]
+    assert len(skeletons["real"]) == 1
+
+
+def test_replayed_forged_and_invalid_answers_are_rejected(
+    client: FlaskClient, study: Study
+) -> None:
+    code = begin(client)
+    form = current_form(client, code)
+    good = {"position": form["position"], "token": form["token"], "score": "4"}
+    assert client.post(f"/rate/{code}", data=good).status_code == 303
+    replay = client.post(f"/rate/{code}", data=good)
+    assert replay.status_code == 409 and "already answered" in replay.get_data(as_text=True)
+    nxt = current_form(client, code)
+    forged = {"position": nxt["position"], "token": "0" * 64, "score": "3"}
+    assert client.post(f"/rate/{code}", data=forged).status_code == 403
+    other = begin(client, "Other")  # another rater's token is a forgery too
+    assert client.post(f"/rate/{other}", data={**nxt, "score": "3"}).status_code == 403
+    for score in ("0", "6", "x", ""):
+        data = {"position": nxt["position"], "token": nxt["token"], "score": score}
+        assert client.post(f"/rate/{code}", data=data).status_code == 400
+    bad_guess = {"position": nxt["position"], "token": nxt["token"], "score": "3", "guess": "x"}
+    assert client.post(f"/rate/{code}", data=bad_guess).status_code == 400
+    ahead = current_form(client, other)
+    assert ahead["position"] == "0"
+    assert len(all_answers(study.root)) == 1
+
+
+def test_skipping_ahead_is_refused(client: FlaskClient, study: Study) -> None:
+    code = begin(client)
+    conn = connect(study.root)
+    rater = find_rater(conn, code)
+    conn.close()
+    token = study.position_token(rater.id, 2)  # a valid token, but not for the current image
+    response = client.post(f"/rate/{code}", data={"position": "2", "token": token, "score": "3"})
+    assert response.status_code == 409 and "not the current image" in response.get_data(True)
+
+
+def test_unknown_rater_code_is_a_clear_error(client: FlaskClient) -> None:
+    response = client.post("/resume", data={"code": "ZZZZZZZZ"})
+    assert response.status_code == 404
+    assert "Unknown rater code" in response.get_data(as_text=True)
+    assert client.get("/rate/<script>").status_code == 404
+    code = begin(client)
+    assert client.post("/resume", data={"code": code.lower()}).status_code == 303
+
+
+def test_names_cannot_inject_html(client: FlaskClient) -> None:
+    code = begin(client, '<script>alert("x")</script><img src=x onerror=alert(1)>')
+    page = client.get(f"/rate/{code}").get_data(as_text=True)
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert" in page
+    assert client.post("/start", data={"name": "   "}).status_code == 400
+    assert client.post("/start", data={"name": "x" * 81}).status_code == 400
+
+
+def test_no_path_from_url_to_file(client: FlaskClient, study: Study) -> None:
+    for url in (
+        "/image/../study.json",
+        "/image/..%2Fstudy.json",
+        "/image/%2e%2e%2fsecret.key",
+        "/study.json",
+        "/secret.key",
+        "/images/" + study.items[0].name + ".png",
+        "/static/../secret.key",
+        "/image/" + study.items[0].name + ".png",
+    ):
+        response = client.get(url)
+        assert response.status_code == 404, url
+        assert study.secret.hex() not in response.get_data(as_text=True)
+    item = study.items[0]
+    assert client.get(f"/image/{item.name}?overlay=1").status_code == 200
+
+
+def test_security_headers(client: FlaskClient) -> None:
+    response = client.get("/")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_concurrent_raters_do_not_collide(study: Study) -> None:
+    app = create_app(study.root)
+    errors: list[BaseException] = []
+
+    def rate_all(name: str) -> None:
+        try:
+            client = app.test_client()
+            code = begin(client, name)
+            for _ in study.sequence:
+                assert answer(client, code, 3) == 303
+        except BaseException as exc:  # re-raised in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rate_all, args=(f"rater {i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    answers = all_answers(study.root)
+    assert len(answers) == 3 * len(study.sequence)
+    assert len({a.rater for a in answers}) == 3
+
+
+def test_export_without_answers_is_a_clear_error(study: Study) -> None:
+    with pytest.raises(SiamdiffError, match="no ratings yet"):
+        export_results(study.root)
+    create_app(study.root)
+    with pytest.raises(SiamdiffError, match="no ratings yet"):
+        export_results(study.root)
