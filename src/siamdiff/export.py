@@ -171,15 +171,22 @@ def export_run(
     run: str | Path, out: str | Path, checkpoint: str | None = None, overwrite: bool = False
 ) -> Path:
     """Export one checkpoint (default: the newest) of a training run."""
-    from siamdiff.train import checkpoints  # the run layout belongs to train.py
+    # The run layout belongs to train.py.
+    from siamdiff.train import checkpoint_problem, checkpoints, last_valid_checkpoint
 
     run, out = Path(run), Path(out)
     found = checkpoints(run)
     if not found:
         raise SiamdiffError("no checkpoints (is this a `siamdiff train` run directory?)", run)
-    chosen = found[-1] if checkpoint is None else run / "checkpoints" / checkpoint
-    if chosen not in found:
-        raise SiamdiffError(f"no complete checkpoint {checkpoint!r}", run / "checkpoints")
+    if checkpoint is None:
+        chosen = last_valid_checkpoint(run)
+    else:
+        chosen = run / "checkpoints" / checkpoint
+        if chosen not in found:
+            raise SiamdiffError(f"no complete checkpoint {checkpoint!r}", run / "checkpoints")
+        problem = checkpoint_problem(chosen)
+        if problem:
+            raise SiamdiffError(f"damaged checkpoint: {problem}", chosen)
     cfg = load_config(run / "config.yaml")
     model, autoencoder, _ = build_model(cfg)
     weights = load_file(chosen / "model.safetensors")

@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from siamdiff.atomic import atomic_write_json, atomic_write_text
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.manifest import verify
+from siamdiff.data.manifest import sha256_file, verify
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
@@ -42,10 +43,11 @@ from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
 from siamdiff.models.backbone import freeze_for_training
 from siamdiff.models.siamese import SiameseDiffusion
-from siamdiff.report import save_loss_curve, save_sample_grid
+from siamdiff.report import read_loss_log, save_loss_curve, save_sample_grid
 from siamdiff.sample import ddim_sample
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+CHECKSUMS_NAME = "checksums.json"
 LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
 
 
@@ -79,6 +81,48 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_digests(checkpoint: Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint directory but the checksum file itself."""
+    return {
+        p.relative_to(checkpoint).as_posix(): sha256_file(p)
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS_NAME
+    }
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` must not be resumed from, or None when it matches its checksums.
+
+    A renamed checkpoint is complete, but a disk error or a stray edit can still damage
+    its files later; resuming from one would silently train on garbage.
+    """
+    try:
+        expected = json.loads((checkpoint / CHECKSUMS_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"no readable {CHECKSUMS_NAME} ({type(exc).__name__})"
+    actual = checkpoint_digests(checkpoint)
+    bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+    return f"checksum mismatch in {', '.join(bad)}" if bad else None
+
+
+def last_valid_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that passes its checksums; damaged newer ones are skipped."""
+    for candidate in reversed(checkpoints(run_dir)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        warnings.warn(f"{candidate}: not resumed from: {problem}", stacklevel=2)
+    raise SiamdiffError("no checkpoint passes its checksums", run_dir / "checkpoints")
+
+
+def truncate_loss_log(path: Path, step: int) -> None:
+    """Drop the rows after ``step``: a killed run logs steps that its last checkpoint lacks,
+    and the resumed run logs them again."""
+    if path.is_file():
+        rows = [row for row in read_loss_log(path) if row["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
     """accelerate state (safetensors weights, optimiser, scheduler, RNG) written to a
     temporary name and renamed, so a kill mid-write never leaves a loadable half-checkpoint."""
@@ -90,6 +134,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_las
     accelerator.save_state(str(partial), safe_serialization=True)
     if accelerator.is_main_process:
         atomic_write_json(partial / "trainer_state.json", {"step": step})
+        atomic_write_json(partial / CHECKSUMS_NAME, checkpoint_digests(partial))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in checkpoints(run_dir)[:-keep_last]:
@@ -289,7 +334,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     # ---- run directory, resume ----------------------------------------------------------
     step = 0
     if resume and checkpoints(run_dir):
-        last = checkpoints(run_dir)[-1]
+        last = last_valid_checkpoint(run_dir)
         accelerator.load_state(str(last))
         step = json.loads((last / "trainer_state.json").read_text())["step"]
         accelerator.print(f"resumed from {last} at step {step}")
@@ -298,6 +343,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         accelerator.init_trackers("siamdiff")
     log_path = run_dir / "losses.jsonl"
+    if accelerator.is_main_process:
+        truncate_loss_log(log_path, step)
 
     # ---- loop -------------------------------------------------------------------------
     stream = batches(
@@ -316,7 +363,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         dynamic_ncols=True,
     )
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
-    seen, nonfinite, started = 0, 0, time.perf_counter()
+    seen, skipped, nonfinite, started = 0, 0, 0, time.perf_counter()
     try:
         while step < cfg.train.max_steps:
             batch = next(stream)
@@ -345,6 +392,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 finite = accelerator.gather(torch.isfinite(terms["loss"].detach()).reshape(1))
                 if not finite.all():
                     nonfinite += 1
+                    skipped += 1
                     optimizer.zero_grad(set_to_none=True)
                     if nonfinite >= cfg.train.max_nonfinite:
                         raise SiamdiffError(
@@ -371,6 +419,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 means = {k: v / seen for k, v in sums.items()}
                 means["lr"] = lr_schedule.get_last_lr()[0]
+                means["nonfinite_skipped"] = skipped
                 means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
                 accelerator.log(
                     {f"loss/{k}": means[k] for k in LOSS_KEYS} | {"lr": means["lr"]}, step=step
@@ -380,7 +429,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": step, **means}) + "\n")
                 sums = dict.fromkeys(LOSS_KEYS, 0.0)
-                seen, started = 0, time.perf_counter()
+                seen, skipped, started = 0, 0, time.perf_counter()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
                 save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
             if accelerator.is_main_process and (
