@@ -31,6 +31,7 @@ to a temporary directory first.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -512,6 +513,26 @@ def _check_arguments(
             raise SiamdiffError(message)
 
 
+@contextlib.contextmanager
+def exclusive_writer(out: Path, rank: int) -> Iterator[None]:
+    """Hold ``.{out}.lock-{rank}`` beside ``out`` for the whole job.
+
+    A second ``siamdiff sample`` on the same output (same rank) fails at once instead of
+    interleaving files and journal lines with the first. The lock lives beside ``out`` so
+    that ``--overwrite`` cannot delete it, and the OS drops it when the holder dies.
+    """
+    lock_path = out.parent / f".{out.name}.lock-{rank}"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SiamdiffError(
+                f"another `siamdiff sample` is writing here (rank {rank}); wait for it", out
+            ) from exc
+        yield
+
+
 def synthesize(
     model_path: str | Path,
     masks_root: str | Path,
@@ -568,40 +589,41 @@ def synthesize(
     transform = build_transforms(TransformConfig(size=source.resolution), train=False)
     masks = PairedDataset(masks_root, split, transform=transform)
     indices = sorted(range(len(masks.records)), key=lambda i: masks.records[i].id)[:limit]
-    _prepare_out(out, settings, overwrite, rank)
-    _wait_for_other_ranks(world_size)
+    with exclusive_writer(out, rank):
+        _prepare_out(out, settings, overwrite, rank)
+        _wait_for_other_ranks(world_size)
 
-    every = [(i, k) for i in indices for k in range(per_mask)]
-    names = {item: pair_name(masks.records[item[0]].id, item[1]) for item in every}
-    # Batches are fixed slices of the whole job, dealt to the ranks in turn: a pair is always
-    # computed in the same batch, whatever the rank count or interruptions, so floating point
-    # gives the same bytes. (Another batch size may move a pixel by one rounding step.)
-    mine = list(_batches(every, batch_size))[rank::world_size]
-    done = set(_finished(out, [names[item] for batch in mine for item in batch]))
-    work = [batch for batch in mine if any(names[item] not in done for item in batch)]
-    generated = 0
-    if work:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loaded = source.load(device)
-        with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
-            sampler = {key: settings[key] for key in SAMPLER_KEYS} | {"batch_size": batch_size}
-            generated = _generate(
-                loaded, work, done, masks, out, journal, settings, sampler, device, progress
-            )
+        every = [(i, k) for i in indices for k in range(per_mask)]
+        names = {item: pair_name(masks.records[item[0]].id, item[1]) for item in every}
+        # Batches are fixed slices of the whole job, dealt to the ranks in turn: a pair is always
+        # computed in the same batch, whatever the rank count or interruptions, so floating point
+        # gives the same bytes. (Another batch size may move a pixel by one rounding step.)
+        mine = list(_batches(every, batch_size))[rank::world_size]
+        done = set(_finished(out, [names[item] for batch in mine for item in batch]))
+        work = [batch for batch in mine if any(names[item] not in done for item in batch)]
+        generated = 0
+        if work:
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            loaded = source.load(device)
+            with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
+                sampler = {key: settings[key] for key in SAMPLER_KEYS} | {"batch_size": batch_size}
+                generated = _generate(
+                    loaded, work, done, masks, out, journal, settings, sampler, device, progress
+                )
 
-    _wait_for_other_ranks(world_size)
-    missing, exports = 0, {}
-    if rank == 0:
-        ids = [names[item] for item in every]
-        missing, exports = _finalize(out, masks, indices, ids, settings, formats)
-    return SynthesisSummary(
-        out=out,
-        generated=generated,
-        reused=len(done),
-        elapsed_s=time.perf_counter() - started,
-        manifest_written=rank == 0 and missing == 0,
-        missing=missing,
-        exports=exports,
-        rank=rank,
-        world_size=world_size,
-    )
+        _wait_for_other_ranks(world_size)
+        missing, exports = 0, {}
+        if rank == 0:
+            ids = [names[item] for item in every]
+            missing, exports = _finalize(out, masks, indices, ids, settings, formats)
+        return SynthesisSummary(
+            out=out,
+            generated=generated,
+            reused=len(done),
+            elapsed_s=time.perf_counter() - started,
+            manifest_written=rank == 0 and missing == 0,
+            missing=missing,
+            exports=exports,
+            rank=rank,
+            world_size=world_size,
+        )

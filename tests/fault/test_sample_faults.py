@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from siamdiff.data.manifest import MANIFEST_NAME, verify
+from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run
-from siamdiff.synthesize import _finished, synthesize
+from siamdiff.synthesize import _finished, exclusive_writer, synthesize
 from siamdiff.train import train
 from tests.fault.helpers import fail_fsync, kill_when, run_ok
 from tests.helpers import tiny_config
@@ -101,3 +102,17 @@ def test_sampling_write_failure_names_the_file_and_a_rerun_completes(
     monkeypatch.undo()
     synthesize(exported, phantom_data, out, progress=False, **OPTIONS)
     assert visible(out) == visible(reference) and verify(out).ok
+
+
+def test_a_second_sampler_on_the_same_output_fails_fast(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    with exclusive_writer(out, rank=0):  # as a first `siamdiff sample` still running would
+        with pytest.raises(SiamdiffError, match="another `siamdiff sample`"):
+            synthesize(exported, phantom_data, out, progress=False, **OPTIONS)
+        # --overwrite must not wipe the running job's output either.
+        with pytest.raises(SiamdiffError, match="another `siamdiff sample`"):
+            synthesize(exported, phantom_data, out, progress=False, overwrite=True, **OPTIONS)
+    synthesize(exported, phantom_data, out, progress=False, **OPTIONS)  # released: runs
+    assert verify(out).ok

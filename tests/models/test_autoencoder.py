@@ -243,9 +243,9 @@ def test_dct_autoencoder_on_real_frames(shared_data: Path) -> None:
     images = (
         torch.stack(
             [
-                torch.from_numpy(
-                    np.array(Image.open(f).convert("RGB").resize((256, 256)))
-                ).permute(2, 0, 1)
+                torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((256, 256)))).permute(
+                    2, 0, 1
+                )
                 for f in frames
             ]
         ).float()
