@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import time
@@ -335,7 +336,11 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     step = 0
     if resume and checkpoints(run_dir):
         last = last_valid_checkpoint(run_dir)
-        accelerator.load_state(str(last))
+        try:  # accelerate unpickles optimizer/scheduler/RNG state with weights_only=True
+            accelerator.load_state(str(last))
+        except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SiamdiffError(f"cannot resume from this checkpoint ({reason})", last) from exc
         step = json.loads((last / "trainer_state.json").read_text())["step"]
         accelerator.print(f"resumed from {last} at step {step}")
     if accelerator.is_main_process:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from siamdiff import cli
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
-from siamdiff.train import CHECKSUMS_NAME, checkpoint_problem, checkpoints, train
+from siamdiff.train import (
+    CHECKSUMS_NAME,
+    checkpoint_digests,
+    checkpoint_problem,
+    checkpoints,
+    train,
+)
 from tests.fault.helpers import (
     TINY_OVERRIDES,
     error_line,
@@ -162,3 +169,27 @@ def test_nonfinite_losses_in_a_row_stop_the_run(phantom_data: Path, tmp_path, mo
     assert "\n" not in str(caught.value)
     assert [p.name for p in checkpoints(run)] == ["step-00000001"]
     assert all_finite(checkpoints(run)[0])
+
+
+class _Payload:
+    """Unpickling this would run a command: a checkpoint from a hostile source."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/siamdiff-pwned",))
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(phantom_data: Path, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = (f"data.root={phantom_data}", f"run_dir={run}", *TINY_OVERRIDES)
+    overrides += ("train.max_steps=2", "train.checkpoint_every=2", "train.sample_every=100")
+    assert cli.main(["train", "tiny", *overrides]) == 0
+    last = checkpoints(run)[-1]
+    torch.save({"state": _Payload()}, last / "optimizer.bin")
+    # Even with matching checksums (an attacker can recompute them), nothing executes.
+    (last / CHECKSUMS_NAME).write_text(json.dumps(checkpoint_digests(last)))
+    Path("/tmp/siamdiff-pwned").unlink(missing_ok=True)
+    capsys.readouterr()
+
+    assert cli.main(["train", "tiny", *overrides, "train.max_steps=3", "--resume"]) == 2
+    assert not Path("/tmp/siamdiff-pwned").exists()
+    assert "cannot resume from this checkpoint" in error_line(capsys.readouterr().err)
