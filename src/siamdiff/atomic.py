@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a reader never sees a half-written output."""
+"""Atomic file and directory writes (a reader never sees a half-written output), and the
+matching read of the JSON files siamdiff writes."""
 
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str, missing_hint: str) -> Any:
+    """Parse ``path``, a JSON file siamdiff wrote; a one-line SiamdiffError names the file
+    when it is absent (``"no NAME here (missing_hint)"``) or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise SiamdiffError(f"no {path.name} here ({missing_hint})", path.parent)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SiamdiffError(f"cannot read {what} ({exc})", path) from exc
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_output_dir, atomic_write_json
+from siamdiff.atomic import atomic_output_dir, atomic_write_json, read_json
 from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
@@ -140,12 +140,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     """Load an export directory for sampling (eval mode, no gradients)."""
     path = Path(path)
     meta_path = path / META_NAME
-    if not meta_path.is_file():
-        raise SiamdiffError(f"no {META_NAME}: not a siamdiff export (run `siamdiff export`)", path)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SiamdiffError(f"cannot read ({exc})", meta_path) from exc
+    meta = read_json(meta_path, "export metadata", "not a siamdiff export: run `siamdiff export`")
     if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
         raise SiamdiffError(f"unsupported export format {meta.get('format_version')!r}", meta_path)
     autoencoder = load_autoencoder(meta["autoencoder"])

@@ -18,7 +18,6 @@ Layout::
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_save_png, atomic_write_json
+from siamdiff.atomic import atomic_save_png, atomic_write_json, read_json
 from siamdiff.errors import SiamdiffError
 
 MANIFEST_NAME = "manifest-v1.json"
@@ -180,12 +179,7 @@ def load_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST_NAME
     if not Path(root).is_dir():
         raise SiamdiffError("is not a directory", root)
-    if not path.is_file():
-        raise SiamdiffError(f"no {MANIFEST_NAME} here (is this a siamdiff dataset?)", root)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SiamdiffError(f"cannot read manifest ({exc})", path) from exc
+    obj = read_json(path, "manifest", "is this a siamdiff dataset?")
     return manifest_from_json(obj, path)
 
 

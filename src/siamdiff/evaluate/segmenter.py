@@ -17,7 +17,6 @@ training data identity, loss history, validation scores, speed).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_json
+from siamdiff.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import Manifest, load_manifest
 from siamdiff.data.transforms import (
@@ -357,12 +356,7 @@ def train_segmenter(
 def read_segmenter_config(directory: str | Path) -> dict[str, Any]:
     """``segmenter.json`` of a saved segmenter, checked; one-line SiamdiffError otherwise."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise SiamdiffError(f"no {CONFIG_NAME} here (train one with train-segmenter)", directory)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SiamdiffError(f"cannot read segmenter settings ({exc})", path) from exc
+    config = read_json(path, "segmenter settings", "train one with train-segmenter")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise SiamdiffError("not a siamdiff segmenter config", path)
     if config.get("format_version") != FORMAT_VERSION:
