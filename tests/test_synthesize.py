@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import siamdiff.data.manifest as manifest_module
 import siamdiff.synthesize as synth
 from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.errors import SiamdiffError
@@ -139,7 +140,7 @@ def test_resume_after_a_crash_ends_byte_identical(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
 ):
     out = tmp_path / "syn"
-    real_save = synth.atomic_save_png
+    real_save = manifest_module.atomic_save_png
     calls = []
 
     def crash_after_three_pairs_and_an_image(path, array):
@@ -148,7 +149,7 @@ def test_resume_after_a_crash_ends_byte_identical(
         calls.append(path)
         return real_save(path, array)
 
-    monkeypatch.setattr(synth, "atomic_save_png", crash_after_three_pairs_and_an_image)
+    monkeypatch.setattr(manifest_module, "atomic_save_png", crash_after_three_pairs_and_an_image)
     with pytest.raises(RuntimeError, match="simulated crash"):
         sample(exported, phantom_data, out)
     monkeypatch.undo()

@@ -62,7 +62,7 @@ from siamdiff.data.manifest import (
     SPLITS,
     Manifest,
     Record,
-    sha256_bytes,
+    save_pair,
     sha256_file,
     write_manifest,
 )
@@ -307,43 +307,23 @@ def _wait_for_other_ranks(world_size: int) -> None:
         PartialState().wait_for_everyone()
 
 
-def _write_pair(out: Path, record: Record, image: np.ndarray, mask: np.ndarray) -> Record:
-    image_bytes = atomic_save_png(out / record.image, image)
-    mask_bytes = atomic_save_png(out / record.mask, mask)
-    return Record(
-        **{
-            **asdict(record),
-            "image_sha256": sha256_bytes(image_bytes),
-            "mask_sha256": sha256_bytes(mask_bytes),
-        }
-    )
-
-
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _pair_record(source: Record, source_root: Path, k: int, mask: Tensor, extra: dict) -> Record:
-    """The manifest record of sample ``k`` of ``source`` (hashes filled in once written)."""
-    name = pair_name(source.id, k)
-    return Record(
-        id=name,
-        image=f"{name}.png",
-        mask=f"{name}_mask.png",
-        image_sha256="",
-        mask_sha256="",
-        dataset=source.dataset,
-        group=source.group,
-        frame=source.frame,
-        split=source.split,
-        coverage=round(float(mask.mean()), 6),
-        width=mask.shape[-1],
-        height=mask.shape[-2],
-        source_mask=str(source_root / source.mask),
-        source_sha256=source.mask_sha256,
-        extra=extra,
-    )
+def _pair_fields(source: Record, source_root: Path, extra: dict) -> dict[str, Any]:
+    """The manifest fields a synthetic pair inherits from its source mask's record, so that
+    its split and group stay those of the source (group-disjointness survives)."""
+    return {
+        "dataset": source.dataset,
+        "group": source.group,
+        "frame": source.frame,
+        "split": source.split,
+        "source_mask": str(source_root / source.mask),
+        "source_sha256": source.mask_sha256,
+        "extra": extra,
+    }
 
 
 def _generate(
@@ -367,7 +347,7 @@ def _generate(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tqdm(total=todo, desc="sample", unit="img", disable=not progress) as bar:
         for batch in batches:
-            records, hints, generators = [], [], []
+            pairs, hints, generators = [], [], []
             for index, k in batch:
                 source = masks.records[index]
                 seed = derived_seed(settings["seed"], source.id, k, "noise")
@@ -380,7 +360,7 @@ def _generate(
                     "sampler": sampler,
                     "model": settings["model"],
                 }
-                records.append(_pair_record(source, masks.root, k, mask, extra))
+                pairs.append((pair_name(source.id, k), _pair_fields(source, masks.root, extra)))
                 hints.append(mask.expand(3, -1, -1))
                 # CPU generators: the same noise whatever the device samples on.
                 generators.append(torch.Generator().manual_seed(seed))
@@ -397,11 +377,11 @@ def _generate(
                     scheduler=sampler["scheduler"],
                 )
             images = to_uint8_rgb(loaded.autoencoder.decode(latents)).permute(0, 2, 3, 1).numpy()
-            for record, image, hint in zip(records, images, hints, strict=True):
-                if record.id in done:
+            for (name, fields), image, hint in zip(pairs, images, hints, strict=True):
+                if name in done:
                     continue
-                mask = (hint[0].numpy() * 255).astype(np.uint8)
-                journal.append(_write_pair(out, record, np.ascontiguousarray(image), mask))
+                mask = hint[0].numpy() > 0.5
+                journal.append(save_pair(out, name, np.ascontiguousarray(image), mask, **fields))
                 bar.update()
     return todo
 
