@@ -55,3 +55,18 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg))
     assert load_config(path) == cfg
+
+
+def test_unet_and_dhi_arguments_are_free_form_but_the_rest_stays_checked() -> None:
+    from siamdiff.models.backbone import build_backbone
+
+    cfg = load_config(
+        "tiny", ["backbone.unet.block_out_channels=[32,64]", "backbone.dhi.base_channels=2"]
+    )
+    backbone = build_backbone(OmegaConf.to_container(cfg.backbone), latent_channels=4)
+    assert backbone.unet.config.block_out_channels == (32, 64)
+    assert backbone.controlnet.config.dhi_base_channels == 2
+    with pytest.raises(SiamdiffError, match="backbone.unet_typo"):
+        load_config("tiny", ["backbone.unet_typo.x=1"])
+    with pytest.raises(SiamdiffError, match="invalid backbone.unet settings"):
+        build_backbone({"kind": "tiny", "unet": {"no_such_argument": 1}}, latent_channels=4)

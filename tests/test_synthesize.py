@@ -20,6 +20,7 @@ from siamdiff.synthesize import (
     augment_mask,
     derived_seed,
     split_masks_argument,
+    spread_subset,
     synthesize,
 )
 from siamdiff.train import train
@@ -73,7 +74,8 @@ def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: P
     assert report.ok, report
     manifest = load_manifest(reference)
     sources = {r.id: r for r in load_manifest(phantom_data).split("train")}
-    first = sorted(sources)[:LIMIT]
+    ids = sorted(sources)
+    first = [ids[k * len(ids) // LIMIT] for k in range(LIMIT)]
     assert manifest.kind == "synthetic"
     assert [r.id for r in manifest.records] == [f"{s}-s{k:02d}" for s in first for k in (0, 1)]
     for record in manifest.records:
@@ -323,3 +325,10 @@ def test_masks_argument_and_seeds():
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
     assert derived_seed(42, "a", 0, "noise") != derived_seed(42, "a", 0, "mask")
     assert derived_seed(42, "a", 0, "noise") == derived_seed(42, "a", 0, "noise")
+
+
+def test_limit_spreads_the_subset_over_every_source_dataset() -> None:
+    ids = ["cvc-1", "cvc-2", "cvc-3", "cvc-4", "kvasir-1", "kvasir-2", "kvasir-3", "kvasir-4"]
+    chosen = [ids[i] for i in spread_subset(range(len(ids)), 4)]
+    assert chosen == ["cvc-1", "cvc-3", "kvasir-1", "kvasir-3"]
+    assert spread_subset(range(3), None) == [0, 1, 2] == spread_subset(range(3), 5)

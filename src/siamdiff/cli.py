@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "epochs": args.utility_epochs,
         "size": args.utility_size,
         "seeds": tuple(range(args.utility_seeds)),
-        "device": args.device,
+        "archs": tuple(a for a in args.utility_archs.split(",") if a),
     }
     metrics = evaluate(
         args.real,
@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--format", default="", help="also export: comma list of pranet, nnunet, folder"
     )
-    sample.add_argument("--limit", type=int, default=None, help="only the first N masks")
+    sample.add_argument(
+        "--limit", type=int, default=None, help="only N masks, spread evenly over the split"
+    )
     sample.add_argument("--overwrite", action="store_true")
 
     seg = verb(
@@ -319,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--utility-epochs", type=int, default=20)
     ev.add_argument("--utility-size", type=int, default=256)
     ev.add_argument("--utility-seeds", type=int, default=3)
+    ev.add_argument("--utility-archs", default="unet,fpn", help="comma list of smp architectures")
     ev.add_argument("--inception-weights", type=Path, default=None)
     ev.add_argument("--clip-model", type=Path, default=None)
     ev.add_argument(

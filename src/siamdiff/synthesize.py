@@ -513,6 +513,13 @@ def exclusive_writer(out: Path, rank: int) -> Iterator[None]:
         yield
 
 
+def spread_subset(items: Sequence[int], limit: int | None) -> list[int]:
+    """``limit`` items at evenly spaced positions of ``items`` (all of them when ``None``)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[(k * len(items)) // limit] for k in range(limit)]
+
+
 def synthesize(
     model_path: str | Path,
     masks_root: str | Path,
@@ -537,7 +544,8 @@ def synthesize(
 ) -> SynthesisSummary:
     """Write ``per_mask`` synthetic pairs per mask of ``masks_root``'s ``split`` into ``out``.
 
-    ``split=None`` takes every record; ``limit`` the first ``limit`` masks (by id). Reruns
+    ``split=None`` takes every record; ``limit`` keeps ``limit`` masks spread evenly over the
+    id-sorted split (ids group by source dataset, so a prefix would take one dataset). Reruns
     resume; other settings on an existing ``out`` are refused unless ``overwrite``. With
     ``world_size > 1`` this process does batches ``j % world_size == rank``; after a barrier
     (accelerate's, when launched distributed) rank 0 writes the manifest if every pair is
@@ -568,7 +576,9 @@ def synthesize(
     }
     transform = build_transforms(TransformConfig(size=source.resolution), train=False)
     masks = PairedDataset(masks_root, split, transform=transform)
-    indices = sorted(range(len(masks.records)), key=lambda i: masks.records[i].id)[:limit]
+    indices = spread_subset(
+        sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
+    )
     with exclusive_writer(out, rank):
         _prepare_out(out, settings, overwrite, rank)
         _wait_for_other_ranks(world_size)

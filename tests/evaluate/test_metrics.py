@@ -189,3 +189,19 @@ def test_report_is_self_contained_and_escaped(
     assert embedded[0].startswith(PNG)
     assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step_000200.png"]
     assert "Samples (step_000200.png)" in page
+
+
+def test_cli_evaluate_with_utility_trains_the_requested_architecture(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    from siamdiff.cli import main
+
+    out = tmp_path / "metrics.json"
+    argv = ["evaluate", str(real_root), str(synthetic_root), "--out", str(out)]
+    argv += ["--segmenter", str(segmenter_dir), "--utility", "--utility-archs", "fpn"]
+    argv += ["--utility-seeds", "1", "--utility-epochs", "1", "--utility-size", "32"]
+    assert main(argv) == 0
+    utility = json.loads(out.read_text())["utility"]
+    assert list(utility["archs"]) == ["fpn"]
+    assert utility["protocol"] | {"seeds": [0], "epochs": 1, "size": 32} == utility["protocol"]
+    assert 0 <= utility["archs"]["fpn"]["real+syn"]["mdice"]["mean"] <= 1

@@ -56,6 +56,9 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     """``base.yaml`` <- the named config <- ``key=value`` overrides; unknown keys are errors."""
     base = _read_yaml(CONFIG_DIR / "base.yaml")
     OmegaConf.set_struct(base, True)
+    # Open-ended on purpose: diffusers' constructors check these arguments themselves.
+    for free_form in (base.backbone.unet, base.backbone.dhi):
+        OmegaConf.set_struct(free_form, False)
     path = config_path(name_or_path)
     for bad in (o for o in overrides if "=" not in o):
         raise SiamdiffError(f"override {bad!r} is not key=value")

@@ -218,11 +218,16 @@ class SiameseDiffusion(nn.Module):
         mask_hint: Tensor,
     ) -> Tensor:
         """L_aug = ||eps_theta_mask(sg(zt'), t) - eps||^2 on the samples with t <= aug_t_max, where
-        zt' = q(z0', t, eps) re-noises z0' = predict_x0(zt, t, eps_mix) with the same t and eps."""
+        zt' = q(z0', t, eps) re-noises z0' = predict_x0(zt, t, eps_mix) with the same t and eps.
+
+        As in the authors' code, the other samples count as zero loss: the term is a mean over
+        the whole batch, so a kept sample weighs what it weighs in L_m. Only the kept samples
+        are computed, though (the authors run the whole batch and multiply by 0)."""
         keep = t <= self.aug_t_max
         if not keep.any():
             return zt.new_zeros((), dtype=torch.float32)
+        kept_fraction = keep.float().mean()
         zt, t, noise, eps_mix = zt[keep], t[keep], noise[keep], eps_mix[keep]
         renoised = self.noise_scheduler.add_noise(self.predict_x0(zt, t, eps_mix), noise, t)
         eps = self.eps_mask(renoised.detach(), t, text_emb[keep], mask_hint[keep])
-        return denoising_loss(eps, noise)
+        return denoising_loss(eps, noise) * kept_fraction

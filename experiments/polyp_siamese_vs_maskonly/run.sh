@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Siamese-Diffusion vs mask-only ControlNet+DHI on Kvasir-SEG + CVC-ClinicDB, same budget.
+#
+#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2 h on 2 cores
+#
+# prepare -> train both arms -> export -> sample (training masks, and 8 test masks for the grid)
+# -> segmenter on the real training split (the yardstick) -> evaluate both arms -> results.json,
+# results.md, samples.png beside this script. Every stage skips or resumes what is already done
+# in $WORK, so rerunning after an interruption continues. The two arms run side by side, one
+# core each. Environment knobs (defaults = the committed CPU run): CONFIG, SIZE, SAMPLE_MASKS,
+# PER_MASK, STEPS, SEG_SIZE, SEG_EPOCHS, UTIL_SIZE, UTIL_EPOCHS, UTIL_SEEDS, UTIL_ARCHS, DEVICE.
+set -euo pipefail
+main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
+here=$(cd "$(dirname "$0")" && pwd)
+shared=${SHARED:-$(cd "$here/../../.." && pwd)/shared}
+work=${WORK:-$here/out}                  # git-ignored
+config=${CONFIG:-$here/cpu.yaml}
+size=${SIZE:-128}
+sample_masks=${SAMPLE_MASKS:-160}        # training masks sampled per arm ...
+per_mask=${PER_MASK:-2}                  # ... this many times each (2+: MS-SSIM diversity)
+steps=${STEPS:-50}                       # DDIM steps (eta 0, guidance 9)
+seg_size=${SEG_SIZE:-128}
+seg_epochs=${SEG_EPOCHS:-6}
+util_size=${UTIL_SIZE:-96}
+util_epochs=${UTIL_EPOCHS:-6}
+util_seeds=${UTIL_SEEDS:-1}
+util_archs=${UTIL_ARCHS:-unet}
+device=${DEVICE:-cpu}
+arms=(mask-only siamese)
+# One intra-op thread per process: two processes share the 2 cores without spin-wait thrashing.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$work"
+trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+data=$work/data
+stages=$work/stages.jsonl                # wall time per stage, for results.json
+
+stage() {  # stage NAME COMMAND...: run it, append {"stage", "seconds"} to $stages
+  local name=$1 start
+  shift
+  start=$(date +%s)
+  echo "== $name"
+  "$@"
+  printf '{"stage": "%s", "seconds": %d}\n' "$name" "$(($(date +%s) - start))" >>"$stages"
+}
+
+if [ ! -f "$data/manifest-v1.json" ]; then
+  stage prepare siamdiff prepare --source kvasir-seg="$shared/data/Kvasir-SEG" \
+    --source cvc-clinicdb="$shared/data/CVC-ClinicDB" --out "$data" --size "$size"
+fi
+
+arm_pipeline() {  # train -> export -> sample, for one arm
+  local arm=$1 run=$work/run-$1 resume=()
+  [ -d "$run/checkpoints" ] && resume=(--resume)
+  stage "train $arm" siamdiff train "$config" run_dir="$run" model.mode="$arm" \
+    data.root="$data" data.latent_cache="$work/latents-$arm.lmdb" \
+    autoencoder.path="$shared/weights/taef2" ${resume[@]+"${resume[@]}"} >>"$work/train-$arm.log" 2>&1
+  [ -d "$work/model-$arm" ] || siamdiff export "$run" "$work/model-$arm"
+  stage "sample $arm" siamdiff sample "$work/model-$arm" --masks "$data:train" \
+    --out "$work/syn-$arm" --limit "$sample_masks" --per-mask "$per_mask" --steps "$steps" \
+    --device "$device" >>"$work/sample-$arm.log" 2>&1
+  siamdiff sample "$work/model-$arm" --masks "$data:test" --out "$work/grid-$arm" --limit 8 \
+    --steps "$steps" --device "$device" >>"$work/sample-$arm.log" 2>&1
+}
+
+yardstick() {  # the evaluation's segmenter: real training split only, fixed seed
+  [ -f "$work/segmenter/segmenter.json" ] && return 0
+  stage "train-segmenter" siamdiff train-segmenter "$data" --out "$work/segmenter" \
+    --size "$seg_size" --epochs "$seg_epochs" --batch-size 16 --seed 0 --device "$device" \
+    --overwrite >"$work/segmenter.log" 2>&1
+}
+
+evaluate_arm() {
+  local arm=$1
+  [ -f "$work/eval-$arm/metrics.json" ] && return 0
+  stage "evaluate $arm" siamdiff evaluate "$data" "$work/syn-$arm" \
+    --out "$work/eval-$arm/metrics.json" --segmenter "$work/segmenter" --run "$work/run-$arm" \
+    --utility --utility-size "$util_size" --utility-epochs "$util_epochs" \
+    --utility-seeds "$util_seeds" --utility-archs "$util_archs" --device "$device" \
+    >"$work/evaluate-$arm.log" 2>&1
+}
+
+# Arm 1 trains faster (no image branch), so its core also trains the yardstick segmenter.
+(arm_pipeline mask-only; yardstick; evaluate_arm mask-only) &
+first=$!
+(arm_pipeline siamese) &
+second=$!
+wait "$first"
+wait "$second"
+evaluate_arm siamese
+
+python3 "$here/summarize.py" --work "$work" --out "$here" --arms "${arms[@]}" \
+  --config "$config" --device "$device"
+}
+main "$@"

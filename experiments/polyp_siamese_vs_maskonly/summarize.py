@@ -1,0 +1,155 @@
+"""Collect run.sh's outputs into results.json, results.md and samples.png (beside run.sh).
+
+results.md is the metric table of both arms, then ``notes.md`` (what worked, what did not),
+written by hand after reading the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.config import load_config
+from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.manifest import load_manifest
+from siamdiff.data.readers import load_rgb
+from siamdiff.data.transforms import TransformConfig, build_transforms
+from siamdiff.evaluate.metrics import summary_rows
+from siamdiff.report import save_sample_grid
+from siamdiff.synthesize import spread_subset
+
+GRID_MASKS = 8
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads visible, 1 per arm"
+
+
+def stage_seconds(work: Path) -> dict[str, int]:
+    totals: dict[str, int] = defaultdict(int)  # a resumed stage adds its runs up
+    path = work / "stages.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        totals[row["stage"]] += row["seconds"]
+    return dict(totals)
+
+
+def comparison_table(arms: list[str], metrics: dict[str, dict]) -> str:
+    """Markdown: one row per metric, one column per arm; why a metric is n/a goes below."""
+    columns = {arm: dict(summary_rows(metrics[arm])) for arm in arms}
+    lines = [f"| metric | {' | '.join(arms)} |", "|---|" + "---|" * len(arms)]
+    unavailable: dict[str, str] = {}
+    for name in columns[arms[0]]:
+        cells = [columns[arm].get(name, "n/a") for arm in arms]
+        if all(cell.startswith("n/a") for cell in cells):
+            unavailable[name.strip()] = cells[0].removeprefix("n/a (").removesuffix(")")
+            continue
+        lines.append(f"| {name.strip()} | {' | '.join(cells)} |")
+    lines += ["", "Not measured here:"] if unavailable else []
+    lines += [f"- {name}: {reason or 'unavailable'}" for name, reason in unavailable.items()]
+    return "\n".join(lines)
+
+
+def grid_images(work: Path, arms: list[str], size: int) -> list[torch.Tensor]:
+    """[masks, reals, arm 1, arm 2, ...] for the grid's test masks, in [-1, 1] / {0, 1}."""
+    view = PairedDataset(
+        work / "data", "test", transform=build_transforms(TransformConfig(size=size), train=False)
+    )
+    order = sorted(range(len(view.records)), key=lambda i: view.records[i].id)
+    chosen = spread_subset(order, GRID_MASKS)
+    items = [view[i] for i in chosen]
+    columns = [
+        torch.stack([it["mask"] for it in items]),
+        torch.stack([it["image"] for it in items]),
+    ]
+    for arm in arms:
+        root = work / f"grid-{arm}"
+        by_source = {r.extra["source_id"]: r for r in load_manifest(root).records}
+        images = [load_rgb(root / by_source[view.records[i].id].image) for i in chosen]
+        columns.append(
+            torch.stack(
+                [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+            )
+        )
+    return columns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arms", nargs="+", required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    metrics = {
+        arm: json.loads((args.work / f"eval-{arm}" / "metrics.json").read_text())
+        for arm in args.arms
+    }
+    cfg = load_config(args.config)
+    size = int(cfg.data.transforms.size)
+    synthesis = json.loads((args.work / f"syn-{args.arms[0]}" / "manifest-v1.json").read_text())
+    sampler = synthesis["records"][0]["extra"]["sampler"]
+    results = {
+        "experiment": "polyp_siamese_vs_maskonly",
+        "command": "bash experiments/polyp_siamese_vs_maskonly/run.sh",
+        "device": device_name(args.device),
+        "scale": f"{args.config.name}: {size} px, {cfg.train.max_steps} steps x batch "
+        f"{cfg.train.batch_size}, backbone {cfg.backbone.kind} "
+        f"{dict(cfg.backbone.unet) or ''}",
+        "config": str(args.config.name),
+        "seed": int(cfg.seed),
+        "sampling": sampler | {"images_per_arm": len(synthesis["records"])},
+        "stage_seconds": stage_seconds(args.work),
+        "arms": {
+            arm: {
+                "metrics": metrics[arm],
+                "final_losses": _last_losses(args.work / f"run-{arm}" / "losses.jsonl"),
+            }
+            for arm in args.arms
+        },
+    }
+    atomic_write_json(args.out / "results.json", results)
+
+    notes = args.out / "notes.md"
+    text = (
+        f"# Siamese-Diffusion vs mask-only: results\n\n"
+        f"Device: {results['device']}. Scale: {results['scale']}.\n"
+        f"Reproduce: `{results['command']}`. Every number: `results.json`.\n\n"
+        f"{comparison_table(args.arms, metrics)}\n\n"
+        f"Wall time per stage (s): "
+        + ", ".join(f"{k} {v}" for k, v in results["stage_seconds"].items())
+        + "\n\n![mask | real | "
+        + " | ".join(args.arms)
+        + "](samples.png)\n\n"
+        + (notes.read_text() if notes.exists() else "")
+    )
+    atomic_write_text(args.out / "results.md", text)
+    save_sample_grid(args.out / "samples.png", *grid_images(args.work, args.arms, size))
+    print(text)
+
+
+def _last_losses(path: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {k: v for k, v in rows[-1].items() if k != "step"} | {"step": rows[-1]["step"]}
+
+
+if __name__ == "__main__":
+    main()
