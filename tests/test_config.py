@@ -66,7 +66,7 @@ def test_unet_and_dhi_arguments_are_free_form_but_the_rest_stays_checked() -> No
     backbone = build_backbone(OmegaConf.to_container(cfg.backbone), latent_channels=4)
     assert backbone.unet.config.block_out_channels == (32, 64)
     assert backbone.controlnet.config.dhi_base_channels == 2
-    with pytest.raises(SiamdiffError, match="backbone.unet_typo"):
+    with pytest.raises(SiamdiffError, match=r"backbone\.unet_typo"):
         load_config("tiny", ["backbone.unet_typo.x=1"])
-    with pytest.raises(SiamdiffError, match="invalid backbone.unet settings"):
+    with pytest.raises(SiamdiffError, match=r"invalid backbone\.unet settings"):
         build_backbone({"kind": "tiny", "unet": {"no_such_argument": 1}}, latent_channels=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +107,8 @@ class _OracleDenoiser:
         self.unet = SimpleNamespace(
             config=SimpleNamespace(in_channels=x_star.shape[1]), dtype=torch.float32
         )
+        no_hint_encoder = SimpleNamespace(reuse=lambda hint: nullcontext())
+        self.controlnet = SimpleNamespace(controlnet_cond_embedding=no_hint_encoder)
 
     def eps_mask(self, zt, t, text_emb, mask_hint):
         abar = self.noise_scheduler.alphas_cumprod[int(t)]
@@ -129,3 +132,30 @@ def test_sampling_with_the_exact_denoiser_lands_on_the_data(scheduler: str) -> N
         generator=[torch.Generator().manual_seed(i) for i in range(2)],
     )
     torch.testing.assert_close(latents, x_star.expand(2, -1, -1, -1), atol=2e-3, rtol=0)
+
+
+def test_hint_embedding_is_computed_once_per_sampling_run(
+    model: SiameseDiffusion, prompts: tuple[Tensor, Tensor]
+) -> None:
+    dhi = model.controlnet.controlnet_cond_embedding
+    calls = []
+    hook = dhi.body.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        latents = ddim_sample(model, masks(2), *prompts, steps=4, generator=seeded(0, 1))
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # not 4 steps x 1 batched pass
+    assert dhi._reused is None  # and nothing is left cached for later calls
+    # The same denoising steps recomputing the embedding every time give the same latents.
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    scheduler.set_timesteps(4)
+    generators = seeded(0, 1)
+    recomputed = torch.stack([torch.randn(4, 4, 4, generator=g) for g in generators])
+    cond, uncond = (p.expand(2, -1, -1) for p in prompts)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps_u = model.eps_mask(recomputed, t, uncond, masks(2))
+            eps_c = model.eps_mask(recomputed, t, cond, masks(2))
+            eps = eps_u + 9.0 * (eps_c - eps_u)
+            recomputed = scheduler.step(eps, t, recomputed, generator=generators).prev_sample
+    torch.testing.assert_close(latents, recomputed, rtol=1e-4, atol=1e-5)

@@ -57,7 +57,8 @@ def ddim_sample(
     """Denoise pure noise into latents ``[B, C, h, w]`` under the mask hints ``[B, 3, H, W]``.
 
     ``text_emb`` / ``uncond_emb`` are the prompt's and ""'s embeddings (batch 1 or B). Each
-    step runs the conditional and unconditional passes as one batch of 2B. ``generator`` may be
+    step runs the conditional and unconditional passes as one batch of 2B; the mask hint's DHI
+    embedding is computed once for all steps. ``generator`` may be
     one generator per sample: then a sample depends only on its mask and its generator's seed,
     whatever the batch it is drawn in. ``eta`` (DDIM only) > 0 adds per-step noise.
     ``latent_shape`` is ``(C, h, w)``; by default (UNet channels, H/8, W/8).
@@ -82,9 +83,10 @@ def ddim_sample(
     context = torch.cat([uncond_emb.expand(batch, -1, -1), text_emb.expand(batch, -1, -1)])
     hints = torch.cat([mask_hint, mask_hint])
     step_kwargs = {"eta": eta, "generator": generators} if scheduler == "ddim" else {}
-    for t in noise_scheduler.timesteps:
-        model_input = noise_scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_uncond, eps_cond = model.eps_mask(model_input, t, context, hints).chunk(2)
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        latents = noise_scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+    with model.controlnet.controlnet_cond_embedding.reuse(hints):
+        for t in noise_scheduler.timesteps:
+            model_input = noise_scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            eps_uncond, eps_cond = model.eps_mask(model_input, t, context, hints).chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents = noise_scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     return latents

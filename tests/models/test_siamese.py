@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.backbone import build_backbone, freeze_for_training
 from siamdiff.models.siamese import SiameseDiffusion, noise_consistency_loss
+from siamdiff.models.unet_parts import encode
 
 PROMPT = "a polyp"
 T = torch.tensor([10, 150, 200, 201, 900])  # three samples at t <= 200, two above
@@ -146,9 +147,11 @@ def test_branches_agree_at_zero_image_weight_only() -> None:
     mask_control = model.control(zt, t, context, batch["mask_hint"])
     eps_mask = model.denoise(zt, t, context, mask_control)
     assert torch.equal(eps_mask, model.eps_mask(zt, t, context, batch["mask_hint"]))
-    at_zero = model.eps_image(zt, t, context, batch["image_hint"], mask_control, image_weight=0.0)
+    features = encode(model.unet, zt, t, context)
+    image = batch["image_hint"]
+    at_zero = model.eps_image(zt, t, context, image, mask_control, 0.0, features)
     torch.testing.assert_close(at_zero, eps_mask, rtol=0, atol=1e-6)
-    at_half = model.eps_image(zt, t, context, batch["image_hint"], mask_control, image_weight=0.5)
+    at_half = model.eps_image(zt, t, context, image, mask_control, 0.5, features)
     assert (at_half - eps_mask).abs().max() > 1e-3
 
 

@@ -24,6 +24,9 @@ data pipeline's [-1, 1] tensors into these.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.swin_transformer import PatchMerging
@@ -89,8 +92,24 @@ class DenseHintInput(nn.Module):
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        self._reused: tuple[Tensor, Tensor] | None = None
+
+    @contextmanager
+    def reuse(self, hint: Tensor) -> Iterator[None]:
+        """Inside the block, calls with this very ``hint`` tensor return one precomputed output.
+
+        Sampling feeds the same mask hint at every denoising step (and to both guidance passes):
+        its embedding does not depend on the step, so it is computed once (no gradients).
+        """
+        self._reused = (hint, self(hint))
+        try:
+            yield
+        finally:
+            self._reused = None
 
     def forward(self, hint: Tensor) -> Tensor:
+        if self._reused is not None and hint is self._reused[0]:
+            return self._reused[1]
         height, width = hint.shape[-2:]
         if height % self.downscale or width % self.downscale:
             # PatchMerging would pad silently and the result would not match the latent grid.

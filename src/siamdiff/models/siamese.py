@@ -9,9 +9,11 @@ One shared ControlNet conditions one UNet (method.md, "Training (one step)")::
     Loss = L_m + L_i + lambda_c * L_c + L_aug
 
 ``c_m`` is computed once per step and reused, detached, by the image branch (the authors' code
-recomputes it on deep copies of the networks). The image branch's UNet pass sends gradient only
-to the ControlNet, through ``c_i``. Hints come from :func:`siamdiff.models.dhi.mask_to_hint` and
-:func:`siamdiff.models.dhi.image_to_hint`.
+recomputes it on deep copies of the networks). The UNet's encoder and middle block see the same
+``(zt, t, c)`` in both branches and the control enters only after them, so they run once per step
+(:mod:`siamdiff.models.unet_parts`); each branch runs its own decoder pass. The image branch's
+UNet pass sends gradient only to the ControlNet, through ``c_i``. Hints come from
+:func:`siamdiff.models.dhi.mask_to_hint` and :func:`siamdiff.models.dhi.image_to_hint`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.func import functional_call
 
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.backbone import Backbone
+from siamdiff.models.unet_parts import UNetDecoder, UNetFeatures, check_supported, encode
 
 MODES = ("siamese", "mask-only")
 
@@ -95,6 +98,7 @@ class SiameseDiffusion(nn.Module):
         self.controlnet = backbone.controlnet
         self.text = backbone.text
         self.noise_scheduler = backbone.noise_scheduler
+        check_supported(backbone.unet)
         self.mode = mode
         self.aug_t_max = aug_t_max
         self.aug_start = aug_start
@@ -131,7 +135,8 @@ class SiameseDiffusion(nn.Module):
             )
         zt = self.noise_scheduler.add_noise(z0, noise, timesteps)
         mask_control = self.control(zt, timesteps, text_emb, mask_hint)
-        eps_mask = self.denoise(zt, timesteps, text_emb, mask_control)
+        features = encode(self.unet, zt, timesteps, text_emb)  # shared by both branches
+        eps_mask = self.decode(features, mask_control)
 
         zero = zt.new_zeros((), dtype=torch.float32)
         terms = {
@@ -141,7 +146,9 @@ class SiameseDiffusion(nn.Module):
             "augment": zero,
         }
         if self.mode == "siamese":
-            eps_mix = self.eps_image(zt, timesteps, text_emb, image_hint, mask_control, progress)
+            eps_mix = self.eps_image(
+                zt, timesteps, text_emb, image_hint, mask_control, progress, features
+            )
             terms["image"] = denoising_loss(eps_mix, noise)
             terms["consistency"] = noise_consistency_loss(eps_mask, eps_mix)
             if progress > self.aug_start:
@@ -165,25 +172,33 @@ class SiameseDiffusion(nn.Module):
         )
         return Control(tuple(down), mid)
 
-    def denoise(
-        self, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control, *, unet_grad: bool = True
-    ) -> Tensor:
-        """The UNet's eps under ``control``; ``unet_grad=False`` keeps gradient off its weights."""
-        args = (zt, t)
-        kwargs = {
-            "encoder_hidden_states": text_emb,
-            "down_block_additional_residuals": control.down,
-            "mid_block_additional_residual": control.mid,
-            "return_dict": False,
-        }
+    def denoise(self, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control) -> Tensor:
+        """The UNet's eps under ``control``: one whole UNet pass."""
+        return self.unet(
+            zt,
+            t,
+            encoder_hidden_states=text_emb,
+            down_block_additional_residuals=control.down,
+            mid_block_additional_residual=control.mid,
+            return_dict=False,
+        )[0]
+
+    def decode(self, features: UNetFeatures, control: Control, *, unet_grad: bool = True) -> Tensor:
+        """eps from shared encoder ``features`` under ``control``; ``unet_grad=False`` keeps
+        gradient off the UNet (weights and encoder features) and lets it reach the control."""
+        # Built per call, not registered: a second path to the UNet's weights would duplicate
+        # them in the state dict.
+        decoder = UNetDecoder(self.unet)
         if unet_grad:
-            return self.unet(*args, **kwargs)[0]
+            return decoder(features, control.down, control.mid)
         # The same modules with detached weights: no copy, and no gradient reaches the UNet.
         # Checkpointing would recompute in backward with the real weights and fail on the
         # mismatch, so this pass keeps its (decoder-only) activations instead.
-        detached = {name: p.detach() for name, p in self.unet.named_parameters()}
+        detached = {name: p.detach() for name, p in decoder.named_parameters()}
         with gradient_checkpointing_paused(self.unet):
-            return functional_call(self.unet, detached, args, kwargs)[0]
+            return functional_call(
+                decoder, detached, (features.detach(), control.down, control.mid)
+            )
 
     def eps_mask(self, zt: Tensor, t: Tensor, text_emb: Tensor, mask_hint: Tensor) -> Tensor:
         """Mask-Diffusion's eps (the only branch used for sampling)."""
@@ -197,11 +212,13 @@ class SiameseDiffusion(nn.Module):
         image_hint: Tensor,
         mask_control: Control,
         image_weight: float,
+        features: UNetFeatures,
     ) -> Tensor:
-        """Image-Diffusion's eps_mix under c_mix = sg(c_m) + w_i * c_i."""
+        """Image-Diffusion's eps_mix under c_mix = sg(c_m) + w_i * c_i; ``features`` are the
+        mask branch's UNet encoder features of the same ``(zt, t, text_emb)``."""
         image_control = self.control(zt, t, text_emb, image_hint)
         mixed = mix_controls(mask_control, image_control, image_weight)
-        return self.denoise(zt, t, text_emb, mixed, unet_grad=False)
+        return self.decode(features, mixed, unet_grad=False)
 
     def predict_x0(self, zt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x0 = (zt - sqrt(1 - a_t) * eps) / sqrt(a_t), a_t the cumulative alpha product."""

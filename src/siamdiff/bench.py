@@ -1,0 +1,536 @@
+"""``python -m siamdiff.bench``: siamdiff's training step and sampler against a naive reference.
+
+One process measures, on the current device:
+
+- the Siamese training step (forward, backward, AdamW) of siamdiff and of a naive reference
+  (:func:`naive_siamese_loss`: the authors' step written with diffusers modules: the image
+  branch recomputes the mask control on a deep copy of the ControlNet and runs a deep copy of
+  the whole UNet; the augmentation term runs on the whole batch and is zeroed where t > 200):
+  images/s, peak memory, FLOPs per step, model FLOP utilisation (MFU) against a measured
+  matmul peak, and how far the two steps' losses and gradients differ;
+- Mask-Diffusion sampling (DDIM, guidance 9) with VAE decode: siamdiff's
+  :func:`~siamdiff.sample.ddim_sample` (conditional and unconditional passes in one batch)
+  against a loop that runs them one after the other, as the authors' sampler does;
+- FLOPs per training step at the full SD1.5 size, counted on the ``meta`` device (no memory,
+  no compute), so the FLOP ratio is known on any machine.
+
+Weights are random (speed does not depend on them). ``--preset sd15`` is the SD1.5
+architecture (UNet 860M + DHI ControlNet, 512 px); ``tiny`` is the CPU-sized backbone (CI's
+smoke run). Writes ``bench/results/<device>-<date>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from siamdiff import __version__
+from siamdiff.atomic import atomic_write_json
+from siamdiff.models.autoencoder import random_kl_vae
+from siamdiff.models.backbone import (
+    Backbone,
+    DHIControlNetModel,
+    LearnedTextConditioner,
+    build_backbone,
+    freeze_for_training,
+    method_noise_scheduler,
+)
+from siamdiff.models.siamese import Control, SiameseDiffusion, denoising_loss, mix_controls
+from siamdiff.sample import ddim_sample, make_scheduler
+
+AUG_PROGRESS = 0.5  # a step after 1/3 of training: every loss term is active
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolution: int  # hint / image side in pixels; latents are resolution / 8
+    context_tokens: int
+    train_batches: tuple[int, ...]
+    sample_batches: tuple[int, ...]
+
+
+PRESETS = {
+    "sd15": Preset("sd15", 512, 77, (8, 16), (8, 32)),
+    "tiny": Preset("tiny", 64, 8, (2, 4), (2, 4)),
+}
+
+
+def sd15_backbone(device: str | torch.device = "cpu") -> Backbone:
+    """The SD1.5 UNet architecture (random weights) with siamdiff's DHI ControlNet."""
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        controlnet = DHIControlNetModel.from_unet(
+            unet, dhi_base_channels=16, load_weights_from_unet=str(device) != "meta"
+        )
+        text = LearnedTextConditioner(["bench"], dim=768)
+    return Backbone(unet, controlnet, text, method_noise_scheduler())
+
+
+def sd15_vae() -> AutoencoderKL:
+    """Stable Diffusion's VAE architecture, random weights."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+    )
+
+
+def build(preset: Preset, device: str | torch.device) -> tuple[SiameseDiffusion, AutoencoderKL]:
+    """The preset's Siamese model (sd15: encoder frozen, as for pretrained weights) and VAE."""
+    torch.manual_seed(0)
+    if preset.name == "sd15":
+        backbone, vae = sd15_backbone(), sd15_vae()
+    else:
+        backbone, vae = build_backbone({"kind": "tiny"}, latent_channels=4), random_kl_vae()
+    freeze_for_training(backbone, train_unet_encoder=False)
+    backbone.text.requires_grad_(False)  # the bench feeds the text context directly
+    with torch.no_grad():  # wake the zero-initialised convs, or the image branch adds nothing
+        for parameter in backbone.controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.02)
+    model = SiameseDiffusion(backbone).to(device)
+    return model, vae.to(device).requires_grad_(False).eval()
+
+
+def make_batch(
+    model: SiameseDiffusion, preset: Preset, batch: int, device: str | torch.device
+) -> dict[str, Tensor]:
+    """Latents, hints, context, noise and timesteps; t evenly spread, so ~20% are <= 200."""
+    gen = torch.Generator().manual_seed(batch)
+    side = preset.resolution // 8
+    width = model.unet.config.cross_attention_dim
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    mask = torch.rand(batch, 1, preset.resolution, preset.resolution, generator=gen) > 0.5
+    return {
+        "z0": randn(batch, 4, side, side),
+        "noise": randn(batch, 4, side, side),
+        "mask_hint": mask.float().expand(-1, 3, -1, -1).to(device),
+        "image_hint": torch.rand(batch, 3, preset.resolution, preset.resolution, generator=gen).to(
+            device
+        ),
+        "context": randn(batch, preset.context_tokens, width),
+        "timesteps": torch.linspace(0, 999, batch).long().to(device),
+    }
+
+
+# ---- the two training steps ------------------------------------------------------------------
+
+
+def siamdiff_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: float) -> Tensor:
+    terms = model.loss_terms(
+        b["z0"],
+        b["mask_hint"],
+        b["image_hint"],
+        b["context"],
+        progress=progress,
+        consistency_weight=1.0,
+        noise=b["noise"],
+        timesteps=b["timesteps"],
+    )
+    return terms["loss"]
+
+
+def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: float) -> Tensor:
+    """The same loss as :meth:`SiameseDiffusion.loss_terms`, computed the straightforward way."""
+    zt = model.noise_scheduler.add_noise(b["z0"], b["noise"], b["timesteps"])
+    t, context, noise = b["timesteps"], b["context"], b["noise"]
+    eps_mask = model.eps_mask(zt, t, context, b["mask_hint"])
+    controlnet_copy = copy.deepcopy(model.controlnet).requires_grad_(False)
+    unet_copy = copy.deepcopy(model.unet)  # its decoder still requires grad: wasted work
+    with torch.no_grad():
+        down, mid = controlnet_copy(
+            zt, t, context, b["mask_hint"], return_dict=False
+        )  # the mask control, a second time
+    image_control = model.control(zt, t, context, b["image_hint"])
+    mixed = mix_controls(Control(tuple(down), mid), image_control, progress)
+    eps_mix = unet_copy(
+        zt,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=mixed.down,
+        mid_block_additional_residual=mixed.mid,
+        return_dict=False,
+    )[0]
+    loss = (
+        denoising_loss(eps_mask, noise)
+        + denoising_loss(eps_mix, noise)
+        + F.mse_loss(eps_mask.float(), eps_mix.detach().float())
+    )
+    if progress > model.aug_start:
+        renoised = model.noise_scheduler.add_noise(model.predict_x0(zt, t, eps_mix), noise, t)
+        eps_aug = model.eps_mask(renoised.detach(), t, context, b["mask_hint"])
+        per_sample = (eps_aug.float() - noise.float()).pow(2).flatten(1).mean(1)
+        loss = loss + (per_sample * (t <= model.aug_t_max)).mean()
+    return loss
+
+
+STEPS: dict[str, Callable[[SiameseDiffusion, dict[str, Tensor], float], Tensor]] = {
+    "naive": naive_siamese_loss,
+    "siamdiff": siamdiff_loss,
+}
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def autocast(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA (both implementations); fp32 on CPU."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        yield
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """Measured dense matmul throughput (bf16 on CUDA, fp32 on CPU): the MFU denominator."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = seconds_per_call(lambda: a @ b, device, warmup=2, iters=10)
+    return 2 * n**3 / seconds
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def relative_difference(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def training_equivalence(
+    model: SiameseDiffusion, b: dict[str, Tensor], device: torch.device
+) -> dict[str, float]:
+    """Loss and gradients of both steps from the same weights and inputs."""
+    results = {}
+    for name, loss_fn in STEPS.items():
+        model.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = loss_fn(model, b, AUG_PROGRESS)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+        results[name] = (loss.detach().float(), grads)
+    model.zero_grad(set_to_none=True)
+    (naive_loss, naive_grads), (ours_loss, ours_grads) = results["naive"], results["siamdiff"]
+    return {
+        "loss_relative_difference": relative_difference(ours_loss, naive_loss),
+        "grad_relative_difference": relative_difference(ours_grads, naive_grads),
+    }
+
+
+def bench_training(
+    model: SiameseDiffusion,
+    preset: Preset,
+    batch: int,
+    device: torch.device,
+    peak: float,
+    warmup: int,
+    iters: int,
+) -> dict[str, Any]:
+    b = make_batch(model, preset, batch, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    row: dict[str, Any] = {"batch": batch, **training_equivalence(model, b, device)}
+    for name, loss_fn in STEPS.items():
+        optimizer = torch.optim.AdamW(
+            trainable, lr=1e-9, fused=name == "siamdiff" and device.type == "cuda"
+        )
+
+        def step(loss_fn=loss_fn, optimizer=optimizer) -> None:
+            with autocast(device):
+                loss = loss_fn(model, b, AUG_PROGRESS)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        flops = count_flops(step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = seconds_per_call(step, device, warmup, iters)
+        row[name] = {
+            "images_per_s": batch / seconds,
+            "seconds_per_step": seconds,
+            "flops_per_step": flops,
+            "mfu": flops / seconds / peak,
+            "peak_memory_gb": peak_memory_gb(device),
+        }
+    row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
+    row["flop_ratio"] = row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
+    return row
+
+
+def naive_sample(
+    model: SiameseDiffusion,
+    mask_hint: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    noise: Tensor,
+    steps: int,
+    guidance: float,
+) -> Tensor:
+    """DDIM with the conditional and unconditional passes run one after the other."""
+    scheduler = make_scheduler("ddim", model)
+    scheduler.set_timesteps(steps, device=mask_hint.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps_uncond = model.eps_mask(latents, t, uncond, mask_hint)
+        eps_cond = model.eps_mask(latents, t, cond, mask_hint)
+        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def bench_sampling(
+    model: SiameseDiffusion,
+    vae: AutoencoderKL,
+    preset: Preset,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    guidance: float,
+    iters: int,
+) -> dict[str, Any]:
+    b = make_batch(model, preset, batch, device)
+    cond, uncond = b["context"], torch.zeros_like(b["context"])
+    seeds = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+    noise = torch.stack([torch.randn(b["z0"].shape[1:], generator=g, device=device) for g in seeds])
+
+    def ours() -> Tensor:
+        with autocast(device):
+            generators = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+            latents = ddim_sample(
+                model,
+                b["mask_hint"],
+                cond,
+                uncond,
+                steps=steps,
+                guidance=guidance,
+                generator=generators,
+            )
+            return vae.decode(latents / vae.config.scaling_factor).sample.float()
+
+    def naive() -> Tensor:
+        with autocast(device):
+            latents = naive_sample(model, b["mask_hint"], cond, uncond, noise, steps, guidance)
+        return vae.decode(latents.float() / vae.config.scaling_factor).sample
+
+    row: dict[str, Any] = {"batch": batch, "steps": steps, "guidance": guidance}
+    outputs = {}
+    with torch.no_grad():
+        for name, fn in (("naive", naive), ("siamdiff", ours)):
+            outputs[name] = fn()
+            seconds = seconds_per_call(fn, device, warmup=0, iters=iters)
+            row[name] = {"images_per_s": batch / seconds, "seconds_per_batch": seconds}
+    row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
+    row["image_max_abs_difference"] = float((outputs["siamdiff"] - outputs["naive"]).abs().max())
+    return row
+
+
+def meta_flops(batch: int = 8) -> dict[str, Any]:
+    """FLOPs per Siamese step at the SD1.5 size, both phases, without memory or compute.
+
+    Data-dependent shapes do not exist on ``meta``, so the augmentation term (a Mask-Diffusion
+    forward + backward on the samples with t <= 200) is counted on its own and added: siamdiff
+    runs it on the expected 201/1000 of the batch, the naive step on all of it.
+    """
+    backbone = sd15_backbone("meta")
+    freeze_for_training(backbone, train_unet_encoder=False)
+    model = SiameseDiffusion(backbone)
+    b = make_batch(model, PRESETS["sd15"], batch, "meta")
+
+    def step_flops(loss_fn: Callable, progress: float) -> int:
+        return count_flops(lambda: loss_fn(model, b, progress).backward())
+
+    def mask_branch_flops(n: int) -> int:
+        def run() -> None:
+            eps = model.eps_mask(
+                b["z0"][:n], b["timesteps"][:n], b["context"][:n], b["mask_hint"][:n]
+            )
+            denoising_loss(eps, b["noise"][:n]).backward()
+
+        return count_flops(run)
+
+    kept = round(batch * 201 / 1000)
+    result: dict[str, Any] = {"batch": batch, "resolution": 512, "augmented_samples": kept}
+    for name, loss_fn in STEPS.items():
+        before = step_flops(loss_fn, 0.0)
+        augment = mask_branch_flops(batch if name == "naive" else kept)
+        result[name] = {
+            "before_augmentation": before,
+            "with_augmentation": before + augment,
+            "training_average": (before + 2 * (before + augment)) / 3,
+        }
+    for phase in ("before_augmentation", "with_augmentation", "training_average"):
+        result[f"ratio_{phase}"] = result["siamdiff"][phase] / result["naive"][phase]
+    return result
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def run(
+    preset_name: str,
+    device: torch.device,
+    out_dir: Path,
+    *,
+    train_batches: tuple[int, ...] | None = None,
+    sample_batches: tuple[int, ...] | None = None,
+    sample_steps: int = 50,
+    guidance: float = 9.0,
+    warmup: int = 2,
+    iters: int = 5,
+    meta: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Every measurement; returns the results and the JSON file they were written to."""
+    preset = PRESETS[preset_name]
+    model, vae = build(preset, device)
+    peak = matmul_peak_flops(device)
+    results: dict[str, Any] = {
+        "siamdiff": __version__,
+        "torch": torch.__version__,
+        "device": device_label(device),
+        "date": dt.date.today().isoformat(),
+        "preset": preset.name,
+        "resolution": preset.resolution,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "matmul_peak_tflops": peak / 1e12,
+        "training": [
+            bench_training(model, preset, batch, device, peak, warmup, iters)
+            for batch in (train_batches or preset.train_batches)
+        ],
+        "sampling": [
+            bench_sampling(model, vae, preset, batch, device, sample_steps, guidance, 1)
+            for batch in (sample_batches or preset.sample_batches)
+        ],
+    }
+    if meta:
+        results["sd15_meta_flops"] = meta_flops()
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{results['device']}-{results['date']}").strip("-")
+    path = out_dir / f"{name.lower()}.json"
+    atomic_write_json(path, results)
+    return results, path
+
+
+def format_results(results: dict[str, Any]) -> str:
+    lines = [
+        f"siamdiff bench: {results['device']}, preset {results['preset']} "
+        f"({results['resolution']} px, {results['precision']}), "
+        f"matmul peak {results['matmul_peak_tflops']:.2f} TFLOP/s"
+    ]
+    lines.append(
+        "training step     batch  naive img/s  siamdiff img/s  speedup  FLOP ratio"
+        "  MFU naive/siamdiff  loss / grad rel. diff"
+    )
+    for row in results["training"]:
+        naive, ours = row["naive"], row["siamdiff"]
+        lines.append(
+            f"{'':18}{row['batch']:>5}  {naive['images_per_s']:>11.2f}  "
+            f"{ours['images_per_s']:>14.2f}  {row['speedup']:>6.2f}x  {row['flop_ratio']:>10.3f}"
+            f"  {naive['mfu']:>8.3f}/{ours['mfu']:.3f}  "
+            f"{row['loss_relative_difference']:.1e} / {row['grad_relative_difference']:.1e}"
+        )
+    lines.append("sampling (DDIM)   batch  naive img/s  siamdiff img/s  speedup  max |image diff|")
+    for row in results["sampling"]:
+        lines.append(
+            f"{'':18}{row['batch']:>5}  {row['naive']['images_per_s']:>11.3f}  "
+            f"{row['siamdiff']['images_per_s']:>14.3f}  {row['speedup']:>6.2f}x  "
+            f"{row['image_max_abs_difference']:.1e}"
+        )
+    meta = results.get("sd15_meta_flops")
+    if meta:
+        lines.append(
+            f"SD1.5 FLOPs per step (batch {meta['batch']}, 512 px, meta device), siamdiff / naive: "
+            f"{meta['ratio_before_augmentation']:.3f} before the augmentation term starts, "
+            f"{meta['ratio_with_augmentation']:.3f} with it, "
+            f"{meta['ratio_training_average']:.3f} over a whole training run"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m siamdiff.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("auto", *PRESETS),
+        default="auto",
+        help="auto: sd15 on CUDA, tiny on CPU",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--train-batches", type=int, nargs="+", default=None)
+    parser.add_argument("--sample-batches", type=int, nargs="+", default=None)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=9.0)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-meta", action="store_true", help="skip the SD1.5 meta FLOP count")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = args.preset if args.preset != "auto" else ("sd15" if device.type == "cuda" else "tiny")
+    results, path = run(
+        preset,
+        device,
+        args.out,
+        train_batches=tuple(args.train_batches) if args.train_batches else None,
+        sample_batches=tuple(args.sample_batches) if args.sample_batches else None,
+        sample_steps=args.sample_steps,
+        guidance=args.guidance,
+        warmup=args.warmup,
+        iters=args.iters,
+        meta=not args.no_meta,
+    )
+    print(format_results(results))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""The benchmark harness: a CPU smoke run of every measurement, and the SD1.5 FLOP target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from siamdiff.bench import main, meta_flops
+
+
+def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Path, capsys) -> None:
+    argv = ["--preset", "tiny", "--device", "cpu", "--train-batches", "4", "--sample-batches", "2"]
+    argv += ["--sample-steps", "3", "--iters", "1", "--warmup", "0", "--no-meta"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-*.json")
+    results = json.loads(path.read_text())
+    (train,) = results["training"]
+    # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
+    assert train["loss_relative_difference"] < 1e-5 and train["grad_relative_difference"] < 1e-4
+    assert train["flop_ratio"] < 0.8  # t = 0, 333, 666, 999: one sample in the augmentation term
+    for name in ("naive", "siamdiff"):
+        assert train[name]["images_per_s"] > 0 and train[name]["flops_per_step"] > 0
+    (sampling,) = results["sampling"]
+    assert sampling["image_max_abs_difference"] < 1e-3
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_siamdiff_step_at_sd15_size_needs_at_most_three_quarters_of_the_naive_flops() -> None:
+    counted = meta_flops(batch=4)
+    assert counted["ratio_training_average"] <= 0.75
+    # The shared encoder and single mask control save work in both phases; the augmentation
+    # term, run on the t <= 200 samples only, saves more once it starts.
+    assert counted["ratio_with_augmentation"] < counted["ratio_before_augmentation"] < 0.9
