@@ -16,7 +16,7 @@ One process measures, on the current device:
 
 Weights are random (speed does not depend on them). ``--preset sd15`` is the SD1.5
 architecture (UNet 860M + DHI ControlNet, 512 px); ``tiny`` is the CPU-sized backbone (CI's
-smoke run). Writes ``bench/results/<device>-<date>.json`` and prints a table.
+smoke run). Writes ``bench/results/<device>-<date>.json`` and ``.md`` (the table) and prints it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_write_json
+from siamdiff.atomic import atomic_write_json, atomic_write_text
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
     Backbone,
@@ -50,7 +50,13 @@ from siamdiff.models.backbone import (
     freeze_for_training,
     method_noise_scheduler,
 )
-from siamdiff.models.siamese import Control, SiameseDiffusion, denoising_loss, mix_controls
+from siamdiff.models.siamese import (
+    Control,
+    SiameseDiffusion,
+    controlled_eps,
+    denoising_loss,
+    mix_controls,
+)
 from siamdiff.sample import ddim_sample, make_scheduler
 
 AUG_PROGRESS = 0.5  # a step after 1/3 of training: every loss term is active
@@ -164,14 +170,7 @@ def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: 
         )  # the mask control, a second time
     image_control = model.control(zt, t, context, b["image_hint"])
     mixed = mix_controls(Control(tuple(down), mid), image_control, progress)
-    eps_mix = unet_copy(
-        zt,
-        t,
-        encoder_hidden_states=context,
-        down_block_additional_residuals=mixed.down,
-        mid_block_additional_residual=mixed.mid,
-        return_dict=False,
-    )[0]
+    eps_mix = controlled_eps(unet_copy, zt, t, context, mixed)
     loss = (
         denoising_loss(eps_mask, noise)
         + denoising_loss(eps_mix, noise)
@@ -259,16 +258,24 @@ def training_equivalence(
     }
 
 
-def bench_training(
-    model: SiameseDiffusion,
-    preset: Preset,
-    batch: int,
-    device: torch.device,
-    peak: float,
-    warmup: int,
-    iters: int,
-) -> dict[str, Any]:
-    b = make_batch(model, preset, batch, device)
+@dataclass
+class Bench:
+    """What every measurement of one run shares."""
+
+    model: SiameseDiffusion
+    vae: AutoencoderKL
+    preset: Preset
+    device: torch.device
+    peak_flops: float
+    warmup: int
+    iters: int
+    sample_steps: int
+    guidance: float
+
+
+def bench_training(bench: Bench, batch: int) -> dict[str, Any]:
+    model, device = bench.model, bench.device
+    b = make_batch(model, bench.preset, batch, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     row: dict[str, Any] = {"batch": batch, **training_equivalence(model, b, device)}
     for name, loss_fn in STEPS.items():
@@ -286,12 +293,12 @@ def bench_training(
         flops = count_flops(step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = seconds_per_call(step, device, warmup, iters)
+        seconds = seconds_per_call(step, device, bench.warmup, bench.iters)
         row[name] = {
             "images_per_s": batch / seconds,
             "seconds_per_step": seconds,
             "flops_per_step": flops,
-            "mfu": flops / seconds / peak,
+            "mfu": flops / seconds / bench.peak_flops,
             "peak_memory_gb": peak_memory_gb(device),
         }
     row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
@@ -320,17 +327,11 @@ def naive_sample(
     return latents
 
 
-def bench_sampling(
-    model: SiameseDiffusion,
-    vae: AutoencoderKL,
-    preset: Preset,
-    batch: int,
-    device: torch.device,
-    steps: int,
-    guidance: float,
-    iters: int,
-) -> dict[str, Any]:
-    b = make_batch(model, preset, batch, device)
+def bench_sampling(bench: Bench, batch: int) -> dict[str, Any]:
+    """One timed sampling run per implementation (long enough to need no repeats)."""
+    model, vae, device = bench.model, bench.vae, bench.device
+    steps, guidance = bench.sample_steps, bench.guidance
+    b = make_batch(model, bench.preset, batch, device)
     cond, uncond = b["context"], torch.zeros_like(b["context"])
     seeds = [torch.Generator(device).manual_seed(i) for i in range(batch)]
     noise = torch.stack([torch.randn(b["z0"].shape[1:], generator=g, device=device) for g in seeds])
@@ -358,8 +359,12 @@ def bench_sampling(
     outputs = {}
     with torch.no_grad():
         for name, fn in (("naive", naive), ("siamdiff", ours)):
+            if device.type == "cuda":
+                fn()  # warm-up: kernel selection, allocator
+            start = time.perf_counter()
             outputs[name] = fn()
-            seconds = seconds_per_call(fn, device, warmup=0, iters=iters)
+            synchronize(device)
+            seconds = time.perf_counter() - start
             row[name] = {"images_per_s": batch / seconds, "seconds_per_batch": seconds}
     row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
     row["image_max_abs_difference"] = float((outputs["siamdiff"] - outputs["naive"]).abs().max())
@@ -431,6 +436,7 @@ def run(
     preset = PRESETS[preset_name]
     model, vae = build(preset, device)
     peak = matmul_peak_flops(device)
+    bench = Bench(model, vae, preset, device, peak, warmup, iters, sample_steps, guidance)
     results: dict[str, Any] = {
         "siamdiff": __version__,
         "torch": torch.__version__,
@@ -441,12 +447,10 @@ def run(
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "matmul_peak_tflops": peak / 1e12,
         "training": [
-            bench_training(model, preset, batch, device, peak, warmup, iters)
-            for batch in (train_batches or preset.train_batches)
+            bench_training(bench, batch) for batch in (train_batches or preset.train_batches)
         ],
         "sampling": [
-            bench_sampling(model, vae, preset, batch, device, sample_steps, guidance, 1)
-            for batch in (sample_batches or preset.sample_batches)
+            bench_sampling(bench, batch) for batch in (sample_batches or preset.sample_batches)
         ],
     }
     if meta:
@@ -454,6 +458,7 @@ def run(
     name = re.sub(r"[^A-Za-z0-9]+", "-", f"{results['device']}-{results['date']}").strip("-")
     path = out_dir / f"{name.lower()}.json"
     atomic_write_json(path, results)
+    atomic_write_text(path.with_suffix(".md"), f"```\n{format_results(results)}\n```\n")
     return results, path
 
 

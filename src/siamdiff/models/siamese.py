@@ -80,6 +80,20 @@ def noise_consistency_loss(eps_mask: Tensor, eps_image: Tensor) -> Tensor:
     return F.mse_loss(eps_mask.float(), eps_image.detach().float())
 
 
+def controlled_eps(
+    unet: nn.Module, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control
+) -> Tensor:
+    """``unet``'s eps for ``zt`` with ControlNet residuals ``control``: one whole UNet pass."""
+    return unet(
+        zt,
+        t,
+        encoder_hidden_states=text_emb,
+        down_block_additional_residuals=control.down,
+        mid_block_additional_residual=control.mid,
+        return_dict=False,
+    )[0]
+
+
 class SiameseDiffusion(nn.Module):
     """The two branches of Siamese-Diffusion (``mode="siamese"``) or plain ControlNet+DHI
     training on the mask hint alone (``mode="mask-only"``, the ablation baseline)."""
@@ -174,14 +188,7 @@ class SiameseDiffusion(nn.Module):
 
     def denoise(self, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control) -> Tensor:
         """The UNet's eps under ``control``: one whole UNet pass."""
-        return self.unet(
-            zt,
-            t,
-            encoder_hidden_states=text_emb,
-            down_block_additional_residuals=control.down,
-            mid_block_additional_residual=control.mid,
-            return_dict=False,
-        )[0]
+        return controlled_eps(self.unet, zt, t, text_emb, control)
 
     def decode(self, features: UNetFeatures, control: Control, *, unet_grad: bool = True) -> Tensor:
         """eps from shared encoder ``features`` under ``control``; ``unet_grad=False`` keeps
