@@ -4,7 +4,8 @@
 #   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2 h on 2 cores
 #
 # prepare -> train both arms -> export -> sample (training masks, and 8 test masks for the grid)
-# -> segmenter on the real training split (the yardstick) -> evaluate both arms -> results.json,
+# -> segmenter on the real training split (the yardstick) -> evaluate both arms (and the Siamese
+# arm sampled with DPM-Solver++ in 20 steps, the faster solver's cost) -> results.json,
 # results.md, samples.png beside this script. Every stage skips or resumes what is already done
 # in $WORK, so rerunning after an interruption continues. The two arms run side by side, one
 # core each. Environment knobs (defaults = the committed CPU run): CONFIG, SIZE, SAMPLE_MASKS,
@@ -69,6 +70,24 @@ yardstick() {  # the evaluation's segmenter: real training split only, fixed see
     --overwrite >"$work/segmenter.log" 2>&1
 }
 
+solver_study() {  # the faster solver's cost: DPM-Solver++ 20 steps vs DDIM 50, Siamese arm
+  local arm=siamese name=siamese-dpm20
+  stage "sample $name" siamdiff sample "$work/model-$arm" --masks "$data:train" \
+    --out "$work/syn-$name" --limit "$sample_masks" --per-mask "$per_mask" --steps 20 \
+    --scheduler dpmsolver++ --device "$device" >>"$work/sample-$name.log" 2>&1
+  [ -f "$work/eval-$name/metrics.json" ] && return 0
+  stage "evaluate $name" siamdiff evaluate "$data" "$work/syn-$name" \
+    --out "$work/eval-$name/metrics.json" --segmenter "$work/segmenter" --device "$device" \
+    >"$work/evaluate-$name.log" 2>&1
+}
+
+wait_for_yardstick() {  # wait_for_yardstick PID: until the pipeline PID has trained it
+  until [ -f "$work/segmenter/segmenter.json" ]; do
+    kill -0 "$1" 2>/dev/null || { echo "no segmenter: its pipeline failed" >&2; return 1; }
+    sleep 20
+  done
+}
+
 evaluate_arm() {
   local arm=$1
   [ -f "$work/eval-$arm/metrics.json" ] && return 0
@@ -82,13 +101,12 @@ evaluate_arm() {
 # Arm 1 trains faster (no image branch), so its core also trains the yardstick segmenter.
 (arm_pipeline mask-only; yardstick; evaluate_arm mask-only) &
 first=$!
-(arm_pipeline siamese) &
+(arm_pipeline siamese; wait_for_yardstick "$first"; evaluate_arm siamese; solver_study) &
 second=$!
 wait "$first"
 wait "$second"
-evaluate_arm siamese
 
 python3 "$here/summarize.py" --work "$work" --out "$here" --arms "${arms[@]}" \
-  --config "$config" --device "$device"
+  --config "$config" --device "$device" --solver-study siamese-dpm20
 }
 main "$@"

@@ -41,12 +41,22 @@ def device_name(device: str) -> str:
     return f"cpu: {cpu}, {torch.get_num_threads()} threads visible, 1 per arm"
 
 
-def stage_seconds(work: Path) -> dict[str, int]:
-    totals: dict[str, int] = defaultdict(int)  # a resumed stage adds its runs up
+def stage_seconds(work: Path, arms: list[str]) -> dict[str, int]:
+    """Wall seconds per finished stage run (a resumed stage adds its runs up). Training time
+    comes from the loss log instead, which also counts the steps of interrupted runs."""
+    totals: dict[str, int] = defaultdict(int)
     path = work / "stages.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         row = json.loads(line)
         totals[row["stage"]] += row["seconds"]
+    for arm in arms:
+        rows = [json.loads(line) for line in (work / f"run-{arm}" / "losses.jsonl").open()]
+        steps = [
+            row["step"] - before["step"]
+            for before, row in zip([{"step": 0}, *rows[:-1]], rows, strict=True)
+        ]
+        seconds = (n / row["it_per_s"] for n, row in zip(steps, rows, strict=True))
+        totals[f"train {arm}"] = round(sum(seconds))
     return dict(totals)
 
 
@@ -97,6 +107,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", required=True)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--solver-study", default=None, help="eval-NAME of a faster sampler run")
     args = parser.parse_args()
 
     metrics = {
@@ -117,7 +128,7 @@ def main() -> None:
         "config": str(args.config.name),
         "seed": int(cfg.seed),
         "sampling": sampler | {"images_per_arm": len(synthesis["records"])},
-        "stage_seconds": stage_seconds(args.work),
+        "stage_seconds": stage_seconds(args.work, args.arms),
         "arms": {
             arm: {
                 "metrics": metrics[arm],
@@ -126,6 +137,20 @@ def main() -> None:
             for arm in args.arms
         },
     }
+    solver_text = ""
+    if args.solver_study:
+        study = json.loads((args.work / f"eval-{args.solver_study}" / "metrics.json").read_text())
+        arm = args.arms[-1]
+        results["solver_study"] = {
+            "arm": arm,
+            "sampler": json.loads(
+                (args.work / f"syn-{args.solver_study}" / "manifest-v1.json").read_text()
+            )["records"][0]["extra"]["sampler"],
+            "metrics": study,
+        }
+        names = [f"{arm} DDIM {sampler['steps']}", f"{arm} DPM-Solver++ 20"]
+        table = comparison_table(names, {names[0]: metrics[arm], names[1]: study})
+        solver_text = f"## The faster solver's cost\n\n{table}\n\n"
     atomic_write_json(args.out / "results.json", results)
 
     notes = args.out / "notes.md"
@@ -139,6 +164,7 @@ def main() -> None:
         + "\n\n![mask | real | "
         + " | ".join(args.arms)
         + "](samples.png)\n\n"
+        + solver_text
         + (notes.read_text() if notes.exists() else "")
     )
     atomic_write_text(args.out / "results.md", text)
