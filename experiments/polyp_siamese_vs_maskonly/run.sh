@@ -23,7 +23,7 @@ steps=${STEPS:-50}                       # DDIM steps (eta 0, guidance 9)
 seg_size=${SEG_SIZE:-128}
 seg_epochs=${SEG_EPOCHS:-6}
 util_size=${UTIL_SIZE:-96}
-util_epochs=${UTIL_EPOCHS:-6}
+util_epochs=${UTIL_EPOCHS:-5}
 util_seeds=${UTIL_SEEDS:-1}
 util_archs=${UTIL_ARCHS:-unet}
 device=${DEVICE:-cpu}
@@ -81,11 +81,14 @@ solver_study() {  # the faster solver's cost: DPM-Solver++ 20 steps vs DDIM 50, 
     >"$work/evaluate-$name.log" 2>&1
 }
 
-wait_for_yardstick() {  # wait_for_yardstick PID: until the pipeline PID has trained it
-  until [ -f "$work/segmenter/segmenter.json" ]; do
-    kill -0 "$1" 2>/dev/null || { echo "no segmenter: its pipeline failed" >&2; return 1; }
+wait_for() {  # wait_for PATH: until the other pipeline has written it (3 hours at most)
+  local tries
+  for tries in $(seq 540); do
+    [ -e "$1" ] && return 0
     sleep 20
   done
+  echo "$1 never came: the other pipeline failed (see its log)" >&2
+  return 1
 }
 
 evaluate_arm() {
@@ -98,10 +101,12 @@ evaluate_arm() {
     >"$work/evaluate-$arm.log" 2>&1
 }
 
-# Arm 1 trains faster (no image branch), so its core also trains the yardstick segmenter.
-(arm_pipeline mask-only; yardstick; evaluate_arm mask-only) &
+# Arm 1 trains faster (no image branch), so its core also trains the yardstick segmenter and
+# runs the solver study once the Siamese model is exported.
+(arm_pipeline mask-only; yardstick; evaluate_arm mask-only; wait_for "$work/model-siamese"
+  solver_study) &
 first=$!
-(arm_pipeline siamese; wait_for_yardstick "$first"; evaluate_arm siamese; solver_study) &
+(arm_pipeline siamese; wait_for "$work/segmenter/segmenter.json"; evaluate_arm siamese) &
 second=$!
 wait "$first"
 wait "$second"
