@@ -21,6 +21,8 @@ from siamdiff.data.manifest import load_manifest
 from siamdiff.data.readers import load_rgb
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.evaluate.metrics import summary_rows
+from siamdiff.export import load_export
+from siamdiff.models.dhi import mask_to_hint
 from siamdiff.report import save_sample_grid
 from siamdiff.synthesize import spread_subset
 
@@ -76,6 +78,24 @@ def comparison_table(arms: list[str], metrics: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def held_out_table(arms: list[str], per_arm: dict[str, dict]) -> str:
+    rows = list(per_arm[arms[0]]["held_out_eps_mse"])
+    lines = [
+        "Mask-Diffusion's eps MSE on the real test images (lower is better; same noise and t "
+        "for both arms):",
+        "",
+        f"| t | {' | '.join(arms)} |",
+        "|---|" + "---|" * len(arms),
+    ]
+    lines += [
+        f"| {row.removeprefix('t=')} | "
+        + " | ".join(f"{per_arm[a]['held_out_eps_mse'][row]:.4f}" for a in arms)
+        + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
 def grid_images(work: Path, arms: list[str], size: int) -> list[torch.Tensor]:
     """[masks, reals, arm 1, arm 2, ...] for the grid's test masks, in [-1, 1] / {0, 1}."""
     view = PairedDataset(
@@ -98,6 +118,34 @@ def grid_images(work: Path, arms: list[str], size: int) -> list[torch.Tensor]:
             )
         )
     return columns
+
+
+HELD_OUT_T = (50, 200, 500, 800, 950)
+
+
+@torch.no_grad()
+def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, float]:
+    """Mask-Diffusion's eps MSE on the real *test* images at fixed t, same noise for every arm:
+    how well each arm denoises images it never saw, whatever its samples look like."""
+    loaded = load_export(model_dir)
+    model, autoencoder = loaded.model, loaded.autoencoder
+    view = PairedDataset(
+        data, "test", transform=build_transforms(TransformConfig(size=size), False)
+    )
+    items = [view[i] for i in range(len(view))]
+    z0 = autoencoder.encode(torch.stack([it["image"] for it in items]))
+    hints = mask_to_hint(torch.stack([it["mask"] for it in items]))
+    context = model.text([loaded.prompt] * len(items))
+    gen = torch.Generator().manual_seed(0)
+    result = {}
+    for t_value in HELD_OUT_T:
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.full((len(items),), t_value)
+        zt = model.noise_scheduler.add_noise(z0, noise, t)
+        eps = model.eps_mask(zt, t, context, hints)
+        result[f"t={t_value}"] = float((eps - noise).pow(2).mean())
+    result["mean"] = sum(result.values()) / len(HELD_OUT_T)
+    return result
 
 
 def main() -> None:
@@ -133,6 +181,9 @@ def main() -> None:
             arm: {
                 "metrics": metrics[arm],
                 "final_losses": _last_losses(args.work / f"run-{arm}" / "losses.jsonl"),
+                "held_out_eps_mse": held_out_denoising(
+                    args.work / f"model-{arm}", args.work / "data", size
+                ),
             }
             for arm in args.arms
         },
@@ -159,6 +210,7 @@ def main() -> None:
         f"Device: {results['device']}. Scale: {results['scale']}.\n"
         f"Reproduce: `{results['command']}`. Every number: `results.json`.\n\n"
         f"{comparison_table(args.arms, metrics)}\n\n"
+        f"{held_out_table(args.arms, results['arms'])}\n\n"
         f"Wall time per stage (s): "
         + ", ".join(f"{k} {v}" for k, v in results["stage_seconds"].items())
         + "\n\n![mask | real | "
