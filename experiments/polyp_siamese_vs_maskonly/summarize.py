@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +41,7 @@ def device_name(device: str) -> str:
         ),
         platform.processor() or platform.machine(),
     )
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads visible, 1 per arm"
+    return f"cpu: {cpu}, {os.cpu_count()} cores, one thread per arm"
 
 
 def stage_seconds(work: Path, arms: list[str]) -> dict[str, int]:
@@ -171,8 +172,8 @@ def main() -> None:
         "command": "bash experiments/polyp_siamese_vs_maskonly/run.sh",
         "device": device_name(args.device),
         "scale": f"{args.config.name}: {size} px, {cfg.train.max_steps} steps x batch "
-        f"{cfg.train.batch_size}, backbone {cfg.backbone.kind} "
-        f"{dict(cfg.backbone.unet) or ''}",
+        f"{cfg.train.batch_size}, backbone {cfg.backbone.kind}, UNet widths "
+        f"{list(cfg.backbone.unet.get('block_out_channels', [])) or 'preset'}",
         "config": str(args.config.name),
         "seed": int(cfg.seed),
         "sampling": sampler | {"images_per_arm": len(synthesis["records"])},
