@@ -57,6 +57,7 @@ from siamdiff.models.siamese import (
     denoising_loss,
     mix_controls,
 )
+from siamdiff.models.unet_parts import encode
 from siamdiff.sample import ddim_sample, make_scheduler
 
 AUG_PROGRESS = 0.5  # a step after 1/3 of training: every loss term is active
@@ -397,6 +398,18 @@ def meta_flops(batch: int = 8) -> dict[str, Any]:
 
     kept = round(batch * 201 / 1000)
     result: dict[str, Any] = {"batch": batch, "resolution": 512, "augmented_samples": kept}
+    one = {key: value[:1] for key, value in b.items()}
+    parts = {
+        "unet_encoder_mid": lambda: encode(model.unet, one["z0"], one["timesteps"], one["context"]),
+        "unet": lambda: model.unet(one["z0"], one["timesteps"], one["context"]),
+        "controlnet": lambda: model.control(
+            one["z0"], one["timesteps"], one["context"], one["mask_hint"]
+        ),
+        "dhi": lambda: model.controlnet.controlnet_cond_embedding(one["mask_hint"]),
+    }
+    result["forward_gflops_per_image"] = {
+        name: count_flops(part) / 1e9 for name, part in parts.items()
+    }
     for name, loss_fn in STEPS.items():
         before = step_flops(loss_fn, 0.0)
         augment = mask_branch_flops(batch if name == "naive" else kept)
