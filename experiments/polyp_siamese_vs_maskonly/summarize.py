@@ -24,7 +24,7 @@ from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.evaluate.metrics import summary_rows
 from siamdiff.export import load_export
 from siamdiff.models.dhi import mask_to_hint
-from siamdiff.report import save_sample_grid
+from siamdiff.report import read_loss_log, save_sample_grid
 from siamdiff.synthesize import spread_subset
 
 GRID_MASKS = 8
@@ -53,7 +53,7 @@ def stage_seconds(work: Path, arms: list[str]) -> dict[str, int]:
         row = json.loads(line)
         totals[row["stage"]] += row["seconds"]
     for arm in arms:
-        rows = [json.loads(line) for line in (work / f"run-{arm}" / "losses.jsonl").open()]
+        rows = read_loss_log(work / f"run-{arm}" / "losses.jsonl")
         steps = [
             row["step"] - before["step"]
             for before, row in zip([{"step": 0}, *rows[:-1]], rows, strict=True)
@@ -226,7 +226,7 @@ def main() -> None:
 
 
 def _last_losses(path: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_loss_log(path)
     return {k: v for k, v in rows[-1].items() if k != "step"} | {"step": rows[-1]["step"]}
 
 
