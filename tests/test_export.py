@@ -47,8 +47,8 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
     t = torch.tensor([10, 900])
     with torch.no_grad():
         text = reference.text([loaded.prompt, ""])
-        expected = reference.eps_mask(zt, t, text, hint)
-        actual = loaded.model.eps_mask(zt, t, loaded.model.text([loaded.prompt, ""]), hint)
+        expected = reference.predict_mask(zt, t, text, hint)
+        actual = loaded.model.predict_mask(zt, t, loaded.model.text([loaded.prompt, ""]), hint)
     torch.testing.assert_close(actual, expected)
 
     latents = ddim_sample(

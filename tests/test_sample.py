@@ -68,7 +68,7 @@ def test_guidance_one_is_the_conditional_prediction(
     latents = torch.stack([torch.randn(4, 4, 4, generator=g) for g in seeded(0, 1)])
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = model.eps_mask(latents, t, cond.expand(2, -1, -1), hints)
+            eps = model.predict_mask(latents, t, cond.expand(2, -1, -1), hints)
             latents = scheduler.step(eps, t, latents).prev_sample
     torch.testing.assert_close(sampled, latents, rtol=1e-4, atol=1e-5)
     guided = ddim_sample(model, hints, cond, uncond, steps=4, guidance=9.0, generator=seeded(0, 1))
@@ -99,26 +99,32 @@ def test_sampler_errors_are_one_line(
 
 
 class _OracleDenoiser:
-    """The exact eps-predictor for a data distribution that is a single point ``x_star``."""
+    """The exact eps- or v-predictor for a data distribution that is a single point ``x_star``."""
 
-    def __init__(self, x_star: torch.Tensor) -> None:
+    def __init__(self, x_star: torch.Tensor, prediction_type: str) -> None:
         self.x_star = x_star
-        self.noise_scheduler = method_noise_scheduler()
+        self.noise_scheduler = method_noise_scheduler(prediction_type)
         self.unet = SimpleNamespace(
             config=SimpleNamespace(in_channels=x_star.shape[1]), dtype=torch.float32
         )
         no_hint_encoder = SimpleNamespace(reuse=lambda hint: nullcontext())
         self.controlnet = SimpleNamespace(controlnet_cond_embedding=no_hint_encoder)
 
-    def eps_mask(self, zt, t, text_emb, mask_hint):
+    def predict_mask(self, zt, t, text_emb, mask_hint):
         abar = self.noise_scheduler.alphas_cumprod[int(t)]
-        return (zt - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+        eps = (zt - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return abar.sqrt() * eps - (1 - abar).sqrt() * self.x_star
+        return eps
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "unipc"])
-def test_sampling_with_the_exact_denoiser_lands_on_the_data(scheduler: str) -> None:
+def test_sampling_with_the_exact_denoiser_lands_on_the_data(
+    scheduler: str, prediction_type: str
+) -> None:
     x_star = torch.randn(1, 4, 2, 2)
-    oracle = _OracleDenoiser(x_star)
+    oracle = _OracleDenoiser(x_star, prediction_type)
     hint = torch.zeros(2, 3, 16, 16)
     text = torch.zeros(1, 1, 1)
     latents = ddim_sample(
@@ -154,8 +160,8 @@ def test_hint_embedding_is_computed_once_per_sampling_run(
     cond, uncond = (p.expand(2, -1, -1) for p in prompts)
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps_u = model.eps_mask(recomputed, t, uncond, masks(2))
-            eps_c = model.eps_mask(recomputed, t, cond, masks(2))
+            eps_u = model.predict_mask(recomputed, t, uncond, masks(2))
+            eps_c = model.predict_mask(recomputed, t, cond, masks(2))
             eps = eps_u + 9.0 * (eps_c - eps_u)
             recomputed = scheduler.step(eps, t, recomputed, generator=generators).prev_sample
     torch.testing.assert_close(latents, recomputed, rtol=1e-4, atol=1e-5)

@@ -143,7 +143,7 @@ def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, floa
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.full((len(items),), t_value)
         zt = model.noise_scheduler.add_noise(z0, noise, t)
-        eps = model.eps_mask(zt, t, context, hints)
+        eps = model.predict_eps(zt, t, model.predict_mask(zt, t, context, hints))
         result[f"t={t_value}"] = float((eps - noise).pow(2).mean())
     result["mean"] = sum(result.values()) / len(HELD_OUT_T)
     return result

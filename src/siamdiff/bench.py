@@ -53,7 +53,7 @@ from siamdiff.models.backbone import (
 from siamdiff.models.siamese import (
     Control,
     SiameseDiffusion,
-    controlled_eps,
+    controlled_prediction,
     denoising_loss,
     mix_controls,
 )
@@ -162,7 +162,8 @@ def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: 
     """The same loss as :meth:`SiameseDiffusion.loss_terms`, computed the straightforward way."""
     zt = model.noise_scheduler.add_noise(b["z0"], b["noise"], b["timesteps"])
     t, context, noise = b["timesteps"], b["context"], b["noise"]
-    eps_mask = model.eps_mask(zt, t, context, b["mask_hint"])
+    target = model.target(b["z0"], noise, t)
+    mask_prediction = model.predict_mask(zt, t, context, b["mask_hint"])
     controlnet_copy = copy.deepcopy(model.controlnet).requires_grad_(False)
     unet_copy = copy.deepcopy(model.unet)  # its decoder still requires grad: wasted work
     with torch.no_grad():
@@ -171,17 +172,18 @@ def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: 
         )  # the mask control, a second time
     image_control = model.control(zt, t, context, b["image_hint"])
     mixed = mix_controls(Control(tuple(down), mid), image_control, progress)
-    eps_mix = controlled_eps(unet_copy, zt, t, context, mixed)
+    image_prediction = controlled_prediction(unet_copy, zt, t, context, mixed)
     loss = (
-        denoising_loss(eps_mask, noise)
-        + denoising_loss(eps_mix, noise)
-        + F.mse_loss(eps_mask.float(), eps_mix.detach().float())
+        denoising_loss(mask_prediction, target)
+        + denoising_loss(image_prediction, target)
+        + F.mse_loss(mask_prediction.float(), image_prediction.detach().float())
     )
     if progress > model.aug_start:
-        renoised = model.noise_scheduler.add_noise(model.predict_x0(zt, t, eps_mix), noise, t)
-        eps_aug = model.eps_mask(renoised.detach(), t, context, b["mask_hint"])
-        per_sample = (eps_aug.float() - noise.float()).pow(2).flatten(1).mean(1)
-        loss = loss + (per_sample * (t <= model.aug_t_max)).mean()
+        x0 = model.predict_x0(zt, t, image_prediction).detach()
+        renoised = model.noise_scheduler.add_noise(x0, noise, t)
+        augmented = model.predict_mask(renoised, t, context, b["mask_hint"])
+        per_sample = (augmented.float() - model.target(x0, noise, t).float()).pow(2).flatten(1)
+        loss = loss + (per_sample.mean(1) * (t <= model.aug_t_max)).mean()
     return loss
 
 
@@ -321,10 +323,10 @@ def naive_sample(
     scheduler.set_timesteps(steps, device=mask_hint.device)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps_uncond = model.eps_mask(latents, t, uncond, mask_hint)
-        eps_cond = model.eps_mask(latents, t, cond, mask_hint)
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        pred_uncond = model.predict_mask(latents, t, uncond, mask_hint)
+        pred_cond = model.predict_mask(latents, t, cond, mask_hint)
+        guided = pred_uncond + guidance * (pred_cond - pred_uncond)
+        latents = scheduler.step(guided, t, latents).prev_sample
     return latents
 
 
@@ -389,10 +391,10 @@ def meta_flops(batch: int = 8) -> dict[str, Any]:
 
     def mask_branch_flops(n: int) -> int:
         def run() -> None:
-            eps = model.eps_mask(
+            prediction = model.predict_mask(
                 b["z0"][:n], b["timesteps"][:n], b["context"][:n], b["mask_hint"][:n]
             )
-            denoising_loss(eps, b["noise"][:n]).backward()
+            denoising_loss(prediction, b["noise"][:n]).backward()
 
         return count_flops(run)
 

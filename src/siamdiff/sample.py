@@ -79,14 +79,14 @@ def ddim_sample(
         dtype=model.unet.dtype,
     )
     latents = latents * noise_scheduler.init_noise_sigma
-    # Unconditional first: eps = eps_u + guidance * (eps_c - eps_u).
+    # Unconditional first: out = out_u + guidance * (out_c - out_u), out = eps or v.
     context = torch.cat([uncond_emb.expand(batch, -1, -1), text_emb.expand(batch, -1, -1)])
     hints = torch.cat([mask_hint, mask_hint])
     step_kwargs = {"eta": eta, "generator": generators} if scheduler == "ddim" else {}
     with model.controlnet.controlnet_cond_embedding.reuse(hints):
         for t in noise_scheduler.timesteps:
             model_input = noise_scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_uncond, eps_cond = model.eps_mask(model_input, t, context, hints).chunk(2)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = noise_scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+            pred_uncond, pred_cond = model.predict_mask(model_input, t, context, hints).chunk(2)
+            guided = pred_uncond + guidance * (pred_cond - pred_uncond)
+            latents = noise_scheduler.step(guided, t, latents, **step_kwargs).prev_sample
     return latents

@@ -41,8 +41,23 @@ def test_tiny_backbone_parts() -> None:
         assert torch.equal(value, unet_state[name])
     assert backbone.noise_scheduler.config.num_train_timesteps == 1000
     assert backbone.noise_scheduler.config.beta_schedule == "scaled_linear"
-    assert backbone.noise_scheduler.config.prediction_type == "epsilon"
     assert backbone.text([PROMPT]).shape == (1, 8, unet.config.cross_attention_dim)
+
+
+def test_prediction_type_defaults_to_v_from_scratch_and_to_the_checkpoint_for_sd15(
+    tmp_path: Path,
+) -> None:
+    def prediction(cfg: dict) -> str:
+        return build_backbone(cfg, latent_channels=4).noise_scheduler.config.prediction_type
+
+    assert prediction(tiny_cfg()) == "v_prediction"
+    assert prediction(tiny_cfg(prediction_type="auto")) == "v_prediction"
+    assert prediction(tiny_cfg(prediction_type="epsilon")) == "epsilon"
+    sd15 = {"kind": "sd15", "path": str(write_fake_sd15(tmp_path)), "text": "clip"}
+    assert prediction(sd15) == "epsilon"  # what its scheduler/ says
+    assert prediction({**sd15, "prediction_type": "v_prediction"}) == "v_prediction"
+    with pytest.raises(SiamdiffError, match="unknown backbone\\.prediction_type 'sample'"):
+        prediction(tiny_cfg(prediction_type="sample"))
 
 
 def test_seed_determines_weights_without_touching_global_rng() -> None:

@@ -27,9 +27,12 @@ def wake_zero_convs(model: SiameseDiffusion, std: float = 0.1) -> None:
             nn.init.normal_(param, std=std)
 
 
-def tiny_model(mode: str = "siamese", seed: int = 0) -> SiameseDiffusion:
+def tiny_model(
+    mode: str = "siamese", seed: int = 0, prediction_type: str = "epsilon"
+) -> SiameseDiffusion:
     """The tiny backbone, frozen for training, with its zero convs woken."""
-    backbone = build_backbone({"kind": "tiny", "prompt": PROMPT, "seed": seed}, latent_channels=4)
+    cfg = {"kind": "tiny", "prompt": PROMPT, "seed": seed, "prediction_type": prediction_type}
+    backbone = build_backbone(cfg, latent_channels=4)
     freeze_for_training(backbone)
     model = SiameseDiffusion(backbone, mode=mode)
     torch.manual_seed(seed)
@@ -97,8 +100,9 @@ def test_consistency_loss_value_and_stop_gradient() -> None:
 
 
 @torch.no_grad()
-def test_loss_terms_match_hand_computation() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_terms_match_hand_computation(prediction_type: str) -> None:
+    model = tiny_model(prediction_type=prediction_type)
     batch = fixed_batch()
     z0, noise, mask, image = batch["z0"], batch["noise"], batch["mask_hint"], batch["image_hint"]
     context = model.text([PROMPT, "", PROMPT, PROMPT, ""])
@@ -107,6 +111,12 @@ def test_loss_terms_match_hand_computation() -> None:
 
     a = alpha_bar(T)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def target(x0: Tensor, t_keep: Tensor | slice = slice(None)) -> Tensor:  # eps, or v
+        if prediction_type == "epsilon":
+            return noise[t_keep]
+        return a[t_keep].sqrt() * noise[t_keep] - (1 - a[t_keep]).sqrt() * x0
+
     down_m, mid_m = model.controlnet(zt, T, context, mask, return_dict=False)
     down_i, mid_i = model.controlnet(zt, T, context, image, return_dict=False)
     eps_m = eps_under(model, zt, T, context, down_m, mid_m)
@@ -114,17 +124,20 @@ def test_loss_terms_match_hand_computation() -> None:
     eps_mix = eps_under(model, zt, T, context, mixed_down, mid_m + progress * mid_i)
     # Augmentation on t <= 200 only: z0' from eps_mix, re-noised with the same t and eps.
     keep = T <= 200
-    z0_pred = (zt - (1 - a).sqrt() * eps_mix) / a.sqrt()
+    if prediction_type == "epsilon":
+        z0_pred = (zt - (1 - a).sqrt() * eps_mix) / a.sqrt()
+    else:
+        z0_pred = a.sqrt() * zt - (1 - a).sqrt() * eps_mix
     zt_aug = (a.sqrt() * z0_pred + (1 - a).sqrt() * noise)[keep]
     down_a, mid_a = model.controlnet(zt_aug, T[keep], context[keep], mask[keep], return_dict=False)
     eps_aug = eps_under(model, zt_aug, T[keep], context[keep], down_a, mid_a)
 
     expected = {
-        "mask": (eps_m - noise).pow(2).mean(),
-        "image": (eps_mix - noise).pow(2).mean(),
+        "mask": (eps_m - target(z0)).pow(2).mean(),
+        "image": (eps_mix - target(z0)).pow(2).mean(),
         "consistency": (eps_m - eps_mix).pow(2).mean(),
         # Per-sample losses, the samples with t > 200 counting as 0 (the authors' weighting).
-        "augment": (eps_aug - noise[keep]).pow(2).flatten(1).mean(1).sum() / len(T),
+        "augment": (eps_aug - target(z0_pred[keep], keep)).pow(2).flatten(1).mean(1).sum() / len(T),
     }
     expected["loss"] = (
         expected["mask"]
@@ -146,12 +159,12 @@ def test_branches_agree_at_zero_image_weight_only() -> None:
     context = model.text([PROMPT, PROMPT])
     mask_control = model.control(zt, t, context, batch["mask_hint"])
     eps_mask = model.denoise(zt, t, context, mask_control)
-    assert torch.equal(eps_mask, model.eps_mask(zt, t, context, batch["mask_hint"]))
+    assert torch.equal(eps_mask, model.predict_mask(zt, t, context, batch["mask_hint"]))
     features = encode(model.unet, zt, t, context)
     image = batch["image_hint"]
-    at_zero = model.eps_image(zt, t, context, image, mask_control, 0.0, features)
+    at_zero = model.predict_image(zt, t, context, image, mask_control, 0.0, features)
     torch.testing.assert_close(at_zero, eps_mask, rtol=0, atol=1e-6)
-    at_half = model.eps_image(zt, t, context, image, mask_control, 0.5, features)
+    at_half = model.predict_image(zt, t, context, image, mask_control, 0.5, features)
     assert (at_half - eps_mask).abs().max() > 1e-3
 
 
@@ -238,3 +251,19 @@ def test_mask_only_mode_has_only_the_mask_term() -> None:
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(SiamdiffError, match="unknown model mode 'image-only'"):
         tiny_model(mode="image-only")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predictions_convert_to_x0_and_eps_exactly(prediction_type: str) -> None:
+    model = tiny_model(prediction_type=prediction_type)
+    batch = fixed_batch()
+    z0, noise = batch["z0"], batch["noise"]
+    zt = model.noise_scheduler.add_noise(z0, noise, T)
+    exact = model.target(z0, noise, T)  # what a perfect network would output
+    torch.testing.assert_close(model.predict_x0(zt, T, exact), z0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(model.predict_eps(zt, T, exact), noise, rtol=0, atol=1e-5)
+    if prediction_type == "epsilon":
+        assert torch.equal(exact, noise)
+    else:  # v = sqrt(a) eps - sqrt(1 - a) z0: nearly -z0 at t = 900, nearly eps at t = 10
+        a = alpha_bar(T)
+        torch.testing.assert_close(exact, a.sqrt() * noise - (1 - a).sqrt() * z0)

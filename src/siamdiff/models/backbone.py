@@ -30,6 +30,7 @@ from siamdiff.models.dhi import DenseHintInput
 
 UNCONDITIONAL_PROMPT = ""
 KINDS = ("tiny", "scratch", "sd15")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Widths per kind; ``backbone.unet`` in the config overrides any of these UNet arguments.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -56,8 +57,9 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 DHI_BASE_CHANNELS = {"tiny": 4, "scratch": 16, "sd15": 16}
 
 
-def method_noise_scheduler() -> DDPMScheduler:
-    """method.md's schedule: T=1000, scaled-linear betas 0.00085..0.012, eps-prediction.
+def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """method.md's schedule: T=1000, scaled-linear betas 0.00085..0.012, eps-prediction
+    (or ``"v_prediction"``, see :func:`build_backbone`).
 
     ``clip_sample=False`` because latents are not bounded to [-1, 1]; ``steps_offset=1``
     matches Stable Diffusion v1.5's own scheduler config, so every kind samples alike.
@@ -67,10 +69,29 @@ def method_noise_scheduler() -> DDPMScheduler:
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
     )
+
+
+def resolve_prediction_type(kind: str, requested: str | None) -> str | None:
+    """The network's target for ``backbone.prediction_type`` (``auto`` or None: the kind's own).
+
+    From-scratch kinds default to v-prediction: an eps-predicting UNet must learn the identity
+    ``eps ~ z_t`` at high t, and a small one learns it badly; every DDIM step divides that error
+    by sqrt(alpha_bar) (1/0.07 at t = 999) and samples blow up into colour noise
+    (experiments/polyp_siamese_vs_maskonly/notes.md). With v = sqrt(a) eps - sqrt(1 - a) z0 the
+    identity is built in. ``None`` for sd15 means: whatever its scheduler config says.
+    """
+    if requested in (None, "auto"):
+        return None if kind == "sd15" else "v_prediction"
+    if requested not in PREDICTION_TYPES:
+        raise SiamdiffError(
+            f"unknown backbone.prediction_type {requested!r} "
+            f"(choose auto or one of {', '.join(PREDICTION_TYPES)})"
+        )
+    return requested
 
 
 class DHIControlNetModel(ControlNetModel):
@@ -239,7 +260,9 @@ class Backbone:
 def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
     """Build (tiny, scratch) or load (sd15) the backbone described by the ``backbone`` config.
 
-    Keys: ``kind``, ``path`` (sd15), ``prompt``, ``text`` (learned | clip), ``seed``; optional
+    Keys: ``kind``, ``path`` (sd15), ``prompt``, ``text`` (learned | clip), ``seed``,
+    ``prediction_type`` (auto | epsilon | v_prediction, see :func:`resolve_prediction_type`);
+    optional
     ``text_path`` (a directory with text_encoder/ and tokenizer/; default ``path``),
     ``text_tokens`` (learned: tokens per prompt, default 8), ``dhi`` (``base_channels``,
     ``hint_channels``) and ``unet`` (UNet2DConditionModel arguments overriding the preset).
@@ -252,14 +275,15 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
     if text_kind not in ("learned", "clip"):
         raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
     dhi = dict(cfg.get("dhi") or {})
+    prediction_type = resolve_prediction_type(kind, cfg.get("prediction_type"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
         clip = ClipTextConditioner.from_pretrained(_text_path(cfg)) if text_kind == "clip" else None
         if kind == "sd15":
-            unet, noise_scheduler = _load_sd15(_sd15_path(cfg), latent_channels)
+            unet, noise_scheduler = _load_sd15(_sd15_path(cfg), latent_channels, prediction_type)
         else:
             unet = _build_unet(kind, cfg.get("unet") or {}, latent_channels, clip)
-            noise_scheduler = method_noise_scheduler()
+            noise_scheduler = method_noise_scheduler(prediction_type or "epsilon")
         text = clip or LearnedTextConditioner(
             [cfg.get("prompt", UNCONDITIONAL_PROMPT)],
             dim=unet.config.cross_attention_dim,
@@ -342,14 +366,17 @@ def _build_unet(
         raise SiamdiffError(f"invalid backbone.unet settings ({_first_line(exc)})") from exc
 
 
-def _load_sd15(path: Path, latent_channels: int) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+def _load_sd15(
+    path: Path, latent_channels: int, prediction_type: str | None
+) -> tuple[UNet2DConditionModel, DDPMScheduler]:
     for config in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / config).is_file():
             raise SiamdiffError(f"not a diffusers Stable Diffusion directory (no {config})", path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        overrides = {"prediction_type": prediction_type} if prediction_type else {}
         scheduler = DDPMScheduler.from_pretrained(
-            path, subfolder="scheduler", clip_sample=False, local_files_only=True
+            path, subfolder="scheduler", clip_sample=False, local_files_only=True, **overrides
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise SiamdiffError(f"cannot load Stable Diffusion ({_first_line(exc)})", path) from exc
@@ -359,9 +386,10 @@ def _load_sd15(path: Path, latent_channels: int) -> tuple[UNet2DConditionModel, 
             f"gives {latent_channels}",
             path / "unet",
         )
-    if scheduler.config.prediction_type != "epsilon":
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise SiamdiffError(
-            f"prediction_type {scheduler.config.prediction_type!r} is not supported (epsilon only)",
+            f"prediction_type {scheduler.config.prediction_type!r} is not supported "
+            f"({' or '.join(PREDICTION_TYPES)})",
             path / "scheduler",
         )
     return unet, scheduler

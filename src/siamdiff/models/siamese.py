@@ -8,6 +8,11 @@ One shared ControlNet conditions one UNet (method.md, "Training (one step)")::
 
     Loss = L_m + L_i + lambda_c * L_c + L_aug
 
+The UNet's output is eps (method.md) or, with ``prediction_type="v_prediction"`` in the noise
+scheduler's config, v = sqrt(a_t) eps - sqrt(1 - a_t) z0 (the default for from-scratch
+backbones, see :func:`siamdiff.models.backbone.resolve_prediction_type`). Every loss term then
+compares predictions of that kind, and L_c pulls v_m towards sg(v_mix).
+
 ``c_m`` is computed once per step and reused, detached, by the image branch (the authors' code
 recomputes it on deep copies of the networks). The UNet's encoder and middle block see the same
 ``(zt, t, c)`` in both branches and the control enters only after them, so they run once per step
@@ -66,24 +71,25 @@ def gradient_checkpointing_paused(module: nn.Module) -> Iterator[None]:
             block.gradient_checkpointing = True
 
 
-def denoising_loss(eps_pred: Tensor, noise: Tensor) -> Tensor:
-    """||eps_pred - eps||^2 (mean over all elements): L_m, L_i and L_aug."""
-    return F.mse_loss(eps_pred.float(), noise.float())
+def denoising_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """||prediction - target||^2 (mean over all elements): L_m, L_i and L_aug."""
+    return F.mse_loss(prediction.float(), target.float())
 
 
-def noise_consistency_loss(eps_mask: Tensor, eps_image: Tensor) -> Tensor:
+def noise_consistency_loss(mask_prediction: Tensor, image_prediction: Tensor) -> Tensor:
     """Noise Consistency Loss, L_c = ||eps_m - sg(eps_mix)||^2 (mean over all elements).
 
     The Image-Diffusion prediction is the target: it carries no gradient, so L_c pulls only the
     Mask-Diffusion branch towards the image-conditioned noise estimate.
     """
-    return F.mse_loss(eps_mask.float(), eps_image.detach().float())
+    return F.mse_loss(mask_prediction.float(), image_prediction.detach().float())
 
 
-def controlled_eps(
+def controlled_prediction(
     unet: nn.Module, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control
 ) -> Tensor:
-    """``unet``'s eps for ``zt`` with ControlNet residuals ``control``: one whole UNet pass."""
+    """``unet``'s output (eps or v) for ``zt`` with ControlNet residuals ``control``: one
+    whole UNet pass."""
     return unet(
         zt,
         t,
@@ -116,6 +122,7 @@ class SiameseDiffusion(nn.Module):
         self.mode = mode
         self.aug_t_max = aug_t_max
         self.aug_start = aug_start
+        self.prediction_type = backbone.noise_scheduler.config.prediction_type
         self.register_buffer(
             "alphas_cumprod", backbone.noise_scheduler.alphas_cumprod.clone(), persistent=False
         )
@@ -148,26 +155,27 @@ class SiameseDiffusion(nn.Module):
                 0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device
             )
         zt = self.noise_scheduler.add_noise(z0, noise, timesteps)
+        target = self.target(z0, noise, timesteps)
         mask_control = self.control(zt, timesteps, text_emb, mask_hint)
         features = encode(self.unet, zt, timesteps, text_emb)  # shared by both branches
-        eps_mask = self.decode(features, mask_control)
+        mask_prediction = self.decode(features, mask_control)
 
         zero = zt.new_zeros((), dtype=torch.float32)
         terms = {
-            "mask": denoising_loss(eps_mask, noise),
+            "mask": denoising_loss(mask_prediction, target),
             "image": zero,
             "consistency": zero,
             "augment": zero,
         }
         if self.mode == "siamese":
-            eps_mix = self.eps_image(
+            image_prediction = self.predict_image(
                 zt, timesteps, text_emb, image_hint, mask_control, progress, features
             )
-            terms["image"] = denoising_loss(eps_mix, noise)
-            terms["consistency"] = noise_consistency_loss(eps_mask, eps_mix)
+            terms["image"] = denoising_loss(image_prediction, target)
+            terms["consistency"] = noise_consistency_loss(mask_prediction, image_prediction)
             if progress > self.aug_start:
                 terms["augment"] = self.augment_loss(
-                    zt, timesteps, noise, eps_mix, text_emb, mask_hint
+                    zt, timesteps, noise, image_prediction, text_emb, mask_hint
                 )
         terms["loss"] = (
             terms["mask"]
@@ -187,12 +195,13 @@ class SiameseDiffusion(nn.Module):
         return Control(tuple(down), mid)
 
     def denoise(self, zt: Tensor, t: Tensor, text_emb: Tensor, control: Control) -> Tensor:
-        """The UNet's eps under ``control``: one whole UNet pass."""
-        return controlled_eps(self.unet, zt, t, text_emb, control)
+        """The UNet's prediction (eps or v) under ``control``: one whole UNet pass."""
+        return controlled_prediction(self.unet, zt, t, text_emb, control)
 
     def decode(self, features: UNetFeatures, control: Control, *, unet_grad: bool = True) -> Tensor:
-        """eps from shared encoder ``features`` under ``control``; ``unet_grad=False`` keeps
-        gradient off the UNet (weights and encoder features) and lets it reach the control."""
+        """The prediction from shared encoder ``features`` under ``control``; ``unet_grad=False``
+        keeps gradient off the UNet (weights and encoder features) and lets it reach the
+        control."""
         # Built per call, not registered: a second path to the UNet's weights would duplicate
         # them in the state dict.
         decoder = UNetDecoder(self.unet)
@@ -207,11 +216,11 @@ class SiameseDiffusion(nn.Module):
                 decoder, detached, (features.detach(), control.down, control.mid)
             )
 
-    def eps_mask(self, zt: Tensor, t: Tensor, text_emb: Tensor, mask_hint: Tensor) -> Tensor:
-        """Mask-Diffusion's eps (the only branch used for sampling)."""
+    def predict_mask(self, zt: Tensor, t: Tensor, text_emb: Tensor, mask_hint: Tensor) -> Tensor:
+        """Mask-Diffusion's prediction, eps or v (the only branch used for sampling)."""
         return self.denoise(zt, t, text_emb, self.control(zt, t, text_emb, mask_hint))
 
-    def eps_image(
+    def predict_image(
         self,
         zt: Tensor,
         t: Tensor,
@@ -221,28 +230,49 @@ class SiameseDiffusion(nn.Module):
         image_weight: float,
         features: UNetFeatures,
     ) -> Tensor:
-        """Image-Diffusion's eps_mix under c_mix = sg(c_m) + w_i * c_i; ``features`` are the
-        mask branch's UNet encoder features of the same ``(zt, t, text_emb)``."""
+        """Image-Diffusion's prediction (eps_mix or v_mix) under c_mix = sg(c_m) + w_i * c_i;
+        ``features`` are the mask branch's UNet encoder features of the same
+        ``(zt, t, text_emb)``."""
         image_control = self.control(zt, t, text_emb, image_hint)
         mixed = mix_controls(mask_control, image_control, image_weight)
         return self.decode(features, mixed, unet_grad=False)
 
-    def predict_x0(self, zt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x0 = (zt - sqrt(1 - a_t) * eps) / sqrt(a_t), a_t the cumulative alpha product."""
-        alpha = self.alphas_cumprod[t].to(zt.dtype).view(-1, *([1] * (zt.dim() - 1)))
-        return (zt - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    def target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the UNet learns to output for ``zt = q(z0, t, noise)``: eps, or v."""
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(z0, noise, t)
+        return noise
+
+    def _alpha(self, zt: Tensor, t: Tensor) -> Tensor:
+        return self.alphas_cumprod[t].to(zt.dtype).view(-1, *([1] * (zt.dim() - 1)))
+
+    def predict_x0(self, zt: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
+        """x0 = (zt - sqrt(1 - a_t) eps) / sqrt(a_t) = sqrt(a_t) zt - sqrt(1 - a_t) v, a_t the
+        cumulative alpha product."""
+        alpha = self._alpha(zt, t)
+        if self.prediction_type == "v_prediction":
+            return alpha.sqrt() * zt - (1 - alpha).sqrt() * prediction
+        return (zt - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+
+    def predict_eps(self, zt: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
+        """The noise estimate a prediction implies: eps, or sqrt(a_t) v + sqrt(1 - a_t) zt."""
+        if self.prediction_type == "v_prediction":
+            alpha = self._alpha(zt, t)
+            return alpha.sqrt() * prediction + (1 - alpha).sqrt() * zt
+        return prediction
 
     def augment_loss(
         self,
         zt: Tensor,
         t: Tensor,
         noise: Tensor,
-        eps_mix: Tensor,
+        image_prediction: Tensor,
         text_emb: Tensor,
         mask_hint: Tensor,
     ) -> Tensor:
         """L_aug = ||eps_theta_mask(sg(zt'), t) - eps||^2 on the samples with t <= aug_t_max, where
-        zt' = q(z0', t, eps) re-noises z0' = predict_x0(zt, t, eps_mix) with the same t and eps.
+        zt' = q(z0', t, eps) re-noises z0' = predict_x0(zt, t, eps_mix) with the same t and eps
+        (under v-prediction the target is z0' and eps's v).
 
         As in the authors' code, the other samples count as zero loss: the term is a mean over
         the whole batch, so a kept sample weighs what it weighs in L_m. Only the kept samples
@@ -251,7 +281,8 @@ class SiameseDiffusion(nn.Module):
         if not keep.any():
             return zt.new_zeros((), dtype=torch.float32)
         kept_fraction = keep.float().mean()
-        zt, t, noise, eps_mix = zt[keep], t[keep], noise[keep], eps_mix[keep]
-        renoised = self.noise_scheduler.add_noise(self.predict_x0(zt, t, eps_mix), noise, t)
-        eps = self.eps_mask(renoised.detach(), t, text_emb[keep], mask_hint[keep])
-        return denoising_loss(eps, noise) * kept_fraction
+        zt, t, noise = zt[keep], t[keep], noise[keep]
+        x0 = self.predict_x0(zt, t, image_prediction[keep]).detach()
+        renoised = self.noise_scheduler.add_noise(x0, noise, t)
+        prediction = self.predict_mask(renoised, t, text_emb[keep], mask_hint[keep])
+        return denoising_loss(prediction, self.target(x0, noise, t)) * kept_fraction
