@@ -173,7 +173,8 @@ def main() -> None:
         "device": device_name(args.device),
         "scale": f"{args.config.name}: {size} px, {cfg.train.max_steps} steps x batch "
         f"{cfg.train.batch_size}, backbone {cfg.backbone.kind}, UNet widths "
-        f"{list(cfg.backbone.unet.get('block_out_channels', [])) or 'preset'}",
+        f"{list(cfg.backbone.unet.get('block_out_channels', [])) or 'preset'}, "
+        f"{cfg.backbone.prediction_type} target",
         "config": str(args.config.name),
         "seed": int(cfg.seed),
         "sampling": sampler | {"images_per_arm": len(synthesis["records"])},
