@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Siamese-Diffusion vs mask-only ControlNet+DHI on Kvasir-SEG + CVC-ClinicDB, same budget.
 #
-#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2 h on 2 cores
+#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2.5 h on 2 cores
 #
 # prepare -> train both arms -> export -> sample (training masks, and 8 test masks for the grid)
 # -> segmenter on the real training split (the yardstick) -> evaluate both arms (and the Siamese
@@ -24,7 +24,7 @@ seg_size=${SEG_SIZE:-128}
 seg_epochs=${SEG_EPOCHS:-6}
 util_size=${UTIL_SIZE:-96}
 util_epochs=${UTIL_EPOCHS:-5}
-util_seeds=${UTIL_SEEDS:-1}
+util_seeds=${UTIL_SEEDS:-3}
 util_archs=${UTIL_ARCHS:-unet}
 device=${DEVICE:-cpu}
 arms=(mask-only siamese)
