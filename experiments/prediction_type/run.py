@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
@@ -30,8 +28,8 @@ from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.export import build_model
 from siamdiff.models.dhi import mask_to_hint
-from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import save_sample_grid
+from siamdiff.sample import ddim_sample
 
 HERE = Path(__file__).resolve().parent
 POLYP = HERE.parent / "polyp_siamese_vs_maskonly"
@@ -104,31 +102,20 @@ def run_arm(prediction_type: str, work: Path, shared: Path, steps: int) -> dict:
             x0 = model.predict_x0(zt, t, prediction)
             result[f"eps_mse_t{t_value}"] = float((eps - noise).pow(2).mean())
             result[f"x0_mse_t{t_value}"] = float((x0 - z_test).pow(2).mean())
-        latents = ddim_latents(model, mask_to_hint(masks[:GRID_MASKS]), prompt, cfg)
+        # DDIM 20 steps, guidance 9, the same noise for both arms.
+        latents = ddim_sample(
+            model,
+            mask_to_hint(masks[:GRID_MASKS]),
+            model.text([prompt] * GRID_MASKS),
+            model.text([""] * GRID_MASKS),
+            steps=20,
+            guidance=cfg.train.guidance,
+            generator=torch.Generator().manual_seed(1),
+        )
         result["sample_latent_std"] = float(latents.std())
         result["real_latent_std"] = float(z_test.std())
         result["images"] = autoencoder.decode(latents)
     return result
-
-
-def ddim_latents(
-    model: SiameseDiffusion, hints: torch.Tensor, prompt: str, cfg: DictConfig
-) -> torch.Tensor:
-    """DDIM 20 steps, guidance 9, fixed noise: the same for both arms."""
-    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
-    scheduler.set_timesteps(20)
-    n = hints.shape[0]
-    latents = torch.randn(
-        (n, model.unet.config.in_channels, hints.shape[-2] // 8, hints.shape[-1] // 8),
-        generator=torch.Generator().manual_seed(1),
-    )
-    context = torch.cat([model.text([""] * n), model.text([prompt] * n)])
-    for t in scheduler.timesteps:
-        both = model.predict_mask(torch.cat([latents, latents]), t, context, torch.cat([hints] * 2))
-        uncond, cond = both.chunk(2)
-        guided = uncond + cfg.train.guidance * (cond - uncond)
-        latents = scheduler.step(guided, t, latents).prev_sample
-    return latents
 
 
 def main() -> None:
