@@ -31,6 +31,11 @@ from siamdiff.models.dhi import DenseHintInput
 UNCONDITIONAL_PROMPT = ""
 KINDS = ("tiny", "scratch", "sd15")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# From-scratch kinds predict v: an eps-predicting UNet must learn the identity eps ~ z_t at high
+# t, and a small one learns it badly; every DDIM step divides that error by sqrt(alpha_bar)
+# (1/0.07 at t = 999) and samples blow up into colour noise (experiments/prediction_type). With
+# v = sqrt(a) eps - sqrt(1 - a) z0 the identity is built in.
+FROM_SCRATCH_PREDICTION_TYPE = "v_prediction"
 
 # Widths per kind; ``backbone.unet`` in the config overrides any of these UNet arguments.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -59,7 +64,7 @@ DHI_BASE_CHANNELS = {"tiny": 4, "scratch": 16, "sd15": 16}
 
 def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """method.md's schedule: T=1000, scaled-linear betas 0.00085..0.012, eps-prediction
-    (or ``"v_prediction"``, see :func:`build_backbone`).
+    (or ``"v_prediction"``, see :data:`FROM_SCRATCH_PREDICTION_TYPE`).
 
     ``clip_sample=False`` because latents are not bounded to [-1, 1]; ``steps_offset=1``
     matches Stable Diffusion v1.5's own scheduler config, so every kind samples alike.
@@ -75,17 +80,11 @@ def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     )
 
 
-def resolve_prediction_type(kind: str, requested: str | None) -> str | None:
-    """The network's target for ``backbone.prediction_type`` (``auto`` or None: the kind's own).
-
-    From-scratch kinds default to v-prediction: an eps-predicting UNet must learn the identity
-    ``eps ~ z_t`` at high t, and a small one learns it badly; every DDIM step divides that error
-    by sqrt(alpha_bar) (1/0.07 at t = 999) and samples blow up into colour noise
-    (experiments/polyp_siamese_vs_maskonly/notes.md). With v = sqrt(a) eps - sqrt(1 - a) z0 the
-    identity is built in. ``None`` for sd15 means: whatever its scheduler config says.
-    """
+def requested_prediction_type(requested: str | None) -> str | None:
+    """``backbone.prediction_type`` checked; None for ``auto`` (or unset): the kind's own target,
+    :data:`FROM_SCRATCH_PREDICTION_TYPE` or, for sd15, what its scheduler config says."""
     if requested in (None, "auto"):
-        return None if kind == "sd15" else "v_prediction"
+        return None
     if requested not in PREDICTION_TYPES:
         raise SiamdiffError(
             f"unknown backbone.prediction_type {requested!r} "
@@ -261,7 +260,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
     """Build (tiny, scratch) or load (sd15) the backbone described by the ``backbone`` config.
 
     Keys: ``kind``, ``path`` (sd15), ``prompt``, ``text`` (learned | clip), ``seed``,
-    ``prediction_type`` (auto | epsilon | v_prediction, see :func:`resolve_prediction_type`);
+    ``prediction_type`` (auto | epsilon | v_prediction, see :func:`requested_prediction_type`);
     optional
     ``text_path`` (a directory with text_encoder/ and tokenizer/; default ``path``),
     ``text_tokens`` (learned: tokens per prompt, default 8), ``dhi`` (``base_channels``,
@@ -275,7 +274,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
     if text_kind not in ("learned", "clip"):
         raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
     dhi = dict(cfg.get("dhi") or {})
-    prediction_type = resolve_prediction_type(kind, cfg.get("prediction_type"))
+    prediction_type = requested_prediction_type(cfg.get("prediction_type"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
         clip = ClipTextConditioner.from_pretrained(_text_path(cfg)) if text_kind == "clip" else None
@@ -283,7 +282,9 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
             unet, noise_scheduler = _load_sd15(_sd15_path(cfg), latent_channels, prediction_type)
         else:
             unet = _build_unet(kind, cfg.get("unet") or {}, latent_channels, clip)
-            noise_scheduler = method_noise_scheduler(prediction_type or "epsilon")
+            noise_scheduler = method_noise_scheduler(
+                prediction_type or FROM_SCRATCH_PREDICTION_TYPE
+            )
         text = clip or LearnedTextConditioner(
             [cfg.get("prompt", UNCONDITIONAL_PROMPT)],
             dim=unet.config.cross_attention_dim,

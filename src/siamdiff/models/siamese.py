@@ -10,7 +10,7 @@ One shared ControlNet conditions one UNet (method.md, "Training (one step)")::
 
 The UNet's output is eps (method.md) or, with ``prediction_type="v_prediction"`` in the noise
 scheduler's config, v = sqrt(a_t) eps - sqrt(1 - a_t) z0 (the default for from-scratch
-backbones, see :func:`siamdiff.models.backbone.resolve_prediction_type`). Every loss term then
+backbones, see :data:`siamdiff.models.backbone.FROM_SCRATCH_PREDICTION_TYPE`). Every loss term then
 compares predictions of that kind, and L_c pulls v_m towards sg(v_mix).
 
 ``c_m`` is computed once per step and reused, detached, by the image branch (the authors' code
