@@ -86,6 +86,10 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
         (["rate"], "SYN REAL --study"),
         (["rate", "--export", "{tmp}"], "{tmp}"),
         (["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/syn"], "{tmp}"),
+        (
+            ["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/s", "--control-scale", "-1"],
+            "--control-scale must be a finite number >= 0, got -1.0",
+        ),
     ],
 )
 def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:

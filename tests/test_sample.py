@@ -89,6 +89,44 @@ def test_steps_respected_with_one_batched_pass_each(
     assert torch.isfinite(out).all()
 
 
+def test_control_scale_multiplies_the_controlnet_residuals(
+    model: SiameseDiffusion, prompts: tuple[Tensor, Tensor]
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    zt, t, hint = torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([500, 80]), masks(2)
+    text = prompts[0].expand(2, -1, -1)
+    with torch.no_grad():
+        down, mid = model.controlnet(
+            zt, t, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False
+        )
+
+        def unet(scale: float) -> Tensor:
+            return model.unet(
+                zt,
+                t,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=[scale * d for d in down],
+                mid_block_additional_residual=scale * mid,
+            ).sample
+
+        for scale in (0.0, 0.5, 2.0):
+            torch.testing.assert_close(
+                model.predict_mask(zt, t, text, hint, scale), unet(scale), rtol=1e-5, atol=1e-6
+            )
+        bare = model.unet(zt, t, encoder_hidden_states=text).sample
+        assert torch.equal(unet(0.0), bare)
+        assert (model.predict_mask(zt, t, text, hint) - bare).abs().max() > 1e-3
+
+    # Scale 0 ignores the mask: any two masks give the same samples; scale 1 does not.
+    other = 1 - masks(2)
+    for scale, same in ((0.0, True), (1.0, False)):
+        a, b = (
+            ddim_sample(model, m, *prompts, steps=3, control_scale=scale, generator=seeded(0, 1))
+            for m in (masks(2), other)
+        )
+        assert torch.allclose(a, b) is same
+
+
 def test_sampler_errors_are_one_line(
     model: SiameseDiffusion, prompts: tuple[Tensor, Tensor]
 ) -> None:
@@ -110,7 +148,7 @@ class _OracleDenoiser:
         no_hint_encoder = SimpleNamespace(reuse=lambda hint: nullcontext())
         self.controlnet = SimpleNamespace(controlnet_cond_embedding=no_hint_encoder)
 
-    def predict_mask(self, zt, t, text_emb, mask_hint):
+    def predict_mask(self, zt, t, text_emb, mask_hint, control_scale=1.0):
         abar = self.noise_scheduler.alphas_cumprod[int(t)]
         eps = (zt - abar.sqrt() * self.x_star) / (1 - abar).sqrt()
         if self.noise_scheduler.config.prediction_type == "v_prediction":

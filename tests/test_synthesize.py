@@ -95,6 +95,7 @@ def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: P
             "scheduler": "ddim",
             "steps": 2,
             "guidance": 9.0,
+            "control_scale": 1.0,
             "eta": 0.0,
             "mask_aug": [],
             "batch_size": BATCH,
@@ -189,6 +190,20 @@ def test_other_settings_on_an_existing_output_are_refused(
         43, "phantom-p00-0000", 0, "noise"
     )
 
+    # An output written before control_scale existed was sampled at scale 1: it resumes.
+    settings_path = reference / synth.SETTINGS_NAME
+    older = tmp_path / "older"
+    shutil.copytree(reference, older)
+    settings = json.loads(settings_path.read_text())
+    del settings["control_scale"]
+    (older / synth.SETTINGS_NAME).write_text(json.dumps(settings))
+    assert sample(exported, phantom_data, older).reused == 8
+    with pytest.raises(SiamdiffError, match="control_scale differ"):
+        sample(exported, phantom_data, older, control_scale=2.0)
+    (older / synth.SETTINGS_NAME).write_text("[1, 2]")
+    with pytest.raises(SiamdiffError, match="is not a JSON object of sampling settings"):
+        sample(exported, phantom_data, older)
+
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
@@ -208,6 +223,8 @@ def test_other_settings_on_an_existing_output_are_refused(
         ({"rank": 2, "world_size": 2}, "rank 2 is not in 0..1"),
         ({"per_mask": 0}, "--per-mask must be at least 1"),
         ({"limit": 0}, "limit must be at least 1"),
+        ({"control_scale": -0.5}, "--control-scale must be a finite number >= 0"),
+        ({"control_scale": float("nan")}, "--control-scale must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(

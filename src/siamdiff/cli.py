@@ -107,6 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         per_mask=args.per_mask,
         steps=args.steps,
         guidance=args.guidance,
+        control_scale=args.control_scale,
         eta=args.eta,
         seed=args.seed,
         scheduler=args.scheduler,
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--per-mask", type=int, default=1)
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--guidance", type=float, default=9.0)
+    sample.add_argument(
+        "--control-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the ControlNet's residuals: 0 ignores the mask, > 1 follows it harder",
+    )
     sample.add_argument("--eta", type=float, default=0.0)
     sample.add_argument("--seed", type=int, default=42)
     sample.add_argument("--scheduler", default="ddim", help="ddim | dpmsolver++ | unipc")

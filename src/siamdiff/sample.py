@@ -49,6 +49,7 @@ def ddim_sample(
     *,
     steps: int = 50,
     guidance: float = 9.0,
+    control_scale: float = 1.0,
     eta: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     latent_shape: tuple[int, ...] | None = None,
@@ -58,7 +59,8 @@ def ddim_sample(
 
     ``text_emb`` / ``uncond_emb`` are the prompt's and ""'s embeddings (batch 1 or B). Each
     step runs the conditional and unconditional passes as one batch of 2B; the mask hint's DHI
-    embedding is computed once for all steps. ``generator`` may be
+    embedding is computed once for all steps. ``control_scale`` multiplies the ControlNet's
+    residuals (mask adherence; 1 = as trained). ``generator`` may be
     one generator per sample: then a sample depends only on its mask and its generator's seed,
     whatever the batch it is drawn in. ``eta`` (DDIM only) > 0 adds per-step noise.
     ``latent_shape`` is ``(C, h, w)``; by default (UNet channels, H/8, W/8).
@@ -86,7 +88,9 @@ def ddim_sample(
     with model.controlnet.controlnet_cond_embedding.reuse(hints):
         for t in noise_scheduler.timesteps:
             model_input = noise_scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred_uncond, pred_cond = model.predict_mask(model_input, t, context, hints).chunk(2)
+            pred_uncond, pred_cond = model.predict_mask(
+                model_input, t, context, hints, control_scale
+            ).chunk(2)
             guided = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = noise_scheduler.step(guided, t, latents, **step_kwargs).prev_sample
     return latents

@@ -84,7 +84,9 @@ FLIP_P = 0.5
 SCALE_RANGE = (0.8, 1.2)
 SHIFT_FRACTION = 0.1
 NNUNET_LABELS = {"background": 0, "polyp": 1}
-SAMPLER_KEYS = ("scheduler", "steps", "guidance", "eta", "mask_aug")
+SAMPLER_KEYS = ("scheduler", "steps", "guidance", "control_scale", "eta", "mask_aug")
+# Settings newer than some outputs on disk, with the value those outputs were made with.
+LATER_SETTINGS = {"control_scale": 1.0}
 
 
 def derived_seed(seed: int, source_id: str, sample_index: int, purpose: str) -> int:
@@ -282,6 +284,9 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, rank: int
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise SiamdiffError(f"cannot read ({exc})", settings_path) from exc
+        if not isinstance(previous, dict):
+            raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
+        previous = LATER_SETTINGS | previous
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
@@ -372,6 +377,7 @@ def _generate(
                     uncond,
                     steps=sampler["steps"],
                     guidance=sampler["guidance"],
+                    control_scale=sampler["control_scale"],
                     eta=sampler["eta"],
                     generator=generators,
                     scheduler=sampler["scheduler"],
@@ -459,6 +465,7 @@ def _finalize(
 def _check_arguments(
     per_mask: int,
     steps: int,
+    control_scale: float,
     eta: float,
     scheduler: str,
     mask_aug: Sequence[str],
@@ -471,6 +478,10 @@ def _check_arguments(
     problems = [
         (per_mask < 1, f"--per-mask must be at least 1, got {per_mask}"),
         (steps < 1, f"--steps must be at least 1, got {steps}"),
+        (
+            not 0 <= control_scale < float("inf"),
+            f"--control-scale must be a finite number >= 0, got {control_scale}",
+        ),
         (batch_size < 1, f"batch size must be at least 1, got {batch_size}"),
         (limit is not None and limit < 1, f"limit must be at least 1, got {limit}"),
         (scheduler not in SCHEDULERS, f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})"),
@@ -529,6 +540,7 @@ def synthesize(
     per_mask: int = 1,
     steps: int = 50,
     guidance: float = 9.0,
+    control_scale: float = 1.0,
     eta: float = 0.0,
     seed: int = 42,
     scheduler: str = "ddim",
@@ -554,7 +566,17 @@ def synthesize(
     started = time.perf_counter()
     out = Path(out)
     _check_arguments(
-        per_mask, steps, eta, scheduler, mask_aug, batch_size, formats, rank, world_size, limit
+        per_mask,
+        steps,
+        control_scale,
+        eta,
+        scheduler,
+        mask_aug,
+        batch_size,
+        formats,
+        rank,
+        world_size,
+        limit,
     )
     mask_aug = tuple(a for a in MASK_AUGMENTATIONS if a in mask_aug)  # canonical order
     source = resolve_model(model_path)
@@ -569,6 +591,7 @@ def synthesize(
         "resolution": source.resolution,
         "steps": steps,
         "guidance": float(guidance),
+        "control_scale": float(control_scale),
         "eta": float(eta),
         "seed": seed,
         "scheduler": scheduler,

@@ -45,6 +45,9 @@ class Control(NamedTuple):
     down: tuple[Tensor, ...]
     mid: Tensor
 
+    def scaled(self, scale: float) -> Control:
+        return Control(tuple(scale * r for r in self.down), scale * self.mid)
+
 
 def mix_controls(mask_control: Control, image_control: Control, image_weight: float) -> Control:
     """c_mix = w_m * sg(c_m) + w_i * c_i with w_m = 1 and w_i = ``image_weight``."""
@@ -216,9 +219,21 @@ class SiameseDiffusion(nn.Module):
                 decoder, detached, (features.detach(), control.down, control.mid)
             )
 
-    def predict_mask(self, zt: Tensor, t: Tensor, text_emb: Tensor, mask_hint: Tensor) -> Tensor:
-        """Mask-Diffusion's prediction, eps or v (the only branch used for sampling)."""
-        return self.denoise(zt, t, text_emb, self.control(zt, t, text_emb, mask_hint))
+    def predict_mask(
+        self,
+        zt: Tensor,
+        t: Tensor,
+        text_emb: Tensor,
+        mask_hint: Tensor,
+        control_scale: float = 1.0,
+    ) -> Tensor:
+        """Mask-Diffusion's prediction, eps or v (the only branch used for sampling), with the
+        ControlNet's residuals multiplied by ``control_scale`` (diffusers'
+        ``controlnet_conditioning_scale``: 0 ignores the mask, > 1 follows it harder)."""
+        control = self.control(zt, t, text_emb, mask_hint)
+        if control_scale != 1.0:  # training's path stays free of the extra tensors
+            control = control.scaled(control_scale)
+        return self.denoise(zt, t, text_emb, control)
 
     def predict_image(
         self,
