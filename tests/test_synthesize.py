@@ -349,3 +349,23 @@ def test_limit_spreads_the_subset_over_every_source_dataset() -> None:
     chosen = [ids[i] for i in spread_subset(range(len(ids)), 4)]
     assert chosen == ["cvc-1", "cvc-3", "kvasir-1", "kvasir-3"]
     assert spread_subset(range(3), None) == [0, 1, 2] == spread_subset(range(3), 5)
+
+
+def test_comparison_grid_puts_each_dataset_beside_the_same_masks(
+    reference: Path, phantom_data: Path, tmp_path: Path
+):
+    grid_path = tmp_path / "grid.png"
+    synth.comparison_grid(
+        grid_path, phantom_data, [reference, reference], split="train", count=LIMIT
+    )
+    grid, tile = png(grid_path), PHANTOM_SIZE + 2
+    assert grid.shape == (LIMIT * tile + 2, 4 * tile + 2, 3)  # mask | real | two datasets
+    ids = sorted({r.extra["source_id"] for r in load_manifest(reference).records})
+    for row, source in enumerate(ids):
+        cell = grid[2 + row * tile : (row + 1) * tile, 2 + 2 * tile : 3 * tile]
+        np.testing.assert_array_equal(cell, png(reference / f"{source}-s00.png"))
+        mask_cell = grid[2 + row * tile : (row + 1) * tile, 2:tile, 0]
+        np.testing.assert_array_equal(mask_cell > 127, png(phantom_data / f"{source}_mask.png") > 0)
+    with pytest.raises(SiamdiffError, match="has no sample of mask"):
+        synth.comparison_grid(tmp_path / "more.png", phantom_data, [reference], split="train")
+    assert not (tmp_path / "more.png").exists()

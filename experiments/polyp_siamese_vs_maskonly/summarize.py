@@ -18,14 +18,12 @@ import torch
 from siamdiff.atomic import atomic_write_json, atomic_write_text
 from siamdiff.config import load_config
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.manifest import load_manifest
-from siamdiff.data.readers import load_rgb
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.evaluate.metrics import summary_rows
 from siamdiff.export import load_export
 from siamdiff.models.dhi import mask_to_hint
-from siamdiff.report import read_loss_log, save_sample_grid
-from siamdiff.synthesize import spread_subset
+from siamdiff.report import read_loss_log
+from siamdiff.synthesize import comparison_grid
 
 GRID_MASKS = 8
 
@@ -95,30 +93,6 @@ def held_out_table(arms: list[str], per_arm: dict[str, dict]) -> str:
         for row in rows
     ]
     return "\n".join(lines)
-
-
-def grid_images(work: Path, arms: list[str], size: int) -> list[torch.Tensor]:
-    """[masks, reals, arm 1, arm 2, ...] for the grid's test masks, in [-1, 1] / {0, 1}."""
-    view = PairedDataset(
-        work / "data", "test", transform=build_transforms(TransformConfig(size=size), train=False)
-    )
-    order = sorted(range(len(view.records)), key=lambda i: view.records[i].id)
-    chosen = spread_subset(order, GRID_MASKS)
-    items = [view[i] for i in chosen]
-    columns = [
-        torch.stack([it["mask"] for it in items]),
-        torch.stack([it["image"] for it in items]),
-    ]
-    for arm in arms:
-        root = work / f"grid-{arm}"
-        by_source = {r.extra["source_id"]: r for r in load_manifest(root).records}
-        images = [load_rgb(root / by_source[view.records[i].id].image) for i in chosen]
-        columns.append(
-            torch.stack(
-                [torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
-            )
-        )
-    return columns
 
 
 HELD_OUT_T = (50, 200, 500, 800, 950)
@@ -222,7 +196,8 @@ def main() -> None:
         + (notes.read_text() if notes.exists() else "")
     )
     atomic_write_text(args.out / "results.md", text)
-    save_sample_grid(args.out / "samples.png", *grid_images(args.work, args.arms, size))
+    grids = [args.work / f"grid-{arm}" for arm in args.arms]
+    comparison_grid(args.out / "samples.png", args.work / "data", grids, count=GRID_MASKS)
     print(text)
 
 

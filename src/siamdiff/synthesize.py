@@ -62,6 +62,7 @@ from siamdiff.data.manifest import (
     SPLITS,
     Manifest,
     Record,
+    load_manifest,
     save_pair,
     sha256_file,
     write_manifest,
@@ -390,6 +391,50 @@ def _generate(
                 journal.append(save_pair(out, name, np.ascontiguousarray(image), mask, **fields))
                 bar.update()
     return todo
+
+
+def comparison_grid(
+    path: str | Path,
+    real_root: str | Path,
+    synthetic_roots: Sequence[str | Path],
+    *,
+    split: str = "test",
+    count: int = GRID_MASKS,
+) -> None:
+    """A PNG of mask | real | sample 0 of each synthetic dataset, for ``count`` masks of
+    ``real_root``'s ``split`` spread over it: models or sampler settings side by side on the
+    same masks (each synthetic dataset sampled from that split)."""
+    roots = [Path(root) for root in synthetic_roots]
+    size = min(load_rgb(roots[0] / load_manifest(roots[0]).records[0].image).shape[:2])
+    view = PairedDataset(
+        real_root, split, transform=build_transforms(TransformConfig(size=size), train=False)
+    )
+    chosen = spread_subset(sorted(range(len(view)), key=lambda i: view.records[i].id), count)
+    by_source = [
+        {
+            r.extra["source_id"]: r
+            for r in load_manifest(root).records
+            if r.extra["sample_index"] == 0
+        }
+        for root in roots
+    ]
+    columns = [
+        torch.stack([view[i]["mask"] for i in chosen]),
+        torch.stack([view[i]["image"] for i in chosen]),
+    ]
+    for root, records in zip(roots, by_source, strict=True):
+        missing = [view.records[i].id for i in chosen if view.records[i].id not in records]
+        if missing:
+            raise SiamdiffError(
+                f"has no sample of mask {missing[0]} (sample the {split} split)", root
+            )
+        images = [load_rgb(root / records[view.records[i].id].image) for i in chosen]
+        columns.append(
+            torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1) for im in images]).float()
+            / 127.5
+            - 1
+        )
+    save_sample_grid(path, *columns)
 
 
 def _write_grid(out: Path, masks: PairedDataset, indices: list[int]) -> None:
