@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Guidance and ControlNet scale for Mask-Diffusion sampling: mask fidelity, FD-seg, diversity.
+#
+#   bash experiments/sampling_sweep/run.sh      # ~1 h on 2 cores, after ../polyp_siamese_vs_maskonly
+#
+# Samples both arms of the polyp experiment (its prepared data, exported models and yardstick
+# segmenter, from $POLYP) at each guidance:control_scale setting: the same 160 training masks x 2
+# seeds as that experiment (DDIM 50, eta 0), plus 8 test masks for the grid; evaluates each set
+# without the utility stage; summarize.py writes results.json, results.md, sweep.png and
+# grid-<arm>.png beside this script. Finished settings are skipped, so a rerun continues.
+# Environment knobs: POLYP, WORK, SETTINGS ("guidance:control_scale ..."), DEVICE.
+set -euo pipefail
+main() {
+here=$(cd "$(dirname "$0")" && pwd)
+polyp=${POLYP:-$here/../polyp_siamese_vs_maskonly/out}
+work=${WORK:-$here/out}                  # git-ignored
+settings=${SETTINGS:-1:1 3:1 5:1 9:1 13:1 9:0.5 9:1.5 9:2}
+device=${DEVICE:-cpu}
+arms=(mask-only siamese)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per arm
+for need in data/manifest-v1.json segmenter/segmenter.json model-mask-only model-siamese; do
+  if [ ! -e "$polyp/$need" ]; then
+    echo "run.sh: $polyp/$need is missing: run experiments/polyp_siamese_vs_maskonly/run.sh first" >&2
+    exit 2
+  fi
+done
+mkdir -p "$work"
+trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+
+setting() {  # setting ARM GUIDANCE CONTROL_SCALE: sample, grid, evaluate (each once)
+  local arm=$1 guidance=$2 scale=$3 dir start
+  dir=$work/$arm-g$guidance-c$scale
+  mkdir -p "$dir"
+  local sampler=(--steps 50 --guidance "$guidance" --control-scale "$scale" --device "$device")
+  if [ ! -f "$dir/syn/manifest-v1.json" ]; then
+    start=$(date +%s)
+    siamdiff sample "$polyp/model-$arm" --masks "$polyp/data:train" --out "$dir/syn" \
+      --limit 160 --per-mask 2 "${sampler[@]}" >"$dir/sample.log" 2>&1
+    printf '{"stage": "sample %s g%s c%s", "seconds": %d}\n' "$arm" "$guidance" "$scale" \
+      "$(($(date +%s) - start))" >>"$work/stages.jsonl"
+  fi
+  [ -f "$dir/grid/manifest-v1.json" ] || siamdiff sample "$polyp/model-$arm" \
+    --masks "$polyp/data:test" --out "$dir/grid" --limit 8 "${sampler[@]}" >>"$dir/sample.log" 2>&1
+  [ -f "$dir/eval/metrics.json" ] || siamdiff evaluate "$polyp/data" "$dir/syn" \
+    --out "$dir/eval/metrics.json" --segmenter "$polyp/segmenter" --device "$device" \
+    >"$dir/evaluate.log" 2>&1
+}
+
+pids=()
+for arm in "${arms[@]}"; do
+  (for pair in $settings; do setting "$arm" "${pair%%:*}" "${pair##*:}"; done) &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+# shellcheck disable=SC2086  # the settings are words on purpose
+python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" --arms "${arms[@]}" \
+  --settings $settings --device "$device"
+}
+main "$@"

@@ -1,0 +1,174 @@
+"""Collect run.sh's evaluations into results.json, results.md, sweep.png and grid-<arm>.png.
+
+results.md is the table of every (arm, guidance, control scale), then ``notes.md`` (reading the
+numbers), written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from siamdiff.bench import device_label
+from siamdiff.synthesize import comparison_grid
+
+DEFAULT_GUIDANCE, DEFAULT_SCALE = 9.0, 1.0  # the method's sampler (method.md)
+COLUMNS = (  # (results key, table header, lower is better)
+    ("fd_seg", "FD-seg", True),
+    ("kid_seg", "KID-seg", True),
+    ("fidelity_mdice", "fidelity mDice", False),
+    ("fidelity_miou", "fidelity mIoU", False),
+    ("ms_ssim", "MS-SSIM", True),
+    ("colour_js", "colour JS", True),
+)
+
+
+def parse_setting(text: str) -> tuple[float, float]:
+    guidance, scale = text.split(":")
+    return float(guidance), float(scale)
+
+
+def setting_dir(work: Path, arm: str, setting: str) -> Path:
+    guidance, scale = setting.split(":")
+    return work / f"{arm}-g{guidance}-c{scale}"
+
+
+def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
+    guidance, scale = parse_setting(setting)
+    metrics = json.loads((setting_dir(work, arm, setting) / "eval" / "metrics.json").read_text())
+    fidelity = metrics["mask_fidelity"]
+    g, c = setting.split(":")
+    return {
+        "arm": arm,
+        "guidance": guidance,
+        "control_scale": scale,
+        "fd_seg": metrics["fd_seg"]["value"],
+        "fd_seg_reference_real_test": metrics["fd_seg"]["reference_real_test"],
+        "kid_seg": metrics["kid_seg"]["mean"],
+        "kid_seg_std": metrics["kid_seg"]["std"],
+        "fidelity_mdice": fidelity["mdice"],
+        "fidelity_miou": fidelity["miou"],
+        "fidelity_median_dice": fidelity["median_dice"],
+        "ms_ssim": metrics["diversity"]["ms_ssim"]["mean"],
+        "colour_js": metrics["pixel_stats"]["histogram_js"],
+        "images": fidelity["images"],
+        "sample_seconds": seconds.get(f"sample {arm} g{g} c{c}"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| arm | guidance | control scale | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows:
+        best = {
+            key: (min if lower else max)(o[key] for o in rows if o["arm"] == r["arm"])
+            for key, _, lower in COLUMNS
+        }
+        cells = [
+            f"**{r[key]:.3f}**" if r[key] == best[key] else f"{r[key]:.3f}" for key, _, _ in COLUMNS
+        ]
+        lines.append(
+            f"| {r['arm']} | {r['guidance']:g} | {r['control_scale']:g} | {' | '.join(cells)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], arms: list[str], path: Path) -> None:
+    """Fidelity, FD-seg and MS-SSIM against guidance (scale 1) and control scale (guidance 9)."""
+    shown = (
+        ("fidelity_mdice", "mask fidelity mDice"),
+        ("fd_seg", "FD-seg"),
+        ("ms_ssim", "MS-SSIM"),
+    )
+    axes_for = (("guidance", "control_scale", DEFAULT_SCALE), ("control_scale", "guidance", 9.0))
+    fig = Figure(figsize=(12, 6.5))
+    axes = fig.subplots(len(axes_for), len(shown), squeeze=False)
+    for line, (varied, fixed, value) in enumerate(axes_for):
+        for column, (key, label) in enumerate(shown):
+            ax = axes[line][column]
+            for arm in arms:
+                points = sorted(
+                    (r[varied], r[key]) for r in rows if r["arm"] == arm and r[fixed] == value
+                )
+                ax.plot(*zip(*points, strict=True), marker="o", label=arm)
+            ax.set_xlabel(f"{varied.replace('_', ' ')} ({fixed.replace('_', ' ')} {value:g})")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--polyp", type=Path, required=True, help="the polyp experiment's out/")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arms", nargs="+", required=True)
+    parser.add_argument("--settings", nargs="+", required=True, help="guidance:control_scale")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    seconds: dict[str, int] = {}
+    stages = args.work / "stages.jsonl"
+    for line in stages.read_text().splitlines() if stages.exists() else []:
+        stage = json.loads(line)
+        seconds[stage["stage"]] = stage["seconds"]
+    rows = [row(args.work, arm, s, seconds) for arm in args.arms for s in args.settings]
+    first = json.loads(
+        (
+            setting_dir(args.work, args.arms[0], args.settings[0]) / "syn" / "manifest-v1.json"
+        ).read_text()
+    )["records"][0]["extra"]["sampler"]
+    polyp_results = json.loads(
+        (args.out.parent / "polyp_siamese_vs_maskonly" / "results.json").read_text()
+    )
+    results = {
+        "experiment": "sampling_sweep",
+        "command": "bash experiments/sampling_sweep/run.sh",
+        "device": device_label(torch.device(args.device)),
+        "models": f"polyp_siamese_vs_maskonly ({polyp_results['scale']})",
+        "sampler": {k: v for k, v in first.items() if k not in ("guidance", "control_scale")},
+        "masks": "160 training masks x 2 seeds (the polyp experiment's), 8 test masks for grids",
+        "rows": rows,
+    }
+    atomic_write_json(args.out / "results.json", results)
+    plot(rows, args.arms, args.out / "sweep.png")
+    for arm in args.arms:
+        grids = [setting_dir(args.work, arm, s) / "grid" for s in args.settings]
+        comparison_grid(args.out / f"grid-{arm}.png", args.polyp / "data", grids)
+
+    notes = args.out / "notes.md"
+    labels = " | ".join(f"g {s.split(':')[0]}, c {s.split(':')[1]}" for s in args.settings)
+    text = (
+        "# Sampling sweep: guidance and ControlNet scale\n\n"
+        f"Device: {results['device']}. Models: {results['models']}.\n"
+        f"Sampler: {results['sampler']}; {results['masks']}.\n"
+        f"Reproduce: `{results['command']}`. Every number: `results.json`. "
+        "Best per arm in bold.\n\n"
+        f"{table(rows)}\n\n"
+        f"FD-seg of the real test images against the real training images: "
+        f"{rows[0]['fd_seg_reference_real_test']:.3f}.\n\n"
+        "![fidelity, FD-seg and MS-SSIM against guidance and control scale](sweep.png)\n\n"
+        + "".join(
+            f"Test masks, {arm} (mask | real | {labels}):\n\n![{arm}](grid-{arm}.png)\n\n"
+            for arm in args.arms
+        )
+        + (notes.read_text() if notes.exists() else "")
+    )
+    atomic_write_text(args.out / "results.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
