@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One device call on a lent H100/H200 for what CI cannot do, sized for the 15 minutes of device
+# time a task gets (machine start included): about 9 minutes, every stage time-boxed, results
+# copied to $OUT as each stage ends, so a stage that fails or runs out of time costs only itself.
+#
+#   bash experiments/gpu_session/prepare_carry.sh      # here first: .carry/ (data, TAEF2, wheels)
+#   device run: command "bash experiments/gpu_session/run.sh", carry [".carry"], timeout_s 590
+#   DRY_RUN=1 bash experiments/gpu_session/run.sh      # the same stages on this CPU, tiny sizes
+#
+# Stages: bench (issue 6: SD1.5-size training step and DDIM sampling against the naive
+# reference) -> prepare the real data at 256 px -> train the from-scratch backbone on it
+# (issue 3: gpu.yaml, Siamese, stopped cleanly by SIGINT at its time box) -> export -> sample
+# training masks in bf16 (issue 4) -> yardstick segmenter -> evaluate. Each stage's seconds and
+# exit status go to stages.jsonl. $OUT gets session.log, bench.json, bench.md, loss_curve.png,
+# train_samples.png, samples.png, metrics.json and details.tar.gz (logs, losses, configs,
+# report). Knobs (environment): DEADLINE_S, BENCH_S, TRAIN_S, TRAIN_STEPS, SAMPLE_MASKS,
+# SEG_EPOCHS, and the DRY_RUN sizes below.
+set -uo pipefail
+main() {
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+carry=${CARRY:-$repo/.carry}
+out=${OUT:-/tmp/gpu-session-out}
+work=${WORK:-/tmp/gpu-session}
+started=$(date +%s)
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  device=cpu bench_args=(--preset tiny) config=$repo/experiments/polyp_siamese_vs_maskonly/cpu.yaml
+  size=64 train_steps=${TRAIN_STEPS:-10} sample_masks=${SAMPLE_MASKS:-8} seg_epochs=1 workers=0
+  deadline=${DEADLINE_S:-1800} batch=8
+else
+  device=cuda bench_args=(--preset sd15 --train-batches 8 16 --sample-batches 32)
+  config=$repo/experiments/polyp_siamese_vs_maskonly/gpu.yaml
+  size=256 train_steps=${TRAIN_STEPS:-3000} sample_masks=${SAMPLE_MASKS:-300}
+  seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-540} batch=32
+fi
+rm -rf "$work"
+mkdir -p "$work/logs" "$out"
+log=$out/session.log
+export PYTHONUNBUFFERED=1 PYTHONPATH=$repo/src${PYTHONPATH:+:$PYTHONPATH}
+
+say() { echo "[$(($(date +%s) - started)) s] $*" | tee -a "$log"; }
+
+stage() {  # stage NAME SECONDS COMMAND...: run it time-boxed (SIGINT, then KILL 20 s later)
+  local name=$1 budget=$2 left start status
+  shift 2
+  left=$((deadline - ($(date +%s) - started)))
+  [ "$budget" -gt "$left" ] && budget=$left
+  if [ "$budget" -lt 10 ]; then
+    say "$name: skipped (${left} s left of the ${deadline} s deadline)"
+    return 1
+  fi
+  say "$name: start (at most $budget s)"
+  start=$(date +%s)
+  timeout -s INT -k 20 "$budget" "$@" >"$work/logs/$name.log" 2>&1
+  status=$?
+  printf '{"stage": "%s", "seconds": %d, "status": %d}\n' "$name" "$(($(date +%s) - start))" \
+    "$status" >>"$work/stages.jsonl"
+  say "$name: exit $status after $(($(date +%s) - start)) s; last lines:"
+  tail -n 4 "$work/logs/$name.log" | tr '\r' '\n' | tail -n 4 | tee -a "$log"
+  return "$status"
+}
+
+siamdiff() { python3 -m siamdiff "$@"; }
+
+keep() {  # keep SOURCE NAME: copy a result into $OUT (flat: the device returns 8 files)
+  [ -f "$1" ] && cp "$1" "$out/$2"
+}
+
+if [ "${DRY_RUN:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$carry"/wheels/*.whl >>"$log" 2>&1 || say "wheel install failed"
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$log" 2>&1
+fi
+python3 -c "import torch, diffusers, siamdiff; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'siamdiff', siamdiff.__version__, 'cuda', torch.cuda.is_available())" \
+  2>&1 | tee -a "$log"
+
+stage bench "${BENCH_S:-170}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
+  --out "$work/bench"
+keep "$(ls "$work"/bench/*.json 2>/dev/null | head -n 1)" bench.json
+keep "$(ls "$work"/bench/*.md 2>/dev/null | head -n 1)" bench.md
+
+data=$work/data run=$work/run
+stage prepare 60 siamdiff prepare --source kvasir-seg="$carry/data/Kvasir-SEG" \
+  --source cvc-clinicdb="$carry/data/CVC-ClinicDB" --out "$data" --size "$size" \
+  --workers "$workers" || { pack; return 1; }
+stage train "${TRAIN_S:-170}" siamdiff train "$config" run_dir="$run" data.root="$data" \
+  data.latent_cache="$work/latents.lmdb" autoencoder.path="$carry/taef2" \
+  train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=100000
+# A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here.
+python3 -c "import sys; from siamdiff.report import save_loss_curve as s; s(sys.argv[1], sys.argv[2])" \
+  "$run/losses.jsonl" "$out/loss_curve.png" 2>>"$log"
+stage export 60 siamdiff export "$run" "$work/model" || { pack; return 1; }
+stage sample 60 siamdiff sample "$work/model" --masks "$data:train" --out "$work/syn" \
+  --limit "$sample_masks" --per-mask 2 --batch-size "$batch" --device "$device"
+keep "$work/syn/samples.png" samples.png
+stage segmenter 75 siamdiff train-segmenter "$data" --out "$work/segmenter" --size "$size" \
+  --epochs "$seg_epochs" --batch-size "$batch" --device "$device" --workers "$workers"
+stage evaluate 60 siamdiff evaluate "$data" "$work/syn" --out "$work/eval/metrics.json" \
+  --segmenter "$work/segmenter" --run "$run" --device "$device" --workers "$workers"
+keep "$work/eval/metrics.json" metrics.json
+pack
+}
+
+pack() {  # everything small that explains the numbers, in one file
+  keep "$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1)" train_samples.png
+  (cd "$work" && tar -czf "$out/details.tar.gz" stages.jsonl logs \
+    $(ls -d run/losses.jsonl run/config.yaml eval syn/manifest-v1.json segmenter/segmenter.json \
+      data/manifest-v1.json 2>/dev/null))
+  say "done: $(ls "$out" | tr '\n' ' ')"
+}
+main "$@"
