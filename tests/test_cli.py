@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,3 +105,37 @@ def test_prepare_rejects_an_unknown_source_kind(capsys) -> None:
         main(["prepare", "--source", "dicom=/x", "--out", "o"])
     assert exit_info.value.code == 2
     assert "KIND=DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "processes", "expected"),
+    [
+        (None, True, 2, "cuda:1"),  # launched processes each take their own GPU
+        ("cuda", True, 2, "cuda:1"),
+        (None, True, 1, "cuda"),
+        (None, False, 2, "cpu"),
+        ("cpu", True, 2, "cpu"),
+        ("cuda:0", True, 2, "cuda:0"),  # an explicit index is the user's choice
+    ],
+)
+def test_sample_gives_each_launched_process_its_own_gpu(
+    requested: str | None, cuda: bool, processes: int, expected: str, monkeypatch
+) -> None:
+    import accelerate
+    import torch
+
+    import siamdiff.synthesize
+
+    seen = {}
+
+    def fake_synthesize(*args, **kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(format=lambda: "")
+
+    state = SimpleNamespace(num_processes=processes, process_index=1, local_process_index=1)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(siamdiff.synthesize, "synthesize", fake_synthesize)
+    argv = ["sample", "model", "--masks", "data:train", "--out", "syn"]
+    assert main(argv + (["--device", requested] if requested else [])) == 0
+    assert (seen["device"], seen["rank"], seen["world_size"]) == (expected, 1, processes)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +321,41 @@ def test_rank_split_union_equals_a_single_run(
     }
     final = sample(exported, phantom_data, out)
     assert (final.generated, final.reused, final.manifest_written) == (0, 8, True)
+    assert files(out) == files(reference)
+
+
+@pytest.mark.slow
+def test_two_launched_processes_write_what_one_process_writes(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "siamdiff",
+        "sample",
+        str(exported),
+        "--masks",
+        f"{phantom_data}:train",
+        "--out",
+        str(out),
+        "--steps=2",
+        f"--per-mask={PER_MASK}",
+        f"--limit={LIMIT}",
+        f"--batch-size={BATCH}",
+        "--device=cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in out.glob(".journal-*.jsonl")} == {
+        ".journal-0.jsonl",
+        ".journal-1.jsonl",
+    }
     assert files(out) == files(reference)
 
 

@@ -90,6 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
     from accelerate import PartialState
 
     from siamdiff.sample import SCHEDULERS
@@ -98,7 +99,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.scheduler not in SCHEDULERS:
         raise SiamdiffError(f"unknown --scheduler {args.scheduler!r} ({', '.join(SCHEDULERS)})")
     masks_root, split = split_masks_argument(args.masks)
-    state = PartialState()  # one process, or one of `accelerate launch`'s
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # One process, or one of `accelerate launch`'s; on CPU accelerate sees the launch only
+    # when told that CPU is the device.
+    state = PartialState(cpu=device == "cpu")
+    if device == "cuda" and state.num_processes > 1:
+        device = f"cuda:{state.local_process_index}"  # one GPU per process, not all on GPU 0
     summary = synthesize(
         args.model,
         masks_root,
@@ -113,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         mask_aug=[a for a in args.mask_aug.split(",") if a],
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         formats=[f for f in args.format.split(",") if f],
         overwrite=args.overwrite,
         rank=state.process_index,

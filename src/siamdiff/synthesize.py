@@ -270,8 +270,9 @@ def _finished(out: Path, ids: Sequence[str]) -> dict[str, Record]:
     return done
 
 
-def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, rank: int) -> None:
-    """Refuse an ``out`` made by other settings (unless overwrite); rank 0 (re)creates it."""
+def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an ``out`` made by other settings (unless overwrite). Reads only: every rank
+    checks the same files before any writes, so they all fail or all go on together."""
     settings_path = out / SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise SiamdiffError("exists and is not a directory", out)
@@ -297,13 +298,14 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, rank: int
                 "pass --overwrite to replace it or choose another output",
                 out,
             )
-    if rank != 0:
-        return
+
+
+def _create_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not settings_path.is_file():
-        atomic_write_json(settings_path, settings)
+    if not (out / SETTINGS_NAME).is_file():
+        atomic_write_json(out / SETTINGS_NAME, settings)
 
 
 def _wait_for_other_ranks(world_size: int) -> None:
@@ -648,7 +650,10 @@ def synthesize(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )
     with exclusive_writer(out, rank):
-        _prepare_out(out, settings, overwrite, rank)
+        _check_out(out, settings, overwrite)
+        _wait_for_other_ranks(world_size)
+        if rank == 0:
+            _create_out(out, settings, overwrite)
         _wait_for_other_ranks(world_size)
 
         every = [(i, k) for i in indices for k in range(per_mask)]
