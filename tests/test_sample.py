@@ -76,16 +76,24 @@ def test_guidance_one_is_the_conditional_prediction(
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize(("guidance", "passes"), [(9.0, 2), (1.0, 1)])
 def test_steps_respected_with_one_batched_pass_each(
-    model: SiameseDiffusion, prompts: tuple[Tensor, Tensor], scheduler: str
+    model: SiameseDiffusion,
+    prompts: tuple[Tensor, Tensor],
+    scheduler: str,
+    guidance: float,
+    passes: int,
 ) -> None:
     batch_sizes: list[int] = []
     handle = model.unet.register_forward_pre_hook(lambda _, args: batch_sizes.append(len(args[0])))
     try:
-        out = ddim_sample(model, masks(3), *prompts, steps=5, scheduler=scheduler)
+        out = ddim_sample(
+            model, masks(3), *prompts, steps=5, guidance=guidance, scheduler=scheduler
+        )
     finally:
         handle.remove()
-    assert batch_sizes == [6] * 5  # conditional + unconditional in one pass of 2B per step
+    # Conditional + unconditional in one pass of 2B per step; guidance 1 needs the first alone.
+    assert batch_sizes == [3 * passes] * 5
     assert torch.isfinite(out).all()
 
 

@@ -81,16 +81,19 @@ def ddim_sample(
         dtype=model.unet.dtype,
     )
     latents = latents * noise_scheduler.init_noise_sigma
-    # Unconditional first: out = out_u + guidance * (out_c - out_u), out = eps or v.
-    context = torch.cat([uncond_emb.expand(batch, -1, -1), text_emb.expand(batch, -1, -1)])
-    hints = torch.cat([mask_hint, mask_hint])
+    # Unconditional first: out = out_u + guidance * (out_c - out_u), out = eps or v. At
+    # guidance 1 that is out_c: the unconditional half is not computed.
+    passes = 1 if guidance == 1 else 2
+    embeddings = [text_emb] if passes == 1 else [uncond_emb, text_emb]
+    context = torch.cat([emb.expand(batch, -1, -1) for emb in embeddings])
+    hints = torch.cat([mask_hint] * passes)
     step_kwargs = {"eta": eta, "generator": generators} if scheduler == "ddim" else {}
     with model.controlnet.controlnet_cond_embedding.reuse(hints):
         for t in noise_scheduler.timesteps:
-            model_input = noise_scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred_uncond, pred_cond = model.predict_mask(
-                model_input, t, context, hints, control_scale
-            ).chunk(2)
-            guided = pred_uncond + guidance * (pred_cond - pred_uncond)
-            latents = noise_scheduler.step(guided, t, latents, **step_kwargs).prev_sample
+            model_input = noise_scheduler.scale_model_input(torch.cat([latents] * passes), t)
+            prediction = model.predict_mask(model_input, t, context, hints, control_scale)
+            if passes == 2:
+                pred_uncond, pred_cond = prediction.chunk(2)
+                prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
+            latents = noise_scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
     return latents
