@@ -104,7 +104,7 @@ def build(preset: Preset, device: str | torch.device) -> tuple[SiameseDiffusion,
     """The preset's Siamese model (sd15: encoder frozen, as for pretrained weights) and VAE."""
     torch.manual_seed(0)
     if preset.name == "sd15":
-        backbone, vae = sd15_backbone(), sd15_vae()
+        backbone, vae = sd15_backbone(device), sd15_vae()  # built in place: 1.2B parameters
     else:
         backbone, vae = build_backbone({"kind": "tiny"}, latent_channels=4), random_kl_vae()
     freeze_for_training(backbone, train_unet_encoder=False)
