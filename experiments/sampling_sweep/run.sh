@@ -8,13 +8,16 @@
 # seeds as that experiment (DDIM 50, eta 0), plus 8 test masks for the grid; evaluates each set
 # without the utility stage; summarize.py writes results.json, results.md, sweep.png and
 # grid-<arm>.png beside this script. Finished settings are skipped, so a rerun continues.
-# Environment knobs: POLYP, WORK, SETTINGS ("guidance:control_scale ..."), DEVICE.
+# Settings in UTILITY_SETTINGS also get the polyp experiment's segmentation utility protocol
+# (U-Net, 96 px, 5 epochs, 3 seeds; ~45 min each). Environment knobs: POLYP, WORK, SETTINGS
+# ("guidance:control_scale ..."), UTILITY_SETTINGS, DEVICE.
 set -euo pipefail
 main() {
 here=$(cd "$(dirname "$0")" && pwd)
 polyp=${POLYP:-$here/../polyp_siamese_vs_maskonly/out}
 work=${WORK:-$here/out}                  # git-ignored
 settings=${SETTINGS:-1:1 3:1 5:1 9:1 13:1 9:0.5 9:1.5 9:2}
+utility_settings=${UTILITY_SETTINGS:-9:1.5}
 device=${DEVICE:-cpu}
 arms=(mask-only siamese)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per arm
@@ -46,15 +49,24 @@ setting() {  # setting ARM GUIDANCE CONTROL_SCALE: sample, grid, evaluate (each 
     >"$dir/evaluate.log" 2>&1
 }
 
+utility() {  # utility ARM GUIDANCE CONTROL_SCALE: after setting, the utility protocol
+  local dir=$work/$1-g$2-c$3
+  [ -f "$dir/eval-utility/metrics.json" ] || siamdiff evaluate "$polyp/data" "$dir/syn" \
+    --out "$dir/eval-utility/metrics.json" --segmenter "$polyp/segmenter" --utility \
+    --utility-size 96 --utility-epochs 5 --utility-seeds 3 --utility-archs unet \
+    --device "$device" >"$dir/evaluate-utility.log" 2>&1
+}
+
 pids=()
 for arm in "${arms[@]}"; do
-  (for pair in $settings; do setting "$arm" "${pair%%:*}" "${pair##*:}"; done) &
+  (for pair in $settings; do setting "$arm" "${pair%%:*}" "${pair##*:}"; done
+    for pair in $utility_settings; do utility "$arm" "${pair%%:*}" "${pair##*:}"; done) &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # shellcheck disable=SC2086  # the settings are words on purpose
 python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" --arms "${arms[@]}" \
-  --settings $settings --device "$device"
+  --settings $settings --utility-settings $utility_settings --device "$device"
 }
 main "$@"
