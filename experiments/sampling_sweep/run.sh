@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Guidance and ControlNet scale for Mask-Diffusion sampling: mask fidelity, FD-seg, diversity.
 #
-#   bash experiments/sampling_sweep/run.sh      # ~1 h on 2 cores, after ../polyp_siamese_vs_maskonly
+#   bash experiments/sampling_sweep/run.sh      # ~2 h on 2 cores, after ../polyp_siamese_vs_maskonly
 #
 # Samples both arms of the polyp experiment (its prepared data, exported models and yardstick
 # segmenter, from $POLYP) at each guidance:control_scale setting: the same 160 training masks x 2

@@ -18,6 +18,8 @@ from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_
 from siamdiff.bench import device_label
 from siamdiff.synthesize import comparison_grid
 
+POLYP_RESULTS = Path(__file__).resolve().parents[1] / "polyp_siamese_vs_maskonly" / "results.json"
+GRID_MASKS = 4  # of the 8 sampled test masks: the PNGs stay near 1 MB
 DEFAULT_GUIDANCE, DEFAULT_SCALE = 9.0, 1.0  # the method's sampler (method.md)
 COLUMNS = (  # (results key, table header, lower is better)
     ("fd_seg", "FD-seg", True),
@@ -62,6 +64,39 @@ def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
     }
 
 
+def utility_row(metrics_path: Path, arm: str, setting: str) -> dict:
+    """The U-Net utility numbers of one evaluation with ``--utility``."""
+    unet = json.loads(metrics_path.read_text())["utility"]["archs"]["unet"]
+    guidance, scale = parse_setting(setting)
+    return {
+        "arm": arm,
+        "guidance": guidance,
+        "control_scale": scale,
+        "real_mdice": unet["real"]["mdice"],
+        "real_syn_mdice": unet["real+syn"]["mdice"],
+        "gain_mdice": unet["gain_mdice"],
+        "gain_miou": unet["gain_miou"],
+    }
+
+
+def utility_table(rows: list[dict]) -> str:
+    def cell(stats: dict) -> str:
+        seeds = ", ".join(f"{v:.3f}" for v in stats["per_seed"])
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({seeds})"
+
+    lines = [
+        "| arm | guidance | control scale | real mDice (seeds) | real + syn mDice (seeds) "
+        "| gain mDice | gain mIoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['arm']} | {r['guidance']:g} | {r['control_scale']:g} | {cell(r['real_mdice'])} "
+        f"| {cell(r['real_syn_mdice'])} | {r['gain_mdice']:+.3f} | {r['gain_miou']:+.3f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| arm | guidance | control scale | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
@@ -88,7 +123,10 @@ def plot(rows: list[dict], arms: list[str], path: Path) -> None:
         ("fd_seg", "FD-seg"),
         ("ms_ssim", "MS-SSIM"),
     )
-    axes_for = (("guidance", "control_scale", DEFAULT_SCALE), ("control_scale", "guidance", 9.0))
+    axes_for = (
+        ("guidance", "control_scale", DEFAULT_SCALE),
+        ("control_scale", "guidance", DEFAULT_GUIDANCE),
+    )
     fig = Figure(figsize=(12, 6.5))
     axes = fig.subplots(len(axes_for), len(shown), squeeze=False)
     for line, (varied, fixed, value) in enumerate(axes_for):
@@ -116,6 +154,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arms", nargs="+", required=True)
     parser.add_argument("--settings", nargs="+", required=True, help="guidance:control_scale")
+    parser.add_argument(
+        "--utility-settings", nargs="*", default=[], help="settings evaluated with --utility"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -130,9 +171,7 @@ def main() -> None:
             setting_dir(args.work, args.arms[0], args.settings[0]) / "syn" / "manifest-v1.json"
         ).read_text()
     )["records"][0]["extra"]["sampler"]
-    polyp_results = json.loads(
-        (args.out.parent / "polyp_siamese_vs_maskonly" / "results.json").read_text()
-    )
+    polyp_results = json.loads(POLYP_RESULTS.read_text())
     results = {
         "experiment": "sampling_sweep",
         "command": "bash experiments/sampling_sweep/run.sh",
@@ -141,12 +180,22 @@ def main() -> None:
         "sampler": {k: v for k, v in first.items() if k not in ("guidance", "control_scale")},
         "masks": "160 training masks x 2 seeds (the polyp experiment's), 8 test masks for grids",
         "rows": rows,
+        # The method's sampler (guidance 9, scale 1) is the polyp experiment's own evaluation.
+        "utility": [
+            utility_row(args.polyp / f"eval-{arm}" / "metrics.json", arm, "9:1")
+            for arm in args.arms
+        ]
+        + [
+            utility_row(setting_dir(args.work, arm, s) / "eval-utility" / "metrics.json", arm, s)
+            for arm in args.arms
+            for s in args.utility_settings
+        ],
     }
     atomic_write_json(args.out / "results.json", results)
     plot(rows, args.arms, args.out / "sweep.png")
     for arm in args.arms:
         grids = [setting_dir(args.work, arm, s) / "grid" for s in args.settings]
-        comparison_grid(args.out / f"grid-{arm}.png", args.polyp / "data", grids)
+        comparison_grid(args.out / f"grid-{arm}.png", args.polyp / "data", grids, count=GRID_MASKS)
 
     notes = args.out / "notes.md"
     labels = " | ".join(f"g {s.split(':')[0]}, c {s.split(':')[1]}" for s in args.settings)
@@ -160,6 +209,9 @@ def main() -> None:
         f"FD-seg of the real test images against the real training images: "
         f"{rows[0]['fd_seg_reference_real_test']:.3f}.\n\n"
         "![fidelity, FD-seg and MS-SSIM against guidance and control scale](sweep.png)\n\n"
+        "Segmentation utility (U-Net, 96 px, 5 epochs, seeds 0-2; the polyp experiment's "
+        "protocol and yardstick):\n\n"
+        f"{utility_table(results['utility'])}\n\n"
         + "".join(
             f"Test masks, {arm} (mask | real | {labels}):\n\n![{arm}](grid-{arm}.png)\n\n"
             for arm in args.arms
