@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -26,3 +29,19 @@ def tiny_config(data: Path, run_dir: Path, *overrides: str) -> DictConfig:
             *overrides,
         ],
     )
+
+
+def launch_two_processes(*siamdiff_args: str) -> subprocess.CompletedProcess:
+    """``siamdiff ARGS...`` as two processes of one CPU job, as a multi-GPU user launches it."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "siamdiff",
+        *siamdiff_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from siamdiff.synthesize import (
     synthesize,
 )
 from siamdiff.train import train
-from tests.helpers import PHANTOM_SIZE, tiny_config
+from tests.helpers import PHANTOM_SIZE, launch_two_processes, tiny_config
 
 LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs in batches of 3, 3 and 2
 
@@ -329,14 +326,7 @@ def test_two_launched_processes_write_what_one_process_writes(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
 ):
     out = tmp_path / "syn"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "siamdiff",
+    done = launch_two_processes(
         "sample",
         str(exported),
         "--masks",
@@ -348,9 +338,7 @@ def test_two_launched_processes_write_what_one_process_writes(
         f"--limit={LIMIT}",
         f"--batch-size={BATCH}",
         "--device=cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in out.glob(".journal-*.jsonl")} == {
         ".journal-0.jsonl",

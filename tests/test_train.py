@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError
 from siamdiff.report import read_loss_log
 from siamdiff.train import SeededAugmentation, checkpoints, train
-from tests.helpers import PHANTOM_SIZE, tiny_config
+from tests.helpers import PHANTOM_SIZE, launch_two_processes, tiny_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -125,14 +122,7 @@ def test_frozen_weights_stay_and_trainable_ones_move(phantom_data: Path, tmp_pat
 @pytest.mark.slow
 def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: Path):
     run = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "siamdiff",
+    done = launch_two_processes(
         "train",
         "tiny",
         f"data.root={phantom_data}",
@@ -142,9 +132,7 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
         "train.max_steps=3",
         "train.sample_steps=2",
         "train.sample_count=2",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stdout + done.stderr
     assert checkpoints(run)[-1].name == "step-00000003"

@@ -41,15 +41,16 @@ def setting_dir(work: Path, arm: str, setting: str) -> Path:
     return work / f"{arm}-g{guidance}-c{scale}"
 
 
-def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
+def labelled(arm: str, setting: str) -> dict:
     guidance, scale = parse_setting(setting)
+    return {"arm": arm, "guidance": guidance, "control_scale": scale}
+
+
+def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
     metrics = json.loads((setting_dir(work, arm, setting) / "eval" / "metrics.json").read_text())
     fidelity = metrics["mask_fidelity"]
     g, c = setting.split(":")
-    return {
-        "arm": arm,
-        "guidance": guidance,
-        "control_scale": scale,
+    return labelled(arm, setting) | {
         "fd_seg": metrics["fd_seg"]["value"],
         "fd_seg_reference_real_test": metrics["fd_seg"]["reference_real_test"],
         "kid_seg": metrics["kid_seg"]["mean"],
@@ -67,11 +68,7 @@ def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
 def utility_row(metrics_path: Path, arm: str, setting: str) -> dict:
     """The U-Net utility numbers of one evaluation with ``--utility``."""
     unet = json.loads(metrics_path.read_text())["utility"]["archs"]["unet"]
-    guidance, scale = parse_setting(setting)
-    return {
-        "arm": arm,
-        "guidance": guidance,
-        "control_scale": scale,
+    return labelled(arm, setting) | {
         "real_mdice": unet["real"]["mdice"],
         "real_syn_mdice": unet["real+syn"]["mdice"],
         "gain_mdice": unet["gain_mdice"],
