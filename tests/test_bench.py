@@ -5,24 +5,39 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from siamdiff.bench import main, meta_flops
 
 
 def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Path, capsys) -> None:
     argv = ["--preset", "tiny", "--device", "cpu", "--train-batches", "4", "--sample-batches", "2"]
     argv += ["--sample-steps", "3", "--iters", "1", "--warmup", "0", "--no-meta"]
-    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert main([*argv, "--speed", "channels_last", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("cpu-*.json")
     results = json.loads(path.read_text())
+    variants = ["naive", "siamdiff", "siamdiff+channels_last"]
+    assert results["variants"] == variants and results["speed_levers"] == ["channels_last"]
     (train,) = results["training"]
-    # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
-    assert train["loss_relative_difference"] < 1e-5 and train["grad_relative_difference"] < 1e-4
+    for name in variants[1:]:
+        # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
+        assert train[name]["loss_relative_difference"] < 1e-5
+        assert train[name]["grad_relative_difference"] < 1e-4
+        assert train[name]["flops_per_step"] == train["siamdiff"]["flops_per_step"]
     assert train["flop_ratio"] < 0.8  # t = 0, 333, 666, 999: one sample in the augmentation term
-    for name in ("naive", "siamdiff"):
+    for name in variants:
         assert train[name]["images_per_s"] > 0 and train[name]["flops_per_step"] > 0
     (sampling,) = results["sampling"]
-    assert sampling["image_max_abs_difference"] < 1e-3
-    assert "speedup" in capsys.readouterr().out
+    for name in variants[1:]:
+        assert sampling[name]["image_max_abs_difference"] < 1e-3
+    printed = capsys.readouterr().out
+    assert "siamdiff+channels_last" in printed and "speedup" in printed
+
+
+def test_bf16_frozen_weights_are_refused_without_cuda(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--speed", "bf16_frozen"])
+    assert "bf16_frozen needs bf16 autocast" in capsys.readouterr().err
 
 
 def test_siamdiff_step_at_sd15_size_needs_at_most_three_quarters_of_the_naive_flops() -> None:

@@ -139,6 +139,18 @@ def test_batch_size_changes_neither_seeds_nor_masks(
         assert np.abs(difference).max() <= 1
 
 
+def test_channels_last_samples_the_same_pairs_and_says_so(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    sample(exported, phantom_data, tmp_path / "nhwc", speed="channels_last")
+    fast, plain = load_manifest(tmp_path / "nhwc"), load_manifest(reference)
+    for a, b in zip(fast.records, plain.records, strict=True):
+        assert a.extra["sampler"]["speed"] == ["channels_last"]
+        assert b.extra["sampler"]["speed"] == []
+        difference = png(tmp_path / "nhwc" / a.image).astype(int) - png(reference / b.image)
+        assert np.abs(difference).max() <= 1
+
+
 def test_resume_after_a_crash_ends_byte_identical(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
 ):
@@ -225,6 +237,8 @@ def test_other_settings_on_an_existing_output_are_refused(
         ({"limit": 0}, "limit must be at least 1"),
         ({"control_scale": -0.5}, "--control-scale must be a finite number >= 0"),
         ({"control_scale": float("nan")}, "--control-scale must be a finite number >= 0"),
+        ({"speed": "fast"}, "unknown speed lever 'fast'"),
+        ({"speed": "bf16_frozen", "device": "cpu"}, "bf16_frozen needs a CUDA device"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(

@@ -119,6 +119,35 @@ def test_frozen_weights_stay_and_trainable_ones_move(phantom_data: Path, tmp_pat
     assert sum(not torch.equal(first[k], last[k]) for k in moving) > len(moving) // 2
 
 
+def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_path: Path):
+    overrides = ("train.max_steps=2", "train.sample_every=2")
+    train(tiny_config(phantom_data, tmp_path / "plain", *overrides))
+    fast = tmp_path / "nhwc"
+    train(tiny_config(phantom_data, fast, *overrides, "train.speed=[channels_last]"))
+    assert (fast / "samples" / "step-00000002.png").is_file()
+    a, b = final_weights(tmp_path / "plain"), final_weights(fast)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # The checkpoint resumes (its tensors were saved from NHWC parameters).
+    train(tiny_config(phantom_data, fast, "train.max_steps=3", "train.speed=[channels_last]"), True)
+    assert json.loads((checkpoints(fast)[-1] / "trainer_state.json").read_text()) == {"step": 3}
+
+
+@pytest.mark.parametrize(
+    ("speed", "expected"),
+    [
+        ("[bf16_frozen]", "needs train.mixed_precision=bf16"),
+        ("[cuda_graphs]", "unknown speed lever 'cuda_graphs'"),
+    ],
+)
+def test_speed_levers_that_cannot_apply_are_refused(
+    phantom_data: Path, tmp_path: Path, speed: str, expected: str
+):
+    with pytest.raises(SiamdiffError, match=expected):
+        train(tiny_config(phantom_data, tmp_path / "run", f"train.speed={speed}"))
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: Path):
     run = tmp_path / "ddp"

@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
     Backbone,
@@ -57,6 +58,7 @@ from siamdiff.models.siamese import (
     denoising_loss,
     mix_controls,
 )
+from siamdiff.models.speed import LEVERS, apply_levers, parse_levers
 from siamdiff.models.unet_parts import encode
 from siamdiff.sample import ddim_sample, make_scheduler
 
@@ -187,7 +189,8 @@ def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: 
     return loss
 
 
-STEPS: dict[str, Callable[[SiameseDiffusion, dict[str, Tensor], float], Tensor]] = {
+LossFn = Callable[[SiameseDiffusion, dict[str, Tensor], float], Tensor]
+STEPS: dict[str, LossFn] = {
     "naive": naive_siamese_loss,
     "siamdiff": siamdiff_loss,
 }
@@ -241,24 +244,18 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def training_equivalence(
-    model: SiameseDiffusion, b: dict[str, Tensor], device: torch.device
-) -> dict[str, float]:
-    """Loss and gradients of both steps from the same weights and inputs."""
-    results = {}
-    for name, loss_fn in STEPS.items():
-        model.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = loss_fn(model, b, AUG_PROGRESS)
-        loss.backward()
-        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
-        results[name] = (loss.detach().float(), grads)
+def loss_and_gradients(
+    model: SiameseDiffusion, b: dict[str, Tensor], loss_fn: LossFn, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """One step's loss and trainable-parameter gradients, on the CPU (kept out of the peak
+    memory of the steps measured after them)."""
     model.zero_grad(set_to_none=True)
-    (naive_loss, naive_grads), (ours_loss, ours_grads) = results["naive"], results["siamdiff"]
-    return {
-        "loss_relative_difference": relative_difference(ours_loss, naive_loss),
-        "grad_relative_difference": relative_difference(ours_grads, naive_grads),
-    }
+    with autocast(device):
+        loss = loss_fn(model, b, AUG_PROGRESS)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+    return loss.detach().float().cpu(), grads.cpu()
 
 
 @dataclass
@@ -276,37 +273,47 @@ class Bench:
     guidance: float
 
 
-def bench_training(bench: Bench, batch: int) -> dict[str, Any]:
-    model, device = bench.model, bench.device
+def bench_training(
+    bench: Bench, row: dict[str, Any], variant: str, reference: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """Measure ``variant`` (naive, siamdiff or siamdiff with levers) at ``row["batch"]`` into
+    ``row[variant]``; returns its loss and gradients. ``reference`` is the naive step's: the
+    variant's distance to it is reported. FLOPs are counted on the plain implementations (the
+    levers change how, not what, is computed)."""
+    model, device, batch = bench.model, bench.device, row["batch"]
     b = make_batch(model, bench.preset, batch, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    row: dict[str, Any] = {"batch": batch, **training_equivalence(model, b, device)}
-    for name, loss_fn in STEPS.items():
-        optimizer = torch.optim.AdamW(
-            trainable, lr=1e-9, fused=name == "siamdiff" and device.type == "cuda"
-        )
+    loss_fn = naive_siamese_loss if variant == "naive" else siamdiff_loss
+    result = loss_and_gradients(model, b, loss_fn, device)
+    # lr 0: every variant times the same update on the same weights.
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=0.0,
+        fused=variant != "naive" and device.type == "cuda",
+    )
 
-        def step(loss_fn=loss_fn, optimizer=optimizer) -> None:
-            with autocast(device):
-                loss = loss_fn(model, b, AUG_PROGRESS)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
+        with autocast(device):
+            loss = loss_fn(model, b, AUG_PROGRESS)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        flops = count_flops(step)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = seconds_per_call(step, device, bench.warmup, bench.iters)
-        row[name] = {
-            "images_per_s": batch / seconds,
-            "seconds_per_step": seconds,
-            "flops_per_step": flops,
-            "mfu": flops / seconds / bench.peak_flops,
-            "peak_memory_gb": peak_memory_gb(device),
-        }
-    row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
-    row["flop_ratio"] = row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
-    return row
+    flops = count_flops(step) if variant in STEPS else row["siamdiff"]["flops_per_step"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = seconds_per_call(step, device, bench.warmup, bench.iters)
+    row[variant] = {
+        "images_per_s": batch / seconds,
+        "seconds_per_step": seconds,
+        "flops_per_step": flops,
+        "mfu": flops / seconds / bench.peak_flops,
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+    if reference is not None:
+        row[variant]["speedup"] = row[variant]["images_per_s"] / row["naive"]["images_per_s"]
+        row[variant]["loss_relative_difference"] = relative_difference(result[0], reference[0])
+        row[variant]["grad_relative_difference"] = relative_difference(result[1], reference[1])
+    return result
 
 
 def naive_sample(
@@ -330,48 +337,48 @@ def naive_sample(
     return latents
 
 
-def bench_sampling(bench: Bench, batch: int) -> dict[str, Any]:
-    """One timed sampling run per implementation (long enough to need no repeats)."""
+@torch.no_grad()
+def bench_sampling(
+    bench: Bench, row: dict[str, Any], variant: str, reference: Tensor | None
+) -> Tensor:
+    """Time one sampling run of ``variant`` into ``row[variant]`` (long enough to need no
+    repeats; a 2-step run first warms kernels, allocator and compiled code up); returns its
+    images, whose distance to the naive sampler's (``reference``) is reported."""
     model, vae, device = bench.model, bench.vae, bench.device
-    steps, guidance = bench.sample_steps, bench.guidance
+    batch, guidance = row["batch"], bench.guidance
     b = make_batch(model, bench.preset, batch, device)
     cond, uncond = b["context"], torch.zeros_like(b["context"])
     seeds = [torch.Generator(device).manual_seed(i) for i in range(batch)]
     noise = torch.stack([torch.randn(b["z0"].shape[1:], generator=g, device=device) for g in seeds])
 
-    def ours() -> Tensor:
+    def sample(steps: int) -> Tensor:
         with autocast(device):
-            generators = [torch.Generator(device).manual_seed(i) for i in range(batch)]
-            latents = ddim_sample(
-                model,
-                b["mask_hint"],
-                cond,
-                uncond,
-                steps=steps,
-                guidance=guidance,
-                generator=generators,
-            )
-            return vae.decode(latents / vae.config.scaling_factor).sample.float()
+            if variant == "naive":
+                latents = naive_sample(model, b["mask_hint"], cond, uncond, noise, steps, guidance)
+            else:
+                generators = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+                latents = ddim_sample(
+                    model,
+                    b["mask_hint"],
+                    cond,
+                    uncond,
+                    steps=steps,
+                    guidance=guidance,
+                    generator=generators,
+                )
+            return vae.decode(latents.float() / vae.config.scaling_factor).sample.float()
 
-    def naive() -> Tensor:
-        with autocast(device):
-            latents = naive_sample(model, b["mask_hint"], cond, uncond, noise, steps, guidance)
-        return vae.decode(latents.float() / vae.config.scaling_factor).sample
-
-    row: dict[str, Any] = {"batch": batch, "steps": steps, "guidance": guidance}
-    outputs = {}
-    with torch.no_grad():
-        for name, fn in (("naive", naive), ("siamdiff", ours)):
-            if device.type == "cuda":
-                fn()  # warm-up: kernel selection, allocator
-            start = time.perf_counter()
-            outputs[name] = fn()
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            row[name] = {"images_per_s": batch / seconds, "seconds_per_batch": seconds}
-    row["speedup"] = row["siamdiff"]["images_per_s"] / row["naive"]["images_per_s"]
-    row["image_max_abs_difference"] = float((outputs["siamdiff"] - outputs["naive"]).abs().max())
-    return row
+    if bench.warmup:
+        sample(2)
+    start = time.perf_counter()
+    images = sample(bench.sample_steps)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    row[variant] = {"images_per_s": batch / seconds, "seconds_per_batch": seconds}
+    if reference is not None:
+        row[variant]["speedup"] = row[variant]["images_per_s"] / row["naive"]["images_per_s"]
+        row[variant]["image_max_abs_difference"] = float((images - reference).abs().max())
+    return images.cpu()
 
 
 def meta_flops(batch: int = 8) -> dict[str, Any]:
@@ -434,6 +441,14 @@ def device_label(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
+def variant_plan(levers: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """(variant name, lever to add before measuring it): naive, siamdiff, then one lever more
+    per variant, so each lever's gain is measured on top of the ones before it."""
+    plan: list[tuple[str, tuple[str, ...]]] = [("naive", ()), ("siamdiff", ())]
+    plan += [("+".join(("siamdiff", *levers[: i + 1])), (lever,)) for i, lever in enumerate(levers)]
+    return plan
+
+
 def run(
     preset_name: str,
     device: torch.device,
@@ -446,12 +461,30 @@ def run(
     warmup: int = 2,
     iters: int = 5,
     meta: bool = True,
+    levers: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], Path]:
     """Every measurement; returns the results and the JSON file they were written to."""
     preset = PRESETS[preset_name]
     model, vae = build(preset, device)
     peak = matmul_peak_flops(device)
     bench = Bench(model, vae, preset, device, peak, warmup, iters, sample_steps, guidance)
+    training = [{"batch": n} for n in train_batches or preset.train_batches]
+    sampling = [
+        {"batch": n, "steps": sample_steps, "guidance": guidance}
+        for n in sample_batches or preset.sample_batches
+    ]
+    naive_training: dict[int, tuple[Tensor, Tensor]] = {}
+    naive_images: dict[int, Tensor] = {}
+    for variant, lever in variant_plan(levers):
+        apply_levers(model, lever, vae)
+        for row in training:
+            measured = bench_training(bench, row, variant, naive_training.get(row["batch"]))
+            naive_training.setdefault(row["batch"], measured)
+        for row in sampling:
+            measured = bench_sampling(bench, row, variant, naive_images.get(row["batch"]))
+            naive_images.setdefault(row["batch"], measured)
+    for row in training:
+        row["flop_ratio"] = row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
     results: dict[str, Any] = {
         "siamdiff": __version__,
         "torch": torch.__version__,
@@ -461,12 +494,10 @@ def run(
         "resolution": preset.resolution,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "matmul_peak_tflops": peak / 1e12,
-        "training": [
-            bench_training(bench, batch) for batch in (train_batches or preset.train_batches)
-        ],
-        "sampling": [
-            bench_sampling(bench, batch) for batch in (sample_batches or preset.sample_batches)
-        ],
+        "speed_levers": list(levers),
+        "variants": [variant for variant, _ in variant_plan(levers)],
+        "training": training,
+        "sampling": sampling,
     }
     if meta:
         results["sd15_meta_flops"] = meta_flops()
@@ -483,25 +514,36 @@ def format_results(results: dict[str, Any]) -> str:
         f"({results['resolution']} px, {results['precision']}), "
         f"matmul peak {results['matmul_peak_tflops']:.2f} TFLOP/s"
     ]
+    width = max(len(variant) for variant in results["variants"])
     lines.append(
-        "training step     batch  naive img/s  siamdiff img/s  speedup  FLOP ratio"
-        "  MFU naive/siamdiff  loss / grad rel. diff"
+        f"training step  batch  {'variant':<{width}}  img/s     speedup  MFU    peak GB"
+        "  loss / grad rel. diff to naive"
     )
     for row in results["training"]:
-        naive, ours = row["naive"], row["siamdiff"]
-        lines.append(
-            f"{'':18}{row['batch']:>5}  {naive['images_per_s']:>11.2f}  "
-            f"{ours['images_per_s']:>14.2f}  {row['speedup']:>6.2f}x  {row['flop_ratio']:>10.3f}"
-            f"  {naive['mfu']:>8.3f}/{ours['mfu']:.3f}  "
-            f"{row['loss_relative_difference']:.1e} / {row['grad_relative_difference']:.1e}"
-        )
-    lines.append("sampling (DDIM)   batch  naive img/s  siamdiff img/s  speedup  max |image diff|")
+        for variant in results["variants"]:
+            m = row[variant]
+            memory = "-" if m["peak_memory_gb"] is None else f"{m['peak_memory_gb']:.1f}"
+            diff = (
+                f"{m['loss_relative_difference']:.1e} / {m['grad_relative_difference']:.1e}"
+                if "speedup" in m
+                else "-"
+            )
+            lines.append(
+                f"{'':15}{row['batch']:>5}  {variant:<{width}}  {m['images_per_s']:>8.2f}  "
+                f"{m.get('speedup', 1.0):>6.2f}x  {m['mfu']:.3f}  {memory:>7}  {diff}"
+            )
+        lines.append(f"{'':22}FLOP ratio siamdiff / naive: {row['flop_ratio']:.3f}")
+    lines.append(
+        f"sampling (DDIM) batch  {'variant':<{width}}  img/s     speedup  max |image diff|"
+    )
     for row in results["sampling"]:
-        lines.append(
-            f"{'':18}{row['batch']:>5}  {row['naive']['images_per_s']:>11.3f}  "
-            f"{row['siamdiff']['images_per_s']:>14.3f}  {row['speedup']:>6.2f}x  "
-            f"{row['image_max_abs_difference']:.1e}"
-        )
+        for variant in results["variants"]:
+            m = row[variant]
+            diff = f"{m['image_max_abs_difference']:.1e}" if "speedup" in m else "-"
+            lines.append(
+                f"{'':15}{row['batch']:>5}  {variant:<{width}}  {m['images_per_s']:>8.3f}  "
+                f"{m.get('speedup', 1.0):>6.2f}x  {diff}"
+            )
     meta = results.get("sd15_meta_flops")
     if meta:
         lines.append(
@@ -531,10 +573,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-meta", action="store_true", help="skip the SD1.5 meta FLOP count")
+    parser.add_argument(
+        "--speed",
+        default=None,
+        help=f"speed levers to measure, one more per variant, comma-separated from "
+        f"{','.join(LEVERS)} (default: all on CUDA, none on CPU; bf16_frozen needs CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = args.preset if args.preset != "auto" else ("sd15" if device.type == "cuda" else "tiny")
+    try:
+        default = LEVERS if device.type == "cuda" else ()
+        levers = parse_levers(default if args.speed is None else args.speed)
+    except SiamdiffError as exc:
+        parser.error(str(exc))
+    if "bf16_frozen" in levers and device.type != "cuda":
+        parser.error("bf16_frozen needs bf16 autocast, which the bench uses on CUDA only")
     results, path = run(
         preset,
         device,
@@ -546,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         iters=args.iters,
         meta=not args.no_meta,
+        levers=levers,
     )
     print(format_results(results))
     print(f"results: {path}")

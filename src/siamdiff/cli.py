@@ -125,6 +125,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         rank=state.process_index,
         world_size=state.num_processes,
         limit=args.limit,
+        speed=args.speed,
     )
     print(summary.format())
     return 0
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiplies the ControlNet's residuals: 0 ignores the mask, > 1 follows it harder",
     )
     sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument(
+        "--speed",
+        default="",
+        help="comma list of speed levers: channels_last, bf16_frozen (CUDA), compile "
+        "(docs/performance.md)",
+    )
     sample.add_argument("--seed", type=int, default=42)
     sample.add_argument("--scheduler", default="ddim", help="ddim | dpmsolver++ | unipc")
     sample.add_argument("--mask-aug", default="", help="comma list of flip, scale, shift")

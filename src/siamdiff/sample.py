@@ -74,11 +74,10 @@ def ddim_sample(
         height, width = (size // DenseHintInput.downscale for size in mask_hint.shape[-2:])
         latent_shape = (model.unet.config.in_channels, height, width)
     generators = list(generator) if isinstance(generator, Sequence) else generator
+    # fp32 latents whatever the weights' dtype: the scheduler's updates need its precision
+    # (autocast runs the networks in bf16 on CUDA; bf16-stored frozen weights must not leak in).
     latents = randn_tensor(
-        (batch, *latent_shape),
-        generator=generators,
-        device=mask_hint.device,
-        dtype=model.unet.dtype,
+        (batch, *latent_shape), generator=generators, device=mask_hint.device, dtype=torch.float32
     )
     latents = latents * noise_scheduler.init_noise_sigma
     # Unconditional first: out = out_u + guidance * (out_c - out_u), out = eps or v. At

@@ -71,6 +71,7 @@ from siamdiff.data.readers import load_mask, load_rgb
 from siamdiff.data.transforms import TransformConfig, build_transforms, lesion_centre
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
+from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
 from siamdiff.sample import SCHEDULERS, ddim_sample
 
@@ -600,6 +601,7 @@ def synthesize(
     world_size: int = 1,
     limit: int | None = None,
     progress: bool = True,
+    speed: Sequence[str] | str = (),
 ) -> SynthesisSummary:
     """Write ``per_mask`` synthetic pairs per mask of ``masks_root``'s ``split`` into ``out``.
 
@@ -608,7 +610,9 @@ def synthesize(
     resume; other settings on an existing ``out`` are refused unless ``overwrite``. With
     ``world_size > 1`` this process does batches ``j % world_size == rank``; after a barrier
     (accelerate's, when launched distributed) rank 0 writes the manifest if every pair is
-    finished; otherwise rerunning the command (any world size) finishes it.
+    finished; otherwise rerunning the command (any world size) finishes it. ``speed`` names
+    levers of :mod:`siamdiff.models.speed` (``bf16_frozen``: CUDA only); like the batch size
+    they may move a pixel by a rounding step, and each record names them.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -626,6 +630,10 @@ def synthesize(
         limit,
     )
     mask_aug = tuple(a for a in MASK_AUGMENTATIONS if a in mask_aug)  # canonical order
+    levers = parse_levers(speed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "bf16_frozen" in levers and device.type != "cuda":
+        raise SiamdiffError("speed lever bf16_frozen needs a CUDA device (bf16 autocast)")
     source = resolve_model(model_path)
     masks_root = Path(masks_root).resolve()
     settings = {
@@ -666,10 +674,13 @@ def synthesize(
         work = [batch for batch in mine if any(names[item] not in done for item in batch)]
         generated = 0
         if work:
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             loaded = source.load(device)
+            apply_levers(loaded.model, levers, loaded.autoencoder)
             with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
-                sampler = {key: settings[key] for key in SAMPLER_KEYS} | {"batch_size": batch_size}
+                sampler = {key: settings[key] for key in SAMPLER_KEYS} | {
+                    "batch_size": batch_size,
+                    "speed": list(levers),
+                }
                 generated = _generate(
                     loaded, work, done, masks, out, journal, settings, sampler, device, progress
                 )

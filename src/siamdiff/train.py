@@ -44,6 +44,7 @@ from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
 from siamdiff.models.backbone import freeze_for_training
 from siamdiff.models.siamese import SiameseDiffusion
+from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import read_loss_log, save_loss_curve, save_sample_grid
 from siamdiff.sample import ddim_sample
 
@@ -315,6 +316,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if train_encoder == "auto":  # a random UNet encoder has nothing worth freezing
         train_encoder = cfg.backbone.kind != "sd15"
     trainable = freeze_for_training(backbone, train_unet_encoder=bool(train_encoder))
+    levers = parse_levers(cfg.train.speed)
+    if "bf16_frozen" in levers and cfg.train.mixed_precision != "bf16":
+        raise SiamdiffError(
+            "train.speed bf16_frozen needs train.mixed_precision=bf16 (its weights are only "
+            "read under bf16 autocast)"
+        )
+    apply_levers(model, levers, autoencoder)
     optimizer = torch.optim.AdamW(
         trainable,
         lr=cfg.optim.lr,
@@ -440,9 +448,9 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             if accelerator.is_main_process and (
                 step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
             ):
-                write_samples(
-                    core, autoencoder, preview, cfg, run_dir / "samples" / f"step-{step:08d}.png"
-                )
+                grid = run_dir / "samples" / f"step-{step:08d}.png"
+                with accelerator.autocast():  # the precision the model trains in
+                    write_samples(core, autoencoder, preview, cfg, grid)
     except KeyboardInterrupt:
         if step > 0:
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
