@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from siamdiff import bench
 from siamdiff.bench import main, meta_flops
 
 
@@ -32,6 +33,26 @@ def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Pat
         assert sampling[name]["image_max_abs_difference"] < 1e-3
     printed = capsys.readouterr().out
     assert "siamdiff+channels_last" in printed and "speedup" in printed
+
+
+def test_a_cut_short_run_keeps_the_variants_it_measured(tmp_path: Path, monkeypatch) -> None:
+    measure = bench.bench_sampling
+
+    def interrupted_after_naive(b, row, variant, reference):
+        if variant != "naive":
+            raise KeyboardInterrupt  # the time box's SIGINT
+        return measure(b, row, variant, reference)
+
+    monkeypatch.setattr(bench, "bench_sampling", interrupted_after_naive)
+    argv = ["--preset", "tiny", "--device", "cpu", "--train-batches", "2", "--sample-batches", "2"]
+    argv += ["--sample-steps", "2", "--iters", "1", "--warmup", "0", "--no-meta"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("cpu-*.json")
+    results = json.loads(path.read_text())
+    assert results["variants"] == ["naive"]
+    assert results["sampling"][0]["naive"]["images_per_s"] > 0
+    assert "naive" in path.with_suffix(".md").read_text()
 
 
 def test_bf16_frozen_weights_are_refused_without_cuda(capsys) -> None:

@@ -23,11 +23,16 @@ out=${OUT:-/tmp/gpu-session-out}
 work=${WORK:-/tmp/gpu-session}
 started=$(date +%s)
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  device=cpu bench_args=(--preset tiny) config=$repo/experiments/polyp_siamese_vs_maskonly/cpu.yaml
+  device=cpu bench_args=(--preset tiny --no-meta --speed channels_last,compile)
+  config=$repo/experiments/polyp_siamese_vs_maskonly/cpu.yaml
   size=64 train_steps=${TRAIN_STEPS:-10} sample_masks=${SAMPLE_MASKS:-8} seg_epochs=1 workers=0
   deadline=${DEADLINE_S:-1800} batch=8
 else
-  device=cuda bench_args=(--preset sd15 --train-batches 8 16 --sample-batches 32)
+  # Every lever measured, one added per variant (compile last: its compile time is the
+  # longest, and the bench rewrites its JSON after each variant). The meta-device FLOP count
+  # needs no GPU and is in the committed CPU results.
+  device=cuda bench_args=(--preset sd15 --train-batches 8 16 --sample-batches 32 --no-meta
+    --speed channels_last,bf16_frozen,compile)
   config=$repo/experiments/polyp_siamese_vs_maskonly/gpu.yaml
   size=256 train_steps=${TRAIN_STEPS:-3000} sample_masks=${SAMPLE_MASKS:-300}
   seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-540} batch=32
@@ -75,7 +80,7 @@ python3 -c "import torch, diffusers, siamdiff; print('torch', torch.__version__,
 diffusers.__version__, 'siamdiff', siamdiff.__version__, 'cuda', torch.cuda.is_available())" \
   2>&1 | tee -a "$log"
 
-stage bench "${BENCH_S:-170}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
+stage bench "${BENCH_S:-240}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
   --out "$work/bench"
 keep "$(ls "$work"/bench/*.json 2>/dev/null | head -n 1)" bench.json
 keep "$(ls "$work"/bench/*.md 2>/dev/null | head -n 1)" bench.md
@@ -84,7 +89,7 @@ data=$work/data run=$work/run
 stage prepare 60 siamdiff prepare --source kvasir-seg="$carry/data/Kvasir-SEG" \
   --source cvc-clinicdb="$carry/data/CVC-ClinicDB" --out "$data" --size "$size" \
   --workers "$workers" || { pack; return 1; }
-stage train "${TRAIN_S:-170}" siamdiff train "$config" run_dir="$run" data.root="$data" \
+stage train "${TRAIN_S:-150}" siamdiff train "$config" run_dir="$run" data.root="$data" \
   data.latent_cache="$work/latents.lmdb" autoencoder.path="$carry/taef2" \
   train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=100000
 # A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here.

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from siamdiff.bench import device_label
+from siamdiff.evaluate.utility import mean_std
 from siamdiff.synthesize import comparison_grid
 
 POLYP_RESULTS = Path(__file__).resolve().parents[1] / "polyp_siamese_vs_maskonly" / "results.json"
@@ -65,14 +66,25 @@ def row(work: Path, arm: str, setting: str, seconds: dict[str, int]) -> dict:
     }
 
 
-def utility_row(metrics_path: Path, arm: str, setting: str) -> dict:
-    """The U-Net utility numbers of one evaluation with ``--utility``."""
-    unet = json.loads(metrics_path.read_text())["utility"]["archs"]["unet"]
+def utility_row(metrics_paths: list[Path], arm: str, setting: str) -> dict:
+    """The U-Net utility numbers of the evaluations with ``--utility`` among ``metrics_paths``
+    (missing ones skipped), their seeds pooled; real and real + syn pair up seed by seed."""
+    runs = [json.loads(p.read_text())["utility"] for p in metrics_paths if p.exists()]
+
+    def pooled(training_set: str, metric: str) -> dict:
+        return mean_std(
+            [v for u in runs for v in u["archs"]["unet"][training_set][metric]["per_seed"]]
+        )
+
+    real, syn = pooled("real", "mdice"), pooled("real+syn", "mdice")
+    gains = [b - a for a, b in zip(real["per_seed"], syn["per_seed"], strict=True)]
     return labelled(arm, setting) | {
-        "real_mdice": unet["real"]["mdice"],
-        "real_syn_mdice": unet["real+syn"]["mdice"],
-        "gain_mdice": unet["gain_mdice"],
-        "gain_miou": unet["gain_miou"],
+        "seeds": [seed for u in runs for seed in u["protocol"]["seeds"]],
+        "real_mdice": real,
+        "real_syn_mdice": syn,
+        "gain_mdice": syn["mean"] - real["mean"],
+        "gain_miou": pooled("real+syn", "miou")["mean"] - pooled("real", "miou")["mean"],
+        "seeds_ahead": sum(gain > 0 for gain in gains),
     }
 
 
@@ -82,13 +94,15 @@ def utility_table(rows: list[dict]) -> str:
         return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({seeds})"
 
     lines = [
-        "| arm | guidance | control scale | real mDice (seeds) | real + syn mDice (seeds) "
-        "| gain mDice | gain mIoU |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | guidance | control scale | seeds | real mDice (per seed) "
+        "| real + syn mDice (per seed) | gain mDice | gain mIoU | real + syn ahead |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['arm']} | {r['guidance']:g} | {r['control_scale']:g} | {cell(r['real_mdice'])} "
-        f"| {cell(r['real_syn_mdice'])} | {r['gain_mdice']:+.3f} | {r['gain_miou']:+.3f} |"
+        f"| {r['arm']} | {r['guidance']:g} | {r['control_scale']:g} "
+        f"| {min(r['seeds'])}-{max(r['seeds'])} | {cell(r['real_mdice'])} "
+        f"| {cell(r['real_syn_mdice'])} | {r['gain_mdice']:+.3f} | {r['gain_miou']:+.3f} "
+        f"| {r['seeds_ahead']} of {len(r['seeds'])} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -179,11 +193,18 @@ def main() -> None:
         "rows": rows,
         # The method's sampler (guidance 9, scale 1) is the polyp experiment's own evaluation.
         "utility": [
-            utility_row(args.polyp / f"eval-{arm}" / "metrics.json", arm, "9:1")
+            utility_row([args.polyp / f"eval-{arm}" / "metrics.json"], arm, "9:1")
             for arm in args.arms
         ]
         + [
-            utility_row(setting_dir(args.work, arm, s) / "eval-utility" / "metrics.json", arm, s)
+            utility_row(
+                [
+                    setting_dir(args.work, arm, s) / name / "metrics.json"
+                    for name in ("eval-utility", "eval-utility-more")
+                ],
+                arm,
+                s,
+            )
             for arm in args.arms
             for s in args.utility_settings
         ],
@@ -206,8 +227,8 @@ def main() -> None:
         f"FD-seg of the real test images against the real training images: "
         f"{rows[0]['fd_seg_reference_real_test']:.3f}.\n\n"
         "![fidelity, FD-seg and MS-SSIM against guidance and control scale](sweep.png)\n\n"
-        "Segmentation utility (U-Net, 96 px, 5 epochs, seeds 0-2; the polyp experiment's "
-        "protocol and yardstick):\n\n"
+        "Segmentation utility (U-Net, 96 px, 5 epochs; the polyp experiment's protocol and "
+        "yardstick; the seeds pair up, real and real + syn trained from the same seed):\n\n"
         f"{utility_table(results['utility'])}\n\n"
         + "".join(
             f"Test masks, {arm} (mask | real | {labels}):\n\n![{arm}](grid-{arm}.png)\n\n"

@@ -463,28 +463,12 @@ def run(
     meta: bool = True,
     levers: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], Path]:
-    """Every measurement; returns the results and the JSON file they were written to."""
+    """Every measurement; returns the results and the JSON file they were written to, which
+    is rewritten after each variant (a time-boxed run keeps what it measured)."""
     preset = PRESETS[preset_name]
     model, vae = build(preset, device)
     peak = matmul_peak_flops(device)
     bench = Bench(model, vae, preset, device, peak, warmup, iters, sample_steps, guidance)
-    training = [{"batch": n} for n in train_batches or preset.train_batches]
-    sampling = [
-        {"batch": n, "steps": sample_steps, "guidance": guidance}
-        for n in sample_batches or preset.sample_batches
-    ]
-    naive_training: dict[int, tuple[Tensor, Tensor]] = {}
-    naive_images: dict[int, Tensor] = {}
-    for variant, lever in variant_plan(levers):
-        apply_levers(model, lever, vae)
-        for row in training:
-            measured = bench_training(bench, row, variant, naive_training.get(row["batch"]))
-            naive_training.setdefault(row["batch"], measured)
-        for row in sampling:
-            measured = bench_sampling(bench, row, variant, naive_images.get(row["batch"]))
-            naive_images.setdefault(row["batch"], measured)
-    for row in training:
-        row["flop_ratio"] = row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
     results: dict[str, Any] = {
         "siamdiff": __version__,
         "torch": torch.__version__,
@@ -495,16 +479,39 @@ def run(
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "matmul_peak_tflops": peak / 1e12,
         "speed_levers": list(levers),
-        "variants": [variant for variant, _ in variant_plan(levers)],
-        "training": training,
-        "sampling": sampling,
+        "variants": [],  # those measured so far
+        "training": [{"batch": n} for n in train_batches or preset.train_batches],
+        "sampling": [
+            {"batch": n, "steps": sample_steps, "guidance": guidance}
+            for n in sample_batches or preset.sample_batches
+        ],
     }
-    if meta:
-        results["sd15_meta_flops"] = meta_flops()
     name = re.sub(r"[^A-Za-z0-9]+", "-", f"{results['device']}-{results['date']}").strip("-")
     path = out_dir / f"{name.lower()}.json"
-    atomic_write_json(path, results)
-    atomic_write_text(path.with_suffix(".md"), f"```\n{format_results(results)}\n```\n")
+
+    def save() -> None:
+        atomic_write_json(path, results)
+        atomic_write_text(path.with_suffix(".md"), f"```\n{format_results(results)}\n```\n")
+
+    naive_training: dict[int, tuple[Tensor, Tensor]] = {}
+    naive_images: dict[int, Tensor] = {}
+    for variant, lever in variant_plan(levers):
+        apply_levers(model, lever, vae)
+        for row in results["training"]:
+            measured = bench_training(bench, row, variant, naive_training.get(row["batch"]))
+            naive_training.setdefault(row["batch"], measured)
+            if variant == "siamdiff":
+                row["flop_ratio"] = (
+                    row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
+                )
+        for row in results["sampling"]:
+            measured = bench_sampling(bench, row, variant, naive_images.get(row["batch"]))
+            naive_images.setdefault(row["batch"], measured)
+        results["variants"].append(variant)
+        save()
+    if meta:
+        results["sd15_meta_flops"] = meta_flops()
+        save()
     return results, path
 
 
@@ -532,7 +539,8 @@ def format_results(results: dict[str, Any]) -> str:
                 f"{'':15}{row['batch']:>5}  {variant:<{width}}  {m['images_per_s']:>8.2f}  "
                 f"{m.get('speedup', 1.0):>6.2f}x  {m['mfu']:.3f}  {memory:>7}  {diff}"
             )
-        lines.append(f"{'':22}FLOP ratio siamdiff / naive: {row['flop_ratio']:.3f}")
+        if "flop_ratio" in row:
+            lines.append(f"{'':22}FLOP ratio siamdiff / naive: {row['flop_ratio']:.3f}")
     lines.append(
         f"sampling (DDIM) batch  {'variant':<{width}}  img/s     speedup  max |image diff|"
     )

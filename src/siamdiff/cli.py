@@ -159,7 +159,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     utility_options = {
         "epochs": args.utility_epochs,
         "size": args.utility_size,
-        "seeds": tuple(range(args.utility_seeds)),
+        "seeds": tuple(
+            range(args.utility_first_seed, args.utility_first_seed + args.utility_seeds)
+        ),
         "archs": tuple(a for a in args.utility_archs.split(",") if a),
     }
     metrics = evaluate(
@@ -340,7 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--utility-epochs", type=int, default=20)
     ev.add_argument("--utility-size", type=int, default=256)
-    ev.add_argument("--utility-seeds", type=int, default=3)
+    ev.add_argument("--utility-seeds", type=int, default=3, help="how many seeds")
+    ev.add_argument(
+        "--utility-first-seed",
+        type=int,
+        default=0,
+        help="seeds are FIRST .. FIRST + N - 1 (more seeds for an earlier evaluation)",
+    )
     ev.add_argument("--utility-archs", default="unet,fpn", help="comma list of smp architectures")
     ev.add_argument("--inception-weights", type=Path, default=None)
     ev.add_argument("--clip-model", type=Path, default=None)

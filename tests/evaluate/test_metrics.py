@@ -199,9 +199,10 @@ def test_cli_evaluate_with_utility_trains_the_requested_architecture(
     out = tmp_path / "metrics.json"
     argv = ["evaluate", str(real_root), str(synthetic_root), "--out", str(out)]
     argv += ["--segmenter", str(segmenter_dir), "--utility", "--utility-archs", "fpn"]
-    argv += ["--utility-seeds", "1", "--utility-epochs", "1", "--utility-size", "32"]
+    argv += ["--utility-seeds", "1", "--utility-first-seed", "3"]
+    argv += ["--utility-epochs", "1", "--utility-size", "32"]
     assert main(argv) == 0
     utility = json.loads(out.read_text())["utility"]
     assert list(utility["archs"]) == ["fpn"]
-    assert utility["protocol"] | {"seeds": [0], "epochs": 1, "size": 32} == utility["protocol"]
+    assert utility["protocol"] | {"seeds": [3], "epochs": 1, "size": 32} == utility["protocol"]
     assert 0 <= utility["archs"]["fpn"]["real+syn"]["mdice"]["mean"] <= 1
