@@ -99,6 +99,7 @@ def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: P
             "eta": 0.0,
             "mask_aug": [],
             "batch_size": BATCH,
+            "speed": [],
         }
         mask, image = png(reference / record.mask), png(reference / record.image)
         assert image.shape == (PHANTOM_SIZE, PHANTOM_SIZE, 3) and record.width == PHANTOM_SIZE

@@ -27,9 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import (
+    SAFE_WEIGHTS_NAME,
+    DistributedType,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -125,7 +132,9 @@ def truncate_loss_log(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int, keep_last: int
+) -> Path:
     """accelerate state (safetensors weights, optimiser, scheduler, RNG) written to a
     temporary name and renamed, so a kill mid-write never leaves a loadable half-checkpoint."""
     final = run_dir / "checkpoints" / f"step-{step:08d}"
@@ -134,6 +143,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_las
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed writes its own format (pytorch_model/, for resuming); `siamdiff export`
+        # reads the plain weights, which accelerate gathers on every rank.
+        weights = {k: v.contiguous() for k, v in accelerator.get_state_dict(model).items()}
+        if accelerator.is_main_process:
+            save_file(weights, partial / SAFE_WEIGHTS_NAME)
     if accelerator.is_main_process:
         atomic_write_json(partial / "trainer_state.json", {"step": step})
         atomic_write_json(partial / CHECKSUMS_NAME, checkpoint_digests(partial))
@@ -293,10 +308,12 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if not resume and checkpoints(run_dir):
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
 
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")  # `accelerate launch` with one
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
-        cpu=not torch.cuda.is_available(),
+        # cpu=True makes accelerate see a CPU launch, and would also turn DeepSpeed off.
+        cpu=not torch.cuda.is_available() and not deepspeed,
         log_with="tensorboard",
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
@@ -333,6 +350,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     lr_schedule = get_cosine_schedule_with_warmup(
         optimizer, cfg.optim.warmup_steps, cfg.train.max_steps
     )
+    if accelerator.state.deepspeed_plugin is not None:
+        # accelerate reads DeepSpeed's micro-batch from a prepared DataLoader; ours is our own.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds_config["train_batch_size"] = (
+            cfg.train.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+        )
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
 
     # ---- data -------------------------------------------------------------------------
@@ -444,7 +468,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 sums = dict.fromkeys(LOSS_KEYS, 0.0)
                 seen, skipped, started = 0, 0, time.perf_counter()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
+                save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last)
             if accelerator.is_main_process and (
                 step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
             ):
@@ -454,7 +478,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     except KeyboardInterrupt:
         if step > 0:
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
-            save_checkpoint(accelerator, run_dir, step, cfg.train.keep_last)
+            save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last)
         raise
     finally:
         progress.close()
