@@ -19,17 +19,20 @@ python3 "$here/shrink_sources.py" "$shared/data/Kvasir-SEG" "$shared/data/CVC-Cl
   --out "$staging/data"
 cp -r "$shared/weights/taef2" "$staging/taef2"
 # Not in the machine's image (device/KINDS.md); their own needs are there already.
+# pydantic and hjson are DeepSpeed's (deepspeed_check.sh); DeepSpeed itself is a source
+# release, built here into a pure-Python wheel.
 packages=(diffusers omegaconf antlr4-python3-runtime lmdb segmentation-models-pytorch
-  torch-fidelity importlib-metadata)
-pinned=()
+  torch-fidelity importlib-metadata pydantic pydantic-core annotated-types typing-inspection)
+pinned=(hjson==3.1.0)
 for name in "${packages[@]}"; do
   pinned+=("$name==$(python3 -c "import importlib.metadata as m; print(m.version('$name'))")")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$staging/wheels" "${pinned[@]}"
+python3 -m pip wheel -q --no-deps deepspeed==0.19.8 -w "$staging/wheels"
 size=$(du -sm "$staging" | cut -f1)
-if [ "$size" -gt 56 ]; then
+if [ "$size" -gt 58 ]; then  # the repository's tracked files (~5 MiB) travel too
   echo "prepare_carry.sh: $staging is $size MiB; the carry limit is 64 MiB with the repository" >&2
   exit 1
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call on a lent H100/H200 for what CI cannot do, sized for the 15 minutes of device
-# time a task gets (machine start included): about 9 minutes, every stage time-boxed, results
+# time a task gets (machine start included): about 9.5 minutes, every stage time-boxed, results
 # copied to $OUT as each stage ends, so a stage that fails or runs out of time costs only itself.
 #
 #   bash experiments/gpu_session/prepare_carry.sh      # here first: .carry/ (data, TAEF2, wheels)
@@ -8,9 +8,10 @@
 #   DRY_RUN=1 bash experiments/gpu_session/run.sh      # the same stages on this CPU, tiny sizes
 #
 # Stages: bench (issue 6: SD1.5-size training step and DDIM sampling against the naive
-# reference) -> prepare the real data at 256 px -> train the from-scratch backbone on it
-# (issue 3: gpu.yaml, Siamese, stopped cleanly by SIGINT at its time box) -> export -> sample
-# training masks in bf16 (issue 4) -> yardstick segmenter -> evaluate. Each stage's seconds and
+# reference, then each speed lever) -> prepare the real data at 256 px -> train the
+# from-scratch backbone on it (issue 3: gpu.yaml, Siamese, stopped cleanly by SIGINT at its
+# time box) -> export -> sample training masks in bf16 (issue 4) -> yardstick segmenter ->
+# evaluate -> DeepSpeed ZeRO-2 check (issue 3: train, checkpoint, resume, export). Each stage's seconds and
 # exit status go to stages.jsonl. $OUT gets session.log, bench.json, bench.md, loss_curve.png,
 # train_samples.png, samples.png, metrics.json and details.tar.gz (logs, losses, configs,
 # report). Knobs (environment): DEADLINE_S, BENCH_S, TRAIN_S, TRAIN_STEPS, SAMPLE_MASKS,
@@ -35,7 +36,7 @@ else
     --speed channels_last,bf16_frozen,compile)
   config=$repo/experiments/polyp_siamese_vs_maskonly/gpu.yaml
   size=256 train_steps=${TRAIN_STEPS:-3000} sample_masks=${SAMPLE_MASKS:-300}
-  seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-540} batch=32
+  seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-570} batch=32
 fi
 rm -rf "$work"
 mkdir -p "$work/logs" "$out"
@@ -80,7 +81,7 @@ python3 -c "import torch, diffusers, siamdiff; print('torch', torch.__version__,
 diffusers.__version__, 'siamdiff', siamdiff.__version__, 'cuda', torch.cuda.is_available())" \
   2>&1 | tee -a "$log"
 
-stage bench "${BENCH_S:-240}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
+stage bench "${BENCH_S:-210}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
   --out "$work/bench"
 keep "$(ls "$work"/bench/*.json 2>/dev/null | head -n 1)" bench.json
 keep "$(ls "$work"/bench/*.md 2>/dev/null | head -n 1)" bench.md
@@ -89,7 +90,7 @@ data=$work/data run=$work/run
 stage prepare 60 siamdiff prepare --source kvasir-seg="$carry/data/Kvasir-SEG" \
   --source cvc-clinicdb="$carry/data/CVC-ClinicDB" --out "$data" --size "$size" \
   --workers "$workers" || { pack; return 1; }
-stage train "${TRAIN_S:-150}" siamdiff train "$config" run_dir="$run" data.root="$data" \
+stage train "${TRAIN_S:-120}" siamdiff train "$config" run_dir="$run" data.root="$data" \
   data.latent_cache="$work/latents.lmdb" autoencoder.path="$carry/taef2" \
   train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=100000
 # A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here.
@@ -104,6 +105,10 @@ stage segmenter 75 siamdiff train-segmenter "$data" --out "$work/segmenter" --si
 stage evaluate 60 siamdiff evaluate "$data" "$work/syn" --out "$work/eval/metrics.json" \
   --segmenter "$work/segmenter" --run "$run" --device "$device" --workers "$workers"
 keep "$work/eval/metrics.json" metrics.json
+if [ "${DRY_RUN:-0}" != 1 ]; then  # accelerate runs DeepSpeed on CUDA only
+  stage deepspeed 60 bash "$repo/experiments/gpu_session/deepspeed_check.sh" "$config" "$data" \
+    "$work/latents.lmdb" "$carry/taef2" "$work"
+fi
 pack
 }
 

@@ -22,6 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,19 @@ def training_data(
     return dataset, sampler, preview
 
 
+def training_autocast(accelerator: Accelerator) -> AbstractContextManager:
+    """The autocast every forward pass runs under. Under DeepSpeed, accelerate leaves mixed
+    precision to the engine, which holds the weights in bf16 / fp16 but casts no inputs, so
+    fp32 latents and hints would meet half-precision convolutions: torch's autocast does it."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.mixed_precision in dtypes
+    ):
+        return torch.autocast(accelerator.device.type, dtype=dtypes[accelerator.mixed_precision])
+    return accelerator.autocast()
+
+
 def weights_fingerprint(parameters: list[torch.nn.Parameter]) -> int:
     """A 63-bit hash of the exact bytes of `parameters` (equal iff the weights are equal)."""
     digest = hashlib.sha256()
@@ -416,7 +430,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
                 prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
                 warm = min(1.0, step / max(1, cfg.model.consistency_warmup_steps))
-                with accelerator.autocast():
+                with training_autocast(accelerator):
                     terms = model(
                         z0,
                         mask_hint,
@@ -473,7 +487,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
             ):
                 grid = run_dir / "samples" / f"step-{step:08d}.png"
-                with accelerator.autocast():  # the precision the model trains in
+                with training_autocast(accelerator):  # the precision the model trains in
                     write_samples(core, autoencoder, preview, cfg, grid)
     except KeyboardInterrupt:
         if step > 0:
