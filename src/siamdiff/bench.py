@@ -11,12 +11,15 @@ One process measures, on the current device:
 - Mask-Diffusion sampling (DDIM, guidance 9) with VAE decode: siamdiff's
   :func:`~siamdiff.sample.ddim_sample` (conditional and unconditional passes in one batch)
   against a loop that runs them one after the other, as the authors' sampler does;
+- the same for siamdiff with each speed lever of :mod:`siamdiff.models.speed` added in turn
+  (``--speed``; all of them by default on CUDA), against the same naive reference;
 - FLOPs per training step at the full SD1.5 size, counted on the ``meta`` device (no memory,
   no compute), so the FLOP ratio is known on any machine.
 
 Weights are random (speed does not depend on them). ``--preset sd15`` is the SD1.5
 architecture (UNet 860M + DHI ControlNet, 512 px); ``tiny`` is the CPU-sized backbone (CI's
-smoke run). Writes ``bench/results/<device>-<date>.json`` and ``.md`` (the table) and prints it.
+smoke run). Writes ``bench/results/<device>-<date>.json`` and ``.md`` (the table) after each
+variant, and prints the table.
 """
 
 from __future__ import annotations
