@@ -148,6 +148,16 @@ def test_speed_levers_that_cannot_apply_are_refused(
         train(tiny_config(phantom_data, tmp_path / "run", f"train.speed={speed}"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the launch is valid")
+def test_a_deepspeed_launch_without_cuda_is_refused(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets
+    with pytest.raises(SiamdiffError, match="DeepSpeed launch needs CUDA GPUs"):
+        train(tiny_config(phantom_data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: Path):
     run = tmp_path / "ddp"

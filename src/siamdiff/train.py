@@ -322,12 +322,17 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if not resume and checkpoints(run_dir):
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
 
-    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")  # `accelerate launch` with one
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
+        # Without CUDA, accelerate makes every DeepSpeed process rank 0 of 1: each would train
+        # alone and all would write the same run directory.
+        raise SiamdiffError(
+            "a DeepSpeed launch needs CUDA GPUs (accelerate runs DeepSpeed on CUDA only); "
+            "on CPUs launch with examples/accelerate/ddp.yaml"
+        )
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
-        # cpu=True makes accelerate see a CPU launch, and would also turn DeepSpeed off.
-        cpu=not torch.cuda.is_available() and not deepspeed,
+        cpu=not torch.cuda.is_available(),
         log_with="tensorboard",
         project_config=ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
