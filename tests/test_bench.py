@@ -14,13 +14,16 @@ from siamdiff.bench import main, meta_flops
 def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Path, capsys) -> None:
     argv = ["--preset", "tiny", "--device", "cpu", "--train-batches", "4", "--sample-batches", "2"]
     argv += ["--sample-steps", "3", "--iters", "1", "--warmup", "0", "--no-meta"]
-    assert main([*argv, "--speed", "channels_last", "--out", str(tmp_path)]) == 0
+    argv += ["--speed", "channels_last", "--gradient-checkpointing"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("cpu-*.json")
     results = json.loads(path.read_text())
     variants = ["naive", "siamdiff", "siamdiff+channels_last"]
-    assert results["variants"] == variants and results["speed_levers"] == ["channels_last"]
+    checkpointed = "siamdiff+channels_last+gradient_checkpointing"
+    assert results["variants"] == [*variants, checkpointed]
+    assert results["speed_levers"] == ["channels_last"]
     (train,) = results["training"]
-    for name in variants[1:]:
+    for name in [*variants[1:], checkpointed]:
         # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
         assert train[name]["loss_relative_difference"] < 1e-5
         assert train[name]["grad_relative_difference"] < 1e-4
@@ -31,6 +34,7 @@ def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Pat
     (sampling,) = results["sampling"]
     for name in variants[1:]:
         assert sampling[name]["image_max_abs_difference"] < 1e-3
+    assert checkpointed not in sampling  # sampling keeps no activations to recompute
     printed = capsys.readouterr().out
     assert "siamdiff+channels_last" in printed and "speedup" in printed
 

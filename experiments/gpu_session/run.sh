@@ -29,11 +29,12 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   size=64 train_steps=${TRAIN_STEPS:-10} sample_masks=${SAMPLE_MASKS:-8} seg_epochs=1 workers=0
   deadline=${DEADLINE_S:-1800} batch=8
 else
-  # Every lever measured, one added per variant (compile last: its compile time is the
-  # longest, and the bench rewrites its JSON after each variant). The meta-device FLOP count
+  # Every lever measured, one added per variant (compile after the others: its compile time
+  # is the longest, and the bench rewrites its JSON after each variant), then the memory
+  # lever, gradient checkpointing (issue 6: batch 8 under 40 GB). The meta-device FLOP count
   # needs no GPU and is in the committed CPU results.
   device=cuda bench_args=(--preset sd15 --train-batches 8 16 --sample-batches 32 --no-meta
-    --speed channels_last,bf16_frozen,compile)
+    --speed channels_last,bf16_frozen,compile --gradient-checkpointing)
   config=$repo/experiments/polyp_siamese_vs_maskonly/gpu.yaml
   size=256 train_steps=${TRAIN_STEPS:-3000} sample_masks=${SAMPLE_MASKS:-300}
   seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-570} batch=32

@@ -444,11 +444,19 @@ def device_label(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def variant_plan(levers: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+# Memory, not speed: the last training variant when asked for (sampling keeps no activations).
+CHECKPOINTING = "gradient_checkpointing"
+
+
+def variant_plan(
+    levers: tuple[str, ...], checkpointing: bool = False
+) -> list[tuple[str, tuple[str, ...]]]:
     """(variant name, lever to add before measuring it): naive, siamdiff, then one lever more
     per variant, so each lever's gain is measured on top of the ones before it."""
     plan: list[tuple[str, tuple[str, ...]]] = [("naive", ()), ("siamdiff", ())]
     plan += [("+".join(("siamdiff", *levers[: i + 1])), (lever,)) for i, lever in enumerate(levers)]
+    if checkpointing:
+        plan.append((f"{plan[-1][0]}+{CHECKPOINTING}", (CHECKPOINTING,)))
     return plan
 
 
@@ -465,6 +473,7 @@ def run(
     iters: int = 5,
     meta: bool = True,
     levers: tuple[str, ...] = (),
+    checkpointing: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Every measurement; returns the results and the JSON file they were written to, which
     is rewritten after each variant (a time-boxed run keeps what it measured)."""
@@ -498,8 +507,12 @@ def run(
 
     naive_training: dict[int, tuple[Tensor, Tensor]] = {}
     naive_images: dict[int, Tensor] = {}
-    for variant, lever in variant_plan(levers):
-        apply_levers(model, lever, vae)
+    for variant, lever in variant_plan(levers, checkpointing):
+        if lever == (CHECKPOINTING,):
+            model.unet.enable_gradient_checkpointing()
+            model.controlnet.enable_gradient_checkpointing()
+        else:
+            apply_levers(model, lever, vae)
         for row in results["training"]:
             measured = bench_training(bench, row, variant, naive_training.get(row["batch"]))
             naive_training.setdefault(row["batch"], measured)
@@ -507,7 +520,7 @@ def run(
                 row["flop_ratio"] = (
                     row["siamdiff"]["flops_per_step"] / row["naive"]["flops_per_step"]
                 )
-        for row in results["sampling"]:
+        for row in results["sampling"] if CHECKPOINTING not in variant else ():
             measured = bench_sampling(bench, row, variant, naive_images.get(row["batch"]))
             naive_images.setdefault(row["batch"], measured)
         results["variants"].append(variant)
@@ -548,7 +561,7 @@ def format_results(results: dict[str, Any]) -> str:
         f"sampling (DDIM) batch  {'variant':<{width}}  img/s     speedup  max |image diff|"
     )
     for row in results["sampling"]:
-        for variant in results["variants"]:
+        for variant in (v for v in results["variants"] if v in row):
             m = row[variant]
             diff = f"{m['image_max_abs_difference']:.1e}" if "speedup" in m else "-"
             lines.append(
@@ -590,6 +603,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"speed levers to measure, one more per variant, comma-separated from "
         f"{','.join(LEVERS)} (default: all on CUDA, none on CPU; bf16_frozen needs CUDA)",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="also measure training with the UNet's and ControlNet's gradient checkpointing on "
+        "top of the levers (the memory lever)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -613,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         iters=args.iters,
         meta=not args.no_meta,
         levers=levers,
+        checkpointing=args.gradient_checkpointing,
     )
     print(format_results(results))
     print(f"results: {path}")
