@@ -19,6 +19,19 @@ from PIL import Image
 from siamdiff.errors import SiamdiffError
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # umask can only be read by setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create owner-only (0600 / 0700) entries; outputs get the modes a plain
+# open() / mkdir() would give them, so a lab's shared dataset or model stays readable.
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
 def _fsync_dir(directory: Path) -> None:
     # The rename itself must reach the disk, not only the file's bytes.
     with contextlib.suppress(OSError):
@@ -36,6 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -100,6 +114,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+        tmp.chmod(DIR_MODE)
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", parent) from exc
     try:

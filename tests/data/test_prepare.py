@@ -129,6 +129,18 @@ def test_prepare_writes_resized_hashed_split_pairs(prepared: Path, raw: Path) ->
     assert verify(prepared).ok
 
 
+def test_outputs_get_the_modes_plain_mkdir_and_open_give(prepared: Path, tmp_path: Path) -> None:
+    """Atomic writes go through owner-only temporaries; a lab's shared dataset must not stay so."""
+    (tmp_path / "plain-dir").mkdir()
+    (tmp_path / "plain-file").write_bytes(b"")
+    dir_mode, file_mode = (
+        (tmp_path / n).stat().st_mode & 0o777 for n in ("plain-dir", "plain-file")
+    )
+    assert prepared.stat().st_mode & 0o777 == dir_mode
+    for name in (MANIFEST_NAME, SUMMARY_NAME, load_manifest(prepared).records[0].image):
+        assert (prepared / name).stat().st_mode & 0o777 == file_mode, name
+
+
 def test_mask_coverage_survives_resizing(prepared: Path) -> None:
     for record in load_manifest(prepared).records:
         source = load_mask(record.source_mask).mean()
