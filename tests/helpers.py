@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from siamdiff.config import load_config
@@ -45,3 +47,21 @@ def launch_two_processes(*siamdiff_args: str) -> subprocess.CompletedProcess:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def out_of_memory_on_call(function: Callable, call: int) -> Callable:
+    """``function``, except that its ``call``-th call raises what CUDA raises when it runs out."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                "79.19 GiB of which 3.06 GiB is free. Of the allocated memory 70.1 GiB is "
+                "allocated by PyTorch."
+            )
+        return function(*args, **kwargs)
+
+    return wrapper

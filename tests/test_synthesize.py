@@ -24,7 +24,7 @@ from siamdiff.synthesize import (
     synthesize,
 )
 from siamdiff.train import train
-from tests.helpers import PHANTOM_SIZE, launch_two_processes, tiny_config
+from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
 
 LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs in batches of 3, 3 and 2
 
@@ -185,6 +185,23 @@ def test_resume_after_a_crash_ends_byte_identical(
     assert files(out) == files(reference)
     assert not list(out.glob(".*.tmp"))
     assert verify(out).checked == 16
+
+
+def test_out_of_memory_says_lower_the_batch_and_a_rerun_continues(
+    exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "syn"
+    monkeypatch.setattr(synth, "ddim_sample", out_of_memory_on_call(synth.ddim_sample, call=2))
+    with pytest.raises(SiamdiffError) as error:
+        sample(exported, phantom_data, out)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{out}: CUDA out of memory.")
+    assert message.endswith(
+        "lower --batch-size; the pairs already written are kept and a rerun continues"
+    )
+    monkeypatch.undo()
+    summary = sample(exported, phantom_data, out, batch_size=1)
+    assert (summary.generated, summary.reused, summary.manifest_written) == (5, BATCH, True)
 
 
 def test_other_settings_on_an_existing_output_are_refused(

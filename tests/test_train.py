@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError
+from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
 from siamdiff.train import SeededAugmentation, checkpoints, train
-from tests.helpers import PHANTOM_SIZE, launch_two_processes, tiny_config
+from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +147,26 @@ def test_speed_levers_that_cannot_apply_are_refused(
 ):
     with pytest.raises(SiamdiffError, match=expected):
         train(tiny_config(phantom_data, tmp_path / "run", f"train.speed={speed}"))
+
+
+def test_out_of_memory_is_one_line_that_says_what_to_change(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    run = tmp_path / "run"
+    cfg = tiny_config(phantom_data, run, "train.max_steps=3", "train.checkpoint_every=1")
+    monkeypatch.setattr(
+        SiameseDiffusion, "forward", out_of_memory_on_call(SiameseDiffusion.forward, call=3)
+    )
+    with pytest.raises(SiamdiffError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{run}: CUDA out of memory.")
+    assert "Tried to allocate 20.00 GiB: lower train.batch_size" in message
+    assert "Of the allocated" not in message
+    monkeypatch.undo()
+    assert [p.name for p in checkpoints(run)] == ["step-00000001", "step-00000002"]
+    train(cfg, resume=True)
+    assert [p.name for p in checkpoints(run)][-1] == "step-00000003"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the launch is valid")

@@ -15,3 +15,12 @@ class SiamdiffError(Exception):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         text = f"{path}: {message}" if path is not None else message
         super().__init__(" ".join(text.split()))
+
+
+def out_of_memory_error(
+    exc: BaseException, advice: str, path: str | Path | None = None
+) -> SiamdiffError:
+    """torch's multi-paragraph out-of-memory message cut to its first two sentences (what ran
+    out, how much was asked for), followed by what the user can change."""
+    cause = ". ".join(str(exc).split(". ")[:2]).rstrip(".")
+    return SiamdiffError(f"{cause}: {advice}", path)

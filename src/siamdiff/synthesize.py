@@ -69,7 +69,7 @@ from siamdiff.data.manifest import (
 )
 from siamdiff.data.readers import load_mask, load_rgb
 from siamdiff.data.transforms import TransformConfig, build_transforms, lesion_centre
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
@@ -87,6 +87,8 @@ SCALE_RANGE = (0.8, 1.2)
 SHIFT_FRACTION = 0.1
 NNUNET_LABELS = {"background": 0, "polyp": 1}
 SAMPLER_KEYS = ("scheduler", "steps", "guidance", "control_scale", "eta", "mask_aug")
+# What to change when a sampling batch does not fit in GPU memory (not a setting: see _batches).
+MEMORY_ADVICE = "lower --batch-size; the pairs already written are kept and a rerun continues"
 # Settings newer than some outputs on disk, with the value those outputs were made with.
 LATER_SETTINGS = {"control_scale": 1.0}
 
@@ -681,9 +683,12 @@ def synthesize(
                     "batch_size": batch_size,
                     "speed": list(levers),
                 }
-                generated = _generate(
-                    loaded, work, done, masks, out, journal, settings, sampler, device, progress
-                )
+                try:
+                    generated = _generate(
+                        loaded, work, done, masks, out, journal, settings, sampler, device, progress
+                    )
+                except torch.OutOfMemoryError as exc:
+                    raise out_of_memory_error(exc, MEMORY_ADVICE, out) from exc
 
         _wait_for_other_ranks(world_size)
         missing, exports = 0, {}

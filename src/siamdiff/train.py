@@ -47,7 +47,7 @@ from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import sha256_file, verify
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
 from siamdiff.models.backbone import freeze_for_training
@@ -59,6 +59,12 @@ from siamdiff.sample import ddim_sample
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS_NAME = "checksums.json"
 LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
+# What to change when a training step does not fit in GPU memory.
+MEMORY_ADVICE = (
+    "lower train.batch_size (raise optim.grad_accum to keep the effective batch), or set "
+    "train.gradient_checkpointing=true, train.mixed_precision=bf16 or train.speed=[bf16_frozen]; "
+    "the run's checkpoints are kept (--resume continues)"
+)
 
 
 class SeededAugmentation(Dataset):
@@ -477,10 +483,14 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 means["lr"] = lr_schedule.get_last_lr()[0]
                 means["nonfinite_skipped"] = skipped
                 means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
-                accelerator.log(
-                    {f"loss/{k}": means[k] for k in LOSS_KEYS} | {"lr": means["lr"]}, step=step
-                )
-                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['lr']:.2e}")
+                postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{means['lr']:.2e}"}
+                scalars = {f"loss/{k}": means[k] for k in LOSS_KEYS} | {"lr": means["lr"]}
+                if device.type == "cuda":  # how close the run is to an out-of-memory error
+                    means["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    postfix["mem"] = f"{means['peak_memory_gb']:.1f}G"
+                    scalars["memory/peak_gb"] = means["peak_memory_gb"]
+                accelerator.log(scalars, step=step)
+                progress.set_postfix(postfix)
                 if accelerator.is_main_process:
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": step, **means}) + "\n")
@@ -494,6 +504,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 grid = run_dir / "samples" / f"step-{step:08d}.png"
                 with training_autocast(accelerator):  # the precision the model trains in
                     write_samples(core, autoencoder, preview, cfg, grid)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory_error(exc, MEMORY_ADVICE, run_dir) from exc
     except KeyboardInterrupt:
         if step > 0:
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
