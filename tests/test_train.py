@@ -13,7 +13,7 @@ from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
-from siamdiff.train import SeededAugmentation, checkpoints, train
+from siamdiff.train import SeededAugmentation, checkpoints, configure_deepspeed, train
 from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
 
 
@@ -167,6 +167,34 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(
     assert [p.name for p in checkpoints(run)] == ["step-00000001", "step-00000002"]
     train(cfg, resume=True)
     assert [p.name for p in checkpoints(run)][-1] == "step-00000003"
+
+
+def test_deepspeed_reads_batch_accumulation_clipping_and_precision_from_the_config(
+    phantom_data: Path, tmp_path: Path
+):
+    # examples/accelerate/deepspeed_zero2.yaml as accelerate hands it over (bf16 chosen there).
+    ds_config = {
+        "zero_optimization": {"stage": 2},
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "train_micro_batch_size_per_gpu": "auto",
+        "bf16": {"enabled": True},
+    }
+    overrides = ("train.batch_size=6", "optim.grad_accum=4", "optim.max_grad_norm=0.5")
+    cfg = tiny_config(phantom_data, tmp_path / "run", *overrides, "train.mixed_precision=bf16")
+    configure_deepspeed(ds_config, cfg, num_processes=8)
+    assert ds_config == {
+        "zero_optimization": {"stage": 2},
+        "gradient_accumulation_steps": 4,
+        "gradient_clipping": 0.5,
+        "train_micro_batch_size_per_gpu": 6,
+        "train_batch_size": 6 * 4 * 8,
+        # fp32 weights under torch's autocast, as without DeepSpeed: no bf16 weights
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
+    }
+    cfg = tiny_config(phantom_data, tmp_path / "run", "train.mixed_precision=fp16")
+    with pytest.raises(SiamdiffError, match="fp16 is not supported under DeepSpeed"):
+        configure_deepspeed({}, cfg, num_processes=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the launch is valid")

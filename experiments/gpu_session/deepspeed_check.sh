@@ -20,5 +20,9 @@ ls -R "$work/ds-run/checkpoints"
 "${launch[@]}" train.max_steps=30 --resume
 python3 -c "import json, sys; print([r['step'] for r in map(json.loads, open(sys.argv[1]))])" \
   "$work/ds-run/losses.jsonl"
+# bf16 runs as torch autocast over fp32 weights (train.configure_deepspeed): fp32 expected.
+python3 -c "import glob, sys; from safetensors.torch import load_file as f; w = f(sorted(glob.glob(\
+sys.argv[1] + '/checkpoints/step-*/model.safetensors'))[-1]); print('checkpoint weight dtypes', \
+sorted({str(v.dtype) for v in w.values()}))" "$work/ds-run"
 python3 -m siamdiff export "$work/ds-run" "$work/ds-model"
 echo "deepspeed check: trained 20 steps, resumed to 30, exported"

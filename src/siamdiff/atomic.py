@@ -49,7 +49,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
+            with contextlib.suppress(OSError):  # some network filesystems refuse chmod
+                os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -114,7 +115,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
-        tmp.chmod(DIR_MODE)
+        with contextlib.suppress(OSError):
+            tmp.chmod(DIR_MODE)
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", parent) from exc
     try:

@@ -150,6 +150,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank writes its RNG state (and ZeRO shard) first
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed writes its own format (pytorch_model/, for resuming); `siamdiff export`
         # reads the plain weights, which accelerate gathers on every rank.
@@ -286,16 +287,38 @@ def training_data(
     return dataset, sampler, preview
 
 
+def configure_deepspeed(ds_config: dict, cfg: DictConfig, num_processes: int) -> None:
+    """Make ``cfg`` what DeepSpeed reads, before ``accelerator.prepare``: the batch (accelerate
+    would take it from a prepared DataLoader; ours is our own), gradient accumulation and
+    clipping (the accelerate YAML's values would silently win), and mixed precision as without
+    DeepSpeed: fp32 weights under torch's bf16 autocast, entered by the engine around its
+    forward (its own bf16 mode holds bf16 weights that fp32 latents cannot meet, and would
+    export them rounded)."""
+    if cfg.train.mixed_precision == "fp16":
+        raise SiamdiffError(
+            "train.mixed_precision=fp16 is not supported under DeepSpeed (ZeRO has no loss "
+            "scaling for torch's fp16 autocast): use bf16"
+        )
+    ds_config.update(
+        train_micro_batch_size_per_gpu=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        train_batch_size=cfg.train.batch_size * cfg.optim.grad_accum * num_processes,
+        gradient_clipping=cfg.optim.max_grad_norm,
+    )
+    ds_config.pop("bf16", None)
+    ds_config.pop("fp16", None)
+    if cfg.train.mixed_precision == "bf16":
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
 def training_autocast(accelerator: Accelerator) -> AbstractContextManager:
-    """The autocast every forward pass runs under. Under DeepSpeed, accelerate leaves mixed
-    precision to the engine, which holds the weights in bf16 / fp16 but casts no inputs, so
-    fp32 latents and hints would meet half-precision convolutions: torch's autocast does it."""
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and accelerator.mixed_precision in dtypes
-    ):
-        return torch.autocast(accelerator.device.type, dtype=dtypes[accelerator.mixed_precision])
+    """The autocast the forward passes and the preview sampler run under. Under DeepSpeed,
+    accelerate's autocast does nothing (the engine enters its own around its forward; see
+    configure_deepspeed), and the preview sampler runs outside the engine: torch's, here."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        enabled = bool(ds_config.get("torch_autocast", {}).get("enabled", False))
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=enabled)
     return accelerator.autocast()
 
 
@@ -376,11 +399,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         optimizer, cfg.optim.warmup_steps, cfg.train.max_steps
     )
     if accelerator.state.deepspeed_plugin is not None:
-        # accelerate reads DeepSpeed's micro-batch from a prepared DataLoader; ours is our own.
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-        ds_config["train_batch_size"] = (
-            cfg.train.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+        configure_deepspeed(
+            accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes
         )
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
 
