@@ -243,6 +243,21 @@ def test_other_settings_on_an_existing_output_are_refused(
     assert (foreign / "holiday.jpg").read_bytes() == b"x"
 
 
+def test_a_real_dataset_is_never_sampled_into_or_deleted(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    other_real = Path(shutil.copytree(phantom_data, tmp_path / "real"))
+    before = files(other_real)
+    for overwrite in (False, True):
+        with pytest.raises(SiamdiffError, match="not a siamdiff synthesis output"):
+            sample(exported, phantom_data, other_real, overwrite=overwrite)
+        for out in (phantom_data, phantom_data / "syn"):
+            with pytest.raises(SiamdiffError, match="is inside the masks dataset"):
+                sample(exported, phantom_data, out, overwrite=overwrite)
+    assert files(other_real) == before and not (other_real / synth.SETTINGS_NAME).exists()
+    assert not (phantom_data / "syn").exists() and verify(phantom_data).ok
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [

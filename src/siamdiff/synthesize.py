@@ -273,14 +273,25 @@ def _finished(out: Path, ids: Sequence[str]) -> dict[str, Record]:
     return done
 
 
+def _holds_synthetic_manifest(out: Path) -> bool:
+    try:
+        return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["kind"] == "synthetic"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse an ``out`` made by other settings (unless overwrite). Reads only: every rank
     checks the same files before any writes, so they all fail or all go on together."""
     settings_path = out / SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise SiamdiffError("exists and is not a directory", out)
-    ours = settings_path.is_file() or (out / MANIFEST_NAME).is_file()
-    if out.exists() and any(out.iterdir()) and not ours:
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not (settings_path.is_file() or _holds_synthetic_manifest(out))
+    ):
+        # A real dataset has a manifest too: never resumed into, never deleted by --overwrite.
         raise SiamdiffError(
             "exists and is not a siamdiff synthesis output; refusing to use it", out
         )
@@ -639,6 +650,10 @@ def synthesize(
         raise SiamdiffError("speed lever bf16_frozen needs a CUDA device (bf16 autocast)")
     source = resolve_model(model_path)
     masks_root = Path(masks_root).resolve()
+    if out.resolve() == masks_root or masks_root in out.resolve().parents:
+        raise SiamdiffError(
+            f"is inside the masks dataset {masks_root}; write synthetic data elsewhere", out
+        )
     settings = {
         "model": source.label,
         "model_identity": source.identity,
