@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate.metrics import evaluate
 from siamdiff.evaluate.utility import mean_std, segmentation_utility
 
 
@@ -61,3 +65,29 @@ def test_real_only_baseline_has_no_gain(real_root: Path) -> None:
 def test_utility_needs_a_test_split(synthetic_root: Path) -> None:
     with pytest.raises(SiamdiffError, match="no test split"):
         segmentation_utility(synthetic_root, None, epochs=1, size=32, progress=False)
+
+
+def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
+    real_root: Path, copies: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    leaking = Path(shutil.copytree(copies, tmp_path / "syn"))
+    manifest = json.loads((leaking / MANIFEST_NAME).read_text())
+    manifest["records"][0]["split"] = "test"  # as `siamdiff sample --masks DATA:all` records it
+    (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
+    expected = "1 of 18 synthetic pairs were sampled from val or test masks"
+    with pytest.raises(SiamdiffError, match=expected):
+        segmentation_utility(real_root, leaking, epochs=1, size=32, progress=False)
+    out = tmp_path / "metrics.json"
+    with pytest.raises(SiamdiffError, match=expected):
+        evaluate(real_root, leaking, out, segmenter_dir=segmenter_dir, utility=True, progress=False)
+    with pytest.raises(SiamdiffError, match="at least one architecture and one seed"):
+        evaluate(
+            real_root,
+            copies,
+            out,
+            segmenter_dir=segmenter_dir,
+            utility=True,
+            utility_options={"seeds": ()},
+            progress=False,
+        )
+    assert not out.exists()

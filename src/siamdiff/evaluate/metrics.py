@@ -57,7 +57,12 @@ from siamdiff.evaluate.segmenter import (
     split_fingerprint,
 )
 from siamdiff.evaluate.standard import MissingWeights, load_lpips, standard_metrics, unavailable
-from siamdiff.evaluate.utility import segmentation_utility
+from siamdiff.evaluate.utility import (
+    DEFAULT_ARCHS,
+    DEFAULT_SEEDS,
+    check_utility,
+    segmentation_utility,
+)
 
 FORMAT = "siamdiff-metrics"
 FORMAT_VERSION = 1
@@ -315,6 +320,14 @@ def evaluate(
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
     real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
+    if utility:  # its problems now, not after every other metric
+        options = utility_options or {}
+        check_utility(
+            real_root,
+            syn_root,
+            options.get("archs", DEFAULT_ARCHS),
+            options.get("seeds", DEFAULT_SEEDS),
+        )
     warnings: list[str] = []
     metrics: dict[str, Any] = {
         "format": FORMAT,

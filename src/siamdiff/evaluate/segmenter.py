@@ -82,9 +82,21 @@ def split_fingerprint(manifest: Manifest, split: str | None) -> str:
     return hashlib.sha256("\n".join(sorted(r.image_sha256 for r in records)).encode()).hexdigest()
 
 
-def training_split(manifest: Manifest) -> str | None:
-    """What of a dataset a segmenter trains on: a synthetic set whole, a real one's train split."""
-    return None if manifest.kind == "synthetic" else "train"
+def training_split(manifest: Manifest, root: str | Path) -> str | None:
+    """What of a dataset a segmenter trains on: a real one's train split; a synthetic set
+    whole, if every pair in it was sampled from a training mask (a pair sampled from a val or
+    test mask would show the segmenter the very masks it is scored on)."""
+    if manifest.kind != "synthetic":
+        return "train"
+    leaking = sum(record.split != "train" for record in manifest.records)
+    if leaking:
+        raise SiamdiffError(
+            f"{leaking} of {len(manifest.records)} synthetic pairs were sampled from val or test "
+            "masks: a segmenter trained on them would see the masks it is scored on "
+            "(sample with --masks DATA:train)",
+            root,
+        )
+    return None
 
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +232,7 @@ def training_set(
     parts, described = [], []
     for root in (data_root, *extra_roots):
         manifest = load_manifest(root)
-        split = training_split(manifest)
+        split = training_split(manifest, root)
         dataset = PairedDataset(root, split=split, transform=frame_transforms(size, train=True))
         parts.append(dataset)
         described.append(

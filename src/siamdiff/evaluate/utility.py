@@ -24,6 +24,7 @@ from siamdiff.evaluate.segmenter import (
     frames,
     score_segmenter,
     training_set,
+    training_split,
 )
 
 
@@ -34,12 +35,32 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "std": std, "per_seed": [float(v) for v in array]}
 
 
+DEFAULT_ARCHS = ("unet", "fpn")
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def check_utility(
+    real_root: str | Path,
+    syn_root: str | Path | None,
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+) -> None:
+    """Refuse, in one line and before any training, what :func:`segmentation_utility` cannot
+    measure honestly."""
+    if not archs or not seeds:
+        raise SiamdiffError("segmentation utility needs at least one architecture and one seed")
+    if not load_manifest(real_root).split("test"):
+        raise SiamdiffError("has no test split to measure segmentation utility on", real_root)
+    if syn_root is not None:
+        training_split(load_manifest(syn_root), syn_root)
+
+
 def segmentation_utility(
     real_root: str | Path,
     syn_root: str | Path | None,
     *,
-    archs: Sequence[str] = ("unet", "fpn"),
-    seeds: Sequence[int] = (0, 1, 2),
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     encoder: str = "resnet18",
     epochs: int = 20,
     size: int = 256,
@@ -51,10 +72,7 @@ def segmentation_utility(
 ) -> dict[str, Any]:
     """Train ``len(archs) x len(seeds)`` segmenters per training set and score them on the
     real test split. ``syn_root=None`` trains on real data only (a baseline)."""
-    if not archs or not seeds:
-        raise SiamdiffError("segmentation utility needs at least one architecture and one seed")
-    if not load_manifest(real_root).split("test"):
-        raise SiamdiffError("has no test split to measure segmentation utility on", real_root)
+    check_utility(real_root, syn_root, archs, seeds)
     test = frames(real_root, "test", size)
     settings = {"real": ()} if syn_root is None else {"real": (), "real+syn": (syn_root,)}
     results: dict[str, Any] = {}
