@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = verb("download", cmd_download, "Download a public dataset (needs internet).")
     down.add_argument("dataset", choices=("kvasir-seg", "cvc-clinicdb"))
     down.add_argument("--dest", type=Path, default=Path("raw"))
-    down.add_argument("--url", default=None, help="mirror URL of the zip")
+    down.add_argument("--url", default=None, help="mirror URL of the zip, or the zip's path")
     down.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
     down.add_argument("--overwrite", action="store_true")
 

@@ -105,6 +105,19 @@ def test_download_with_or_without_top_folder(served, dest: Path, top: str):
     assert (out / "masks" / "b.jpg").read_bytes() == entries[f"{top}masks/b.jpg"]
 
 
+def test_a_local_archive_path_works_and_a_wrong_one_is_one_line(dest: Path, tmp_path: Path):
+    archive = tmp_path / "downloads" / "kvasir-seg.zip"
+    archive.parent.mkdir()
+    _write_zip(archive, _kvasir_entries())
+    out = download_kvasir(dest, url=str(archive), progress=False)
+    assert (out / "masks" / "b.jpg").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    _fails(other, str(tmp_path / "missing.zip"), "is neither a URL nor an existing file")
+    _fails(other, "gopher://example.org/kvasir-seg.zip", "download failed")
+    _fails(other, "://kvasir-seg.zip", "not a URL urllib can open")
+
+
 def test_existing_destination_needs_overwrite(served, dest: Path):
     base, root = served
     _write_zip(root / "kvasir-seg.zip", _kvasir_entries())

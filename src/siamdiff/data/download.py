@@ -55,6 +55,8 @@ def _fetch(url: str, target: Path, progress: bool, timeout: float) -> str:
         raise SiamdiffError(f"download failed: HTTP {exc.code} {exc.reason}", url) from exc
     except urllib.error.URLError as exc:
         raise SiamdiffError(f"download failed: {exc.reason}", url) from exc
+    except ValueError as exc:  # urllib's "unknown url type"
+        raise SiamdiffError(f"not a URL urllib can open ({exc})", url) from exc
     except (http.client.HTTPException, OSError) as exc:
         raise SiamdiffError(f"download failed: {type(exc).__name__}: {exc}", url) from exc
     if total is not None and received != total:
@@ -109,6 +111,10 @@ def download_kvasir(
     without a top folder. Any failure raises a one-line SiamdiffError naming the
     URL and leaves nothing new inside ``dest``.
     """
+    if "://" not in url:  # an archive already on disk (a browser download, a lab mirror)
+        if not Path(url).is_file():
+            raise SiamdiffError("is neither a URL nor an existing file", url)
+        url = Path(url).resolve().as_uri()
     dest = Path(dest)
     target = dest / KVASIR_FOLDER
     if target.exists() and not overwrite:
