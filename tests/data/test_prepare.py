@@ -181,6 +181,16 @@ def test_versioning_minor_for_preprocessing_major_for_raw_data(
     assert summary.dataset_version == "2.0"
     assert load_manifest(data_copy).dataset_version == "2.0"
     assert len(load_manifest(data_copy).records) == 13 + 34
+    summary = prepare(sources(raw, more), data_copy, 48, overwrite=True, progress=False)
+    assert summary.dataset_version == "2.0"  # the same raw data and preprocessing
+    # A corrected mask (same image): the prepared data changes, so must the version.
+    mask_link = sorted((more / "masks").iterdir())[0]
+    corrected = Image.open(mask_link).convert("L")
+    corrected.paste(255, (0, 0, corrected.width // 2, corrected.height // 2))
+    mask_link.unlink()
+    corrected.save(mask_link, format="JPEG")
+    summary = prepare(sources(raw, more), data_copy, 48, overwrite=True, progress=False)
+    assert summary.dataset_version == "3.0"
 
 
 def test_failed_prepare_leaves_no_output_and_keeps_old_data(

@@ -190,7 +190,8 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
 
 
 def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
-    """Major bump when raw data was added or removed, minor when only preprocessing changed."""
+    """Major bump when raw data changed (images added, removed or replaced; masks corrected),
+    minor when only preprocessing changed."""
     if previous is None:
         return "1.0"
     major, minor = (int(x) for x in previous.dataset_version.split("."))
@@ -200,6 +201,13 @@ def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
         return f"{major + 1}.0"
     if previous.preprocessing != new.preprocessing:
         return f"{major}.{minor + 1}"
+
+    def outputs(manifest: Manifest) -> dict[str, tuple[str, str]]:
+        return {r.id: (r.image_sha256, r.mask_sha256) for r in manifest.records}
+
+    # Same images, same preprocessing, other bytes: a raw mask was edited.
+    if outputs(previous) != outputs(new):
+        return f"{major + 1}.0"
     return previous.dataset_version
 
 
