@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from siamdiff.data.manifest import Record
+from siamdiff.data.manifest import Manifest, Record, load_manifest, save_pair, write_manifest
+from siamdiff.data.phantom import make_phantom_dataset
+from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import extract_features, frechet_distance
 from siamdiff.evaluate.metrics import (
@@ -30,8 +33,10 @@ from siamdiff.evaluate.segmenter import (
     Segmenter,
     SegmenterSpec,
     frames,
+    generator_views,
     load_segmenter,
     score_segmenter,
+    train_segmenter,
 )
 
 from .conftest import SIZE, make_synthetic
@@ -206,3 +211,51 @@ def test_cli_evaluate_with_utility_trains_the_requested_architecture(
     assert list(utility["archs"]) == ["fpn"]
     assert utility["protocol"] | {"seeds": [3], "epochs": 1, "size": 32} == utility["protocol"]
     assert 0 <= utility["archs"]["fpn"]["real+syn"]["mdice"]["mean"] <= 1
+
+
+def test_synthetic_images_are_compared_with_the_view_the_generator_sees(tmp_path: Path) -> None:
+    """Real frames 1.5:1 with a black border, as endoscopy frames come; a model samples the
+    lesion-centred square crop. A synthetic set that reproduces those crops exactly is at
+    distance 0 (whole frames squashed square would put it far away)."""
+    raw = make_phantom_dataset(tmp_path / "raw", n=24, size=SIZE, groups=24, seed=0)
+    for path in raw.iterdir():
+        square = np.asarray(Image.open(path))
+        wide = np.zeros((SIZE, SIZE * 3 // 2, *square.shape[2:]), np.uint8)
+        wide[:, :SIZE] = square
+        Image.fromarray(wide).save(path)
+    real_root = tmp_path / "real"
+    prepare([("folder", raw)], real_root, size=SIZE, workers=1, progress=False)
+    views = generator_views(real_root, "train", SIZE)
+    records = []
+    for index, source in enumerate(views.records):
+        view = views[index]
+        image = ((view["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        fields = {"dataset": "syn", "group": source.group, "frame": source.frame, "split": "train"}
+        extra = {"source_id": source.id, "seed": 0}
+        records.append(
+            save_pair(
+                tmp_path / "syn",
+                f"syn-{source.id}",
+                image,
+                view["mask"][0].numpy(),
+                **fields,
+                extra=extra,
+            )
+        )
+    write_manifest(tmp_path / "syn", Manifest(records=records, preprocessing={}, kind="synthetic"))
+    assert {(r.width, r.height) for r in load_manifest(real_root).records} == {(96, 64)}
+    segmenter = train_segmenter(real_root, tmp_path / "seg", size=SIZE, epochs=1, progress=False)
+    metrics = evaluate(
+        real_root,
+        tmp_path / "syn",
+        tmp_path / "m.json",
+        segmenter_dir=segmenter,
+        kid_subsets=5,
+        progress=False,
+    )
+    assert metrics["fd_seg"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["pixel_stats"]["wasserstein_rgb"] == [0.0, 0.0, 0.0]
+    whole = colour_statistics(
+        frames(real_root, "train", SIZE), frames(tmp_path / "syn", None, SIZE)
+    )
+    assert min(whole["wasserstein_rgb"]) > 1.0  # what the whole frames' border would have cost

@@ -51,6 +51,7 @@ from siamdiff.evaluate.segmenter import (
     SegmentationScores,
     Segmenter,
     frames,
+    generator_views,
     load_segmenter,
     read_segmenter_config,
     score_segmenter,
@@ -65,7 +66,9 @@ from siamdiff.evaluate.utility import (
 )
 
 FORMAT = "siamdiff-metrics"
-FORMAT_VERSION = 1
+# 2: the real side of FD/KID-seg, colour statistics, Inception and CLIP metrics is the
+# generator's lesion-centred view (segmenter.generator_views), no longer whole frames.
+FORMAT_VERSION = 2
 REPORT_NAME = "report.html"
 HISTOGRAM_NAME = "mask_fidelity.png"
 # Wang et al. 2003, the five-scale weights that torchmetrics also uses.
@@ -238,13 +241,17 @@ def segmenter_metrics(
     on the real test split (None without one), the scale to read mask fidelity against."""
     size = segmenter.spec.size
     scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
-    real = extract_features(
-        segmenter.features,
-        frames(real_root, "train", size),
-        desc="segmenter features real",
-        device=segmenter.device,
-        **scan,
-    )
+
+    def features(split: str) -> np.ndarray:
+        return extract_features(
+            segmenter.features,
+            generator_views(real_root, split, size),
+            desc=f"segmenter features real {split}",
+            device=segmenter.device,
+            **scan,
+        )
+
+    real = features("train")
     synthetic = score_segmenter(segmenter, frames(syn_root, None, size), desc="segment syn", **scan)
     kid_mean, kid_std = kernel_inception_distance(
         real, synthetic.features, kid_subsets, kid_subset_size, seed
@@ -274,7 +281,7 @@ def segmenter_metrics(
     test = score_segmenter(segmenter, frames(real_root, "test", size), desc="segment test", **scan)
     if len(test.ids) > 1:
         # How far real images the segmenter never saw lie from its training images.
-        metrics["fd_seg"]["reference_real_test"] = frechet_distance(real, test.features)
+        metrics["fd_seg"]["reference_real_test"] = frechet_distance(real, features("test"))
     return metrics, {**test.summary(), "per_image": _per_image(test)}
 
 
@@ -366,7 +373,7 @@ def evaluate(
     except MissingWeights as exc:
         lpips = str(exc)
     size = segmenter.spec.size
-    real_train, synthetic = frames(real_root, "train", size), frames(syn_root, None, size)
+    real_train, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
     groups = same_mask_groups(synthetic.records)
     metrics["diversity"] = diversity(synthetic, groups, lpips, device=device, progress=progress)
     metrics["pixel_stats"] = colour_statistics(real_train, synthetic, workers)

@@ -31,7 +31,7 @@ from siamdiff.evaluate.features import (
     frechet_distance,
     kernel_inception_distance,
 )
-from siamdiff.evaluate.segmenter import frames
+from siamdiff.evaluate.segmenter import frames, generator_views
 
 # The file name of torch-fidelity's URL_INCEPTION_V3, which torch hub caches under it.
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -222,7 +222,7 @@ def standard_metrics(
     else:
         extractor = inception_extractor(weights, device)
         real, synthetic = (
-            frames(real_root, "train", INCEPTION_SIZE),
+            generator_views(real_root, "train", INCEPTION_SIZE),
             frames(syn_root, None, INCEPTION_SIZE),
         )
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
@@ -233,7 +233,7 @@ def standard_metrics(
     except MissingWeights as exc:
         results |= {"clip_i": unavailable(str(exc)), "cmmd": unavailable(str(exc))}
     else:
-        real, synthetic = frames(real_root, "train", size), frames(syn_root, None, size)
+        real, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
         index = {record.id: i for i, record in enumerate(real.records)}
         sources = [index.get(record.extra.get("source_id")) for record in synthetic.records]
         for name, value in clip_metrics(real, synthetic, sources, embed, **common).items():
