@@ -56,7 +56,7 @@ from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -68,7 +68,7 @@ from siamdiff.data.manifest import (
     write_manifest,
 )
 from siamdiff.data.readers import load_mask, load_rgb
-from siamdiff.data.transforms import TransformConfig, build_transforms, lesion_centre
+from siamdiff.data.transforms import lesion_centre
 from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
 from siamdiff.models.speed import apply_levers, parse_levers
@@ -423,9 +423,7 @@ def comparison_grid(
     same masks (each synthetic dataset sampled from that split)."""
     roots = [Path(root) for root in synthetic_roots]
     size = min(load_rgb(roots[0] / load_manifest(roots[0]).records[0].image).shape[:2])
-    view = PairedDataset(
-        real_root, split, transform=build_transforms(TransformConfig(size=size), train=False)
-    )
+    view = generator_views(real_root, split, size)
     chosen = spread_subset(sorted(range(len(view)), key=lambda i: view.records[i].id), count)
     by_source = [
         {
@@ -670,8 +668,7 @@ def synthesize(
         "scheduler": scheduler,
         "mask_aug": list(mask_aug),
     }
-    transform = build_transforms(TransformConfig(size=source.resolution), train=False)
-    masks = PairedDataset(masks_root, split, transform=transform)
+    masks = generator_views(masks_root, split, source.resolution)
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )

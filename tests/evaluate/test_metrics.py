@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest, save_pair, write_manifest
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
@@ -33,7 +34,6 @@ from siamdiff.evaluate.segmenter import (
     Segmenter,
     SegmenterSpec,
     frames,
-    generator_views,
     load_segmenter,
     score_segmenter,
     train_segmenter,

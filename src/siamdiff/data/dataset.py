@@ -64,3 +64,13 @@ class PairedDataset(Dataset):
             "image_sha256": record.image_sha256,
         }
         return self.transform({"image": image, "mask": mask, "meta": meta})
+
+
+def generator_views(root: str | Path, split: str | None, size: int) -> PairedDataset:
+    """A dataset as the generator sees it when it trains and samples: the eval pipeline (the
+    lesion-centred square crop) at ``size`` px. The masks ``siamdiff sample`` conditions on,
+    and the real images the distribution metrics compare its samples with: synthetic images
+    are this view, and against whole frames (a 4:3 frame squashed square, its black borders
+    and overlays included) FD, KID, CLIP-I and colour statistics would count the view itself
+    as a difference."""
+    return PairedDataset(root, split, transform=build_transforms(TransformConfig(size=size), False))

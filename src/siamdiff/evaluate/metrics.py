@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
@@ -51,7 +52,6 @@ from siamdiff.evaluate.segmenter import (
     SegmentationScores,
     Segmenter,
     frames,
-    generator_views,
     load_segmenter,
     read_segmenter_config,
     score_segmenter,
@@ -67,7 +67,7 @@ from siamdiff.evaluate.utility import (
 
 FORMAT = "siamdiff-metrics"
 # 2: the real side of FD/KID-seg, colour statistics, Inception and CLIP metrics is the
-# generator's lesion-centred view (segmenter.generator_views), no longer whole frames.
+# generator's lesion-centred view (data.dataset.generator_views), no longer whole frames.
 FORMAT_VERSION = 2
 REPORT_NAME = "report.html"
 HISTOGRAM_NAME = "mask_fidelity.png"

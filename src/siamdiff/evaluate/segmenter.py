@@ -9,7 +9,8 @@ Models start from random weights (``encoder_weights=None``): nothing is ever dow
 Frames are squashed whole to ``size x size`` (the polyp benchmark protocol, as in PraNet),
 never cropped around the lesion: a crop placed by the ground-truth mask would leak the
 answer into the test images. The distribution metrics are another matter: they compare real
-and synthetic images in the view the generator works in (:func:`generator_views`).
+and synthetic images in the view the generator works in
+(:func:`siamdiff.data.dataset.generator_views`).
 
 A saved segmenter is a directory: ``model.safetensors`` + ``segmenter.json`` (settings,
 training data identity, loss history, validation scores, speed).
@@ -46,8 +47,6 @@ from siamdiff.data.transforms import (
     RandomRot90,
     Sample,
     ToModelTensors,
-    TransformConfig,
-    build_transforms,
     to_tv_tensors,
 )
 from siamdiff.errors import SiamdiffError
@@ -77,16 +76,6 @@ def frame_transforms(size: int, train: bool) -> Callable[[Sample], Sample]:
 def frames(root: str | Path, split: str | None, size: int) -> PairedDataset:
     """One split (``None``: every record) of a siamdiff dataset as whole ``size`` px frames."""
     return PairedDataset(root, split=split, transform=frame_transforms(size, train=False))
-
-
-def generator_views(root: str | Path, split: str | None, size: int) -> PairedDataset:
-    """Real frames as the generator sees them when it trains and samples: the lesion-centred
-    square crop (``build_transforms`` in eval mode, as ``siamdiff sample`` crops its masks), at
-    ``size`` px. Synthetic images are that view already; against whole frames (a 4:3 frame
-    squashed square, its black borders and overlays included) FD, KID, CLIP-I and the colour
-    statistics would count the view itself as a difference."""
-    transform = build_transforms(TransformConfig(size=size), train=False)
-    return PairedDataset(root, split=split, transform=transform)
 
 
 def split_fingerprint(manifest: Manifest, split: str | None) -> str:

@@ -24,6 +24,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from siamdiff.data.dataset import generator_views
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
     cmmd,
@@ -31,7 +32,7 @@ from siamdiff.evaluate.features import (
     frechet_distance,
     kernel_inception_distance,
 )
-from siamdiff.evaluate.segmenter import frames, generator_views
+from siamdiff.evaluate.segmenter import frames
 
 # The file name of torch-fidelity's URL_INCEPTION_V3, which torch hub caches under it.
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
