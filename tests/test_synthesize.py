@@ -23,7 +23,7 @@ from siamdiff.synthesize import (
     spread_subset,
     synthesize,
 )
-from siamdiff.train import train
+from siamdiff.train import checkpoints, train
 from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
 
 LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs in batches of 3, 3 and 2
@@ -404,6 +404,24 @@ def test_a_run_directory_samples_its_newest_checkpoint(
         assert (tmp_path / "syn" / record.image).read_bytes() == (
             reference / record.image
         ).read_bytes()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
+    reference: Path, trained_run: Path, phantom_data: Path, tmp_path: Path
+):
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    newer = Path(shutil.copytree(checkpoints(run)[-1], run / "checkpoints" / "step-00000003"))
+    with open(newer / "model.safetensors", "r+b") as weights:
+        weights.seek(-1, 2)
+        weights.write(b"\x00" if weights.read(1) != b"\x00" else b"\x01")
+    with pytest.warns(UserWarning, match="step-00000003: skipped, damaged: checksum mismatch"):
+        sample(run, phantom_data, tmp_path / "syn")
+    records = load_manifest(tmp_path / "syn").records
+    assert records[0].extra["model"] == str(run.resolve() / "checkpoints/step-00000002")
+    assert all(
+        (tmp_path / "syn" / r.image).read_bytes() == (reference / r.image).read_bytes()
+        for r in records
+    )
 
 
 def test_masks_argument_and_seeds():

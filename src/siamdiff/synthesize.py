@@ -153,9 +153,10 @@ class ModelSource:
 
 
 def resolve_model(path: str | Path) -> ModelSource:
-    """An export directory (has siamdiff.json) or a training run (its newest checkpoint)."""
+    """An export directory (has siamdiff.json) or a training run (its newest checkpoint that
+    passes its checksums)."""
     from siamdiff.config import load_config
-    from siamdiff.train import checkpoints  # the run layout belongs to train.py
+    from siamdiff.train import checkpoints, last_valid_checkpoint  # the run layout's owner
 
     path = Path(path).resolve()
     meta_path = path / META_NAME
@@ -173,8 +174,8 @@ def resolve_model(path: str | Path) -> ModelSource:
             f"neither an export ({META_NAME}) nor a training run with checkpoints", path
         )
     cfg = load_config(path / "config.yaml")
-    identity = {"checkpoint": found[-1].name}
-    return ModelSource(None, path, found[-1].name, int(cfg.data.transforms.size), identity)
+    chosen = last_valid_checkpoint(path).name  # a damaged newest one is skipped, as on resume
+    return ModelSource(None, path, chosen, int(cfg.data.transforms.size), {"checkpoint": chosen})
 
 
 def split_masks_argument(text: str) -> tuple[Path, str | None]:

@@ -127,7 +127,7 @@ def last_valid_checkpoint(run_dir: Path) -> Path:
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
-        warnings.warn(f"{candidate}: not resumed from: {problem}", stacklevel=2)
+        warnings.warn(f"{candidate}: skipped, damaged: {problem}", stacklevel=2)
     raise SiamdiffError("no checkpoint passes its checksums", run_dir / "checkpoints")
 
 
