@@ -22,6 +22,12 @@ def test_overrides_win_and_are_typed() -> None:
     assert cfg.model.mode == "mask-only"
 
 
+def test_the_augmentation_term_starts_strictly_after_a_third_of_training() -> None:
+    # The method's "after 1/3": off at step 1000 of 3000 (a rounded 0.3333333333 was on).
+    aug_start = load_config("tiny").model.aug_start
+    assert not 1000 / 3000 > aug_start and 1001 / 3000 > aug_start
+
+
 def test_sd15_paths_follow_the_backbone_path() -> None:
     cfg = load_config("sd15", ["backbone.path=/models/sd15", "data.root=x"])
     assert cfg.autoencoder.path == "/models/sd15"
@@ -32,6 +38,34 @@ def test_misspelt_override_is_a_one_line_error() -> None:
     with pytest.raises(SiamdiffError, match=r"train\.max_step") as info:
         load_config("tiny", ["train.max_step=7"])
     assert "\n" not in str(info.value)
+
+
+def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
+    assert load_config("tiny", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    user = tmp_path / "mine.yaml"
+    user.write_text("train:\n  mixed_precision: no\n")  # YAML 1.1 reads this as false
+    assert load_config(user).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.log_every=0", "train.log_every must be an integer >= 1, got 0"),
+        ("optim.grad_accum=0", "optim.grad_accum must be an integer >= 1, got 0"),
+        ("train.max_steps=abc", "train.max_steps must be an integer >= 1, got 'abc'"),
+        ("train.batch_size=true", "train.batch_size must be an integer >= 1, got True"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps must be an integer >= 0, got -1"),
+        ("optim.lr=0", "optim.lr must be a number > 0, got 0"),
+        ("optim.lr=.nan", "optim.lr must be a number > 0, got nan"),
+        ("model.prompt_dropout=1.5", "model.prompt_dropout must be a number >= 0 and <= 1"),
+        ("train.mixed_precision=fp8", "train.mixed_precision must be one of no, bf16, fp16"),
+    ],
+)
+def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:
+    with pytest.raises(SiamdiffError) as info:
+        load_config("tiny", [override])
+    message = str(info.value)
+    assert expected in message and "tiny.yaml" in message and "\n" not in message
 
 
 def test_override_without_equals_is_rejected() -> None:

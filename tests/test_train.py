@@ -55,7 +55,7 @@ def test_existing_run_needs_resume(phantom_data: Path, tmp_path: Path):
 
 
 def test_interrupted_run_resumes_to_bit_identical_weights(
-    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     overrides = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100")
     straight = tmp_path / "straight"
@@ -77,6 +77,8 @@ def test_interrupted_run_resumes_to_bit_identical_weights(
         train(tiny_config(phantom_data, broken, *overrides))
     monkeypatch.setattr(SeededAugmentation, "__getitem__", original)
     assert [p.name for p in checkpoints(broken)] == ["step-00000002"]
+    # The step-2 checkpoint written at the step boundary is kept, not overwritten mid-step.
+    assert "interrupted: saving" not in capsys.readouterr().out
     train(tiny_config(phantom_data, broken, *overrides), resume=True)
 
     a, b = final_weights(straight), final_weights(broken)

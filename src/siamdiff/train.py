@@ -213,7 +213,7 @@ def write_samples(
     path: Path,
 ) -> None:
     """Sample grid (mask | real | synthetic) from Mask-Diffusion alone, fixed seeds."""
-    mask_hint, _ = to_hints(batch)
+    mask_hint = to_hints(batch)[0].to(next(model.parameters()).device)  # the batch is on CPU
     count = mask_hint.shape[0]
     text = model.text([cfg.backbone.prompt] * count)
     uncond = model.text([""] * count)
@@ -527,7 +527,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     except torch.OutOfMemoryError as exc:
         raise out_of_memory_error(exc, MEMORY_ADVICE, run_dir) from exc
     except KeyboardInterrupt:
-        if step > 0:
+        # Not over one written at the step boundary: mid-step, the RNG has moved on.
+        if step > 0 and not (run_dir / "checkpoints" / f"step-{step:08d}").is_dir():
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
             save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last)
         raise

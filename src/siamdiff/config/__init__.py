@@ -6,8 +6,9 @@ line is an error instead of a silently ignored setting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,73 @@ from siamdiff.errors import SiamdiffError
 
 CONFIG_DIR = Path(__file__).parent
 BUILTIN = ("tiny", "scratch", "sd15")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def _integer(smallest: int) -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+    return ok, f"an integer >= {smallest}"
+
+
+def _number(
+    low: float, high: float | None = None, low_open: bool = False
+) -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return False
+        above = value > low if low_open else value >= low
+        return above and (high is None or value <= high)
+
+    bounds = f"> {low:g}" if low_open else f">= {low:g}"
+    return ok, f"a number {bounds}" + (f" and <= {high:g}" if high is not None else "")
+
+
+# Numbers the training loop divides by, counts with or schedules on: a wrong one would only
+# surface steps later, as a traceback.
+VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(
+        (
+            "train.max_steps",
+            "train.batch_size",
+            "train.log_every",
+            "train.checkpoint_every",
+            "train.sample_every",
+            "train.keep_last",
+            "train.sample_count",
+            "train.sample_steps",
+            "train.max_nonfinite",
+            "optim.grad_accum",
+            "data.transforms.size",
+        ),
+        _integer(1),
+    ),
+    **dict.fromkeys(
+        ("optim.warmup_steps", "model.consistency_warmup_steps", "data.num_workers"), _integer(0)
+    ),
+    **dict.fromkeys(("optim.lr", "optim.max_grad_norm"), _number(0, low_open=True)),
+    **dict.fromkeys(
+        ("optim.weight_decay", "model.consistency_weight", "train.guidance"), _number(0)
+    ),
+    **dict.fromkeys(("model.prompt_dropout", "model.aug_start"), _number(0, 1)),
+}
+
+
+def _check_values(cfg: DictConfig, path: Path) -> None:
+    """One-line errors naming the config in use (the value may come from its command line)."""
+    if cfg.train.mixed_precision is False:  # YAML reads a bare `no` as false
+        cfg.train.mixed_precision = "no"
+    if cfg.train.mixed_precision not in MIXED_PRECISION:
+        raise SiamdiffError(
+            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+            f"got {cfg.train.mixed_precision!r}",
+            path,
+        )
+    for key, (ok, expected) in VALUE_CHECKS.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise SiamdiffError(f"{key} must be {expected}, got {value!r}", path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -71,4 +139,5 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
+    _check_values(cfg, path)
     return cfg
