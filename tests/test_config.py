@@ -25,7 +25,7 @@ def test_overrides_win_and_are_typed() -> None:
 def test_the_augmentation_term_starts_strictly_after_a_third_of_training() -> None:
     # The method's "after 1/3": off at step 1000 of 3000 (a rounded 0.3333333333 was on).
     aug_start = load_config("tiny").model.aug_start
-    assert not 1000 / 3000 > aug_start and 1001 / 3000 > aug_start
+    assert [step / 3000 > aug_start for step in (1000, 1001)] == [False, True]
 
 
 def test_sd15_paths_follow_the_backbone_path() -> None:

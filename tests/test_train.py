@@ -34,7 +34,10 @@ def test_run_directory_holds_everything_a_user_looks_at(phantom_data: Path, tmp_
         )
     )
     assert [p.name for p in checkpoints(run)] == ["step-00000003", "step-00000004"]
-    assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text()) == {"step": 4}
+    assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text()) == {
+        "step": 4,
+        "batches_taken": 4,
+    }
     assert load_config(run / "config.yaml").train.max_steps == 4
     rows = read_loss_log(run / "losses.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -134,7 +137,8 @@ def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_pat
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
     # The checkpoint resumes (its tensors were saved from NHWC parameters).
     train(tiny_config(phantom_data, fast, "train.max_steps=3", "train.speed=[channels_last]"), True)
-    assert json.loads((checkpoints(fast)[-1] / "trainer_state.json").read_text()) == {"step": 3}
+    state = json.loads((checkpoints(fast)[-1] / "trainer_state.json").read_text())
+    assert state == {"step": 3, "batches_taken": 3}
 
 
 @pytest.mark.parametrize(

@@ -140,10 +140,17 @@ def truncate_loss_log(path: Path, step: int) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int, keep_last: int
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    run_dir: Path,
+    step: int,
+    keep_last: int,
+    batches_taken: int,
 ) -> Path:
-    """accelerate state (safetensors weights, optimiser, scheduler, RNG) written to a
-    temporary name and renamed, so a kill mid-write never leaves a loadable half-checkpoint."""
+    """accelerate state (safetensors weights, optimiser, scheduler, RNG) and the trainer's
+    (step, batches taken from the stream: more than step x grad_accum once NaN steps were
+    skipped) written to a temporary name and renamed, so a kill mid-write never leaves a
+    loadable half-checkpoint."""
     final = run_dir / "checkpoints" / f"step-{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
@@ -158,7 +165,8 @@ def save_checkpoint(
         if accelerator.is_main_process:
             save_file(weights, partial / SAFE_WEIGHTS_NAME)
     if accelerator.is_main_process:
-        atomic_write_json(partial / "trainer_state.json", {"step": step})
+        state = {"step": step, "batches_taken": batches_taken}
+        atomic_write_json(partial / "trainer_state.json", state)
         atomic_write_json(partial / CHECKSUMS_NAME, checkpoint_digests(partial))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -410,7 +418,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     core: SiameseDiffusion = accelerator.unwrap_model(model)
 
     # ---- run directory, resume ----------------------------------------------------------
-    step = 0
+    step = batches_taken = 0
     if resume and checkpoints(run_dir):
         last = last_valid_checkpoint(run_dir)
         try:  # accelerate unpickles optimizer/scheduler/RNG state with weights_only=True
@@ -418,7 +426,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SiamdiffError(f"cannot resume from this checkpoint ({reason})", last) from exc
-        step = json.loads((last / "trainer_state.json").read_text())["step"]
+        state = json.loads((last / "trainer_state.json").read_text())
+        step = state["step"]
+        # Checkpoints of older siamdiff versions lack it: no skipped steps assumed.
+        batches_taken = state.get("batches_taken", step * cfg.optim.grad_accum)
         accelerator.print(f"resumed from {last} at step {step}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +443,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     stream = batches(
         seeded,
         sampler,
-        start=step * cfg.optim.grad_accum,
+        start=batches_taken,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -449,6 +460,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     try:
         while step < cfg.train.max_steps:
             batch = next(stream)
+            batches_taken += 1
             with accelerator.accumulate(model):
                 images = batch["image"].to(device, non_blocking=True)
                 batch["mask"] = batch["mask"].to(device, non_blocking=True)
@@ -517,7 +529,9 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 sums = dict.fromkeys(LOSS_KEYS, 0.0)
                 seen, skipped, started = 0, 0, time.perf_counter()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last)
+                save_checkpoint(
+                    accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken
+                )
             if accelerator.is_main_process and (
                 step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
             ):
@@ -530,7 +544,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         # Not over one written at the step boundary: mid-step, the RNG has moved on.
         if step > 0 and not (run_dir / "checkpoints" / f"step-{step:08d}").is_dir():
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
-            save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last)
+            save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken)
         raise
     finally:
         progress.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,22 @@ def test_nonfinite_losses_are_skipped_and_counted(phantom_data: Path, tmp_path, 
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["nonfinite_skipped"] for r in rows] == [0, 2, 1, 0]
     assert len(checkpoints(run)) == 4 and all(all_finite(c) for c in checkpoints(run))
+
+
+def test_resume_after_skipped_steps_takes_the_next_batch_not_a_used_one(
+    phantom_data: Path, tmp_path, monkeypatch
+):
+    overrides = ("train.max_steps=4", "train.checkpoint_every=1", "train.keep_last=4")
+    straight = tmp_path / "straight"
+    nan_on_calls(monkeypatch, {2, 3})  # step 2 comes from the 4th batch
+    train(tiny_config(phantom_data, straight, *overrides))
+    monkeypatch.undo()
+    resumed = Path(shutil.copytree(straight, tmp_path / "resumed"))
+    for later in checkpoints(resumed)[2:]:
+        shutil.rmtree(later)
+    train(tiny_config(phantom_data, resumed, *overrides), resume=True)
+    a, b = weights(checkpoints(straight)[-1]), weights(checkpoints(resumed)[-1])
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(phantom_data: Path, tmp_path, monkeypatch):
