@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from siamdiff import bench
 from siamdiff.bench import main, meta_flops
@@ -57,6 +58,19 @@ def test_a_cut_short_run_keeps_the_variants_it_measured(tmp_path: Path, monkeypa
     assert results["variants"] == ["naive"]
     assert results["sampling"][0]["naive"]["images_per_s"] > 0
     assert "naive" in path.with_suffix(".md").read_text()
+
+
+def test_cpu_flop_counts_include_attention() -> None:
+    """The same step counted while it runs on the CPU and on ``meta`` (where attention has a
+    FLOP formula): equal, so CPU MFU and FLOP ratios do not leave attention out."""
+
+    def step_flops(device: torch.device) -> int:
+        model, _ = bench.build(bench.PRESETS["tiny"], device)
+        b = bench.make_batch(model, bench.PRESETS["tiny"], 2, device)
+        return bench.count_flops(lambda: bench.siamdiff_loss(model, b, 0.0).backward(), device)
+
+    cpu, meta = step_flops(torch.device("cpu")), step_flops(torch.device("meta"))
+    assert cpu == meta > 0
 
 
 def test_bf16_frozen_weights_are_refused_without_cuda(capsys) -> None:

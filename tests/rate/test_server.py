@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from flask.testing import FlaskClient
 
 from siamdiff.errors import SiamdiffError
 from siamdiff.rate.export import export_results
-from siamdiff.rate.server import create_app
+from siamdiff.rate.server import create_app, serve
 from siamdiff.rate.storage import all_answers, connect, find_rater
 from siamdiff.rate.study import Study
 
@@ -183,3 +184,12 @@ def test_export_without_answers_is_a_clear_error(study: Study) -> None:
     create_app(study.root)
     with pytest.raises(SiamdiffError, match="no ratings yet"):
         export_results(study.root)
+
+
+def test_a_busy_port_is_one_line_before_anything_is_served(study: Study) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SiamdiffError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(study.root, "127.0.0.1", port)

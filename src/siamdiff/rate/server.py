@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import re
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -160,14 +161,24 @@ def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
     return position, score, guess
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Werkzeug reports a busy port on two lines and exits the process; find out first."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SiamdiffError(f"cannot listen on {host}:{port} ({reason})") from exc
+
+
 def serve(study_root: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Serve the study until interrupted (threaded: several raters at once)."""
     app = create_app(study_root)
+    check_can_listen(host, port)
     print(f"Rating study {study_root}: open http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
-    except OSError as exc:
-        raise SiamdiffError(f"cannot listen on {host}:{port} ({exc.strerror})") from exc
+    app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
 
 
 def main(argv: list[str] | None = None) -> int:
