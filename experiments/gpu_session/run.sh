@@ -93,8 +93,9 @@ stage prepare 60 siamdiff prepare --source kvasir-seg="$carry/data/Kvasir-SEG" \
   --workers "$workers" || { pack; return 1; }
 stage train "${TRAIN_S:-120}" siamdiff train "$config" run_dir="$run" data.root="$data" \
   data.latent_cache="$work/latents.lmdb" autoencoder.path="$carry/taef2" \
-  train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=100000
-# A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here.
+  train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=200
+# A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here. Its
+# preview grids (every 200 steps) check sampling on CUDA inside training; the last is kept.
 python3 -c "import sys; from siamdiff.report import save_loss_curve as s; s(sys.argv[1], sys.argv[2])" \
   "$run/losses.jsonl" "$out/loss_curve.png" 2>>"$log"
 stage export 60 siamdiff export "$run" "$work/model" || { pack; return 1; }
