@@ -139,6 +139,11 @@ def truncate_loss_log(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (the name CHECKPOINT_RE matches)."""
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -151,7 +156,7 @@ def save_checkpoint(
     (step, batches taken from the stream: more than step x grad_accum once NaN steps were
     skipped) written to a temporary name and renamed, so a kill mid-write never leaves a
     loadable half-checkpoint."""
-    final = run_dir / "checkpoints" / f"step-{step:08d}"
+    final = checkpoint_dir(run_dir, step)
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -542,7 +547,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         raise out_of_memory_error(exc, MEMORY_ADVICE, run_dir) from exc
     except KeyboardInterrupt:
         # Not over one written at the step boundary: mid-step, the RNG has moved on.
-        if step > 0 and not (run_dir / "checkpoints" / f"step-{step:08d}").is_dir():
+        if step > 0 and not checkpoint_dir(run_dir, step).is_dir():
             accelerator.print(f"interrupted: saving a checkpoint at step {step}")
             save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken)
         raise
