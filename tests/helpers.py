@@ -33,9 +33,10 @@ def tiny_config(data: Path, run_dir: Path, *overrides: str) -> DictConfig:
     )
 
 
-def launch_two_processes(*siamdiff_args: str) -> subprocess.CompletedProcess:
-    """``siamdiff ARGS...`` as two processes of one CPU job, as a multi-GPU user launches it."""
-    command = [
+def two_process_command() -> list[str]:
+    """``siamdiff`` as two processes of one CPU job, as a multi-GPU user launches it; the
+    siamdiff arguments follow."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -43,10 +44,19 @@ def launch_two_processes(*siamdiff_args: str) -> subprocess.CompletedProcess:
         "--standalone",
         "-m",
         "siamdiff",
-        *siamdiff_args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def two_process_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch_two_processes(*siamdiff_args: str) -> subprocess.CompletedProcess:
+    """``siamdiff ARGS...`` as two processes, run to the end."""
+    command = [*two_process_command(), *siamdiff_args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=two_process_env()
+    )
 
 
 def out_of_memory_on_call(function: Callable, call: int) -> Callable:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,8 +18,21 @@ from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
-from siamdiff.train import SeededAugmentation, checkpoints, configure_deepspeed, train
-from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
+from siamdiff.train import (
+    SeededAugmentation,
+    checkpoints,
+    configure_deepspeed,
+    last_valid_checkpoint,
+    train,
+)
+from tests.helpers import (
+    PHANTOM_SIZE,
+    launch_two_processes,
+    out_of_memory_on_call,
+    tiny_config,
+    two_process_command,
+    two_process_env,
+)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -57,21 +75,32 @@ def test_existing_run_needs_resume(phantom_data: Path, tmp_path: Path):
         train(cfg)
 
 
+@pytest.mark.parametrize(
+    ("how", "kept"),
+    [
+        # Ctrl-C (or SIGTERM) mid-step: the step finishes, its boundary checkpoint is written.
+        ("signal", ["step-00000002", "step-00000003"]),
+        # A second Ctrl-C stops at once: the last boundary checkpoint is kept as it was.
+        ("at-once", ["step-00000002"]),
+    ],
+)
 def test_interrupted_run_resumes_to_bit_identical_weights(
-    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, kept: list[str]
 ):
     overrides = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100")
     straight = tmp_path / "straight"
     train(tiny_config(phantom_data, straight, *overrides))
 
-    # Ctrl-C while the batch for step 3 loads: a checkpoint at step 2 is written, then resume.
     calls = {"n": 0}
     original = SeededAugmentation.__getitem__
 
     def interrupt_at_step_three(self, index):
         calls["n"] += 1
-        if calls["n"] == 2 * 2 + 1:
-            raise KeyboardInterrupt
+        if calls["n"] == 2 * 2 + 1:  # the batch of step 3 is loading
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
         return original(self, index)
 
     broken = tmp_path / "broken"
@@ -79,9 +108,8 @@ def test_interrupted_run_resumes_to_bit_identical_weights(
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(phantom_data, broken, *overrides))
     monkeypatch.setattr(SeededAugmentation, "__getitem__", original)
-    assert [p.name for p in checkpoints(broken)] == ["step-00000002"]
-    # The step-2 checkpoint written at the step boundary is kept, not overwritten mid-step.
-    assert "interrupted: saving" not in capsys.readouterr().out
+    assert [p.name for p in checkpoints(broken)] == kept
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train(tiny_config(phantom_data, broken, *overrides), resume=True)
 
     a, b = final_weights(straight), final_weights(broken)
@@ -230,6 +258,35 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stdout + done.stderr
     assert checkpoints(run)[-1].name == "step-00000003"
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(phantom_data: Path, tmp_path: Path):
+    """SIGTERM to rank 1 alone (a preempted node): rank 0 hears of it at the step boundary,
+    both save that step's checkpoint and exit; neither waits forever for the other."""
+    run = tmp_path / "ddp"
+    command = [*two_process_command(), "train", "tiny", f"data.root={phantom_data}"]
+    command += [f"run_dir={run}", f"data.transforms.size={PHANTOM_SIZE}", "train.batch_size=2"]
+    command += ["train.max_steps=10000", "train.checkpoint_every=10000", "train.log_every=1"]
+    command += ["train.sample_every=10000"]
+    with subprocess.Popen(command, env=two_process_env(), stderr=subprocess.PIPE, text=True) as job:
+        deadline = time.monotonic() + 300
+        while (
+            len(read_loss_log(run / "losses.jsonl") if (run / "losses.jsonl").exists() else []) < 3
+        ):
+            assert job.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        ranks = {
+            int(child.environ().get("RANK", -1)): child
+            for child in psutil.Process(job.pid).children(recursive=True)
+        }
+        ranks[1].send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=120)
+    assert "SIGTERM: finishing this step" in stderr
+    last = checkpoints(run)[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] >= 3 and state["batches_taken"] == state["step"]
+    assert last_valid_checkpoint(run) == last  # whole: every rank wrote its part
 
 
 @pytest.mark.slow

@@ -364,10 +364,12 @@ def _generate(
     """Sample each batch of (record index, sample index) with ``sampler``'s settings; write
     and journal the pairs not in ``done``. Returns the number of pairs written."""
     model = loaded.model
-    with torch.no_grad():
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # Under autocast like every other forward pass: with bf16_frozen weights outside it, CLIP
+    # would run wholly in bf16.
+    with torch.no_grad(), autocast:
         text, uncond = model.text([loaded.prompt]), model.text([""])
     todo = sum(pair_name(masks.records[i].id, k) not in done for b in batches for i, k in b)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tqdm(total=todo, desc="sample", unit="img", disable=not progress) as bar:
         for batch in batches:
             pairs, hints, generators = [], [], []

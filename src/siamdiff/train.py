@@ -19,11 +19,16 @@ import json
 import pickle
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,6 +134,47 @@ def last_valid_checkpoint(run_dir: Path) -> Path:
             return candidate
         warnings.warn(f"{candidate}: skipped, damaged: {problem}", stacklevel=2)
     raise SiamdiffError("no checkpoint passes its checksums", run_dir / "checkpoints")
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's preemption, torchrun's shutdown) asks the loop to stop
+    at the next step boundary, where the checkpoint it writes resumes exactly; mid-step the
+    batch is half consumed and the RNG has moved on. A second Ctrl-C stops at once, keeping
+    the last checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(Ctrl-C again stops at once, keeping the last checkpoint)",
+            file=sys.stderr,
+        )
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal.signal needs it
+            for number in self.SIGNALS:
+                self.previous[number] = signal.signal(number, self._handle)
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether any rank was asked to stop (one small all-reduce per step with several)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    if stop.requested:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
 
 
 def truncate_loss_log(path: Path, step: int) -> None:
@@ -462,6 +508,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     )
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     seen, skipped, nonfinite, started = 0, 0, 0, time.perf_counter()
+    stop = StopRequest()
+    stop.install()
     try:
         while step < cfg.train.max_steps:
             batch = next(stream)
@@ -543,15 +591,17 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 grid = run_dir / "samples" / f"step-{step:08d}.png"
                 with training_autocast(accelerator):  # the precision the model trains in
                     write_samples(core, autoencoder, preview, cfg, grid)
+            if stop_requested(stop, accelerator):  # every rank stops at the same step
+                if not checkpoint_dir(run_dir, step).is_dir():
+                    accelerator.print(f"saving a checkpoint at step {step}")
+                    save_checkpoint(
+                        accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken
+                    )
+                raise KeyboardInterrupt
     except torch.OutOfMemoryError as exc:
         raise out_of_memory_error(exc, MEMORY_ADVICE, run_dir) from exc
-    except KeyboardInterrupt:
-        # Not over one written at the step boundary: mid-step, the RNG has moved on.
-        if step > 0 and not checkpoint_dir(run_dir, step).is_dir():
-            accelerator.print(f"interrupted: saving a checkpoint at step {step}")
-            save_checkpoint(accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken)
-        raise
     finally:
+        stop.restore()
         progress.close()
         stream.close()  # stops DataLoader workers now, not at garbage collection
         if isinstance(dataset, WithCachedLatents):

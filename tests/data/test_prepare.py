@@ -286,6 +286,14 @@ def test_duplicate_output_names_name_both_sources(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dataset_named_like_the_pooled_stats_row_is_refused(tmp_path: Path) -> None:
+    write_pair(tmp_path / "src", "all-g-0", IMAGE, disc())
+    with pytest.raises(SiamdiffError, match="'all' is reserved") as exc:
+        prepare([("folder", tmp_path / "src")], tmp_path / "out", 16, workers=1)
+    assert str(tmp_path / "src" / "all-g-0.png") in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_is_independent_of_source_order_and_workers(tmp_path: Path) -> None:
     for i in range(4):
         write_pair(tmp_path / "a", f"a-g{i}-0", np.roll(IMAGE, i, axis=0), disc(radius=4 + i))

@@ -57,6 +57,15 @@ def test_counts_and_coverage_quantiles(root: Path) -> None:
     assert stats["empty_masks"] == {"a": 1, "b": 0, "all": 1}
 
 
+def test_a_dataset_named_like_the_pooled_row_is_refused_not_double_counted(
+    tmp_path: Path,
+) -> None:
+    records = [record("all", 0, "train", 0.1), record("b", 0, "train", 0.2)]
+    write_manifest(tmp_path / "DATA", Manifest(records=records, preprocessing={}))
+    with pytest.raises(SiamdiffError, match="named 'all'"):
+        dataset_stats(tmp_path / "DATA")
+
+
 def test_write_stats_writes_json_and_histogram(root: Path, tmp_path: Path) -> None:
     stats = write_stats(root)
     assert json.loads((root / "stats.json").read_text()) == stats

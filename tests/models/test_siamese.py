@@ -181,6 +181,7 @@ def test_image_branch_trains_only_the_controlnet(checkpointing: bool) -> None:
     terms["image"].backward(retain_graph=True)
     assert model.unet.is_gradient_checkpointing == checkpointing
     assert all(p.grad is None for p in model.unet.parameters())
+    assert all(p.grad is None for p in model.text.parameters())
     # c_mix = sg(c_m) + w_i * c_i: the mask control is a constant for L_i.
     assert batch["mask_hint"].grad is None
     assert batch["image_hint"].grad.abs().sum() > 0

@@ -17,8 +17,10 @@ def test_export_writes_json_csv_and_chart(study: Study) -> None:
     storage.init_db(study.root)
     conn = storage.connect(study.root)
     wanted = {"real": 5, "synthetic": 2}
+    codes = []
     for name in ("A", "B"):
         rater = storage.create_rater(conn, name)
+        codes.append(rater.code)
         for position, index in enumerate(study.sequence):
             source = study.items[index].source
             storage.record_answer(conn, rater, position, index, wanted[source], "real")
@@ -29,10 +31,15 @@ def test_export_writes_json_csv_and_chart(study: Study) -> None:
     overall = summary["overall"]
     assert overall["mos"]["real"]["mean"] == 5.0 and overall["mos"]["synthetic"]["mean"] == 2.0
     assert overall["detection"]["accuracy"] == pytest.approx(0.5)  # always guessing "real"
+    assert overall["detection"]["balanced_accuracy"] == pytest.approx(0.5)
     assert overall["intra_rater"]["exact_agreement"] == 1.0
     assert overall["inter_rater_alpha_ordinal"] == pytest.approx(1.0)
     rows = list(csv.DictReader((study.root / "mos.csv").open()))
     assert len(rows) == 2 * 3  # ALL + two raters, two sources each
+    # Raters by number: a rater code is the credential to answer as that rater.
+    assert {r["rater"] for r in rows} == {"ALL", "R001", "R002"}
+    exported = "".join((study.root / name).read_text() for name in ("mos.csv", "mos.json"))
+    assert not any(code in exported for code in codes)
     assert {(r["rater"], r["source"], r["mos"]) for r in rows if r["rater"] == "ALL"} == {
         ("ALL", "real", "5.0"),
         ("ALL", "synthetic", "2.0"),

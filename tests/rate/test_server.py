@@ -90,6 +90,8 @@ def test_replayed_forged_and_invalid_answers_are_rejected(
     nxt = current_form(client, code)
     forged = {"position": nxt["position"], "token": "0" * 64, "score": "3"}
     assert client.post(f"/rate/{code}", data=forged).status_code == 403
+    accented = {"position": nxt["position"], "token": "é" * 64, "score": "3"}
+    assert client.post(f"/rate/{code}", data=accented).status_code == 403
     other = begin(client, "Other")  # another rater's token is a forgery too
     assert client.post(f"/rate/{other}", data={**nxt, "score": "3"}).status_code == 403
     for score in ("0", "6", "x", ""):

@@ -20,13 +20,29 @@ def test_mos_t_interval() -> None:
     assert mos([2, 2, 2])["ci_low"] == mos([2, 2, 2])["ci_high"] == 2.0
 
 
-def test_detection_accuracy_and_binomial_test() -> None:
-    pairs = [("real", "real")] * 6 + [("synthetic", "real")] * 2
+def test_detection_balanced_accuracy_and_fisher_test() -> None:
+    # Real images: 5 of 6 told right; synthetic: 4 of 6.
+    pairs = [("real", "real")] * 5 + [("synthetic", "real")]
+    pairs += [("synthetic", "synthetic")] * 4 + [("real", "synthetic")] * 2
     result = detection(pairs)
-    assert result["n"] == 8 and result["accuracy"] == 0.75
-    assert result["p_value"] == pytest.approx(0.2890625)  # 2 * P(X >= 6 | n=8, p=0.5)
-    assert result["ci_low"] < 0.5 < result["ci_high"]
-    assert detection([])["accuracy"] is None
+    assert result["n"] == 12 and result["accuracy"] == 0.75
+    assert result["balanced_accuracy"] == pytest.approx((5 / 6 + 4 / 6) / 2)
+    # Hypergeometric (rows 6/6, 7 "real" guesses): P(a) for a = 1, 2, 5, 6 real hits, the
+    # tables at most as likely as the observed one (a = 5).
+    assert result["p_value"] == pytest.approx((1 + 15 + 15 + 1) / 132)
+    assert result["ci_low"] < 0.75 < result["ci_high"]
+    assert detection([])["accuracy"] is None and detection([])["balanced_accuracy"] is None
+
+
+def test_detection_is_not_fooled_by_an_unbalanced_guessed_subset() -> None:
+    """Always answering "real" on a 65 % real subset is 65 % raw accuracy and no skill."""
+    pairs = [("real", "real")] * 13 + [("real", "synthetic")] * 7
+    result = detection(pairs)
+    assert result["accuracy"] == pytest.approx(0.65)
+    assert result["balanced_accuracy"] == pytest.approx(0.5)
+    assert result["p_value"] == pytest.approx(1.0)
+    only_real = detection([("real", "real")] * 6 + [("synthetic", "real")] * 2)
+    assert only_real["balanced_accuracy"] is None and only_real["p_value"] == pytest.approx(1.0)
 
 
 def test_intra_rater_consistency() -> None:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import load_manifest
+from siamdiff.data.prepare import prepare
 from siamdiff.data.readers import load_rgb
 from siamdiff.errors import SiamdiffError
 from siamdiff.rate.study import (
@@ -20,6 +23,7 @@ from siamdiff.rate.study import (
     mask_overlay,
     open_study,
 )
+from siamdiff.report import to_uint8_rgb
 from tests.rate.conftest import PER_SOURCE, REPEATS
 
 
@@ -44,10 +48,37 @@ def test_images_are_blinded_copies(study: Study, phantom_data: Path, synthetic_d
     for name in files:
         assert not any(record_id in name for record_id in ids)
         assert "real" not in name and "syn" not in name
-    roots = {"real": phantom_data, "synthetic": synthetic_data}
+    # Synthetic images are already the generator's square view: copied pixel for pixel.
     for item in study.items:
-        original = load_rgb(roots[item.source] / f"{item.record_id}.png")
-        np.testing.assert_array_equal(load_rgb(study.image_path(item.name)), original)
+        if item.source == "synthetic":
+            original = load_rgb(synthetic_data / f"{item.record_id}.png")
+            np.testing.assert_array_equal(load_rgb(study.image_path(item.name)), original)
+
+
+def test_real_frames_are_shown_in_the_synthetic_images_view(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    """Prepared real frames keep their aspect ratio; shown as they are, their shape alone
+    would give the answer away."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10:30, 30 + i : 50 + i] = 255
+        Image.fromarray(image).save(raw / f"wide-g{i}-0.png")
+        Image.fromarray(mask).save(raw / f"wide-g{i}-0_mask.png")
+    prepare([("folder", raw)], tmp_path / "real", size=24, workers=1, progress=False)
+    study = build_study(synthetic_data, tmp_path / "real", tmp_path / "study", per_source=4)
+    size = load_rgb(synthetic_data / load_manifest(synthetic_data).records[0].image).shape[0]
+    shapes = {load_rgb(study.image_path(item.name)).shape for item in study.items}
+    assert shapes == {(size, size, 3)}
+    view = generator_views(tmp_path / "real", None, size)
+    real = next(item for item in study.items if item.source == "real")
+    index = [r.id for r in view.records].index(real.record_id)
+    expected = to_uint8_rgb(view[index]["image"][None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(load_rgb(study.image_path(real.name)), expected)
 
 
 def test_same_seed_same_selection_and_order(
@@ -117,3 +148,11 @@ def test_open_study_resumes_an_existing_study(
 ) -> None:
     resumed = open_study(synthetic_data, phantom_data, study.root, seed=99)
     assert resumed.sequence == study.sequence and resumed.secret == study.secret
+
+
+def test_open_study_refuses_other_datasets(
+    study: Study, phantom_data: Path, synthetic_data: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(SiamdiffError, match="built from synthetic images in") as err:
+        open_study(phantom_data, phantom_data, study.root)
+    assert str(study.root) in str(err.value) and "\n" not in str(err.value)

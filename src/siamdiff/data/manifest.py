@@ -33,6 +33,7 @@ MANIFEST_NAME = "manifest-v1.json"
 FORMAT = "siamdiff-manifest"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+POOLED_ROW = "all"  # reserved: no dataset may take the name of the stats tables' pooled row
 # Files siamdiff itself may keep beside the data; verify does not report them as extra.
 ANCILLARY_FILES = frozenset({"stats.json", "stats.png", "prepare-summary.json", "samples.png"})
 # Folders of re-exported copies (`siamdiff sample --format`), not part of the dataset itself.

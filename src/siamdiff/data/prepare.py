@@ -25,6 +25,7 @@ from tqdm import tqdm
 from siamdiff.atomic import atomic_output_dir, atomic_write_json
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
+    POOLED_ROW,
     SPLITS,
     Manifest,
     Record,
@@ -176,6 +177,12 @@ def _collect_pairs(
             raise SiamdiffError(reason, path)
         skipped += [(str(path), reason) for path, reason in result.skipped]
         for pair in result.pairs:
+            if pair.dataset == POOLED_ROW:
+                raise SiamdiffError(
+                    f"dataset name {POOLED_ROW!r} is reserved (the stats tables' pooled row); "
+                    "rename the folder or file",
+                    pair.image,
+                )
             if pair.id in pairs:
                 raise SiamdiffError(
                     f"output name {pair.id!r} also comes from {pairs[pair.id].image}", pair.image

@@ -13,12 +13,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json
-from siamdiff.data.manifest import SPLITS, load_manifest
+from siamdiff.data.manifest import MANIFEST_NAME, POOLED_ROW, SPLITS, load_manifest
 from siamdiff.errors import SiamdiffError
 
 STATS_JSON = "stats.json"
 STATS_PNG = "stats.png"
-ALL = "all"
 
 
 def _coverage_summary(coverage: np.ndarray) -> dict[str, float]:
@@ -38,13 +37,19 @@ def _stats_and_coverage(root: Path) -> tuple[dict[str, Any], dict[str, np.ndarra
     by_dataset: dict[str, list[float]] = {}
     counts: dict[str, dict[str, int]] = {}
     for record in sorted(manifest.records, key=lambda r: r.dataset):
+        if record.dataset == POOLED_ROW:
+            raise SiamdiffError(
+                f"record {record.id} is in a dataset named {POOLED_ROW!r}, the pooled row's name; "
+                "rename that dataset",
+                root / MANIFEST_NAME,
+            )
         by_dataset.setdefault(record.dataset, []).append(record.coverage)
-        for row in (record.dataset, ALL):
+        for row in (record.dataset, POOLED_ROW):
             per_split = counts.setdefault(row, dict.fromkeys((*SPLITS, "total"), 0))
             per_split[record.split] += 1
             per_split["total"] += 1
     coverage = {name: np.asarray(values) for name, values in by_dataset.items()}
-    rows = {**coverage, ALL: np.concatenate(list(coverage.values()))}
+    rows = {**coverage, POOLED_ROW: np.concatenate(list(coverage.values()))}
     stats = {
         "dataset_version": manifest.dataset_version,
         "counts": {name: counts[name] for name in rows},
@@ -112,7 +117,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     header = ["dataset", *SPLITS, "total", "empty", "cov.mean", "p10", "median", "p90"]
     rows = [header]
     # "all" last, whatever order the dict came in (stats.json is written with sorted keys).
-    for name in sorted(stats["counts"], key=lambda n: (n == ALL, n)):
+    for name in sorted(stats["counts"], key=lambda n: (n == POOLED_ROW, n)):
         counts = stats["counts"][name]
         coverage = stats["coverage"][name]
         rows.append(

@@ -247,8 +247,9 @@ class SiameseDiffusion(nn.Module):
     ) -> Tensor:
         """Image-Diffusion's prediction (eps_mix or v_mix) under c_mix = sg(c_m) + w_i * c_i;
         ``features`` are the mask branch's UNet encoder features of the same
-        ``(zt, t, text_emb)``."""
-        image_control = self.control(zt, t, text_emb, image_hint)
+        ``(zt, t, text_emb)``. L_i trains the ControlNet alone, through c_i: the text
+        embedding enters detached (a learned one is trained by the mask branch)."""
+        image_control = self.control(zt, t, text_emb.detach(), image_hint)
         mixed = mix_controls(mask_control, image_control, image_weight)
         return self.decode(features, mixed, unet_grad=False)
 

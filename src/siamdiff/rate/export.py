@@ -16,7 +16,16 @@ from siamdiff.rate.statistics import summarize
 from siamdiff.rate.storage import DB_FILE, all_answers
 from siamdiff.rate.study import SOURCES, load_study
 
-CSV_FIELDS = ("rater", "source", "n", "mos", "ci_low", "ci_high", "detection_accuracy")
+CSV_FIELDS = (
+    "rater",
+    "source",
+    "n",
+    "mos",
+    "ci_low",
+    "ci_high",
+    "detection_accuracy",
+    "detection_balanced_accuracy",
+)
 COLOURS = {"real": "#4c72b0", "synthetic": "#dd8452"}
 
 
@@ -37,6 +46,7 @@ def _csv(summary: dict[str, Any]) -> str:
                     "ci_low": row["ci_low"],
                     "ci_high": row["ci_high"],
                     "detection_accuracy": block["detection"]["accuracy"],
+                    "detection_balanced_accuracy": block["detection"]["balanced_accuracy"],
                 }
             )
     return buffer.getvalue()
@@ -68,10 +78,10 @@ def _chart(summary: dict[str, Any]) -> bytes:
     ax.set_xticks(range(len(scopes)), list(scopes), rotation=20, ha="right")
     ax.set_ylim(0, 5.5)
     ax.set_ylabel("MOS (1-5), 95 % CI")
-    accuracy = summary["overall"]["detection"]["accuracy"]
+    balanced = summary["overall"]["detection"]["balanced_accuracy"]
     title = "Realism MOS"
-    if accuracy is not None:
-        title += f"\nreal/synthetic detection {100 * accuracy:.0f} % (50 % = chance)"
+    if balanced is not None:
+        title += f"\nreal/synthetic detection {100 * balanced:.0f} % balanced (50 % = chance)"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     figure.tight_layout()

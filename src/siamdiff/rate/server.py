@@ -153,7 +153,8 @@ def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
     if not 0 <= position < len(study.sequence):
         abort(400, description=f"Position {position} is not in this study.")
     expected = study.position_token(rater.id, position)
-    if not hmac.compare_digest(form.get("token", ""), expected):
+    # Bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+    if not hmac.compare_digest(form.get("token", "").encode(), expected.encode()):
         abort(403, description="The answer's token does not match this rater and image.")
     guess = form.get("guess") or None
     if guess is not None and guess not in GUESSES:

@@ -37,19 +37,39 @@ def mos(scores: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, An
 
 
 def detection(guesses: Sequence[tuple[str, str]], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """Accuracy of (guess, truth) pairs with an exact binomial CI; 0.5 = indistinguishable."""
+    """How well (guess, truth) pairs tell real from synthetic images.
+
+    Guesses are optional and a rater may stop early, so the guessed images need not be half
+    real: a rater always answering "real" on a 65 % real subset scores 65 % raw accuracy with
+    no skill at all. Hence ``balanced_accuracy``, the mean of the hit rates on real and on
+    synthetic images (0.5 = indistinguishable whatever the mix; None until both sources were
+    guessed on), and ``p_value``, Fisher's exact test of guess against truth (two-sided).
+    ``accuracy`` and its exact binomial CI describe the raw hit rate.
+    """
     n = len(guesses)
     if n == 0:
-        return {"n": 0, "accuracy": None, "ci_low": None, "ci_high": None, "p_value": None}
-    correct = sum(guess == truth for guess, truth in guesses)
-    test = stats.binomtest(correct, n, 0.5)
-    ci = test.proportion_ci(confidence)
+        return {
+            "n": 0,
+            "accuracy": None,
+            "ci_low": None,
+            "ci_high": None,
+            "balanced_accuracy": None,
+            "p_value": None,
+        }
+    # table[truth][guess], rows and columns in SOURCES order.
+    table = [
+        [sum(pair == (guess, truth) for pair in guesses) for guess in SOURCES] for truth in SOURCES
+    ]
+    correct = table[0][0] + table[1][1]
+    ci = stats.binomtest(correct, n, 0.5).proportion_ci(confidence)
+    hit_rates = [row[i] / sum(row) for i, row in enumerate(table) if sum(row)]
     return {
         "n": n,
         "accuracy": correct / n,
         "ci_low": float(ci.low),
         "ci_high": float(ci.high),
-        "p_value": float(test.pvalue),
+        "balanced_accuracy": float(np.mean(hit_rates)) if len(hit_rates) == 2 else None,
+        "p_value": float(stats.fisher_exact(table).pvalue),
     }
 
 

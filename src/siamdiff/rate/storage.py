@@ -49,7 +49,7 @@ class Rater:
 
 @dataclass(frozen=True)
 class Answer:
-    rater: str  # the rater's code
+    rater: str  # "R001", "R002"... in joining order: the code is a rater's only credential
     position: int
     item: int
     score: int
@@ -131,9 +131,9 @@ def all_answers(study_root: str | Path) -> list[Answer]:
     conn = connect(study_root)
     try:
         rows = conn.execute(
-            "SELECT r.code, a.position, a.item, a.score, a.guess FROM answers a "
-            "JOIN raters r ON r.id = a.rater_id ORDER BY r.code, a.position"
+            "SELECT r.id, a.position, a.item, a.score, a.guess FROM answers a "
+            "JOIN raters r ON r.id = a.rater_id ORDER BY r.id, a.position"
         ).fetchall()
     finally:
         conn.close()
-    return [Answer(*row) for row in rows]
+    return [Answer(f"R{rater:03d}", *rest) for rater, *rest in rows]

@@ -4,8 +4,8 @@ Layout of a study directory::
 
     study.json     format, version, items (source + record per item) and the sequence
     secret.key     random key for opaque image names and per-position answer tokens
-    images/        re-encoded copies named by HMAC(secret, item index): nothing in a
-                   name, URL or PNG chunk tells a rater where an image came from
+    images/        copies in one view, named by HMAC(secret, item index): nothing in a
+                   name, URL, PNG chunk, shape or size tells a rater where an image came from
     ratings.db     the answers (created by the server, see storage.py)
 """
 
@@ -29,9 +29,10 @@ from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
 )
+from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest
-from siamdiff.data.readers import load_mask, load_rgb
 from siamdiff.errors import SiamdiffError
+from siamdiff.report import to_uint8_rgb
 
 STUDY_FORMAT = "siamdiff-rating-study"
 STUDY_VERSION = 1
@@ -87,6 +88,14 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _view(dataset: PairedDataset, record_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """A record's image (HxWx3 uint8) and mask (HxW bool) in ``dataset``'s view."""
+    index = next(i for i, r in enumerate(dataset.records) if r.id == record_id)
+    sample = dataset[index]
+    image = to_uint8_rgb(sample["image"][None])[0].permute(1, 2, 0).numpy()
+    return image, sample["mask"][0].numpy() > 0.5
+
+
 def _pick(manifest: Manifest, count: int, rng: np.random.Generator) -> list[Record]:
     records = sorted(manifest.records, key=lambda r: r.id)
     chosen = rng.choice(len(records), size=count, replace=False)
@@ -116,7 +125,10 @@ def build_study(
     """Create the study directory ``out`` (atomically) and return the loaded study.
 
     ``per_source`` images are drawn from each set (default: as many as the smaller set has);
-    ``repeats`` of them are shown a second time to measure intra-rater consistency.
+    ``repeats`` of them are shown a second time to measure intra-rater consistency. Every
+    image is shown in the generator's view (the lesion-centred square crop) at the synthetic
+    images' size: real frames keep their aspect ratio when prepared, synthetic images are
+    square, and a shape or pixel size would tell the rater the answer.
     """
     manifests = {"synthetic": load_manifest(synthetic), "real": load_manifest(real)}
     for source, root in (("synthetic", synthetic), ("real", real)):
@@ -133,16 +145,17 @@ def build_study(
     rng = np.random.default_rng(seed)
     secret = secrets.token_bytes(32)
     roots = {"synthetic": Path(synthetic), "real": Path(real)}
+    size = min(min(r.width, r.height) for r in manifests["synthetic"].records)
+    views = {source: generator_views(roots[source], None, size) for source in SOURCES}
     picked = [(s, r) for s in SOURCES for r in _pick(manifests[s], count, rng)]
     shuffled = [picked[i] for i in rng.permutation(len(picked))]
     with atomic_output_dir(out) as tmp:
         items = []
         for index, (source, record) in enumerate(shuffled):
             name = _opaque_name(secret, index)
-            image = load_rgb(roots[source] / record.image)
+            image, mask = _view(views[source], record.id)
             atomic_save_png(tmp / IMAGES_DIR / f"{name}.png", image)
             if overlay:
-                mask = load_mask(roots[source] / record.mask)
                 atomic_save_png(tmp / IMAGES_DIR / f"{name}-overlay.png", mask_overlay(image, mask))
             items.append(Item(name, source, record.id, record.dataset, overlay))
         atomic_write_bytes(tmp / SECRET_FILE, secret.hex().encode())
@@ -158,6 +171,7 @@ def build_study(
                     "repeats": repeats,
                     "seed": seed,
                     "overlay": overlay,
+                    "size": size,
                 },
                 "items": [asdict(item) for item in items],
                 "sequence": _sequence(len(items), repeats, rng),
@@ -204,7 +218,20 @@ def open_study(
     out: str | Path,
     **settings: Any,
 ) -> Study:
-    """Resume the study at ``out`` if it exists, else build it (``settings`` as build_study)."""
+    """Resume the study at ``out`` if it exists, else build it (``settings`` as build_study).
+
+    A study is resumed only with the datasets it was built from: other ones would be
+    ignored without a word, their images never shown."""
     if Path(out).exists():
-        return load_study(out)
+        study = load_study(out)
+        given = {"synthetic": synthetic, "real": real}
+        for source in SOURCES:
+            built_from = study.info.get("sources", {}).get(source)
+            if built_from != str(Path(given[source]).resolve()):
+                raise SiamdiffError(
+                    f"this study was built from {source} images in {built_from}, not "
+                    f"{given[source]}; resume it with those, or start a new --study",
+                    out,
+                )
+        return study
     return build_study(synthetic, real, out, **settings)
