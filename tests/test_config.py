@@ -59,6 +59,16 @@ def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
         ("optim.lr=.nan", "optim.lr must be a number > 0, got nan"),
         ("model.prompt_dropout=1.5", "model.prompt_dropout must be a number >= 0 and <= 1"),
         ("train.mixed_precision=fp8", "train.mixed_precision must be one of no, bf16, fp16"),
+        ("seed=-1", "seed must be an integer >= 0, got -1"),
+        ("seed=1.5", "seed must be an integer >= 0, got 1.5"),
+        ("optim.betas=[2,0]", "optim.betas must be two numbers in [0, 1)"),
+        ("optim.betas=0.9", "optim.betas must be two numbers in [0, 1)"),
+        ("data.transforms.size=36", "data.transforms.size must be a multiple of 8, got 36"),
+        ("train=null", "train must be a mapping of settings, got None"),
+        ("run_dir=null", "run_dir must be a path, got None"),
+        ("data.root=null", "data.root must be a path, got None"),
+        ("model.aug_t_max=-3", "model.aug_t_max must be an integer >= 0, got -3"),
+        ("data.verify=maybe", "data.verify must be true or false, got 'maybe'"),
     ],
 )
 def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:

@@ -80,6 +80,21 @@ def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):
         load_export(tmp_path)
 
 
+def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path: Path):
+    for out in (trained_run, trained_run / "export", trained_run.parent):
+        with pytest.raises(SiamdiffError, match="not into it or over it"):
+            export_run(trained_run, out, overwrite=True)
+    assert checkpoints(trained_run)  # still there
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "keep.txt").write_text("a user's file")
+    with pytest.raises(SiamdiffError, match=r"no siamdiff\.json"):
+        export_run(trained_run, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "a user's file"
+    first = export_run(trained_run, tmp_path / "export")
+    assert export_run(trained_run, first, overwrite=True) == first  # an export is replaced
+
+
 def test_cli_export_prints_one_line_errors(trained_run: Path, tmp_path: Path, capsys):
     assert main(["export", str(trained_run), str(tmp_path / "e")]) == 0
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "f")]) == 2

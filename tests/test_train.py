@@ -75,6 +75,29 @@ def test_existing_run_needs_resume(phantom_data: Path, tmp_path: Path):
         train(cfg)
 
 
+def test_resume_refuses_settings_the_run_was_not_trained_with(
+    phantom_data: Path, tmp_path: Path, capsys
+):
+    run = tmp_path / "run"
+    done = ("train.max_steps=1", "train.sample_every=100")
+    train(tiny_config(phantom_data, run, *done), resume=True)  # a requeued job's first start
+    assert f"--resume: no checkpoint in {run}" in capsys.readouterr().err
+    saved = load_config(run / "config.yaml")
+    assert saved.data.root == str(phantom_data.resolve())  # the same files from anywhere
+    bigger = tiny_config(phantom_data, run, *done, "train.batch_size=4", "optim.lr=0.5")
+    with pytest.raises(SiamdiffError, match=r"train\.batch_size 2 -> 4") as err:
+        train(bigger, resume=True)
+    assert "optim.lr" in str(err.value)
+    assert f"siamdiff train {run / 'config.yaml'} --resume" in str(err.value)
+    # Reporting and where the data lives may change; the saved config resumes as it is.
+    train(tiny_config(phantom_data, run, *done, "train.log_every=5"), resume=True)
+    train(load_config(run / "config.yaml"), resume=True)
+    # Training longer is allowed, and what it changes is said.
+    train(tiny_config(phantom_data, run, "train.max_steps=2", "train.sample_every=100"), True)
+    assert "train.max_steps 1 -> 2: the learning-rate schedule" in capsys.readouterr().err
+    assert checkpoints(run)[-1].name == "step-00000002"
+
+
 @pytest.mark.parametrize(
     ("how", "kept"),
     [

@@ -119,16 +119,19 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             tmp.chmod(DIR_MODE)
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", parent) from exc
+    trash: Path | None = None
     try:
         yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        os.replace(tmp, out)
         _fsync_dir(parent)
     except BaseException:
+        if trash is not None and (trash / out.name).exists() and not out.exists():
+            os.replace(trash / out.name, out)  # the swap failed half-way: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if trash is not None and out.exists():  # else the old output is still in there
+            shutil.rmtree(trash, ignore_errors=True)

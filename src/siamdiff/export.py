@@ -98,14 +98,20 @@ def save_model(
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as an export directory (atomically: all or nothing)."""
+    """Write `model` as an export directory (atomically: all or nothing). ``overwrite``
+    replaces an earlier export or an empty directory, never anything else."""
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file():
+        raise SiamdiffError(
+            f"is not a siamdiff export (no {META_NAME}); refusing to replace it", out
+        )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.unet.save_pretrained(tmp / "unet")
         model.controlnet.save_pretrained(tmp / "controlnet")
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         text_meta = _save_text(model.text, tmp / "text")
         autoencoder_cfg = _plain(cfg.autoencoder)
-        if autoencoder_cfg.get("path"):
+        if autoencoder_cfg.get("path") and Path(autoencoder_cfg["path"]).exists():
+            # Local weights, from anywhere; a Hub id is no local path and stays as it is.
             autoencoder_cfg["path"] = str(Path(autoencoder_cfg["path"]).resolve())
         atomic_write_json(
             tmp / META_NAME,
@@ -173,6 +179,9 @@ def export_run(
     found = checkpoints(run)
     if not found:
         raise SiamdiffError("no checkpoints (is this a `siamdiff train` run directory?)", run)
+    inside = {run.resolve(), *run.resolve().parents}
+    if out.resolve() in inside or run.resolve() in out.resolve().parents:
+        raise SiamdiffError(f"export next to the run {run}, not into it or over it", out)
     if checkpoint is None:
         chosen = last_valid_checkpoint(run)
     else:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import sha256_file, verify
@@ -406,9 +407,14 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         raise SiamdiffError(
             "data.root is not set: pass data.root=DIR (a `siamdiff prepare` output)"
         )
+    cfg = with_absolute_paths(cfg)  # config.yaml then means the same files from anywhere
     run_dir = Path(cfg.run_dir)
     if not resume and checkpoints(run_dir):
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
+    if resume and checkpoints(run_dir):
+        check_resume_config(run_dir / "config.yaml", cfg)
+    elif resume:  # a requeued job's first start, or a mistyped run_dir
+        print(f"--resume: no checkpoint in {run_dir}, starting at step 0", file=sys.stderr)
 
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
         # Without CUDA, accelerate makes every DeepSpeed process rank 0 of 1: each would train
@@ -482,6 +488,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         # Checkpoints of older siamdiff versions lack it: no skipped steps assumed.
         batches_taken = state.get("batches_taken", step * cfg.optim.grad_accum)
         accelerator.print(f"resumed from {last} at step {step}")
+        if accelerator.is_main_process:
+            # Damaged ones past it: recomputed now, and never to count among the keep-last.
+            for damaged in checkpoints(run_dir)[checkpoints(run_dir).index(last) + 1 :]:
+                shutil.rmtree(damaged)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

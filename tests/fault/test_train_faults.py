@@ -18,6 +18,7 @@ from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
 from siamdiff.train import (
     CHECKSUMS_NAME,
+    SeededAugmentation,
     checkpoint_digests,
     checkpoint_problem,
     checkpoints,
@@ -87,6 +88,33 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(phantom_data:
     # Step 3 was recomputed from step 2: the same bytes as before the damage.
     assert (newest / "model.safetensors").read_bytes() == original
     assert checkpoint_problem(newest) is None
+
+
+def test_damaged_checkpoints_past_the_resumed_one_never_count_as_kept(
+    phantom_data: Path, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    run = tmp_path / "run"
+    every_other = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100")
+    train(tiny_config(phantom_data, run, *every_other, "train.keep_last=2"))
+    flip_byte(checkpoints(run)[-1] / "model.safetensors")  # step 4 damaged
+    calls = {"n": 0}
+    original = SeededAugmentation.__getitem__
+
+    def stop_while_step_four_loads(self, index):
+        calls["n"] += 1
+        if calls["n"] == 2 + 1:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(SeededAugmentation, "__getitem__", stop_while_step_four_loads)
+    keep_one = tiny_config(
+        phantom_data, run, *every_other, "train.checkpoint_every=1", "train.keep_last=1"
+    )
+    with pytest.warns(UserWarning, match="damaged"), pytest.raises(KeyboardInterrupt):
+        train(keep_one, resume=True)
+    # Step 3's checkpoint is the one kept, not the damaged step 4 it would have counted after.
+    assert [p.name for p in checkpoints(run)] == ["step-00000003"]
+    assert checkpoint_problem(checkpoints(run)[0]) is None
 
 
 def test_resume_without_a_valid_checkpoint_is_a_one_line_error(

@@ -6,12 +6,13 @@ line is an error instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from siamdiff.errors import SiamdiffError
@@ -41,9 +42,46 @@ def _number(
     return ok, f"a number {bounds}" + (f" and <= {high:g}" if high is not None else "")
 
 
-# Numbers the training loop divides by, counts with or schedules on: a wrong one would only
-# surface steps later, as a traceback.
+def _boolean() -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: isinstance(value, bool)), "true or false"
+
+
+def _text() -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: isinstance(value, str) and value != ""), "a path"
+
+
+def _betas() -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+        return pair and all(_number(0)[0](b) and b < 1 for b in value)
+
+    return ok, "two numbers in [0, 1), [beta1, beta2]"
+
+
+def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
+    # The DHI's three patch merges and the autoencoders take pixels to an H/8 latent grid.
+    return (lambda value: _integer(8)[0](value) and value % 8 == 0), "a multiple of 8"
+
+
+# Values the training loop divides by, counts with, schedules on or opens: a wrong one would
+# only surface later, as a traceback or as a setting silently without effect.
 VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _integer(0),
+    "run_dir": _text(),
+    "data.root": _text(),
+    "optim.betas": _betas(),
+    "data.transforms.size": _multiple_of_8(),
+    "model.aug_t_max": _integer(0),
+    **dict.fromkeys(
+        (
+            "data.verify",
+            "data.balanced.enabled",
+            "data.transforms.rot90",
+            "data.transforms.hflip",
+            "train.gradient_checkpointing",
+        ),
+        _boolean(),
+    ),
     **dict.fromkeys(
         (
             "train.max_steps",
@@ -56,7 +94,6 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "train.sample_steps",
             "train.max_nonfinite",
             "optim.grad_accum",
-            "data.transforms.size",
         ),
         _integer(1),
     ),
@@ -73,6 +110,11 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _check_values(cfg: DictConfig, path: Path) -> None:
     """One-line errors naming the config in use (the value may come from its command line)."""
+    for section, default in _read_yaml(CONFIG_DIR / "base.yaml").items():
+        if isinstance(default, DictConfig) and not isinstance(cfg.get(section), DictConfig):
+            raise SiamdiffError(
+                f"{section} must be a mapping of settings, got {cfg.get(section)!r}", path
+            )
     if cfg.train.mixed_precision is False:  # YAML reads a bare `no` as false
         cfg.train.mixed_precision = "no"
     if cfg.train.mixed_precision not in MIXED_PRECISION:
@@ -82,8 +124,8 @@ def _check_values(cfg: DictConfig, path: Path) -> None:
             path,
         )
     for key, (ok, expected) in VALUE_CHECKS.items():
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
+        value = OmegaConf.select(cfg, key, default=MISSING)
+        if value is not MISSING and not ok(value):  # a missing (???) one is asked for by name
             raise SiamdiffError(f"{key} must be {expected}, got {value!r}", path)
 
 
@@ -141,3 +183,78 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
     _check_values(cfg, path)
     return cfg
+
+
+# Local paths a run reads; relative ones would mean another file from another directory.
+PATH_KEYS = ("run_dir", "data.root", "data.latent_cache", "autoencoder.path", "backbone.path")
+WRITTEN_PATHS = ("run_dir", "data.latent_cache")  # local even before the run creates them
+# What a resumed run may change: where things are, how often it reports, how it runs on the
+# machine at hand. Anything else would make it another training than its checkpoints'.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        *PATH_KEYS,
+        "data.num_workers",
+        "data.verify",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_last",
+        "train.max_nonfinite",
+        "train.sample_every",
+        "train.sample_count",
+        "train.sample_steps",
+        "train.guidance",
+        "train.gradient_checkpointing",
+        "train.speed",
+        "train.max_steps",  # training longer (or shorter) than planned; said out loud
+    }
+)
+
+
+def with_absolute_paths(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its local paths absolute (a Hub id, which is no local path, stays)."""
+    cfg = cfg.copy()
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and (
+            key in ("run_dir", "data.latent_cache") or Path(value).exists()
+        ):
+            OmegaConf.update(cfg, key, str(Path(value).resolve()))
+    return cfg
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    dotted = f"{prefix}." if prefix else ""
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{dotted}{key}").items()}
+
+
+def check_resume_config(saved_path: Path, cfg: DictConfig) -> None:
+    """Refuse to resume the run whose config is ``saved_path`` with settings it was not
+    trained with (the schedule, data, model or optimiser), naming them."""
+    saved = _flat(OmegaConf.to_container(load_config(saved_path)))
+    now = _flat(OmegaConf.to_container(cfg))
+    changed = [
+        key
+        for key in sorted(saved.keys() & now.keys())
+        if saved[key] != now[key]
+        and key not in RESUME_MAY_CHANGE
+        # a cache may move, not appear or vanish: the augmentations depend on it
+        and not (key == "data.latent_cache" and None not in (saved[key], now[key]))
+    ]
+    if changed:
+        shown = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise SiamdiffError(
+            f"--resume with other settings than the run was trained with ({shown}{more}); "
+            f"resume with `siamdiff train {saved_path} --resume`, or start another run_dir",
+            saved_path,
+        )
+    if saved["train.max_steps"] != now["train.max_steps"]:
+        print(
+            f"--resume: train.max_steps {saved['train.max_steps']} -> {now['train.max_steps']}: "
+            "the learning-rate schedule, the image weight ramp and the augmentation term's "
+            "start follow the new length from here",
+            file=sys.stderr,
+        )

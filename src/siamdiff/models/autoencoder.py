@@ -464,7 +464,11 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
             "autoencoder.kind",
         )
     if not path:
-        raise SiamdiffError(f"autoencoder kind {kind!r} needs a path", "autoencoder.path")
+        raise SiamdiffError(
+            f"autoencoder kind {kind!r} needs a path (the sd15 config takes it from "
+            "backbone.path: set that)",
+            "autoencoder.path",
+        )
     if kind == "taef2":
         model = TAEF2.from_pretrained(path)
         return TAEF2Autoencoder(
