@@ -195,3 +195,6 @@ def test_a_busy_port_is_one_line_before_anything_is_served(study: Study) -> None
         port = taken.getsockname()[1]
         with pytest.raises(SiamdiffError, match=f"cannot listen on 127.0.0.1:{port}"):
             serve(study.root, "127.0.0.1", port)
+        # werkzeug binds "localhost" as IPv4 even where it resolves to ::1 first.
+        with pytest.raises(SiamdiffError, match=f"cannot listen on localhost:{port}"):
+            serve(study.root, "localhost", port)

@@ -16,6 +16,7 @@ from pathlib import Path
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file
 from jinja2 import DictLoader
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import get_sockaddr, select_address_family
 
 from siamdiff.errors import SiamdiffError
 from siamdiff.rate import storage
@@ -165,10 +166,11 @@ def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
 def check_can_listen(host: str, port: int) -> None:
     """Werkzeug reports a busy port on two lines and exits the process; find out first."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as probe:
+        # The address family and address werkzeug will bind ("localhost" is IPv4 there).
+        family = select_address_family(host, port)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug does
-            probe.bind(address)
+            probe.bind(get_sockaddr(host, port, family))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise SiamdiffError(f"cannot listen on {host}:{port} ({reason})") from exc
