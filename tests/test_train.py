@@ -15,11 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 from siamdiff.config import load_config
+from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
 from siamdiff.train import (
     SeededAugmentation,
+    batches,
     checkpoints,
     configure_deepspeed,
     last_valid_checkpoint,
@@ -140,6 +143,27 @@ def test_interrupted_run_resumes_to_bit_identical_weights(
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_loss_log(broken / "losses.jsonl")]
     assert steps == [1, 2, 3, 4]
+
+
+def test_data_workers_leave_ctrl_c_to_the_main_process(
+    phantom_data: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: the main process finishes its
+    step (which may need another batch), so a worker must not die of it."""
+    data = SeededAugmentation(PairedDataset(phantom_data), seed=0)
+    sampler = BalancedBatchSampler(data.dataset.coverages, batch_size=2)
+    original = SeededAugmentation.__getitem__
+
+    def ctrl_c_in_the_worker(self, index):  # runs in the worker process
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, index)
+
+    monkeypatch.setattr(SeededAugmentation, "__getitem__", ctrl_c_in_the_worker)
+    stream = batches(data, sampler, start=0, num_workers=1, pin_memory=False)
+    try:
+        assert [len(next(stream)["image"]) for _ in range(3)] == [2, 2, 2]
+    finally:
+        stream.close()
 
 
 def test_partial_checkpoint_is_never_resumed_from(phantom_data: Path, tmp_path: Path):

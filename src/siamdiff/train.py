@@ -169,6 +169,13 @@ class StopRequest:
             signal.signal(number, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its
+    step (StopRequest): a worker they killed would fail that step instead."""
+    for number in StopRequest.SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     """Whether any rank was asked to stop (one small all-reduce per step with several)."""
     if accelerator.num_processes == 1:
@@ -253,6 +260,7 @@ def batches(
             num_workers=num_workers,
             pin_memory=pin_memory,
             generator=seeds,
+            worker_init_fn=ignore_stop_signals,
         )
         epoch, skip = epoch + 1, 0
 
