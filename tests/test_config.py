@@ -34,6 +34,12 @@ def test_sd15_paths_follow_the_backbone_path() -> None:
     assert cfg.optim.lr == 1e-5
 
 
+def test_text_encoder_keys_the_backbone_reads_are_settable() -> None:
+    cfg = load_config("scratch", ["backbone.text=clip", "backbone.text_path=/models/clip"])
+    assert cfg.backbone.text_path == "/models/clip"
+    assert load_config("tiny", ["backbone.text_tokens=4"]).backbone.text_tokens == 4
+
+
 def test_misspelt_override_is_a_one_line_error() -> None:
     with pytest.raises(SiamdiffError, match=r"train\.max_step") as info:
         load_config("tiny", ["train.max_step=7"])

@@ -94,6 +94,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "train.sample_steps",
             "train.max_nonfinite",
             "optim.grad_accum",
+            "backbone.text_tokens",
         ),
         _integer(1),
     ),
