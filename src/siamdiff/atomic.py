@@ -4,6 +4,7 @@ matching read of the JSON files siamdiff writes."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -135,3 +136,23 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if trash is not None and out.exists():  # else the old output is still in there
             shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_writer(out: Path, rank: int, job: str) -> Iterator[None]:
+    """Hold ``.{out}.lock-{rank}`` beside ``out`` for the whole job.
+
+    A second job on the same output (same rank) fails at once instead of interleaving its
+    files with the first's. The lock lives beside ``out`` so that ``--overwrite`` cannot
+    delete it, and the OS drops it when the holder dies.
+    """
+    lock_path = out.parent / f".{out.name}.lock-{rank}"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise SiamdiffError(
+                f"another `{job}` is writing here (rank {rank}); wait for it", out
+            ) from exc
+        yield

@@ -7,6 +7,7 @@ user-facing failure surfaces as one line: ``siamdiff: error: <file>: <problem>``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,11 +73,15 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from siamdiff.atomic import exclusive_writer
     from siamdiff.config import load_config
     from siamdiff.train import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume)
+    # A requeued job while the first still runs would interleave checkpoints and logs.
+    rank = int(os.environ.get("RANK", "0"))
+    with exclusive_writer(Path(cfg.run_dir).resolve(), rank, "siamdiff train"):
+        run_dir = train(cfg, resume=args.resume)
     print(f"run written to {run_dir}")
     return 0
 

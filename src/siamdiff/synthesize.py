@@ -31,7 +31,6 @@ to a temporary directory first.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -55,6 +54,7 @@ from siamdiff.atomic import (
     atomic_save_png,
     atomic_write_bytes,
     atomic_write_json,
+    exclusive_writer,
 )
 from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import (
@@ -567,26 +567,6 @@ def _check_arguments(
             raise SiamdiffError(message)
 
 
-@contextlib.contextmanager
-def exclusive_writer(out: Path, rank: int) -> Iterator[None]:
-    """Hold ``.{out}.lock-{rank}`` beside ``out`` for the whole job.
-
-    A second ``siamdiff sample`` on the same output (same rank) fails at once instead of
-    interleaving files and journal lines with the first. The lock lives beside ``out`` so
-    that ``--overwrite`` cannot delete it, and the OS drops it when the holder dies.
-    """
-    lock_path = out.parent / f".{out.name}.lock-{rank}"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise SiamdiffError(
-                f"another `siamdiff sample` is writing here (rank {rank}); wait for it", out
-            ) from exc
-        yield
-
-
 def spread_subset(items: Sequence[int], limit: int | None) -> list[int]:
     """``limit`` items at evenly spaced positions of ``items`` (all of them when ``None``)."""
     if limit is None or limit >= len(items):
@@ -675,7 +655,7 @@ def synthesize(
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )
-    with exclusive_writer(out, rank):
+    with exclusive_writer(out, rank, "siamdiff sample"):
         _check_out(out, settings, overwrite)
         _wait_for_other_ranks(world_size)
         if rank == 0:

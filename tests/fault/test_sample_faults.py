@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from siamdiff.atomic import exclusive_writer
 from siamdiff.data.manifest import MANIFEST_NAME, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run
-from siamdiff.synthesize import _finished, exclusive_writer, synthesize
+from siamdiff.synthesize import _finished, synthesize
 from siamdiff.train import train
 from tests.fault.helpers import fail_fsync, kill_when, run_ok
 from tests.helpers import tiny_config
@@ -108,7 +109,9 @@ def test_a_second_sampler_on_the_same_output_fails_fast(
     exported: Path, phantom_data: Path, tmp_path: Path
 ):
     out = tmp_path / "syn"
-    with exclusive_writer(out, rank=0):  # as a first `siamdiff sample` still running would
+    with exclusive_writer(
+        out, 0, "siamdiff sample"
+    ):  # as a first `siamdiff sample` still running would
         with pytest.raises(SiamdiffError, match="another `siamdiff sample`"):
             synthesize(exported, phantom_data, out, progress=False, **OPTIONS)
         # --overwrite must not wipe the running job's output either.

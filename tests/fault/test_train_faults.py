@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from siamdiff import cli
+from siamdiff.atomic import exclusive_writer
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
@@ -115,6 +116,18 @@ def test_damaged_checkpoints_past_the_resumed_one_never_count_as_kept(
     # Step 3's checkpoint is the one kept, not the damaged step 4 it would have counted after.
     assert [p.name for p in checkpoints(run)] == ["step-00000003"]
     assert checkpoint_problem(checkpoints(run)[0]) is None
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(phantom_data: Path, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = (f"data.root={phantom_data}", f"run_dir={run}", *TINY_OVERRIDES)
+    overrides += ("train.max_steps=1", "train.sample_every=100")
+    with exclusive_writer(run, 0, "siamdiff train"):  # as a first job still running would
+        assert cli.main(["train", "tiny", *overrides, "--resume"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "another `siamdiff train` is writing here" in err and str(run) in err
+    assert not run.exists()  # nothing written
+    assert cli.main(["train", "tiny", *overrides, "--resume"]) == 0  # once it is gone
 
 
 def test_resume_without_a_valid_checkpoint_is_a_one_line_error(
