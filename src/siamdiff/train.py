@@ -609,7 +609,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 grid = run_dir / "samples" / f"step-{step:08d}.png"
                 with training_autocast(accelerator):  # the precision the model trains in
                     write_samples(core, autoencoder, preview, cfg, grid)
-            if stop_requested(stop, accelerator):  # every rank stops at the same step
+            # Every rank stops at the same step; one asked to stop at the last simply ends.
+            if step < cfg.train.max_steps and stop_requested(stop, accelerator):
                 if not checkpoint_dir(run_dir, step).is_dir():
                     accelerator.print(f"saving a checkpoint at step {step}")
                     save_checkpoint(
