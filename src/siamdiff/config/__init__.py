@@ -109,9 +109,9 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check_values(cfg: DictConfig, path: Path) -> None:
+def _check_values(cfg: DictConfig, base: DictConfig, path: Path) -> None:
     """One-line errors naming the config in use (the value may come from its command line)."""
-    for section, default in _read_yaml(CONFIG_DIR / "base.yaml").items():
+    for section, default in base.items():
         if isinstance(default, DictConfig) and not isinstance(cfg.get(section), DictConfig):
             raise SiamdiffError(
                 f"{section} must be a mapping of settings, got {cfg.get(section)!r}", path
@@ -182,7 +182,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
-    _check_values(cfg, path)
+    _check_values(cfg, base, path)
     return cfg
 
 
@@ -216,9 +216,7 @@ def with_absolute_paths(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, str) and (
-            key in ("run_dir", "data.latent_cache") or Path(value).exists()
-        ):
+        if isinstance(value, str) and (key in WRITTEN_PATHS or Path(value).exists()):
             OmegaConf.update(cfg, key, str(Path(value).resolve()))
     return cfg
 
