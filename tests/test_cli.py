@@ -107,6 +107,16 @@ def test_prepare_rejects_an_unknown_source_kind(capsys) -> None:
     assert "KIND=DIR" in capsys.readouterr().err
 
 
+def test_overrides_after_a_flag_are_overrides_still(capsys) -> None:
+    # argparse alone leaves them over ("unrecognized arguments"); main reads them as overrides.
+    assert main(["train", "tiny", "--resume", "train.max_step=7"]) == 2
+    assert "train.max_step" in one_line_error(capsys)  # read as an override, then refused
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "tiny", "--resume", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("requested", "cuda", "processes", "expected"),
     [
