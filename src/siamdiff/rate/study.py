@@ -88,9 +88,8 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _view(dataset: PairedDataset, record_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """A record's image (HxWx3 uint8) and mask (HxW bool) in ``dataset``'s view."""
-    index = next(i for i, r in enumerate(dataset.records) if r.id == record_id)
+def _view(dataset: PairedDataset, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``index``'s image (HxWx3 uint8) and mask (HxW bool) in ``dataset``'s view."""
     sample = dataset[index]
     image = to_uint8_rgb(sample["image"][None])[0].permute(1, 2, 0).numpy()
     return image, sample["mask"][0].numpy() > 0.5
@@ -147,13 +146,14 @@ def build_study(
     roots = {"synthetic": Path(synthetic), "real": Path(real)}
     size = min(min(r.width, r.height) for r in manifests["synthetic"].records)
     views = {source: generator_views(roots[source], None, size) for source in SOURCES}
+    position = {s: {r.id: i for i, r in enumerate(views[s].records)} for s in SOURCES}
     picked = [(s, r) for s in SOURCES for r in _pick(manifests[s], count, rng)]
     shuffled = [picked[i] for i in rng.permutation(len(picked))]
     with atomic_output_dir(out) as tmp:
         items = []
         for index, (source, record) in enumerate(shuffled):
             name = _opaque_name(secret, index)
-            image, mask = _view(views[source], record.id)
+            image, mask = _view(views[source], position[source][record.id])
             atomic_save_png(tmp / IMAGES_DIR / f"{name}.png", image)
             if overlay:
                 atomic_save_png(tmp / IMAGES_DIR / f"{name}-overlay.png", mask_overlay(image, mask))
