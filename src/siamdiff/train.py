@@ -417,9 +417,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         )
     cfg = with_absolute_paths(cfg)  # config.yaml then means the same files from anywhere
     run_dir = Path(cfg.run_dir)
-    if not resume and checkpoints(run_dir):
+    existing = checkpoints(run_dir)
+    if not resume and existing:
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
-    if resume and checkpoints(run_dir):
+    if resume and existing:
         check_resume_config(run_dir / "config.yaml", cfg)
     elif resume:  # a requeued job's first start, or a mistyped run_dir
         print(f"--resume: no checkpoint in {run_dir}, starting at step 0", file=sys.stderr)
@@ -484,7 +485,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
 
     # ---- run directory, resume ----------------------------------------------------------
     step = batches_taken = 0
-    if resume and checkpoints(run_dir):
+    if resume and existing:
         last = last_valid_checkpoint(run_dir)
         try:  # accelerate unpickles optimizer/scheduler/RNG state with weights_only=True
             accelerator.load_state(str(last))
@@ -498,7 +499,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         accelerator.print(f"resumed from {last} at step {step}")
         if accelerator.is_main_process:
             # Damaged ones past it: recomputed now, and never to count among the keep-last.
-            for damaged in checkpoints(run_dir)[checkpoints(run_dir).index(last) + 1 :]:
+            for damaged in existing[existing.index(last) + 1 :]:
                 shutil.rmtree(damaged)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
