@@ -39,6 +39,7 @@ from siamdiff.models.backbone import (
     TextConditioner,
     build_backbone,
 )
+from siamdiff.models.dhi import BASE_HINT_CHANNELS
 from siamdiff.models.siamese import SiameseDiffusion
 
 EXPORT_FORMAT = "siamdiff-export"
@@ -53,7 +54,9 @@ def _plain(node: Any) -> Any:
 def build_model(cfg: DictConfig) -> tuple[SiameseDiffusion, LatentAutoencoder, Backbone]:
     """The autoencoder, backbone and Siamese model a training config describes."""
     autoencoder = load_autoencoder(_plain(cfg.autoencoder))
-    backbone = build_backbone(_plain(cfg.backbone), autoencoder.latent_channels)
+    backbone = build_backbone(
+        _plain(cfg.backbone), autoencoder.latent_channels, extra_hints=len(cfg.data.hints)
+    )
     model = SiameseDiffusion(
         backbone, mode=cfg.model.mode, aug_t_max=cfg.model.aug_t_max, aug_start=cfg.model.aug_start
     )
@@ -122,6 +125,7 @@ def save_model(
                 "mode": model.mode,
                 "prompt": cfg.backbone.prompt,
                 "resolution": cfg.data.transforms.size,
+                "hints": list(cfg.data.hints),
                 "text": text_meta,
                 "autoencoder": autoencoder_cfg,
                 "autoencoder_identity": autoencoder.identity,
@@ -164,6 +168,13 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
         )
     except (OSError, ValueError, KeyError) as exc:
         raise SiamdiffError(f"incomplete export ({str(exc).splitlines()[0]})", path) from exc
+    hint_channels = BASE_HINT_CHANNELS + len(meta.get("hints", []))
+    if backbone.controlnet.config.conditioning_channels != hint_channels:
+        raise SiamdiffError(
+            f"the ControlNet takes {backbone.controlnet.config.conditioning_channels} hint "
+            f"channels but {META_NAME} lists hints {meta.get('hints', [])}",
+            meta_path,
+        )
     model = SiameseDiffusion(backbone, mode=meta["mode"]).requires_grad_(False).eval()
     return LoadedModel(model.to(device), autoencoder.to(device), meta)
 

@@ -5,6 +5,7 @@ Output (``SYN``), the same layout and manifest as ``siamdiff prepare``, so ``ver
 
     {source_id}-s{k:02d}.png        synthetic image k of source mask ``source_id``
     {source_id}-s{k:02d}_mask.png   the mask it was conditioned on (after mask augmentation)
+    {source_id}-s{k:02d}_hint-H.png the extra hint maps it was conditioned on (docs/hints.md)
     manifest-v1.json                kind "synthetic"; written last, from the journal
     samples.png                     mask | real | synthetic for the first 8 masks
     export-{pranet,nnunet,folder}/  optional copies in other tools' layouts
@@ -67,10 +68,11 @@ from siamdiff.data.manifest import (
     sha256_file,
     write_manifest,
 )
-from siamdiff.data.readers import load_mask, load_rgb
+from siamdiff.data.readers import HINT_DIR_PREFIX, HINT_MARK, load_mask, load_rgb
 from siamdiff.data.transforms import lesion_centre
 from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
+from siamdiff.models.dhi import BASE_HINT_CHANNELS, mask_to_hint
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
 from siamdiff.sample import SCHEDULERS, ddim_sample
@@ -101,6 +103,7 @@ def derived_seed(seed: int, source_id: str, sample_index: int, purpose: str) -> 
 
 def augment_mask(mask: Tensor, augmentations: Sequence[str], rng: np.random.Generator) -> Tensor:
     """A 1xSxS {0,1} mask flipped / scaled / shifted as ``augmentations`` ask, still binary.
+    A (1+K)xSxS mask carries its K hint maps behind it: they move with it, values kept.
 
     Every draw is made whatever is enabled, so enabling one kind never changes another's.
     Flips (horizontal, vertical) with p = FLIP_P each; scale uniform in SCALE_RANGE about
@@ -125,7 +128,7 @@ def augment_mask(mask: Tensor, augmentations: Sequence[str], rng: np.random.Gene
             interpolation=InterpolationMode.NEAREST,
             center=[float(col), float(row)],
         )
-    return (mask > 0.5).to(torch.float32)
+    return torch.cat([(mask[:1] > 0.5).to(torch.float32), mask[1:]])
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class ModelSource:
     checkpoint: str | None
     resolution: int
     identity: dict[str, Any]
+    hints: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -164,10 +168,11 @@ def resolve_model(path: str | Path) -> ModelSource:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             resolution = int(meta["resolution"])
+            hints = tuple(str(name) for name in meta.get("hints", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
-        return ModelSource(path, None, None, resolution, identity)
+        return ModelSource(path, None, None, resolution, identity, hints)
     found = checkpoints(path) if path.is_dir() else []
     if not found:
         raise SiamdiffError(
@@ -175,7 +180,14 @@ def resolve_model(path: str | Path) -> ModelSource:
         )
     cfg = load_config(path / "config.yaml")
     chosen = last_valid_checkpoint(path).name  # a damaged newest one is skipped, as on resume
-    return ModelSource(None, path, chosen, int(cfg.data.transforms.size), {"checkpoint": chosen})
+    return ModelSource(
+        None,
+        path,
+        chosen,
+        int(cfg.data.transforms.size),
+        {"checkpoint": chosen},
+        tuple(cfg.data.hints),
+    )
 
 
 def split_masks_argument(text: str) -> tuple[Path, str | None]:
@@ -265,10 +277,7 @@ def _finished(out: Path, ids: Sequence[str]) -> dict[str, Record]:
         record = entries.get(pair_id)
         if record is not None and all(
             (out / name).is_file() and sha256_file(out / name) == digest
-            for name, digest in (
-                (record.image, record.image_sha256),
-                (record.mask, record.mask_sha256),
-            )
+            for name, digest in record.files()
         ):
             done[pair_id] = record
     return done
@@ -377,7 +386,9 @@ def _generate(
                 source = masks.records[index]
                 seed = derived_seed(settings["seed"], source.id, k, "noise")
                 rng = np.random.default_rng(derived_seed(settings["seed"], source.id, k, "mask"))
-                mask = augment_mask(masks[index]["mask"], sampler["mask_aug"], rng)
+                item = masks[index]
+                channels = torch.cat([item["mask"], item["hints"]])
+                channels = augment_mask(channels, sampler["mask_aug"], rng)
                 extra = {
                     "source_id": source.id,
                     "seed": seed,
@@ -386,7 +397,7 @@ def _generate(
                     "model": settings["model"],
                 }
                 pairs.append((pair_name(source.id, k), _pair_fields(source, masks.root, extra)))
-                hints.append(mask.expand(3, -1, -1))
+                hints.append(mask_to_hint(channels[None, :1], channels[None, 1:])[0])
                 # CPU generators: the same noise whatever the device samples on.
                 generators.append(torch.Generator().manual_seed(seed))
             with autocast:
@@ -408,7 +419,16 @@ def _generate(
                 if name in done:
                     continue
                 mask = hint[0].numpy() > 0.5
-                journal.append(save_pair(out, name, np.ascontiguousarray(image), mask, **fields))
+                maps = (hint[BASE_HINT_CHANNELS:] * 255).round().to(torch.uint8).numpy()
+                record = save_pair(
+                    out,
+                    name,
+                    np.ascontiguousarray(image),
+                    mask,
+                    dict(zip(masks.hints, maps, strict=True)),
+                    **fields,
+                )
+                journal.append(record)
                 bar.update()
     return todo
 
@@ -469,20 +489,29 @@ def _write_grid(out: Path, masks: PairedDataset, indices: list[int]) -> None:
 def export_format(root: Path, records: Sequence[Record], fmt: str, dest: Path) -> Path:
     """Copy a synthetic set into another tool's layout at ``dest`` (replaced whole).
 
-    ``pranet``: ``images/ID.png`` + ``masks/ID.png`` (0/255). ``folder``: ``ID.png`` +
-    ``ID_mask.png``. ``nnunet``: an nnU-Net v2 raw dataset (``imagesTr/ID_0000.png`` RGB,
-    ``labelsTr/ID.png`` with labels 0/1, ``dataset.json``); move it to
+    ``pranet``: ``images/ID.png`` + ``masks/ID.png`` (0/255) (+ ``hint-H/ID.png``).
+    ``folder``: ``ID.png`` + ``ID_mask.png`` (+ ``ID_hint-H.png``). Both are layouts
+    ``siamdiff prepare`` reads back, extra hints included. ``nnunet``: an nnU-Net v2 raw
+    dataset (``imagesTr/ID_0000.png`` RGB, ``labelsTr/ID.png`` with labels 0/1,
+    ``dataset.json``) for segmentation, which the hints do not belong to; move it to
     ``nnUNet_raw/DatasetXXX_Name`` to use it.
     """
     with atomic_output_dir(dest, overwrite=True) as tmp:
         for record in records:
             image, mask = root / record.image, root / record.mask
+            hints = {name: root / hint["file"] for name, hint in record.hints.items()}
             if fmt == "pranet":
                 atomic_write_bytes(tmp / "images" / f"{record.id}.png", image.read_bytes())
                 atomic_write_bytes(tmp / "masks" / f"{record.id}.png", mask.read_bytes())
+                for name, path in hints.items():
+                    destination = tmp / f"{HINT_DIR_PREFIX}{name}" / f"{record.id}.png"
+                    atomic_write_bytes(destination, path.read_bytes())
             elif fmt == "folder":
                 atomic_write_bytes(tmp / f"{record.id}.png", image.read_bytes())
                 atomic_write_bytes(tmp / f"{record.id}_mask.png", mask.read_bytes())
+                for name, path in hints.items():
+                    destination = tmp / f"{record.id}{HINT_MARK}{name}.png"
+                    atomic_write_bytes(destination, path.read_bytes())
             else:
                 atomic_write_bytes(tmp / "imagesTr" / f"{record.id}_0000.png", image.read_bytes())
                 label = load_mask(mask).astype(np.uint8)
@@ -651,7 +680,7 @@ def synthesize(
         "scheduler": scheduler,
         "mask_aug": list(mask_aug),
     }
-    masks = generator_views(masks_root, split, source.resolution)
+    masks = generator_views(masks_root, split, source.resolution, source.hints)
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )

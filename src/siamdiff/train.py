@@ -57,6 +57,7 @@ from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
 from siamdiff.models.backbone import freeze_for_training
+from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import read_loss_log, save_loss_curve, save_sample_grid
@@ -266,10 +267,10 @@ def batches(
 
 
 def to_hints(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask hint {0,1} x3 channels and image hint in [0,1], as the ControlNet expects."""
-    mask_hint = batch["mask"].repeat(1, 3, 1, 1)
-    image_hint = (batch["image"] + 1) / 2
-    return mask_hint, image_hint
+    """Mask hint and image hint, each followed by the extra hint maps, as the ControlNet
+    expects them."""
+    extra = batch["hints"]
+    return mask_to_hint(batch["mask"], extra), image_to_hint(batch["image"], extra)
 
 
 @torch.no_grad()
@@ -325,8 +326,9 @@ def training_data(
             "the autoencoder expects RGB; Lab input is for pixel-space models only",
             "data.transforms.colour",
         )
+    hints = tuple(cfg.data.hints)
     fixed_view = PairedDataset(
-        root, cfg.data.split, transform=build_transforms(transform_cfg, False)
+        root, cfg.data.split, transform=build_transforms(transform_cfg, False), hints=hints
     )
     preview = next(iter(DataLoader(fixed_view, batch_size=cfg.train.sample_count)))
     if cfg.data.latent_cache:
@@ -342,7 +344,7 @@ def training_data(
         dataset: Dataset = WithCachedLatents(fixed_view, cache)
     else:
         dataset = PairedDataset(
-            root, cfg.data.split, transform=build_transforms(transform_cfg, True)
+            root, cfg.data.split, transform=build_transforms(transform_cfg, True), hints=hints
         )
     sampler = BalancedBatchSampler(
         fixed_view.coverages,
@@ -536,7 +538,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             with accelerator.accumulate(model):
                 images = batch["image"].to(device, non_blocking=True)
                 batch["mask"] = batch["mask"].to(device, non_blocking=True)
-                mask_hint, image_hint = to_hints({"image": images, "mask": batch["mask"]})
+                batch["hints"] = batch["hints"].to(device, non_blocking=True)
+                mask_hint, image_hint = to_hints({**batch, "image": images})
                 if "latent" in batch:
                     z0 = batch["latent"].to(device, non_blocking=True)
                 else:

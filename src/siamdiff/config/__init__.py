@@ -6,6 +6,7 @@ line is an error instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +59,18 @@ def _betas() -> tuple[Callable[[Any], bool], str]:
     return ok, "two numbers in [0, 1), [beta1, beta2]"
 
 
+def _hint_names() -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        names = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+        return (
+            names is not None
+            and len(set(names)) == len(names)
+            and all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9._]+", n) for n in names)
+        )
+
+    return ok, "a list of distinct hint names (letters, digits, '.', '_')"
+
+
 def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
     # The DHI's three patch merges and the autoencoders take pixels to an H/8 latent grid.
     return (lambda value: _integer(8)[0](value) and value % 8 == 0), "a multiple of 8"
@@ -70,6 +83,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "run_dir": _text(),
     "data.root": _text(),
     "optim.betas": _betas(),
+    "data.hints": _hint_names(),
     "data.transforms.size": _multiple_of_8(),
     "model.aug_t_max": _integer(0),
     **dict.fromkeys(

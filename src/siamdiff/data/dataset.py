@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from siamdiff.data.manifest import Record, load_manifest
-from siamdiff.data.readers import load_mask, load_rgb
+from siamdiff.data.manifest import MANIFEST_NAME, Record, load_manifest
+from siamdiff.data.readers import load_hint, load_mask, load_rgb
 from siamdiff.data.transforms import Sample, TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
 
 
 class PairedDataset(Dataset):
-    """Samples ``{"image", "mask", "meta"}`` of one split of a prepared dataset.
+    """Samples ``{"image", "mask", "hints", "meta"}`` of one split of a prepared dataset.
 
     ``split=None`` takes every record. Without ``transform`` the samples go through the
     eval pipeline at the stored size (the shorter side that ``siamdiff prepare`` wrote).
+    ``hints`` names the extra hint maps to load, in that channel order (docs/hints.md).
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class PairedDataset(Dataset):
         root: str | Path,
         split: str | None = "train",
         transform: Callable[[Sample], Sample] | None = None,
+        hints: Sequence[str] = (),
     ) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
@@ -33,6 +36,16 @@ class PairedDataset(Dataset):
         if not self.records:
             which = "records" if split is None else f"{split!r} records"
             raise SiamdiffError(f"dataset has no {which}", self.root)
+        self.hints = tuple(hints)
+        for record in self.records:
+            lacking = [name for name in self.hints if name not in record.hints]
+            if lacking:
+                has = ", ".join(sorted(record.hints)) or "none"
+                raise SiamdiffError(
+                    f"record {record.id} has no hint {lacking[0]!r} (its hints: {has}); "
+                    "prepare the data with that hint (docs/hints.md)",
+                    self.root / MANIFEST_NAME,
+                )
         if transform is None:
             size = min(min(r.width, r.height) for r in self.records)
             transform = build_transforms(TransformConfig(size=size), train=False)
@@ -50,12 +63,18 @@ class PairedDataset(Dataset):
         record = self.records[index]
         image = load_rgb(self.root / record.image)
         mask = load_mask(self.root / record.mask)
-        if mask.shape != image.shape[:2]:
-            raise SiamdiffError(
-                f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{image.shape[1]}x{image.shape[0]}",
-                self.root / record.mask,
-            )
+        hints = [load_hint(self.root / record.hints[name]["file"]) for name in self.hints]
+        files = [("mask", record.mask, mask)]
+        files += [
+            ("hint", record.hints[n]["file"], a) for n, a in zip(self.hints, hints, strict=True)
+        ]
+        for kind, name, array in files:
+            if array.shape != image.shape[:2]:
+                raise SiamdiffError(
+                    f"{kind} is {array.shape[1]}x{array.shape[0]} but its image is "
+                    f"{image.shape[1]}x{image.shape[0]}",
+                    self.root / name,
+                )
         meta = {
             "id": record.id,
             "dataset": record.dataset,
@@ -63,14 +82,18 @@ class PairedDataset(Dataset):
             "coverage": record.coverage,
             "image_sha256": record.image_sha256,
         }
-        return self.transform({"image": image, "mask": mask, "meta": meta})
+        stacked = np.stack(hints, axis=-1) if hints else np.zeros((*mask.shape, 0), np.uint8)
+        return self.transform({"image": image, "mask": mask, "hints": stacked, "meta": meta})
 
 
-def generator_views(root: str | Path, split: str | None, size: int) -> PairedDataset:
+def generator_views(
+    root: str | Path, split: str | None, size: int, hints: Sequence[str] = ()
+) -> PairedDataset:
     """A dataset as the generator sees it when it trains and samples: the eval pipeline (the
     lesion-centred square crop) at ``size`` px. The masks ``siamdiff sample`` conditions on,
     and the real images the distribution metrics compare its samples with: synthetic images
     are this view, and against whole frames (a 4:3 frame squashed square, its black borders
     and overlays included) FD, KID, CLIP-I and colour statistics would count the view itself
     as a difference."""
-    return PairedDataset(root, split, transform=build_transforms(TransformConfig(size=size), False))
+    transform = build_transforms(TransformConfig(size=size), False)
+    return PairedDataset(root, split, transform=transform, hints=hints)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_save_png, atomic_write_json, read_json
+from siamdiff.data.readers import HINT_MARK
 from siamdiff.errors import SiamdiffError
 
 MANIFEST_NAME = "manifest-v1.json"
@@ -61,6 +63,19 @@ class Record:
     source_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def hints(self) -> dict[str, dict[str, str]]:
+        """Extra hint maps: name -> ``{"file", "sha256"}`` (``extra["hints"]``, docs/hints.md)."""
+        return self.extra.get("hints", {})
+
+    def files(self) -> list[tuple[str, str]]:
+        """(file, sha256) of every file of this record: image, mask, then each hint."""
+        return [
+            (self.image, self.image_sha256),
+            (self.mask, self.mask_sha256),
+            *((h["file"], h["sha256"]) for _, h in sorted(self.hints.items())),
+        ]
+
 
 @dataclass
 class Manifest:
@@ -86,15 +101,30 @@ class Manifest:
 
 
 def save_pair(
-    root: str | Path, record_id: str, image: np.ndarray, mask: np.ndarray, **fields: Any
+    root: str | Path,
+    record_id: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    hints: Mapping[str, np.ndarray] | None = None,
+    **fields: Any,
 ) -> Record:
-    """Write ``{id}.png`` (uint8 HxWx3) and ``{id}_mask.png`` (0/255) atomically and return
-    their Record; ``fields`` are the remaining Record fields (dataset, group, frame, split...)."""
+    """Write ``{id}.png`` (uint8 HxWx3), ``{id}_mask.png`` (0/255) and ``{id}_hint-NAME.png``
+    (uint8 HxW) per hint atomically and return their Record; ``fields`` are the remaining
+    Record fields (dataset, group, frame, split...)."""
     foreground = np.asarray(mask).astype(bool)
     image_bytes = atomic_save_png(Path(root) / f"{record_id}.png", image)
     mask_bytes = atomic_save_png(
         Path(root) / f"{record_id}_mask.png", foreground.astype(np.uint8) * 255
     )
+    if hints:
+        files = {name: f"{record_id}{HINT_MARK}{name}.png" for name in sorted(hints)}
+        digests = {
+            name: sha256_bytes(atomic_save_png(Path(root) / files[name], hints[name]))
+            for name in files
+        }
+        extra = dict(fields.pop("extra", {}))
+        extra["hints"] = {n: {"file": files[n], "sha256": digests[n]} for n in files}
+        fields["extra"] = extra
     return Record(
         id=record_id,
         image=f"{record_id}.png",
@@ -130,6 +160,28 @@ def _safe_relative(name: object, manifest_path: Path) -> str:
     return name
 
 
+def _check_hints(raw: dict[str, Any], manifest_path: Path) -> None:
+    extra = raw.get("extra", {})
+    hints = extra.get("hints", {}) if isinstance(extra, dict) else None
+    if not isinstance(hints, dict) or not all(
+        isinstance(h, dict) and isinstance(h.get("sha256"), str) for h in hints.values()
+    ):
+        raise SiamdiffError(
+            f"record {raw['id']!r} has malformed hints (want name -> {{file, sha256}})",
+            manifest_path,
+        )
+    for hint in hints.values():
+        _safe_relative(hint.get("file"), manifest_path)
+
+
+def hint_names(records: list[Record]) -> list[str]:
+    """The hints every one of ``records`` has, sorted."""
+    common = set(records[0].hints) if records else set()
+    for record in records[1:]:
+        common &= record.hints.keys()
+    return sorted(common)
+
+
 def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise SiamdiffError("not a siamdiff manifest", manifest_path)
@@ -155,6 +207,7 @@ def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
             )
         _safe_relative(raw["image"], manifest_path)
         _safe_relative(raw["mask"], manifest_path)
+        _check_hints(raw, manifest_path)
         try:
             records.append(Record(**raw))
         except TypeError as exc:
@@ -203,10 +256,10 @@ def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
     if previous.preprocessing != new.preprocessing:
         return f"{major}.{minor + 1}"
 
-    def outputs(manifest: Manifest) -> dict[str, tuple[str, str]]:
-        return {r.id: (r.image_sha256, r.mask_sha256) for r in manifest.records}
+    def outputs(manifest: Manifest) -> dict[str, list[tuple[str, str]]]:
+        return {r.id: r.files() for r in manifest.records}
 
-    # Same images, same preprocessing, other bytes: a raw mask was edited.
+    # Same images, same preprocessing, other bytes: a raw mask (or hint) was edited.
     if outputs(previous) != outputs(new):
         return f"{major + 1}.0"
     return previous.dataset_version
@@ -235,10 +288,7 @@ def verify(root: str | Path) -> VerifyReport:
     listed = {MANIFEST_NAME, *ANCILLARY_FILES}
     checked = 0
     for record in manifest.records:
-        for name, expected in (
-            (record.image, record.image_sha256),
-            (record.mask, record.mask_sha256),
-        ):
+        for name, expected in record.files():
             listed.add(name)
             path = root / name
             if not path.is_file():

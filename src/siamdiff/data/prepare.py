@@ -29,6 +29,7 @@ from siamdiff.data.manifest import (
     SPLITS,
     Manifest,
     Record,
+    hint_names,
     load_manifest,
     next_dataset_version,
     save_pair,
@@ -39,6 +40,7 @@ from siamdiff.data.readers import (
     MASK_THRESHOLD,
     SourcePair,
     UnreadableImageError,
+    load_hint,
     load_mask,
     load_rgb,
     read_source,
@@ -60,6 +62,7 @@ class PrepareSummary:
     skipped: list[tuple[str, str]]  # (file, reason)
     empty_masks: int  # kept with coverage 0, or dropped under drop_empty
     elapsed_s: float
+    hints: list[str] = field(default_factory=list)  # extra hint maps of every pair
     records: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,7 @@ class PrepareSummary:
             "records": self.records,
             "counts": self.counts,
             "empty_masks": self.empty_masks,
+            "hints": self.hints,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             "elapsed_s": round(self.elapsed_s, 2),
         }
@@ -84,6 +88,8 @@ class PrepareSummary:
             splits = ", ".join(f"{s} {n}" for s, n in counts.items())
             lines.append(f"  {dataset}: {splits}")
         lines.append(f"empty masks: {self.empty_masks}")
+        if self.hints:
+            lines.append(f"extra hints: {', '.join(self.hints)}")
         if self.skipped:
             reasons = Counter(reason for _, reason in self.skipped)
             detail = "; ".join(f"{n} {r}" for r, n in reasons.most_common())
@@ -107,6 +113,12 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return rgb, np.asarray(soft) >= 0.5
 
 
+def resize_hint(hint: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side -> ``size``, bilinear: a hint may be grey-level (a distance or depth map)."""
+    target = _resized_size(hint.shape[1], hint.shape[0], size)
+    return np.asarray(Image.fromarray(hint).resize(target, Image.Resampling.BILINEAR))
+
+
 def _process_pair(
     pair: SourcePair, out: Path, size: int, threshold: int, drop_empty: bool
 ) -> Record | tuple[str, str]:
@@ -114,11 +126,16 @@ def _process_pair(
     try:
         image = load_rgb(pair.image)
         mask = load_mask(pair.mask, threshold)
+        hints = {name: load_hint(path) for name, path in pair.hints}
     except UnreadableImageError as exc:
         return str(exc.path), exc.reason
-    if image.shape[:2] != mask.shape:
-        h, w = image.shape[:2]
+    h, w = image.shape[:2]
+    if mask.shape != (h, w):
         return str(pair.image), f"image {w}x{h} but mask {mask.shape[1]}x{mask.shape[0]}"
+    for name, path in pair.hints:
+        hint_h, hint_w = hints[name].shape
+        if (hint_h, hint_w) != (h, w):
+            return str(path), f"image {w}x{h} but hint {hint_w}x{hint_h}"
     image, mask = resize_pair(image, mask, size)
     if drop_empty and not mask.any():
         return str(pair.mask), EMPTY_MASK
@@ -127,6 +144,7 @@ def _process_pair(
         pair.id,
         image,
         mask,
+        {name: resize_hint(hint, size) for name, hint in hints.items()},
         dataset=pair.dataset,
         group=pair.group,
         frame=pair.frame,
@@ -188,7 +206,23 @@ def _collect_pairs(
                     f"output name {pair.id!r} also comes from {pairs[pair.id].image}", pair.image
                 )
             pairs[pair.id] = pair
+    _check_same_hints(list(pairs.values()))
     return list(pairs.values()), skipped
+
+
+def _check_same_hints(pairs: list[SourcePair]) -> None:
+    """The model conditions every image on the same hint channels: refuse a mix."""
+    if not pairs:
+        return
+    first = [name for name, _ in pairs[0].hints]
+    for pair in pairs[1:]:
+        names = [name for name, _ in pair.hints]
+        if names != first:
+            raise SiamdiffError(
+                f"has hints {names} but {pairs[0].image} has {first}: every pair of a dataset "
+                "needs the same hints",
+                pair.image,
+            )
 
 
 def _previous_manifest(out: Path, overwrite: bool) -> Manifest | None:
@@ -274,6 +308,7 @@ def prepare(
                 skipped=skipped,
                 empty_masks=dropped + sum(r.coverage == 0 for r in records),
                 elapsed_s=time.perf_counter() - started,
+                hints=hint_names(records),
             )
             atomic_write_json(tmp / SUMMARY_NAME, summary.to_json())
     except OSError as exc:  # a full disk or a read-only parent, met while writing

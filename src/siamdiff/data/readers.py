@@ -10,6 +10,10 @@ Four layouts (the ``kind`` of a source):
 - ``folder``: ``NAME.ext`` + ``NAME_mask.ext``; ``NAME = {dataset}-{group}-{frame}`` when it
   has that shape (the phantom demo data and siamdiff's own output do).
 
+Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
+``NAME_hint-HINT.ext`` beside the pair, ``pranet`` a ``hint-HINT/`` folder matched by stem.
+Every pair of a source needs the same hints; a pair missing one is skipped.
+
 Dataset, group and frame are sanitised to ``[A-Za-z0-9._]`` so that
 ``{dataset}-{group}-{frame}`` is a safe, parseable output name.
 
@@ -23,7 +27,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 MASK_THRESHOLD = 128
 MASK_SUFFIX = "_mask"
+HINT_MARK = "_hint-"  # folder layout: NAME_hint-HINT.ext
+HINT_DIR_PREFIX = "hint-"  # pranet layout: hint-HINT/STEM.ext
 
 # CVC-ClinicDB README.txt: frames (first, last) of video sequences 1..29.
 CVC_SEQUENCES: tuple[tuple[int, int], ...] = (
@@ -58,6 +64,7 @@ class SourcePair:
     dataset: str
     group: str
     frame: str
+    hints: tuple[tuple[str, Path], ...] = ()  # (hint name, file), sorted by name
 
     @property
     def id(self) -> str:
@@ -169,6 +176,13 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     return array >= threshold
 
 
+def load_hint(path: str | Path) -> np.ndarray:
+    """The hint map at ``path`` as uint8 HxW: grey levels kept, colour reduced by the maximum
+    channel (as masks are), 16-bit scaled to 8 bits."""
+    array = _read_uint8(Path(path))
+    return array.max(axis=-1) if array.ndim == 3 else array
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) read from the file header, without decoding the pixels."""
     path = Path(path)
@@ -245,11 +259,50 @@ def _match_subdirs(
 # --- layouts ------------------------------------------------------------------------------
 
 
+def _attach_hints(
+    pairs: list[tuple[SourcePair, str]],
+    hints: dict[str, dict[str, Path]],
+    skipped: list[tuple[Path, str]],
+) -> list[SourcePair]:
+    """Each (pair, stem) with its file of every hint in ``hints`` (hint -> stem -> file); a
+    pair lacking one is skipped, a hint file without a pair too."""
+    kept = []
+    for pair, stem in pairs:
+        lacking = [name for name, files in sorted(hints.items()) if stem not in files]
+        if lacking:
+            skipped.append((pair.image, f"image without hint {lacking[0]!r}"))
+            continue
+        files = tuple((name, by_stem[stem]) for name, by_stem in sorted(hints.items()))
+        kept.append(replace(pair, hints=files))
+    stems = {stem for _, stem in pairs}
+    for files in hints.values():
+        skipped.extend((path, "hint without image") for s, path in files.items() if s not in stems)
+    return kept
+
+
+def _hint_name(raw: str, path: Path) -> str:
+    name = sanitize_name(raw)
+    if not raw or name != raw:
+        raise SiamdiffError(f"hint name {raw!r} must be letters, digits, '.' or '_'", path)
+    return name
+
+
 def _read_images_masks(root: Path, dataset: str) -> ReadResult:
-    """``images/`` + ``masks/`` matched by stem; every image is its own group."""
+    """``images/`` + ``masks/`` (+ ``hint-HINT/``) matched by stem; every image is its own
+    group."""
     result = ReadResult()
-    for stem, image, mask in _match_subdirs(root, ("images",), ("masks",), result):
-        result.pairs.append(SourcePair(image, mask, dataset, sanitize_name(stem), "0"))
+    pairs = [
+        (SourcePair(image, mask, dataset, sanitize_name(stem), "0"), stem)
+        for stem, image, mask in _match_subdirs(root, ("images",), ("masks",), result)
+    ]
+    hints = {
+        _hint_name(child.name[len(HINT_DIR_PREFIX) :], child): _by_stem(
+            _list_dir(child), result.skipped
+        )
+        for child in _list_dir(root)
+        if child.is_dir() and child.name.startswith(HINT_DIR_PREFIX)
+    }
+    result.pairs = _attach_hints(pairs, hints, result.skipped)
     return result
 
 
@@ -333,20 +386,32 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
     result = ReadResult()
     images: list[Path] = []
     masks: list[Path] = []
+    hint_files: dict[str, list[Path]] = {}
     for path in _list_dir(root):
-        (masks if path.stem.endswith(MASK_SUFFIX) else images).append(path)
+        stem, mark, hint = path.stem.rpartition(HINT_MARK)
+        if mark and stem:
+            hint_files.setdefault(_hint_name(hint, path), []).append(path)
+        else:
+            (masks if path.stem.endswith(MASK_SUFFIX) else images).append(path)
     matched = _match(
         _by_stem(images, result.skipped),
         _by_stem(masks, result.skipped, MASK_SUFFIX),
         result.skipped,
     )
     default = dataset or sanitize_name(root.resolve().name)
+    pairs = []
     for stem, image, mask in matched:
         parts = _OUTPUT_NAME.match(stem)
         if parts:
-            result.pairs.append(SourcePair(image, mask, dataset or parts[1], parts[2], parts[3]))
+            pair = SourcePair(image, mask, dataset or parts[1], parts[2], parts[3])
         else:
-            result.pairs.append(SourcePair(image, mask, default, sanitize_name(stem), "0"))
+            pair = SourcePair(image, mask, default, sanitize_name(stem), "0")
+        pairs.append((pair, stem))
+    hints = {
+        name: _by_stem(files, result.skipped, HINT_MARK + name)
+        for name, files in hint_files.items()
+    }
+    result.pairs = _attach_hints(pairs, hints, result.skipped)
     return result
 
 

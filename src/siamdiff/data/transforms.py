@@ -7,10 +7,12 @@ alone. Only what torchvision lacks is written here: the lesion-centred crop-or-p
 random 90° rotation and a random gamma. Every random draw uses torch's global RNG, so
 ``torch.manual_seed`` and DataLoader worker seeding make a run reproducible.
 
-A sample is a dict ``{"image", "mask", "meta"}``. Input: ``image`` an RGB uint8 HxWx3
-array (or PIL image), ``mask`` an HxW array (or PIL image) whose nonzero pixels are
-lesion; ``meta`` is passed through untouched. Output: ``image`` float32 3xSxS, ``mask``
-float32 1xSxS in {0, 1}.
+A sample is a dict ``{"image", "mask", "meta"}`` and optionally ``"hints"``. Input:
+``image`` an RGB uint8 HxWx3 array (or PIL image), ``mask`` an HxW array (or PIL image)
+whose nonzero pixels are lesion, ``hints`` a uint8 HxWxK array of extra hint maps;
+``meta`` is passed through untouched. Output: ``image`` float32 3xSxS, ``mask`` float32
+1xSxS in {0, 1}, ``hints`` float32 KxSxS in [0, 1] (K = 0 without hints). The hints
+travel inside the mask tensor through every op, so they can never drift from it.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class LesionCentredCropOrPad(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         mask = next(x for x in flat_inputs if isinstance(x, tv_tensors.Mask))
         height, width = mask.shape[-2:]
-        centre = lesion_centre(mask.reshape(height, width).numpy())
+        centre = lesion_centre(mask.reshape(-1, height, width)[0].numpy())  # hints ride behind
         side = min(height, width) if self.mode == "crop" else max(height, width)
         # Negative offsets (pad mode) make F.crop zero-pad; the clamp keeps the image
         # inside the window (pad) or the window inside the image (crop).
@@ -211,22 +213,31 @@ class RandomGamma(v2.Transform):
 
 
 def to_tv_tensors(sample: Sample) -> Sample:
-    """Wrap a raw sample so torchvision knows which tensor is the image and which the mask."""
+    """Wrap a raw sample so torchvision knows which tensor is the image and which the mask.
+
+    The mask (channel 0, {0, 1}) and the hints (channels 1.., 0..255) become one ``Mask``:
+    nearest-neighbour through every geometric op, untouched by the photometric ones.
+    """
     image = np.array(sample["image"], dtype=np.uint8)  # a copy: PIL-backed arrays are read-only
     mask = np.asarray(sample["mask"]) != 0
+    hints = np.asarray(sample.get("hints", np.zeros((*mask.shape, 0), np.uint8)), np.uint8)
     if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
         raise ValueError(
             f"expected an HxWx3 image and an HxW mask, got {image.shape} and {mask.shape}"
         )
+    if hints.ndim != 3 or hints.shape[:2] != mask.shape:
+        raise ValueError(f"expected HxWxK hints for a {mask.shape} mask, got {hints.shape}")
+    channels = np.concatenate([mask[..., None].astype(np.uint8), hints], axis=-1)
     return {
         **sample,
         "image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
-        "mask": tv_tensors.Mask(torch.from_numpy(mask).to(torch.uint8)[None]),
+        "mask": tv_tensors.Mask(torch.from_numpy(channels).permute(2, 0, 1).contiguous()),
     }
 
 
 class ToModelTensors:
-    """Plain float32 tensors for the model: the image in the chosen colour space, the mask {0, 1}.
+    """Plain float32 tensors for the model: the image in the chosen colour space, the mask {0, 1},
+    the hints in [0, 1].
 
     Thresholding the mask here keeps it exactly binary whatever the geometric ops did.
     """
@@ -236,9 +247,14 @@ class ToModelTensors:
 
     def __call__(self, sample: Sample) -> Sample:
         image = sample["image"].as_subclass(torch.Tensor)
-        mask = sample["mask"].as_subclass(torch.Tensor)
+        channels = sample["mask"].as_subclass(torch.Tensor)
         image = rgb_to_lab_normalized(image) if self.colour == "lab" else image * 2.0 - 1.0
-        return {**sample, "image": image, "mask": (mask > 0.5).to(torch.float32)}
+        return {
+            **sample,
+            "image": image,
+            "mask": (channels[:1] > 0.5).to(torch.float32),
+            "hints": channels[1:].to(torch.float32) / 255.0,
+        }
 
 
 def build_transforms(cfg: TransformConfig, train: bool) -> Callable[[Sample], Sample]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from siamdiff.errors import SiamdiffError
-from siamdiff.models.dhi import DenseHintInput
+from siamdiff.models.dhi import BASE_HINT_CHANNELS, DenseHintInput
 
 UNCONDITIONAL_PROMPT = ""
 KINDS = ("tiny", "scratch", "sd15")
@@ -256,16 +256,17 @@ class Backbone:
     noise_scheduler: DDPMScheduler
 
 
-def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
+def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: int = 0) -> Backbone:
     """Build (tiny, scratch) or load (sd15) the backbone described by the ``backbone`` config.
 
     Keys: ``kind``, ``path`` (sd15), ``prompt``, ``text`` (learned | clip), ``seed``,
     ``prediction_type`` (auto | epsilon | v_prediction, see :func:`requested_prediction_type`);
     optional
     ``text_path`` (a directory with text_encoder/ and tokenizer/; default ``path``),
-    ``text_tokens`` (learned: tokens per prompt, default 8), ``dhi`` (``base_channels``,
-    ``hint_channels``) and ``unet`` (UNet2DConditionModel arguments overriding the preset).
-    Random initialisation is seeded by ``seed`` without touching the global RNG.
+    ``text_tokens`` (learned: tokens per prompt, default 8), ``dhi`` (``base_channels``) and
+    ``unet`` (UNet2DConditionModel arguments overriding the preset). The DHI takes
+    ``3 + extra_hints`` channels (docs/hints.md). Random initialisation is seeded by ``seed``
+    without touching the global RNG.
     """
     kind = cfg.get("kind")
     if kind not in KINDS:
@@ -274,6 +275,8 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
     if text_kind not in ("learned", "clip"):
         raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
     dhi = dict(cfg.get("dhi") or {})
+    if "hint_channels" in dhi:
+        raise SiamdiffError("backbone.dhi.hint_channels follows data.hints; set those instead")
     prediction_type = requested_prediction_type(cfg.get("prediction_type"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
@@ -299,7 +302,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int) -> Backbone:
         controlnet = DHIControlNetModel.from_unet(
             unet,
             dhi_base_channels=int(dhi.get("base_channels", DHI_BASE_CHANNELS[kind])),
-            hint_channels=int(dhi.get("hint_channels", 3)),
+            hint_channels=BASE_HINT_CHANNELS + extra_hints,
         )
     return Backbone(unet=unet, controlnet=controlnet, text=text, noise_scheduler=noise_scheduler)
 

@@ -18,8 +18,10 @@ Shapes for the sizes we train at (SD v1.5 widths, ``out_channels=320``)::
     hint 3 x 512 x 512 -> 320 x 64 x 64
 
 Hints: the mask hint is a {0, 1} mask repeated to 3 channels, the image hint an
-RGB image in [0, 1]. :func:`mask_to_hint` and :func:`image_to_hint` convert the
-data pipeline's [-1, 1] tensors into these.
+RGB image in [0, 1]. With extra hint maps (``data.hints``, docs/hints.md) both carry
+them behind those 3 channels, so the shared DHI takes ``3 + K`` channels.
+:func:`mask_to_hint` and :func:`image_to_hint` convert the data pipeline's tensors
+into these.
 """
 
 from __future__ import annotations
@@ -33,16 +35,26 @@ from torchvision.models.swin_transformer import PatchMerging
 
 from siamdiff.errors import SiamdiffError
 
+BASE_HINT_CHANNELS = 3  # the mask x3 or the RGB image; extra hint maps follow them
 
-def mask_to_hint(mask: Tensor) -> Tensor:
-    """A ``[B, 1, H, W]`` mask in [-1, 1] (or {0, 1}) -> the ``[B, 3, H, W]`` {0, 1} mask hint."""
+
+def _with_extra(hint: Tensor, extra: Tensor | None) -> Tensor:
+    if extra is None or extra.shape[1] == 0:
+        return hint
+    return torch.cat([hint, extra.to(hint.dtype)], dim=1)
+
+
+def mask_to_hint(mask: Tensor, extra: Tensor | None = None) -> Tensor:
+    """A ``[B, 1, H, W]`` mask in [-1, 1] (or {0, 1}) and the ``[B, K, H, W]`` extra hint maps
+    in [0, 1] -> the ``[B, 3 + K, H, W]`` mask hint ({0, 1} x3, then the maps)."""
     dtype = mask.dtype if mask.is_floating_point() else torch.float32
-    return (mask > 0).to(dtype).expand(-1, 3, -1, -1)
+    return _with_extra((mask > 0).to(dtype).expand(-1, BASE_HINT_CHANNELS, -1, -1), extra)
 
 
-def image_to_hint(image: Tensor) -> Tensor:
-    """A ``[B, 3, H, W]`` image in [-1, 1] -> the image hint in [0, 1]."""
-    return ((image + 1) / 2).clamp(0, 1)
+def image_to_hint(image: Tensor, extra: Tensor | None = None) -> Tensor:
+    """A ``[B, 3, H, W]`` image in [-1, 1] and the extra hint maps -> the image hint: the
+    image in [0, 1], then the maps."""
+    return _with_extra(((image + 1) / 2).clamp(0, 1), extra)
 
 
 class ResidualBlock(nn.Module):
