@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from siamdiff.report import read_loss_log
 from siamdiff.train import (
     SeededAugmentation,
     batches,
+    build_optimizer,
     checkpoints,
     configure_deepspeed,
     last_valid_checkpoint,
@@ -379,3 +381,55 @@ def test_lab_colour_is_refused_for_a_latent_model(phantom_data: Path, tmp_path: 
     cfg = tiny_config(phantom_data, tmp_path / "run", "data.transforms.colour=lab")
     with pytest.raises(SiamdiffError, match="RGB"):
         train(cfg)
+
+
+def test_eight_bit_adamw_trains_keeps_uint8_moments_and_resumes_exactly(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pytest.importorskip("bitsandbytes")
+    overrides = ("optim.name=adamw8bit", "train.checkpoint_every=2", "train.sample_every=100")
+    straight = tmp_path / "straight"
+    train(tiny_config(phantom_data, straight, "train.max_steps=4", *overrides))
+    state = torch.load(checkpoints(straight)[-1] / "optimizer.bin", weights_only=True)["state"]
+    # bitsandbytes keeps tensors of 4096+ elements in 8 bits (smaller ones in fp32).
+    quantised = [s["__bnb_optimizer_quant_state__"] for s in state.values()]
+    assert sum(q["state1"].dtype == q["state2"].dtype == torch.uint8 for q in quantised) > 10
+    assert all(r["loss"] == r["loss"] for r in read_loss_log(straight / "losses.jsonl"))
+
+    resumed = tmp_path / "resumed"
+    original = SeededAugmentation.__getitem__
+    calls = {"n": 0}
+
+    def interrupt_at_step_three(self, index):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:  # the batch of step 3 is loading
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SeededAugmentation, "__getitem__", interrupt_at_step_three)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(phantom_data, resumed, "train.max_steps=4", *overrides))
+    assert [p.name for p in checkpoints(resumed)] == ["step-00000002"]
+    train(tiny_config(phantom_data, resumed, "train.max_steps=4", *overrides), resume=True)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    torch_adamw = tmp_path / "adamw"
+    train(tiny_config(phantom_data, torch_adamw, "train.max_steps=4", *overrides[1:]))
+    c = final_weights(torch_adamw)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another optimizer, other steps
+
+
+def test_eight_bit_adamw_without_bitsandbytes_or_with_deepspeed_is_one_line(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cfg = tiny_config(phantom_data, tmp_path / "run", "optim.name=adamw8bit")
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(SiamdiffError, match="ZeRO shards the optimizer state itself"):
+        build_optimizer(cfg, parameters, torch.device("cpu"), deepspeed=True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(SiamdiffError, match=r"needs bitsandbytes: pip install 'siamdiff\[lowmem"):
+        train(cfg)
+    with pytest.raises(SiamdiffError, match=r"optim\.name must be one of adamw, adamw8bit"):
+        tiny_config(phantom_data, tmp_path / "run", "optim.name=sgd")

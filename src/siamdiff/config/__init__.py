@@ -21,6 +21,7 @@ from siamdiff.errors import SiamdiffError
 CONFIG_DIR = Path(__file__).parent
 BUILTIN = ("tiny", "scratch", "sd15")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def _integer(smallest: int) -> tuple[Callable[[Any], bool], str]:
@@ -71,6 +72,10 @@ def _hint_names() -> tuple[Callable[[Any], bool], str]:
     return ok, "a list of distinct hint names (letters, digits, '.', '_')"
 
 
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in choices), f"one of {', '.join(choices)}"
+
+
 def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
     # The DHI's three patch merges and the autoencoders take pixels to an H/8 latent grid.
     return (lambda value: _integer(8)[0](value) and value % 8 == 0), "a multiple of 8"
@@ -83,6 +88,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "run_dir": _text(),
     "data.root": _text(),
     "optim.betas": _betas(),
+    "optim.name": _one_of(OPTIMIZERS),
     "data.hints": _hint_names(),
     "data.transforms.size": _multiple_of_8(),
     "model.aug_t_max": _integer(0),
