@@ -4,6 +4,7 @@ trained on, sampled with and written back, so a user's several hints never drift
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from siamdiff.config import load_config
-from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
@@ -23,10 +24,11 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run, load_export
 from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.synthesize import synthesize
-from siamdiff.train import train
+from siamdiff.train import to_hints, train
 from tests.helpers import PHANTOM_SIZE, tiny_config
 
 HINTS = ("copy", "ramp")  # the mask itself (0/255), and a grey left-to-right ramp
+PREPARED = 48
 
 
 def png(path: Path) -> np.ndarray:
@@ -51,37 +53,62 @@ def hinted_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hints")
     raw = make_phantom_dataset(root / "raw", n=12, size=64, groups=4, seed=3)
     add_hints(raw)
-    prepare([("folder", raw)], root / "data", size=PHANTOM_SIZE, workers=1, progress=False)
+    # Prepared larger than the model's view, so the view's crop and resize move the maps too.
+    prepare([("folder", raw)], root / "data", size=PREPARED, workers=1, progress=False)
     return root / "data"
 
 
-def test_folder_and_pranet_layouts_read_hints_and_skip_pairs_lacking_one(tmp_path: Path):
+def test_folder_and_pranet_layouts_read_hints(tmp_path: Path):
     raw = make_phantom_dataset(tmp_path / "raw", n=3, size=16, groups=1, seed=0)
     add_hints(raw)
-    lonely = sorted(raw.glob("*_hint-ramp.png"))[0]
-    lonely.unlink()
     result = read_source("folder", raw)
-    assert [[name for name, _ in pair.hints] for pair in result.pairs] == [list(HINTS)] * 2
+    assert [[name for name, _ in pair.hints] for pair in result.pairs] == [list(HINTS)] * 3
     assert all(path.name == f"{p.id}_hint-{n}.png" for p in result.pairs for n, path in p.hints)
-    reasons = {path.name: reason for path, reason in result.skipped}
-    lacking = lonely.name.replace("_hint-ramp", "")
-    assert reasons == {lacking: "image without hint 'ramp'"}  # one reason per skipped pair
-    stray = raw / "stray_hint-copy.png"
-    shutil.copy(raw / f"{lacking[:-4]}_hint-copy.png", stray)
-    assert (stray, "hint without image") in read_source("folder", raw).skipped
+    assert result.skipped == []
 
     pranet = tmp_path / "pranet"
-    for sub in ("images", "masks", "hint-edge"):
+    for sub in ("images", "masks", "hint-edge", "hint-stale"):
         (pranet / sub).mkdir(parents=True)
     for i in range(2):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(pranet / "images" / f"{i}.png")
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(pranet / "masks" / f"{i}.png")
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pranet / "hint-edge" / "0.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(pranet / "hint-edge" / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pranet / "hint-stale" / "old.png")
     result = read_source("pranet", pranet)
-    assert [(p.group, [n for n, _ in p.hints]) for p in result.pairs] == [("0", ["edge"])]
-    assert [(path.name, why) for path, why in result.skipped] == [
-        ("1.png", "image without hint 'edge'")
+    assert [(p.group, [n for n, _ in p.hints]) for p in result.pairs] == [
+        ("0", ["edge"]),
+        ("1", ["edge"]),
     ]
+    assert [(path.name, why) for path, why in result.skipped] == [
+        ("old.png", "hint without image-mask pair")
+    ]
+
+
+def test_a_hint_for_some_pairs_only_is_an_error_and_other_names_keep_their_meaning(
+    tmp_path: Path,
+):
+    raw = make_phantom_dataset(tmp_path / "raw", n=4, size=16, groups=1, seed=0)
+    first = sorted(raw.glob("*_mask.png"))[0].name.removesuffix("_mask.png")
+    shutil.copy(raw / f"{first}_mask.png", raw / f"{first}_hint-edge.png")  # one stray hint
+    with pytest.raises(SiamdiffError, match="hint 'edge' is given for 1 of 4 pairs, not for"):
+        prepare([("folder", raw)], tmp_path / "out", size=16, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    (raw / f"{first}_hint-edge.png").unlink()
+
+    # Not hints: no image of that stem, not an image file, a folder, a bad name (skipped).
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(raw / "case_hint-1.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(raw / "case_hint-1_mask.png")
+    (raw / f"{first}_hint-notes.txt").write_text("not a map")
+    (raw / f"{first}_hint-old").mkdir()
+    shutil.copy(raw / f"{first}_mask.png", raw / f"{first}_hint-a-b.png")
+    result = read_source("folder", raw)
+    assert len(result.pairs) == 5 and all(p.hints == () for p in result.pairs)
+    assert "case_hint_1" in {p.group for p in result.pairs}  # sanitised, an image again
+    reasons = {path.name: why for path, why in result.skipped}
+    assert reasons == {
+        f"{first}_hint-notes.txt": "not an image file",
+        f"{first}_hint-a-b.png": "hint name 'a-b' is not letters, digits, '.' and '_'",
+    }
 
 
 def test_prepared_hints_are_resized_listed_and_verified(hinted_data: Path):
@@ -134,13 +161,37 @@ def test_hints_move_with_the_mask_through_every_training_op(hinted_data: Path):
         copy, grey = sample["hints"]
         # The copy hint is the mask (up to the prepared hint's grey edge): same ops, same pixels.
         assert torch.mean(((copy > 0.5) != (sample["mask"][0] > 0.5)).float()) < 0.05
-        # Photometric ops leave hints alone and nearest resampling invents no new grey levels.
-        assert torch.equal(grey * 255, (grey * 255).round())
+        # Photometric ops leave hints alone and nearest resampling invents no grey level.
+        record = dataset.records[index]
+        stored = set(np.unique(png(hinted_data / record.hints["ramp"]["file"])).tolist())
+        assert set((grey * 255).round().to(torch.uint8).unique().tolist()) <= stored | {0}
     plain = PairedDataset(hinted_data, None)[0]
     assert plain["hints"].shape == (0, *plain["mask"].shape[1:])
-    flip = dataclasses.replace(everything, rot90=False, elastic_alpha=0.0, gamma=0.0, contrast=0.0)
-    flipped = PairedDataset(hinted_data, None, build_transforms(flip, True), hints=("ramp",))[0]
-    assert flipped["hints"][0, 0, 0] > flipped["hints"][0, 0, -1]  # the ramp was flipped too
+
+    view = PairedDataset(hinted_data, None, build_transforms(everything, False), hints=HINTS)
+    flip_only = dataclasses.replace(
+        everything, rot90=False, elastic_alpha=0.0, gamma=0.0, contrast=0.0
+    )
+    flipped = PairedDataset(hinted_data, None, build_transforms(flip_only, True), hints=HINTS)
+    for index in range(3):
+        assert torch.equal(flipped[index]["hints"], view[index]["hints"].flip(-1))
+        assert torch.equal(flipped[index]["mask"], view[index]["mask"].flip(-1))
+
+
+def test_both_branches_get_the_maps_behind_their_own_channels():
+    batch = {
+        "mask": torch.tensor([[[[0.0, 1.0]]]]),
+        "image": torch.tensor([[[[-1.0, 1.0]]] * 3]).reshape(1, 3, 1, 2),
+        "hints": torch.tensor([[[[0.25, 0.5]]], [[[0.75, 1.0]]]]).reshape(1, 2, 1, 2),
+    }
+    mask_hint, image_hint = to_hints(batch)
+    maps = [[0.25, 0.5], [0.75, 1.0]]
+    assert mask_hint[0, :, 0].tolist() == [[0, 1]] * 3 + maps
+    assert image_hint[0, :, 0].tolist() == [[0, 1]] * 3 + maps
+    assert torch.equal(
+        mask_to_hint(batch["mask"], batch["hints"][:, :0]), mask_to_hint(batch["mask"])
+    )
+    assert image_to_hint(batch["image"]).shape == (1, 3, 1, 2)
 
 
 def test_a_missing_hint_names_the_dataset_and_what_it_has(hinted_data: Path, phantom_data: Path):
@@ -150,19 +201,7 @@ def test_a_missing_hint_names_the_dataset_and_what_it_has(hinted_data: Path, pha
         PairedDataset(phantom_data, hints=("copy",))
 
 
-def test_hint_tensors_put_the_extra_maps_behind_mask_and_image():
-    mask = torch.tensor([[[[0.0, 1.0]]]])
-    image = torch.tensor([[[[-1.0, 1.0]]] * 3]).reshape(1, 3, 1, 2)
-    extra = torch.tensor([[[[0.25, 0.5]]], [[[0.75, 1.0]]]]).reshape(1, 2, 1, 2)
-    assert mask_to_hint(mask, extra)[0, :, 0].tolist() == [[0, 1]] * 3 + [[0.25, 0.5], [0.75, 1]]
-    assert image_to_hint(image, extra)[0, :, 0].tolist() == [[0, 1]] * 3 + [
-        [0.25, 0.5],
-        [0.75, 1],
-    ]
-    assert torch.equal(mask_to_hint(mask, extra[:, :0]), mask_to_hint(mask))
-
-
-@pytest.mark.parametrize("value", ["[a, a]", "[a-b]", "copy"])
+@pytest.mark.parametrize("value", ["[a, a]", "[a-b]", "copy", "[.x]", "[1]"])
 def test_bad_hint_settings_are_one_line_errors(value: str, tmp_path: Path):
     with pytest.raises(SiamdiffError, match=r"data\.hints must be a list of distinct hint names"):
         load_config("tiny", [f"data.root={tmp_path}", f"data.hints={value}"])
@@ -192,6 +231,24 @@ def test_train_export_and_sample_with_hints(hinted_data: Path, phantom_data: Pat
         ]
     assert not torch.equal(*outputs)
 
+    # Without mask augmentation the maps written are the view's maps, byte for byte.
+    plain = tmp_path / "plain"
+    summary = synthesize(export, hinted_data, plain, steps=2, limit=4, batch_size=2, progress=False)
+    assert summary.manifest_written and verify(plain).ok
+    view = generator_views(hinted_data, "train", PHANTOM_SIZE, HINTS)
+    by_id = {record.id: index for index, record in enumerate(view.records)}
+    for record in load_manifest(plain).records:
+        expected = view[by_id[record.extra["source_id"]]]["hints"]
+        for channel, name in enumerate(HINTS):
+            written = png(plain / record.hints[name]["file"])
+            assert np.array_equal(written, (expected[channel] * 255).round().byte().numpy())
+    # A deleted map makes its pair unfinished: a rerun writes it again, the same bytes.
+    lost = plain / load_manifest(plain).records[0].hints["ramp"]["file"]
+    before = lost.read_bytes()
+    lost.unlink()
+    again = synthesize(export, hinted_data, plain, steps=2, limit=4, batch_size=2, progress=False)
+    assert (again.generated, again.reused) == (1, 3) and lost.read_bytes() == before
+
     out = tmp_path / "syn"
     summary = synthesize(
         export,
@@ -211,21 +268,42 @@ def test_train_export_and_sample_with_hints(hinted_data: Path, phantom_data: Pat
         copy = png(out / record.hints["copy"]["file"])
         # The augmented copy hint sits where the augmented mask sits.
         assert np.mean((copy > 127) != (mask > 127)) < 0.05
-    # The folder export reads back with its hints: a synthetic set can condition again.
-    again = prepare(
-        [("folder", out / "export-folder")],
-        tmp_path / "again",
-        size=PHANTOM_SIZE,
-        workers=1,
-        progress=False,
-    )
-    assert sum(sum(c.values()) for c in again.counts.values()) == len(records)
-    assert again.hints == list(HINTS) and "extra hints: copy, ramp" in again.format()
-    assert all(sorted(r.hints) == list(HINTS) for r in load_manifest(tmp_path / "again").records)
-    pranet = read_source("pranet", out / "export-pranet")
-    assert [[n for n, _ in p.hints] for p in pranet.pairs] == [list(HINTS)] * len(records)
+    # Both exports read back with their hints: a synthetic set can condition again.
+    for kind in ("folder", "pranet"):
+        again_root = tmp_path / f"again-{kind}"
+        prepared = prepare(
+            [(kind, out / f"export-{kind}")],
+            again_root,
+            size=PHANTOM_SIZE,
+            workers=1,
+            progress=False,
+        )
+        assert prepared.records == len(records) and prepared.hints == list(HINTS)
+        assert all(sorted(r.hints) == list(HINTS) for r in load_manifest(again_root).records)
+    assert "extra hints: copy, ramp" in prepared.format()
 
     with pytest.raises(SiamdiffError, match="has no hint 'copy'"):
-        synthesize(export, phantom_data, tmp_path / "plain", steps=2, limit=1, progress=False)
-    assert not (tmp_path / "plain").exists()
+        synthesize(export, phantom_data, tmp_path / "none", steps=2, limit=1, progress=False)
+    assert not (tmp_path / "none").exists()
+    meta_path = export / "siamdiff.json"
+    meta = json.loads(meta_path.read_text())
+    for hints, message in (
+        ([], "takes 5 hint channels but siamdiff.json lists hints"),
+        (None, "hints must be a list"),
+    ):
+        meta_path.write_text(json.dumps({**meta, "hints": hints}))
+        with pytest.raises(SiamdiffError, match=message):
+            load_export(export)
     shutil.rmtree(run)
+
+
+def test_an_edited_raw_hint_is_a_new_major_dataset_version(tmp_path: Path):
+    raw = make_phantom_dataset(tmp_path / "raw", n=3, size=16, groups=1, seed=0)
+    add_hints(raw)
+    first = prepare([("folder", raw)], tmp_path / "data", size=16, workers=1, progress=False)
+    hint = sorted(raw.glob("*_hint-ramp.png"))[0]
+    Image.fromarray(255 - png(hint)).save(hint)
+    second = prepare(
+        [("folder", raw)], tmp_path / "data", size=16, workers=1, progress=False, overwrite=True
+    )
+    assert (first.dataset_version, second.dataset_version) == ("1.0", "2.0")

@@ -146,6 +146,14 @@ class LoadedModel:
         return self.meta["prompt"]
 
 
+def export_hints(meta: dict[str, Any], meta_path: Path) -> tuple[str, ...]:
+    """The extra hint maps an export is conditioned on (none in exports before them)."""
+    hints = meta.get("hints", [])
+    if not isinstance(hints, list) or not all(isinstance(h, str) for h in hints):
+        raise SiamdiffError(f"hints must be a list of hint names, got {hints!r}", meta_path)
+    return tuple(hints)
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an export directory for sampling (eval mode, no gradients)."""
     path = Path(path)
@@ -168,11 +176,11 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
         )
     except (OSError, ValueError, KeyError) as exc:
         raise SiamdiffError(f"incomplete export ({str(exc).splitlines()[0]})", path) from exc
-    hint_channels = BASE_HINT_CHANNELS + len(meta.get("hints", []))
-    if backbone.controlnet.config.conditioning_channels != hint_channels:
+    hints = export_hints(meta, meta_path)
+    if backbone.controlnet.config.conditioning_channels != BASE_HINT_CHANNELS + len(hints):
         raise SiamdiffError(
             f"the ControlNet takes {backbone.controlnet.config.conditioning_channels} hint "
-            f"channels but {META_NAME} lists hints {meta.get('hints', [])}",
+            f"channels but {META_NAME} lists hints {list(hints)}",
             meta_path,
         )
     model = SiameseDiffusion(backbone, mode=meta["mode"]).requires_grad_(False).eval()

@@ -55,7 +55,8 @@ def ddim_sample(
     latent_shape: tuple[int, ...] | None = None,
     scheduler: str = "ddim",
 ) -> Tensor:
-    """Denoise pure noise into latents ``[B, C, h, w]`` under the mask hints ``[B, 3, H, W]``.
+    """Denoise pure noise into latents ``[B, C, h, w]`` under the mask hints ``[B, 3 + K, H, W]``
+    (K extra hint maps, docs/hints.md).
 
     ``text_emb`` / ``uncond_emb`` are the prompt's and ""'s embeddings (batch 1 or B). Each
     step runs the conditional and unconditional passes as one batch of 2B; the mask hint's DHI

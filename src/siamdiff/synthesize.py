@@ -22,11 +22,11 @@ each batch is always computed whole: the same command on the same device gives t
 bytes whatever the number of ranks or interruptions; another batch size moves some pixels
 by one grey level.
 
-Resume: a pair counts as finished when its journal line exists and both files still hash
-to it; a batch with an unfinished pair is recomputed and only its unfinished pairs are
-written, each file atomically. The manifest is written last, from the journals, once every
-pair is finished. A training run directory is sampled at its newest checkpoint, exported
-to a temporary directory first.
+Resume: a pair counts as finished when its journal line exists and all its files (image,
+mask, hint maps) still hash to it; a batch with an unfinished pair is recomputed and only
+its unfinished pairs are written, each file atomically. The manifest is written last, from
+the journals, once every pair is finished. A training run directory is sampled at its
+newest checkpoint, exported to a temporary directory first.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from siamdiff.data.manifest import (
 from siamdiff.data.readers import HINT_DIR_PREFIX, HINT_MARK, load_mask, load_rgb
 from siamdiff.data.transforms import lesion_centre
 from siamdiff.errors import SiamdiffError, out_of_memory_error
-from siamdiff.export import META_NAME, LoadedModel, export_run, load_export
+from siamdiff.export import META_NAME, LoadedModel, export_hints, export_run, load_export
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, mask_to_hint
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
@@ -168,11 +168,10 @@ def resolve_model(path: str | Path) -> ModelSource:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             resolution = int(meta["resolution"])
-            hints = tuple(str(name) for name in meta.get("hints", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
-        return ModelSource(path, None, None, resolution, identity, hints)
+        return ModelSource(path, None, None, resolution, identity, export_hints(meta, meta_path))
     found = checkpoints(path) if path.is_dir() else []
     if not found:
         raise SiamdiffError(

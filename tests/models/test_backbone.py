@@ -76,7 +76,10 @@ def test_seed_determines_weights_without_touching_global_rng() -> None:
 
 def test_config_overrides_from_struct_omegaconf() -> None:
     cfg = OmegaConf.create(
-        tiny_cfg(unet={"block_out_channels": [16, 32]}, dhi={"base_channels": 2})
+        # hint_channels as older run configs spell it: accepted when it matches the hints
+        tiny_cfg(
+            unet={"block_out_channels": [16, 32]}, dhi={"base_channels": 2, "hint_channels": 4}
+        )
     )
     OmegaConf.set_struct(cfg, True)
     backbone = build_backbone(cfg, latent_channels=6, extra_hints=1)
@@ -93,7 +96,7 @@ def test_config_overrides_from_struct_omegaconf() -> None:
         (tiny_cfg(unet={"block_out_channels": [16, 32, 64]}), "invalid backbone.unet settings"),
         ({"kind": "sd15", "text": "learned"}, "backbone.path must name"),
         (tiny_cfg(text="clip"), "text: clip needs backbone.text_path"),
-        (tiny_cfg(dhi={"hint_channels": 4}), "hint_channels follows data.hints"),
+        (tiny_cfg(dhi={"hint_channels": 4}), "hint_channels 4 does not match data.hints"),
     ],
 )
 def test_bad_configs_are_one_line_errors(cfg: dict, message: str) -> None:

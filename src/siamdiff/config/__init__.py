@@ -66,10 +66,10 @@ def _hint_names() -> tuple[Callable[[Any], bool], str]:
         return (
             names is not None
             and len(set(names)) == len(names)
-            and all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9._]+", n) for n in names)
+            and all(isinstance(n, str) and re.fullmatch(r"\w[\w.]*", n, re.ASCII) for n in names)
         )
 
-    return ok, "a list of distinct hint names (letters, digits, '.', '_')"
+    return ok, "a list of distinct hint names (letters, digits, '.', '_'; quote numbers)"
 
 
 def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:

@@ -11,8 +11,8 @@ Four layouts (the ``kind`` of a source):
   has that shape (the phantom demo data and siamdiff's own output do).
 
 Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
-``NAME_hint-HINT.ext`` beside the pair, ``pranet`` a ``hint-HINT/`` folder matched by stem.
-Every pair of a source needs the same hints; a pair missing one is skipped.
+``NAME_hint-HINT.ext`` beside ``NAME.ext``, ``pranet`` (and ``kvasir-seg``) a ``hint-HINT/``
+folder matched by stem. A hint given for some pairs but not all is an error.
 
 Dataset, group and frame are sanitised to ``[A-Za-z0-9._]`` so that
 ``{dataset}-{group}-{frame}`` is a safe, parseable output name.
@@ -264,27 +264,37 @@ def _attach_hints(
     hints: dict[str, dict[str, Path]],
     skipped: list[tuple[Path, str]],
 ) -> list[SourcePair]:
-    """Each (pair, stem) with its file of every hint in ``hints`` (hint -> stem -> file); a
-    pair lacking one is skipped, a hint file without a pair too."""
-    kept = []
-    for pair, stem in pairs:
-        lacking = [name for name, files in sorted(hints.items()) if stem not in files]
-        if lacking:
-            skipped.append((pair.image, f"image without hint {lacking[0]!r}"))
-            continue
-        files = tuple((name, by_stem[stem]) for name, by_stem in sorted(hints.items()))
-        kept.append(replace(pair, hints=files))
+    """Each (pair, stem) with its file of every hint in ``hints`` (hint -> stem -> file).
+
+    A hint given for some pairs only is an error: skipping the others could silently cost
+    most of the data (one stray file), and a model needs every hint for every pair.
+    """
+    for name, files in sorted(hints.items()):
+        lacking = [pair for pair, stem in pairs if stem not in files]
+        if lacking and len(lacking) < len(pairs):
+            raise SiamdiffError(
+                f"hint {name!r} is given for {len(pairs) - len(lacking)} of {len(pairs)} pairs, "
+                "not for this one: give it for every pair or remove it",
+                lacking[0].image,
+            )
     stems = {stem for _, stem in pairs}
     for files in hints.values():
-        skipped.extend((path, "hint without image") for s, path in files.items() if s not in stems)
-    return kept
+        skipped.extend(
+            (p, "hint without image-mask pair") for s, p in files.items() if s not in stems
+        )
+    covered = {name: files for name, files in sorted(hints.items()) if stems & files.keys()}
+    return [
+        replace(pair, hints=tuple((name, files[stem]) for name, files in covered.items()))
+        for pair, stem in pairs
+    ]
 
 
-def _hint_name(raw: str, path: Path) -> str:
-    name = sanitize_name(raw)
-    if not raw or name != raw:
-        raise SiamdiffError(f"hint name {raw!r} must be letters, digits, '.' or '_'", path)
-    return name
+def _hint_name(raw: str, path: Path, skipped: list[tuple[Path, str]]) -> str | None:
+    """``raw`` if it is a valid hint name, else None with ``path`` skipped and why."""
+    if raw and sanitize_name(raw) == raw:
+        return raw
+    skipped.append((path, f"hint name {raw!r} is not letters, digits, '.' and '_'"))
+    return None
 
 
 def _read_images_masks(root: Path, dataset: str) -> ReadResult:
@@ -295,13 +305,12 @@ def _read_images_masks(root: Path, dataset: str) -> ReadResult:
         (SourcePair(image, mask, dataset, sanitize_name(stem), "0"), stem)
         for stem, image, mask in _match_subdirs(root, ("images",), ("masks",), result)
     ]
-    hints = {
-        _hint_name(child.name[len(HINT_DIR_PREFIX) :], child): _by_stem(
-            _list_dir(child), result.skipped
-        )
-        for child in _list_dir(root)
-        if child.is_dir() and child.name.startswith(HINT_DIR_PREFIX)
-    }
+    hints = {}
+    for child in _list_dir(root):
+        if child.is_dir() and child.name.startswith(HINT_DIR_PREFIX):
+            name = _hint_name(child.name[len(HINT_DIR_PREFIX) :], child, result.skipped)
+            if name is not None:
+                hints[name] = _by_stem(_list_dir(child), result.skipped)
     result.pairs = _attach_hints(pairs, hints, result.skipped)
     return result
 
@@ -384,13 +393,18 @@ def read_pranet(root: Path, dataset: str | None = None) -> ReadResult:
 
 def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
     result = ReadResult()
+    entries = _list_dir(root)
+    image_stems = {p.stem for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
     images: list[Path] = []
     masks: list[Path] = []
     hint_files: dict[str, list[Path]] = {}
-    for path in _list_dir(root):
+    for path in entries:
         stem, mark, hint = path.stem.rpartition(HINT_MARK)
-        if mark and stem:
-            hint_files.setdefault(_hint_name(hint, path), []).append(path)
+        # A hint only beside an image of its stem: other names keep their old meaning.
+        if mark and stem in image_stems and path.suffix.lower() in IMAGE_SUFFIXES:
+            name = _hint_name(hint, path, result.skipped)
+            if name is not None:
+                hint_files.setdefault(name, []).append(path)
         else:
             (masks if path.stem.endswith(MASK_SUFFIX) else images).append(path)
     matched = _match(

@@ -275,8 +275,12 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: in
     if text_kind not in ("learned", "clip"):
         raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
     dhi = dict(cfg.get("dhi") or {})
-    if "hint_channels" in dhi:
-        raise SiamdiffError("backbone.dhi.hint_channels follows data.hints; set those instead")
+    hint_channels = BASE_HINT_CHANNELS + extra_hints
+    if dhi.get("hint_channels", hint_channels) != hint_channels:
+        raise SiamdiffError(
+            f"backbone.dhi.hint_channels {dhi['hint_channels']!r} does not match data.hints "
+            f"(3 + one per hint = {hint_channels}); leave it out"
+        )
     prediction_type = requested_prediction_type(cfg.get("prediction_type"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
@@ -302,7 +306,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: in
         controlnet = DHIControlNetModel.from_unet(
             unet,
             dhi_base_channels=int(dhi.get("base_channels", DHI_BASE_CHANNELS[kind])),
-            hint_channels=BASE_HINT_CHANNELS + extra_hints,
+            hint_channels=hint_channels,
         )
     return Backbone(unet=unet, controlnet=controlnet, text=text, noise_scheduler=noise_scheduler)
 
