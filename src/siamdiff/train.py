@@ -349,7 +349,7 @@ def training_data(
     sampler = BalancedBatchSampler(
         fixed_view.coverages,
         cfg.train.batch_size,
-        fg_ratio=tuple(cfg.data.balanced.fg_ratio) if cfg.data.balanced.enabled else (1, 0),
+        fg_ratio=tuple(cfg.data.balanced.fg_ratio) if cfg.data.balanced.enabled else None,
         seed=cfg.seed,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -28,6 +29,22 @@ def test_every_batch_is_two_large_lesions_to_one_small() -> None:
 def test_ratio_is_configurable(ratio: tuple[int, int], batch_size: int, above: int) -> None:
     for batch in BalancedBatchSampler(COVERAGES, batch_size=batch_size, fg_ratio=ratio):
         assert sum(i in ABOVE for i in batch) == above
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 5])
+def test_a_ratio_the_batch_cannot_hold_holds_over_consecutive_batches(batch_size: int) -> None:
+    batches = list(BalancedBatchSampler(COVERAGES, batch_size=batch_size))
+    large = [sum(i in ABOVE for i in batch) for batch in batches]
+    exact = batch_size * 2 / 3
+    assert all(math.floor(exact) <= n <= math.ceil(exact) for n in large)
+    for end in range(1, len(batches) + 1):  # never more than one frame off 2:1 so far
+        assert abs(sum(large[:end]) - end * exact) < 1
+
+
+def test_without_balancing_every_frame_is_drawn_once_per_epoch() -> None:
+    sampler = BalancedBatchSampler(COVERAGES, batch_size=6, fg_ratio=None)
+    drawn = sorted(i for batch in sampler for i in batch)
+    assert drawn == list(range(30))  # small lesions too, not only the upper half
 
 
 def test_frames_at_the_median_count_as_small() -> None:

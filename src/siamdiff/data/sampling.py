@@ -24,9 +24,13 @@ class BalancedBatchSampler(Sampler[list[int]]):
     """Batches mixing frames above the median lesion coverage with the rest, ``fg_ratio`` to 1.
 
     Frames at the median go to the lower pool; if a pool is empty the other fills the
-    batch. Each pool is reshuffled every epoch by a generator seeded with ``(seed,
-    epoch)``, so every rank builds the same global batch list and rank ``r`` takes batches
-    ``r, r + R, ...``: ranks never share a batch. Pools are cycled, so every batch is full;
+    batch. ``fg_ratio=None`` draws every batch from one pool of all frames (no balancing).
+    When a batch cannot hold the ratio exactly (batch 4 at 2:1), the large-lesion count of
+    batch ``b`` is ``floor((b+1) k) - floor(b k)`` with ``k = batch_size * share``, so
+    consecutive batches hold it on average (2:1 in 3-3-2-3-3-2... of 4, not 3:1 in each).
+    Each pool is reshuffled every epoch by a generator seeded with ``(seed, epoch)``, so
+    every rank builds the same global batch list and rank ``r`` takes batches ``r, r + R,
+    ...``: ranks never share a batch. Pools are cycled, so every batch is full;
     ``drop_last=False`` only rounds the number of batches up instead of down.
     """
 
@@ -34,7 +38,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self,
         coverages: Sequence[float],
         batch_size: int,
-        fg_ratio: tuple[int, int] = (2, 1),
+        fg_ratio: tuple[int, int] | None = (2, 1),
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
@@ -42,21 +46,24 @@ class BalancedBatchSampler(Sampler[list[int]]):
     ) -> None:
         if batch_size < 1:
             raise SiamdiffError(f"batch_size must be >= 1, got {batch_size}")
-        if len(fg_ratio) != 2 or min(fg_ratio) < 0 or sum(fg_ratio) <= 0:
+        if fg_ratio is not None and (len(fg_ratio) != 2 or min(fg_ratio) < 0 or sum(fg_ratio) <= 0):
             raise SiamdiffError(f"fg_ratio must be two non-negative weights, got {fg_ratio}")
         if not 0 <= rank < num_replicas:
             raise SiamdiffError(f"rank {rank} is not in [0, {num_replicas})")
         values = np.asarray(coverages, dtype=np.float64)
-        median = np.median(values) if len(values) else 0.0
-        self.foreground = np.flatnonzero(values > median)
-        self.background = np.flatnonzero(values <= median)
-
-        n_foreground = round(batch_size * fg_ratio[0] / sum(fg_ratio))
+        if fg_ratio is None:
+            self.foreground, self.background = np.arange(len(values)), np.arange(0)
+            fg_ratio = (1, 0)
+        else:
+            median = np.median(values) if len(values) else 0.0
+            self.foreground = np.flatnonzero(values > median)
+            self.background = np.flatnonzero(values <= median)
+        # Large-lesion frames among the first b * batch_size: b * _fg_weight // _weights.
+        self._fg_weight, self._weights = batch_size * fg_ratio[0], sum(fg_ratio)
         if len(self.foreground) == 0:
-            n_foreground = 0
+            self._fg_weight = 0
         elif len(self.background) == 0:
-            n_foreground = batch_size
-        self.per_batch = (n_foreground, batch_size - n_foreground)
+            self._fg_weight = batch_size * self._weights
 
         rounding = math.floor if drop_last else math.ceil
         self._length = rounding(rounding(len(values) / batch_size) / num_replicas)
@@ -65,6 +72,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
                 f"{len(values)} frames give no batch of {batch_size} "
                 f"for each of {num_replicas} process(es)"
             )
+        self.batch_size = batch_size
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -76,13 +84,20 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self._length
 
+    def _large_before(self, batch: int) -> int:
+        """Large-lesion frames in the batches before ``batch``."""
+        return batch * self._fg_weight // self._weights
+
     def __iter__(self) -> Iterator[list[int]]:
         # One generator per pool: batch j is then the same whatever the number of batches.
         fg_rng, bg_rng = np.random.default_rng((self.seed, self.epoch)).spawn(2)
         n_batches = self._length * self.num_replicas
-        n_fg, n_bg = self.per_batch
-        foreground = _pool_stream(fg_rng, self.foreground, n_batches * n_fg)
-        background = _pool_stream(bg_rng, self.background, n_batches * n_bg)
+        n_fg = self._large_before(n_batches)
+        foreground = _pool_stream(fg_rng, self.foreground, n_fg)
+        background = _pool_stream(bg_rng, self.background, n_batches * self.batch_size - n_fg)
         for b in range(self.rank, n_batches, self.num_replicas):
-            batch = [*foreground[b * n_fg : (b + 1) * n_fg], *background[b * n_bg : (b + 1) * n_bg]]
+            fg_start, fg_end = self._large_before(b), self._large_before(b + 1)
+            bg_start = b * self.batch_size - fg_start
+            bg_end = (b + 1) * self.batch_size - fg_end
+            batch = [*foreground[fg_start:fg_end], *background[bg_start:bg_end]]
             yield [int(i) for i in batch]
