@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lmdb
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from siamdiff.data.cache import LatentCache, build_latent_cache
+from siamdiff.data.cache import LatentCache, build_latent_cache, pair_entry
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
 
@@ -28,22 +31,31 @@ def _latents(count: int, shape: tuple[int, ...] = (4, 8, 8)) -> list[tuple[str, 
     return [(_sha(i), torch.randn(shape, generator=generator)) for i in range(count)]
 
 
-class _Pairs(Dataset):
-    """Stand-in for PairedDataset: fixed random images, each with its own image_sha256."""
+def _mask_sha(index: int, version: int = 0) -> str:
+    return _sha(1000 * (version + 1) + index)
 
-    def __init__(self, count: int, with_records: bool = False) -> None:
+
+class _Pairs(Dataset):
+    """Stand-in for PairedDataset: fixed random images, each with its own image and mask
+    hashes; ``corrected`` masks have other hashes (as after a corrected mask)."""
+
+    def __init__(self, count: int, with_records: bool = False, corrected: int = -1) -> None:
         generator = torch.Generator().manual_seed(0)
         self.images = [torch.rand(3, 32, 32, generator=generator) * 2 - 1 for _ in range(count)]
+        self.masks = [_mask_sha(i, version=int(i == corrected)) for i in range(count)]
         self.loaded: list[int] = []
         if with_records:
-            self.records = [SimpleNamespace(image_sha256=_sha(i)) for i in range(count)]
+            self.records = [
+                SimpleNamespace(image_sha256=_sha(i), mask_sha256=self.masks[i])
+                for i in range(count)
+            ]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         self.loaded.append(index)
-        meta = {"id": f"p{index}", "image_sha256": _sha(index)}
+        meta = {"id": f"p{index}", "image_sha256": _sha(index), "mask_sha256": self.masks[index]}
         return {"image": self.images[index], "mask": torch.zeros(1, 32, 32), "meta": meta}
 
 
@@ -154,7 +166,7 @@ def test_build_encodes_only_missing(tmp_path: Path, autoencoder, counted: list[i
     cache = build_latent_cache(dataset, autoencoder, path, "crop32", batch_size=2, progress=False)
     assert sum(counted) == 5 and len(cache) == 5
     expected = autoencoder.encode(dataset[3]["image"][None])[0]
-    stored = cache.get(_sha(3))
+    stored = cache.get(pair_entry(_sha(3), _mask_sha(3)))
     assert stored is not None and stored.shape == (4, 4, 4)
     torch.testing.assert_close(stored, expected, atol=2e-3, rtol=1e-3)
     cache.close()
@@ -176,6 +188,20 @@ def test_build_skips_loading_cached_records(tmp_path: Path, autoencoder, counted
     assert counted == [3, 2]
 
 
+def test_a_corrected_mask_is_encoded_again(tmp_path: Path, autoencoder, counted: list[int]):
+    """The view crops around the lesion: same image, other mask, other latent."""
+    path = tmp_path / "cache"
+    build_latent_cache(
+        _Pairs(4, with_records=True), autoencoder, path, "crop32", progress=False
+    ).close()
+    counted.clear()
+    corrected = _Pairs(4, with_records=True, corrected=2)
+    cache = build_latent_cache(corrected, autoencoder, path, "crop32", progress=False)
+    assert counted == [1] and corrected.loaded == [2] and len(cache) == 5
+    assert cache.get(pair_entry(_sha(2), _mask_sha(2, version=1))) is not None
+    cache.close()
+
+
 def test_parallel_read_only_workers(tmp_path: Path):
     path = tmp_path / "cache"
     items = _latents(8)
@@ -192,3 +218,36 @@ def test_parallel_read_only_workers(tmp_path: Path):
     assert clone._env is None
     assert clone.get(items[0][0]) is not None
     clone.close()
+
+
+def test_a_reader_follows_a_map_another_process_grew(tmp_path: Path):
+    """Two runs may share one cache (another view or encoder): a writer growing the data past
+    the map of a reader opened before must not break it (LMDB: MDB_MAP_RESIZED)."""
+    path = tmp_path / "cache"
+    items = _latents(2)
+    with LatentCache(path, IDENTITY, "crop32", map_size=64 * 1024) as cache:
+        cache.put_many(items)
+    reader = LatentCache(path, IDENTITY, "crop32", readonly=True)
+    assert reader.get(items[0][0]) is not None
+    grow = (
+        "import torch; from siamdiff.data.cache import LatentCache\n"
+        f"c = LatentCache({str(path)!r}, 'other', 'crop32', map_size=64 << 20)\n"
+        "c.put_many((str(i), torch.randn(4, 128, 128)) for i in range(100))\n"
+    )
+    subprocess.run([sys.executable, "-c", grow], check=True, timeout=120)
+    torch.testing.assert_close(reader.get(items[1][0]), items[1][1], atol=2e-3, rtol=1e-3)
+    assert len(reader) == 2
+    reader.close()
+
+
+def test_lmdb_failures_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    class BrokenEnvironment:
+        def begin(self, write: bool = False):
+            raise lmdb.Error("mdb_txn_commit: Input/output error")
+
+    cache = LatentCache(tmp_path / "cache", IDENTITY, "crop32")
+    monkeypatch.setattr(cache, "_environment", BrokenEnvironment)
+    with pytest.raises(SiamdiffError, match=r"cache: cannot write the latent cache \(mdb_txn"):
+        cache.put_many(_latents(1))
+    with pytest.raises(SiamdiffError, match="cannot read the latent cache"):
+        cache.get(_sha(0))

@@ -1,11 +1,12 @@
 """LMDB latent cache: encode each training image once, reuse it every epoch.
 
-An entry's key is ``sha256(f"{image_sha256}|{encoder_identity}|{view}")``: the
-raw image's SHA-256, the autoencoder's identity (kind, weights hash, scaling
-factor) and ``view``, a name for the deterministic preprocessing the latent was
-encoded from (e.g. ``"crop256"``). Changing the encoder or the crop therefore
-never reuses stale latents; entries of other encoders or views stay in the same
-database untouched.
+An entry's key is ``sha256(f"{entry}|{encoder_identity}|{view}|{ENTRY_FORMAT}")``:
+``entry`` names the pair (:func:`pair_entry`: the image's and the mask's SHA-256, since
+the lesion-centred view crops around the mask, so a corrected mask moves it), then the
+autoencoder's identity (kind, weights hash, scaling factor) and ``view``, a name for the
+deterministic preprocessing the latent was encoded from (e.g. ``"crop256"``). Changing
+the data, the encoder or the crop therefore never reuses stale latents; entries of other
+encoders or views stay in the same database untouched.
 
 Values are float16 bytes behind a small JSON header (``dtype``, ``shape``). Each
 (identity, view) pair also keeps a counter, so ``len()`` needs no scan.
@@ -32,6 +33,14 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import LatentAutoencoder
 
 DEFAULT_MAP_SIZE = 1 << 30
+ENTRY_FORMAT = "image+mask"  # what an entry names; older caches (image only) are never read
+
+
+def pair_entry(image_sha256: str, mask_sha256: str) -> str:
+    """The cache entry of an image-mask pair: both hashes (the view depends on both)."""
+    return f"{image_sha256}+{mask_sha256}"
+
+
 _HEADER_LENGTH = struct.Struct("<I")
 
 
@@ -71,7 +80,7 @@ class LatentCache:
         self.view = view
         self.readonly = readonly
         self.map_size = map_size
-        namespace = f"{encoder_identity}|{view}".encode()
+        namespace = f"{encoder_identity}|{view}|{ENTRY_FORMAT}".encode()
         # 32-byte entry keys can never collide with this longer counter key.
         self._count_key = b"count|" + hashlib.sha256(namespace).digest()
         self._env: lmdb.Environment | None = None
@@ -98,32 +107,41 @@ class LatentCache:
         except (lmdb.Error, OSError) as exc:
             raise SiamdiffError(f"cannot open latent cache ({exc})", self.path) from exc
 
-    def _key(self, image_sha256: str) -> bytes:
+    def _key(self, entry: str) -> bytes:
         return hashlib.sha256(
-            f"{image_sha256}|{self.encoder_identity}|{self.view}".encode()
+            f"{entry}|{self.encoder_identity}|{self.view}|{ENTRY_FORMAT}".encode()
         ).digest()
 
-    def get(self, image_sha256: str) -> Tensor | None:
-        """The float32 latent of this image, or None when it is not cached."""
-        with self._environment().begin() as txn:
-            data = txn.get(self._key(image_sha256))
+    def _read(self, key: bytes) -> bytes | None:
+        env = self._environment()
+        try:
+            try:
+                with env.begin() as txn:
+                    return txn.get(key)
+            except lmdb.MapResizedError:
+                # Another process (a second run sharing the cache) grew the map: adopt its size.
+                env.set_mapsize(0)
+                with env.begin() as txn:
+                    return txn.get(key)
+        except lmdb.Error as exc:
+            raise SiamdiffError(f"cannot read the latent cache ({exc})", self.path) from exc
+
+    def get(self, entry: str) -> Tensor | None:
+        """The float32 latent of this entry, or None when it is not cached."""
+        data = self._read(self._key(entry))
         return None if data is None else _unpack(data)
 
-    def __contains__(self, image_sha256: object) -> bool:
-        if not isinstance(image_sha256, str):
-            return False
-        with self._environment().begin() as txn:
-            return txn.get(self._key(image_sha256)) is not None
+    def __contains__(self, entry: object) -> bool:
+        return isinstance(entry, str) and self._read(self._key(entry)) is not None
 
     def __len__(self) -> int:
-        with self._environment().begin() as txn:
-            count = txn.get(self._count_key)
+        count = self._read(self._count_key)
         return 0 if count is None else int(count)
 
     def put_many(self, items: Iterable[tuple[str, Tensor]]) -> int:
-        """Store ``(image_sha256, latent)`` pairs in one transaction; returns how many were new.
+        """Store ``(entry, latent)`` pairs in one transaction; returns how many were new.
 
-        Entries already present are kept: an equal key means the same image, encoder
+        Entries already present are kept: an equal key means the same pair, encoder
         and view, hence the same latent. The map doubles until the batch fits.
         """
         if self.readonly:
@@ -132,7 +150,7 @@ class LatentCache:
         for sha, latent in items:
             array = latent.detach().to("cpu", torch.float16).contiguous().numpy()
             if not np.isfinite(array).all():
-                raise SiamdiffError(f"latent of image {sha} is not finite in float16", self.path)
+                raise SiamdiffError(f"latent of {sha} is not finite in float16", self.path)
             packed.append((self._key(sha), _pack(array)))
         env = self._environment()
         while True:
@@ -145,6 +163,8 @@ class LatentCache:
                 return added
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.Error as exc:  # a full disk, a file-size limit
+                raise SiamdiffError(f"cannot write the latent cache ({exc})", self.path) from exc
 
     def close(self) -> None:
         if self._env is not None:
@@ -172,28 +192,33 @@ def build_latent_cache(
 ) -> LatentCache:
     """Encode the images of ``dataset`` that ``path`` lacks; returns the open (writable) cache.
 
-    ``dataset`` yields ``{"image": 3xHxW in [-1, 1], "mask", "meta": {"image_sha256", ...}}``
-    through a deterministic (eval) transform that ``view`` names.
+    ``dataset`` yields ``{"image": 3xHxW in [-1, 1], "mask", "meta": {"image_sha256",
+    "mask_sha256", ...}}`` through a deterministic (eval) transform that ``view`` names.
     """
     cache = LatentCache(path, autoencoder.identity, view)
     indices = list(range(len(dataset)))
     records = getattr(dataset, "records", None)
     if records is not None:
-        # PairedDataset knows every image's hash without decoding it: load only the misses.
-        indices = [i for i in indices if records[i].image_sha256 not in cache]
+        # PairedDataset knows every pair's hashes without decoding it: load only the misses.
+        indices = [
+            i
+            for i in indices
+            if pair_entry(records[i].image_sha256, records[i].mask_sha256) not in cache
+        ]
     if not indices:
         return cache
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
     autoencoder.to(device)
     with tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not progress) as bar:
         for batch in loader:
-            shas = batch["meta"]["image_sha256"]
-            todo = [i for i, sha in enumerate(shas) if sha not in cache]
+            meta = batch["meta"]
+            entries = list(map(pair_entry, meta["image_sha256"], meta["mask_sha256"]))
+            todo = [i for i, entry in enumerate(entries) if entry not in cache]
             if todo:
                 with torch.inference_mode():
                     latents = autoencoder.encode(batch["image"][todo].to(device)).cpu()
-                cache.put_many(zip([shas[i] for i in todo], latents, strict=True))
-            bar.update(len(shas))
+                cache.put_many(zip([entries[i] for i in todo], latents, strict=True))
+            bar.update(len(entries))
     return cache
 
 
@@ -209,7 +234,8 @@ class WithCachedLatents(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
-        latent = self.cache.get(item["meta"]["image_sha256"])
+        meta = item["meta"]
+        latent = self.cache.get(pair_entry(meta["image_sha256"], meta["mask_sha256"]))
         if latent is None:
             raise SiamdiffError(
                 f"no cached latent for {item['meta']['id']} (rebuild the cache)", self.cache.path

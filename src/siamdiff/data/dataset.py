@@ -81,6 +81,7 @@ class PairedDataset(Dataset):
             "group": record.group,
             "coverage": record.coverage,
             "image_sha256": record.image_sha256,
+            "mask_sha256": record.mask_sha256,
         }
         stacked = np.stack(hints, axis=-1) if hints else np.zeros((*mask.shape, 0), np.uint8)
         return self.transform({"image": image, "mask": mask, "hints": stacked, "meta": meta})
