@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import struct
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import siamdiff.data.download as download_module
 from siamdiff.data.download import KVASIR_FOLDER, download_kvasir
 from siamdiff.errors import SiamdiffError
 
@@ -176,3 +179,41 @@ def test_archive_without_masks(served, dest: Path):
     entries = {k: v for k, v in _kvasir_entries().items() if "/masks/" not in k}
     _write_zip(root / "kvasir-seg.zip", entries)
     _fails(dest, f"{base}/kvasir-seg.zip", "no images/ and masks/")
+
+
+def _patch_headers(data: bytes, offset: int, value: int, width: str = "<H") -> bytes:
+    """Set a field of every local and central header of a zip (encryption flag, method)."""
+    patched = bytearray(data)
+    for signature, field in ((b"PK\x03\x04", offset), (b"PK\x01\x02", offset + 2)):
+        start = patched.find(signature)
+        while start != -1:
+            struct.pack_into(width, patched, start + field, value)
+            start = patched.find(signature, start + 4)
+    return bytes(patched)
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [(6, 1, "password required"), (8, 99, "compression method")],
+    ids=["encrypted", "unknown method"],
+)
+def test_encrypted_or_exotic_archives_are_one_line(
+    served, dest: Path, offset: int, value: int, message: str
+):
+    base, root = served
+    data = _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+    (root / "kvasir-seg.zip").write_bytes(_patch_headers(data, offset, value))
+    _fails(dest, f"{base}/kvasir-seg.zip", message)
+
+
+def test_a_failed_write_names_the_file(served, dest: Path, monkeypatch: pytest.MonkeyPatch):
+    base, root = served
+    _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_module.os, "fsync", disk_full)
+    with pytest.raises(SiamdiffError, match=r"\.jpg: cannot write \(No space left on device\)"):
+        download_kvasir(dest, url=f"{base}/kvasir-seg.zip", progress=False)
+    assert list(dest.iterdir()) == []

@@ -99,6 +99,7 @@ def test_empty_manifest_and_unwritable_png_are_errors(root: Path, tmp_path: Path
     with pytest.raises(SiamdiffError, match="cannot write") as exc:
         write_stats(root, tmp_path / "blocker" / "hist.png")
     assert "\n" not in str(exc.value) and "hist.png" in str(exc.value)
+    assert not (root / "stats.json").exists()  # no new numbers beside a missing picture
     empty = tmp_path / "empty"
     write_manifest(empty, Manifest(records=[], preprocessing={}))
     with pytest.raises(SiamdiffError, match="no records"):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import shutil
+import os
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from tqdm.auto import tqdm
 
@@ -79,6 +80,44 @@ def _check_name(name: str, url: str) -> None:
         raise SiamdiffError(f"archive entry {name!r} points outside its folder; refused", url)
 
 
+# What reading a damaged, encrypted or exotic archive raises: zipfile's own errors, a
+# password (RuntimeError), an unsupported compression method (NotImplementedError), a bad
+# member offset or a broken bzip2/lzma stream (OSError).
+_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    OSError,
+)
+
+
+class _ArchiveReadError(Exception):
+    """A read of the archive failed inside a write block (kept apart from write errors)."""
+
+
+def _read_member(src: IO[bytes]) -> bytes:
+    try:
+        return src.read(_CHUNK)
+    except _ARCHIVE_ERRORS as exc:
+        raise _ArchiveReadError(exc) from exc
+
+
+def _unpack_member(src: IO[bytes], target: Path) -> None:
+    """Copy one archive member to ``target``, fsync'd; a failed write (a full disk, a file-size
+    limit) names ``target``, a failed read propagates to the caller."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as dst:
+            while chunk := _read_member(src):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except OSError as exc:
+        raise SiamdiffError(f"cannot write ({exc.strerror or exc})", target) from exc
+
+
 def _extract(archive: Path, out: Path, url: str) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -89,11 +128,12 @@ def _extract(archive: Path, out: Path, url: str) -> None:
             for member in members:
                 if member.is_dir() or not member.filename.startswith(prefix):
                     continue
-                target = out / member.filename[len(prefix) :]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                with zf.open(member) as src:
+                    _unpack_member(src, out / member.filename[len(prefix) :])
+    except _ArchiveReadError as exc:
+        reason = exc.__cause__
+        raise SiamdiffError(f"cannot unpack the archive ({reason})", url) from reason
+    except _ARCHIVE_ERRORS as exc:
         raise SiamdiffError(f"downloaded file is not a valid zip archive ({exc})", url) from exc
 
 

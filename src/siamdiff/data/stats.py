@@ -100,15 +100,16 @@ def write_stats(root: str | Path, png: str | Path | None = None) -> dict[str, An
     """:func:`dataset_stats`, written to ``root/stats.json``, plus a coverage histogram PNG.
 
     The histogram (stacked bars coloured by dataset) goes to ``png``, by default
-    ``root/stats.png``; ``verify`` ignores both files.
+    ``root/stats.png``; ``verify`` ignores both default files.
     """
     root = Path(root)
     png = Path(png) if png is not None else root / STATS_PNG
     stats, coverage = _stats_and_coverage(root)
-    with _writing(root / STATS_JSON):
-        atomic_write_json(root / STATS_JSON, stats)
+    # The picture first: a failed PNG must not leave a new stats.json beside an old picture.
     with _writing(png):
         atomic_write_bytes(png, _histogram_png(coverage))
+    with _writing(root / STATS_JSON):
+        atomic_write_json(root / STATS_JSON, stats)
     return stats
 
 
