@@ -11,6 +11,7 @@ import pytest
 
 from siamdiff.cli import SOURCE_KINDS, main
 from siamdiff.data.readers import READERS
+from siamdiff.errors import SiamdiffError
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -91,6 +92,11 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
             ["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/s", "--control-scale", "-1"],
             "--control-scale must be a finite number >= 0, got -1.0",
         ),
+        (
+            ["evaluate", "{tmp}", "{tmp}", "--out", "m", "--segmenter", "s", "--device", "gpu0"],
+            "not a device",
+        ),
+        (["train-segmenter", "{tmp}", "--out", "{tmp}/s", "--device", "cuda:7"], "CUDA device"),
     ],
 )
 def test_bad_input_is_one_line(argv: list[str], needle: str, tmp_path: Path, capsys) -> None:
@@ -149,3 +155,22 @@ def test_sample_gives_each_launched_process_its_own_gpu(
     argv = ["sample", "model", "--masks", "data:train", "--out", "syn"]
     assert main(argv + (["--device", requested] if requested else [])) == 0
     assert (seen["device"], seen["rank"], seen["world_size"]) == (expected, 1, processes)
+
+
+def test_an_error_from_a_data_loader_worker_is_its_own_line(monkeypatch, capsys) -> None:
+    """torch re-raises a worker's SiamdiffError with the worker's traceback in its text."""
+    import siamdiff.data.stats
+
+    def failing_in_a_worker(*args, **kwargs):
+        raise SiamdiffError(
+            "Caught SiamdiffError in DataLoader worker process 0.\n"
+            "Original Traceback (most recent call last):\n"
+            '  File "worker.py", line 1, in _worker_loop\n'
+            "siamdiff.errors.SiamdiffError: /d/a_mask.png: mask is 32x32 but its image is 64x64\n"
+        )
+
+    monkeypatch.setattr(siamdiff.data.stats, "write_stats", failing_in_a_worker)
+    assert main(["stats", "data"]) == 2
+    assert one_line_error(capsys) == (
+        "siamdiff: error: /d/a_mask.png: mask is 32x32 but its image is 64x64"
+    )

@@ -395,6 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(name: str) -> None:
+    """Refuse, in one line, a --device torch does not know or this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[0]
+        raise SiamdiffError(f"--device {name!r} is not a device ({detail})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SiamdiffError(f"--device {name}: this machine has no CUDA device")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -405,9 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         return args.handler(args)
     except SiamdiffError as exc:
-        print(f"siamdiff: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if "Original Traceback" in message:  # re-raised by a DataLoader worker, traceback and all
+            message = message.rsplit("SiamdiffError: ", 1)[-1]
+        print(f"siamdiff: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

@@ -38,6 +38,7 @@ def make_synthetic(
                     group=source.group,
                     frame=f"{source.frame}{k}",
                     split="train",
+                    source_sha256=source.mask_sha256,
                     extra={"source_id": source.id, "seed": k, "sampler": {"name": "copy"}},
                 )
             )

@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from siamdiff.data.dataset import generator_views
-from siamdiff.data.manifest import Manifest, Record, load_manifest, save_pair, write_manifest
+from siamdiff.data.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    Record,
+    load_manifest,
+    save_pair,
+    write_manifest,
+)
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
@@ -44,15 +51,20 @@ from .conftest import SIZE, make_synthetic
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def record(id_: str, source: str | None) -> Record:
+def record(id_: str, source: str | None, mask_sha256: str = "") -> Record:
     extra = {} if source is None else {"source_id": source}
-    return Record(id_, "i.png", "m.png", "", "", "syn", "g", "f", "train", 0.1, 8, 8, extra=extra)
+    return Record(
+        id_, "i.png", "m.png", "", mask_sha256, "syn", "g", "f", "train", 0.1, 8, 8, extra=extra
+    )
 
 
 def test_same_mask_groups_keeps_masks_with_two_or_more_samples() -> None:
     records = [record("a", "x"), record("b", "y"), record("c", "x"), record("d", None)]
     records += [record("e", "z"), record("f", "z"), record("g", "x")]
     assert same_mask_groups(records) == [[0, 2, 6], [4, 5]]
+    # --mask-aug: samples of one source conditioned on other (flipped, shifted) masks
+    augmented = [record("a", "x", "m1"), record("b", "x", "m2"), record("c", "x", "m1")]
+    assert same_mask_groups(augmented) == [[0, 2]]
 
 
 @pytest.mark.parametrize(("size", "scales"), [(16, 2), (64, 3), (128, 4), (256, 5), (512, 5)])
@@ -112,6 +124,10 @@ def test_evaluate_writes_every_metric(
     assert metrics["warnings"] == []
     assert metrics["fd_seg"]["value"] > 0 and metrics["fd_seg"]["features"] == 512
     assert metrics["fd_seg"]["reference_real_test"] > 0
+    # The synthetic FD at the test split's size: FD grows as the image count falls.
+    assert metrics["fd_seg"]["reference_images"] == 3
+    assert metrics["fd_seg"]["value_at_reference_images"] > metrics["fd_seg"]["value"]
+    assert metrics["kid_seg"]["reference_real_test"].keys() == {"mean", "std"}
     assert metrics["kid_seg"]["subset_size"] == 18
     fidelity = metrics["mask_fidelity"]
     assert len(fidelity["per_image"]) == 36 and fidelity["images"] == 36
@@ -152,6 +168,34 @@ def test_evaluate_refuses_bad_inputs(
     (mixed / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(SiamdiffError, match="trained on the real training split only"):
         evaluate(real_root, synthetic_root, out, segmenter_dir=mixed, progress=False)
+    # Sampled from another dataset's masks: CLIP-I pairs and utility splits would be wrong.
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root, other)
+    manifest = json.loads((other / MANIFEST_NAME).read_text())
+    manifest["records"][0]["source_sha256"] = "0" * 64
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(SiamdiffError, match="was conditioned on another mask"):
+        evaluate(real_root, other, out, segmenter_dir=segmenter_dir, progress=False)
+    manifest["records"][0]["extra"]["source_id"] = "elsewhere-p00-0000"
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(SiamdiffError, match=r"which REAL .* lacks"):
+        evaluate(real_root, other, out, segmenter_dir=segmenter_dir, progress=False)
+    # Utility settings that cannot build fail before any metric is computed.
+    for options, message in (
+        ({"archs": ("nosuch",)}, "cannot build segmenter nosuch"),
+        ({"size": 100}, "multiple of 32"),
+        ({"epochs": 0}, "need epochs >= 1"),
+    ):
+        with pytest.raises(SiamdiffError, match=message):
+            evaluate(
+                real_root,
+                synthetic_root,
+                out,
+                segmenter_dir=tmp_path / "never read",
+                utility=True,
+                utility_options=options,
+                progress=False,
+            )
     assert not out.exists()
 
 

@@ -8,7 +8,8 @@ segmenter, trained on the REAL training split only (``siamdiff train-segmenter``
   training images). A domain metric: its scale is not comparable with Inception FID.
 - Mask fidelity: the segmenter's mask for each synthetic image against its conditioning
   mask, Dice / IoU per image (the replication reports' "mDice 0.615" protocol), beside the
-  same segmenter's score on the real test split as a reference.
+  same segmenter's score on the real test split, in the same lesion-centred view, as a
+  reference.
 - Diversity: mean pairwise MS-SSIM (lower = more diverse) and LPIPS (higher = more
   diverse, when its backbone is on disk) among samples of the same conditioning mask.
 - Pixel statistics: per-channel colour means / stds, per-channel Wasserstein-1 distance
@@ -59,8 +60,6 @@ from siamdiff.evaluate.segmenter import (
 )
 from siamdiff.evaluate.standard import MissingWeights, load_lpips, standard_metrics, unavailable
 from siamdiff.evaluate.utility import (
-    DEFAULT_ARCHS,
-    DEFAULT_SEEDS,
     check_utility,
     segmentation_utility,
 )
@@ -68,22 +67,31 @@ from siamdiff.evaluate.utility import (
 FORMAT = "siamdiff-metrics"
 # 2: the real side of FD/KID-seg, colour statistics, Inception and CLIP metrics is the
 # generator's lesion-centred view (data.dataset.generator_views), no longer whole frames.
-FORMAT_VERSION = 2
+# 3: the segmenter's real-test reference is scored in that view too; FD-seg is also given at
+# the real test split's image count, and KID-seg has a real-test reference.
+FORMAT_VERSION = 3
 REPORT_NAME = "report.html"
 HISTOGRAM_NAME = "mask_fidelity.png"
 # Wang et al. 2003, the five-scale weights that torchmetrics also uses.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_KERNEL = 11
 COLOUR_BINS = 8  # per channel, for the joint histogram
+FD_DRAWS = 10  # subsets averaged for the synthetic FD at the reference's size
+UTILITY_CHECKED = ("archs", "seeds", "encoder", "epochs", "size", "batch_size", "lr")
+
+
+def conditioning_mask(record: Record) -> tuple[str, str]:
+    """The mask a synthetic sample was conditioned on: its source and the mask as saved
+    (``--mask-aug`` gives each sample of one source its own flipped / scaled / shifted mask)."""
+    return str(record.extra.get("source_id", record.id)), record.mask_sha256
 
 
 def same_mask_groups(records: Sequence[Record]) -> list[list[int]]:
     """Indices of the synthetic samples that share a conditioning mask, groups of 2 or more."""
-    groups: dict[str, list[int]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for index, record in enumerate(records):
-        source = record.extra.get("source_id")
-        if source is not None:
-            groups[str(source)].append(index)
+        if record.extra.get("source_id") is not None:
+            groups[conditioning_mask(record)].append(index)
     return [members for _, members in sorted(groups.items()) if len(members) > 1]
 
 
@@ -112,7 +120,10 @@ def diversity(
     """Mean pairwise MS-SSIM and LPIPS over every pair of samples within each group.
     ``lpips`` is torchmetrics' LPIPS module, or the reason it is unavailable."""
     if not groups:
-        reason = "no conditioning mask has two or more samples (sample with --per-mask 2 or more)"
+        reason = (
+            "no conditioning mask has two or more samples (sample with --per-mask 2 or more, "
+            "without --mask-aug)"
+        )
         return {"ms_ssim": unavailable(reason), "lpips": unavailable(reason)}
     size = synthetic[groups[0][0]]["image"].shape[-1]
     betas = ms_ssim_betas(size)
@@ -278,11 +289,34 @@ def segmenter_metrics(
     }
     if not load_manifest(real_root).split("test"):
         return metrics, None
-    test = score_segmenter(segmenter, frames(real_root, "test", size), desc="segment test", **scan)
+    # In the view the synthetic images have (the lesion-centred square): the same task.
+    test_view = generator_views(real_root, "test", size)
+    test = score_segmenter(segmenter, test_view, desc="segment test", **scan)
     if len(test.ids) > 1:
-        # How far real images the segmenter never saw lie from its training images.
-        metrics["fd_seg"]["reference_real_test"] = frechet_distance(real, features("test"))
+        # How far real images the segmenter never saw lie from its training images. FD is
+        # biased upwards the more the fewer images it sees: the synthetic set's FD is also
+        # given at the test split's size, the one to read the reference against.
+        test_features = features("test")
+        n = len(test_features)
+        metrics["fd_seg"] |= {
+            "reference_real_test": frechet_distance(real, test_features),
+            "reference_images": n,
+            "value_at_reference_images": _fd_at_size(real, synthetic.features, n, seed),
+        }
+        kid_mean, kid_std = kernel_inception_distance(
+            real, test_features, kid_subsets, kid_subset_size, seed
+        )
+        metrics["kid_seg"]["reference_real_test"] = {"mean": kid_mean, "std": kid_std}
     return metrics, {**test.summary(), "per_image": _per_image(test)}
+
+
+def _fd_at_size(real: np.ndarray, synthetic: np.ndarray, size: int, seed: int) -> float:
+    """Mean FD of ``FD_DRAWS`` random ``size``-image subsets of the synthetic features."""
+    if size >= len(synthetic):
+        return frechet_distance(real, synthetic)
+    rng = np.random.default_rng(seed)
+    draws = [rng.choice(len(synthetic), size, replace=False) for _ in range(FD_DRAWS)]
+    return float(np.mean([frechet_distance(real, synthetic[d]) for d in draws]))
 
 
 def _check_inputs(real_root: Path, syn_root: Path) -> tuple[Manifest, Manifest]:
@@ -298,6 +332,24 @@ def _check_inputs(real_root: Path, syn_root: Path) -> tuple[Manifest, Manifest]:
     for root, count in ((real_root, len(real.split("train"))), (syn_root, len(synthetic.records))):
         if count < 2:
             raise SiamdiffError(f"needs at least 2 images to compare, has {count}", root)
+    # CLIP-I pairs each sample with its source image and utility trusts the sources' splits:
+    # both hold only for samples of REAL's own masks.
+    masks = {record.id: record.mask_sha256 for record in real.records}
+    for record in synthetic.records:
+        source = record.extra.get("source_id")
+        if source is None:
+            continue
+        if source not in masks:
+            raise SiamdiffError(
+                f"sample {record.id} comes from mask {source}, which REAL {real_root} lacks",
+                syn_root,
+            )
+        if record.source_sha256 and record.source_sha256 != masks[source]:
+            raise SiamdiffError(
+                f"sample {record.id} was conditioned on another mask {source} than REAL's "
+                "(sampled from another dataset, or REAL's masks changed since)",
+                syn_root,
+            )
     return real, synthetic
 
 
@@ -328,13 +380,8 @@ def evaluate(
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
     real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
     if utility:  # its problems now, not after every other metric
-        options = utility_options or {}
-        check_utility(
-            real_root,
-            syn_root,
-            options.get("archs", DEFAULT_ARCHS),
-            options.get("seeds", DEFAULT_SEEDS),
-        )
+        options = {k: v for k, v in (utility_options or {}).items() if k in UTILITY_CHECKED}
+        check_utility(real_root, syn_root, **options)
     warnings: list[str] = []
     metrics: dict[str, Any] = {
         "format": FORMAT,
@@ -348,7 +395,7 @@ def evaluate(
         "synthetic": {
             "root": str(syn_root),
             "images": len(syn_manifest.records),
-            "masks": len({r.extra.get("source_id", r.id) for r in syn_manifest.records}),
+            "masks": len({conditioning_mask(r) for r in syn_manifest.records}),
         },
         "segmenter": _segmenter_section(segmenter_dir, real_root, warnings),
     }
@@ -419,16 +466,28 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(metric, value) rows for the CLI table and the HTML report."""
     standard = metrics.get("standard", {})
     diversity_ = metrics.get("diversity", {})
-    reference = metrics.get("fd_seg", {}).get("reference_real_test")
+    fd_seg = metrics.get("fd_seg", {})
+    reference = fd_seg.get("reference_real_test")
+    same_size = fd_seg.get("value_at_reference_images")
     real_test = metrics.get("segmenter", {}).get("real_test")
     pixel = metrics.get("pixel_stats")
     rows = [
         ("FD-seg (lower is better)", _value(metrics.get("fd_seg"), "{value:.3f}")),
         (
+            "  at the real test split's size",
+            "n/a"
+            if same_size is None
+            else f"{same_size:.3f} ({fd_seg['reference_images']} images)",
+        ),
+        (
             "  reference: real test vs real train",
             "n/a" if reference is None else f"{reference:.3f}",
         ),
         ("KID-seg (lower is better)", _value(metrics.get("kid_seg"), "{mean:.4f} ± {std:.4f}")),
+        (
+            "  reference: real test vs real train",
+            _value(metrics.get("kid_seg", {}).get("reference_real_test"), "{mean:.4f} ± {std:.4f}"),
+        ),
         (
             "Mask fidelity mDice / mIoU",
             _value(metrics.get("mask_fidelity"), "{mdice:.3f} / {miou:.3f}"),

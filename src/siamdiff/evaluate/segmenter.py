@@ -145,6 +145,13 @@ class SegmenterSpec:
             ) from exc
 
 
+def check_training_settings(epochs: int, batch_size: int, lr: float) -> None:
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise SiamdiffError(
+            f"need epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}"
+        )
+
+
 class Segmenter:
     """A trained network in eval mode. Inputs: ``B x 3 x H x W`` images in [-1, 1] of any
     size (resized to the training size and back); outputs come back on the CPU."""
@@ -269,10 +276,7 @@ def fit_segmenter(
     it); the caller's global RNG state is restored afterwards. Returns the segmenter and the
     training record (loss per epoch, images per second).
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise SiamdiffError(
-            f"need epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}"
-        )
+    check_training_settings(epochs, batch_size, lr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build().to(device).train()
@@ -377,6 +381,11 @@ def read_segmenter_config(directory: str | Path) -> dict[str, Any]:
         raise SiamdiffError(
             f"segmenter format {config.get('format_version')!r} is not supported", path
         )
+    data = config.get("data", [])
+    if not isinstance(config.get("spec"), dict) or not (
+        isinstance(data, list) and all(isinstance(entry, dict) for entry in data)
+    ):
+        raise SiamdiffError("spec must be a mapping and data a list of mappings", path)
     return config
 
 

@@ -20,6 +20,7 @@ from siamdiff.data.manifest import load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.segmenter import (
     SegmenterSpec,
+    check_training_settings,
     fit_segmenter,
     frames,
     score_segmenter,
@@ -44,11 +45,20 @@ def check_utility(
     syn_root: str | Path | None,
     archs: Sequence[str] = DEFAULT_ARCHS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
+    *,
+    encoder: str = "resnet18",
+    epochs: int = 20,
+    size: int = 256,
+    batch_size: int = 8,
+    lr: float = 1e-3,
 ) -> None:
     """Refuse, in one line and before any training, what :func:`segmentation_utility` cannot
-    measure honestly."""
+    measure honestly or cannot build."""
     if not archs or not seeds:
         raise SiamdiffError("segmentation utility needs at least one architecture and one seed")
+    check_training_settings(epochs, batch_size, lr)
+    for arch in archs:
+        SegmenterSpec(arch, encoder, size).build()
     if not load_manifest(real_root).split("test"):
         raise SiamdiffError("has no test split to measure segmentation utility on", real_root)
     if syn_root is not None:
@@ -72,7 +82,17 @@ def segmentation_utility(
 ) -> dict[str, Any]:
     """Train ``len(archs) x len(seeds)`` segmenters per training set and score them on the
     real test split. ``syn_root=None`` trains on real data only (a baseline)."""
-    check_utility(real_root, syn_root, archs, seeds)
+    check_utility(
+        real_root,
+        syn_root,
+        archs,
+        seeds,
+        encoder=encoder,
+        epochs=epochs,
+        size=size,
+        batch_size=batch_size,
+        lr=lr,
+    )
     test = frames(real_root, "test", size)
     settings = {"real": ()} if syn_root is None else {"real": (), "real+syn": (syn_root,)}
     results: dict[str, Any] = {}
