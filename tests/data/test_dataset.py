@@ -67,6 +67,7 @@ def test_samples_have_the_model_layout(dataset_root: Path) -> None:
         "group": record.group,
         "coverage": record.coverage,
         "image_sha256": record.image_sha256,
+        "mask_sha256": record.mask_sha256,
     }
     assert sample["mask"].sum() == round(record.coverage * HEIGHT * WIDTH)  # lesion not cropped
 

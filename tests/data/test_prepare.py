@@ -18,6 +18,7 @@ from siamdiff.data.manifest import (
     sha256_file,
     verify,
 )
+from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import EMPTY_MASK, SUMMARY_NAME, prepare, resize_pair
 from siamdiff.data.readers import load_mask
 from siamdiff.data.split import split_of
@@ -227,7 +228,7 @@ def test_failed_prepare_leaves_no_output_and_keeps_old_data(
 def messy(tmp_path: Path) -> Path:
     root = tmp_path / "messy"
     write_pair(root, "d-good-0", IMAGE, disc())
-    write_pair(root, "d-empty-0", IMAGE, np.zeros((32, 32), np.uint8))
+    write_pair(root, "d-empty-0", np.roll(IMAGE, 1, axis=0), np.zeros((32, 32), np.uint8))
     write_pair(root, "d-mismatch-0", IMAGE, disc()[:30])
     write_pair(root, "d-corrupt-0", IMAGE, disc())
     (root / "d-corrupt-0.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
@@ -269,7 +270,7 @@ def test_drop_empty_and_strict(messy: Path, tmp_path: Path) -> None:
 def test_strict_accepts_dropped_empty_masks(tmp_path: Path) -> None:
     root = tmp_path / "clean"
     write_pair(root, "d-good-0", IMAGE, disc())
-    write_pair(root, "d-empty-0", IMAGE, np.zeros((32, 32), np.uint8))
+    write_pair(root, "d-empty-0", np.roll(IMAGE, 1, axis=0), np.zeros((32, 32), np.uint8))
     summary = prepare(
         [("folder", root)], tmp_path / "out", 16, strict=True, drop_empty=True, workers=1
     )
@@ -297,7 +298,8 @@ def test_a_dataset_named_like_the_pooled_stats_row_is_refused(tmp_path: Path) ->
 def test_output_is_independent_of_source_order_and_workers(tmp_path: Path) -> None:
     for i in range(4):
         write_pair(tmp_path / "a", f"a-g{i}-0", np.roll(IMAGE, i, axis=0), disc(radius=4 + i))
-        write_pair(tmp_path / "b", f"b-g{i}-0", np.roll(IMAGE, i, axis=1), disc(radius=4 + i))
+        other_image = np.roll(IMAGE, i + 1, axis=1)  # no pixel-identical frame in a and b
+        write_pair(tmp_path / "b", f"b-g{i}-0", other_image, disc(radius=4 + i))
     one = [("folder", tmp_path / "a"), ("folder", tmp_path / "b")]
     prepare(one, tmp_path / "serial", 16, workers=1, progress=False)
     prepare(one[::-1], tmp_path / "pool", 16, workers=2, progress=False)
@@ -335,3 +337,31 @@ def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
 def test_invalid_settings(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(SiamdiffError, match=message):
         prepare([("folder", tmp_path)], tmp_path / "out", **kwargs)
+
+
+def test_an_image_in_two_sources_is_kept_once(tmp_path: Path) -> None:
+    """PraNet's training set holds Kvasir-SEG frames: prepared together, a frame must not
+    count twice nor sit in two splits."""
+    kvasir = make_phantom_dataset(tmp_path / "kvasir", n=4, size=32, groups=4, seed=0)
+    pranet = tmp_path / "pranet"
+    for sub in ("images", "masks"):
+        (pranet / sub).mkdir(parents=True)
+    for source in sorted(kvasir.glob("*_mask.png"))[:2]:
+        stem = source.name.removesuffix("_mask.png")
+        shutil.copy(kvasir / f"{stem}.png", pranet / "images" / f"copy-{stem}.png")
+        shutil.copy(source, pranet / "masks" / f"copy-{stem}.png")
+    shutil.copy(kvasir / "phantom-p03-0003.png", pranet / "images" / "own.png")
+    shutil.copy(kvasir / "phantom-p00-0000_mask.png", pranet / "masks" / "own.png")
+    Image.fromarray(255 - np.asarray(Image.open(pranet / "images" / "own.png"))).save(
+        pranet / "images" / "own.png"
+    )
+    sources = [("folder", kvasir), ("pranet", pranet)]
+    summary = prepare(sources, tmp_path / "out", 32, workers=1, progress=False)
+    records = load_manifest(tmp_path / "out").records
+    assert sorted(r.dataset for r in records) == ["phantom"] * 4 + ["pranet"]
+    reasons = {Path(f).name: r for f, r in summary.skipped}
+    assert set(reasons) == {"copy-phantom-p00-0000.png", "copy-phantom-p01-0001.png"}
+    assert all(r.startswith("same image as ") and "kept once" in r for r in reasons.values())
+    assert verify(tmp_path / "out").ok  # the duplicates' files are gone too
+    with pytest.raises(SiamdiffError, match="same image as"):
+        prepare(sources, tmp_path / "strict", 32, strict=True, workers=1, progress=False)

@@ -225,6 +225,30 @@ def _check_same_hints(pairs: list[SourcePair]) -> None:
             )
 
 
+def _without_duplicates(
+    records: list[Record], root: Path, skipped: list[tuple[str, str]], strict: bool
+) -> list[Record]:
+    """Each image once (the pair with the first id, whatever the source order): a frame in
+    two sources (PraNet's training set holds Kvasir-SEG and CVC-ClinicDB frames) would count
+    twice and could land in train and test, a leak. Identical pixels give identical bytes."""
+    first: dict[str, Record] = {}
+    for record in sorted(records, key=lambda r: r.id):
+        first.setdefault(record.image_sha256, record)
+    kept = []
+    for record in records:
+        original = first[record.image_sha256]
+        if original is record:
+            kept.append(record)
+            continue
+        reason = f"same image as {original.source_image} (kept once: no frame in two splits)"
+        if strict:
+            raise SiamdiffError(reason, record.source_image)
+        for name, _ in record.files():
+            (root / name).unlink()
+        skipped.append((record.source_image, reason))
+    return kept
+
+
 def _previous_manifest(out: Path, overwrite: bool) -> Manifest | None:
     """The manifest that ``overwrite`` replaces; never replace something that is not a dataset."""
     if not (overwrite and out.exists()):
@@ -257,8 +281,9 @@ def prepare(
 ) -> PrepareSummary:
     """Read every ``(kind, directory)`` source and write one siamdiff dataset to ``out``.
 
-    Unpaired, unreadable or size-mismatched files are skipped and listed in
-    ``prepare-summary.json`` (``strict=True``: the first one is a SiamdiffError instead).
+    Unpaired, unreadable or size-mismatched files, and images already given by an earlier
+    pair or source, are skipped and listed in ``prepare-summary.json`` (``strict=True``:
+    the first one is a SiamdiffError instead).
     Masks that are empty after resizing are kept with coverage 0, or dropped with
     ``drop_empty``. Replacing a dataset (``overwrite``) bumps its version: major when the
     raw images changed, minor when only the preprocessing did. ``workers <= 1`` runs in
@@ -295,6 +320,7 @@ def prepare(
                     raise SiamdiffError(result[1], result[0])
                 else:
                     skipped.append(result)
+            records = _without_duplicates(records, tmp, skipped, strict)
             if not records:
                 raise SiamdiffError("no usable image-mask pairs in the sources", sources[0][1])
             manifest = Manifest(records=records, preprocessing=preprocessing)
