@@ -124,6 +124,7 @@ def test_inception_fid_kid_from_the_hub_cache_or_a_path(
     assert fid["available"] is True and kid["available"] is True
     assert fid["weights"] == str(offline_hub / INCEPTION_WEIGHTS)
     assert fid["value"] > 1e-6
+    assert fid["images"] == 5 and "rank-deficient" in fid["note"]  # 5 images, 2048-d
     assert kid["subset_size"] == 5 and np.isfinite(kid["mean"]) and kid["std"] >= 0
 
 
