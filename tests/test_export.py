@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,29 @@ def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):
         load_export(tmp_path)
 
 
+def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
+    out = export_run(trained_run, tmp_path / "export")
+    meta_path = out / "siamdiff.json"
+    meta = json.loads(meta_path.read_text())
+    for broken, message in (([meta], "is not a JSON object"), ({**meta, "mode": None}, None)):
+        if message is None:
+            del broken["mode"]
+            message = "lacks mode"
+        meta_path.write_text(json.dumps(broken))
+        with pytest.raises(SiamdiffError, match=message):
+            load_export(out)
+    meta_path.write_text(json.dumps(meta))
+    embeddings = out / "text" / "embeddings.safetensors"
+    embeddings.write_bytes(embeddings.read_bytes()[: embeddings.stat().st_size // 2])
+    with pytest.raises(SiamdiffError, match="incomplete export"):
+        load_export(out)
+    export_run(trained_run, out, overwrite=True)
+    shutil.rmtree(out / "scheduler")  # a missing folder is no Hub id to fetch
+    with pytest.raises(SiamdiffError, match="incomplete export") as error:
+        load_export(out)
+    assert "huggingface.co" not in str(error.value)
+
+
 def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path: Path):
     for out in (trained_run, trained_run / "export", trained_run.parent):
         with pytest.raises(SiamdiffError, match="not into it or over it"):
@@ -93,6 +117,11 @@ def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path
     assert (other / "keep.txt").read_text() == "a user's file"
     first = export_run(trained_run, tmp_path / "export")
     assert export_run(trained_run, first, overwrite=True) == first  # an export is replaced
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's file")
+    with pytest.raises(SiamdiffError, match="is a file, not an export"):
+        export_run(trained_run, notes, overwrite=True)
+    assert notes.read_text() == "a user's file"
 
 
 def test_cli_export_prints_one_line_errors(trained_run: Path, tmp_path: Path, capsys):

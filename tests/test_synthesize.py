@@ -13,7 +13,7 @@ from PIL import Image
 
 import siamdiff.data.manifest as manifest_module
 import siamdiff.synthesize as synth
-from siamdiff.data.manifest import load_manifest, verify
+from siamdiff.data.manifest import MANIFEST_NAME, load_manifest, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run
 from siamdiff.synthesize import (
@@ -98,6 +98,7 @@ def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: P
             "control_scale": 1.0,
             "eta": 0.0,
             "mask_aug": [],
+            "precision": "fp32",
             "batch_size": BATCH,
             "speed": [],
         }
@@ -270,6 +271,9 @@ def test_a_real_dataset_is_never_sampled_into_or_deleted(
         ({"limit": 0}, "limit must be at least 1"),
         ({"control_scale": -0.5}, "--control-scale must be a finite number >= 0"),
         ({"control_scale": float("nan")}, "--control-scale must be a finite number >= 0"),
+        ({"guidance": float("nan")}, "--guidance must be a finite number >= 0"),
+        ({"eta": 3.0}, r"--eta must be in \[0, 1\]"),
+        ({"steps": 1000}, r"--steps must be 1\.\.999"),
         ({"speed": "fast"}, "unknown speed lever 'fast'"),
         ({"speed": "bf16_frozen", "device": "cpu"}, "bf16_frozen needs a CUDA device"),
     ],
@@ -460,3 +464,51 @@ def test_comparison_grid_puts_each_dataset_beside_the_same_masks(
     with pytest.raises(SiamdiffError, match="has no sample of mask"):
         synth.comparison_grid(tmp_path / "more.png", phantom_data, [reference], split="train")
     assert not (tmp_path / "more.png").exists()
+
+
+def test_a_stale_journal_entry_of_another_rank_does_not_block_the_rerun(
+    exported: Path, phantom_data: Path, reference: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    shutil.copytree(reference, out)
+    (out / MANIFEST_NAME).unlink()
+    lost = load_manifest(reference).records[0]
+    (out / lost.image).unlink()
+    # An older entry for that pair from a run on another rank, with other bytes (another
+    # batch size or device): later in file order, it used to win over the fresh one forever.
+    stale = json.loads((out / ".journal-0.jsonl").read_text().splitlines()[0])
+    (out / ".journal-9.jsonl").write_text(json.dumps({**stale, "image_sha256": "0" * 64}) + "\n")
+    summary = sample(exported, phantom_data, out)
+    assert (summary.generated, summary.manifest_written) == (1, True)
+    assert files(out) == files(reference)
+
+
+def test_a_re_annotated_source_mask_is_sampled_again(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    masks = tmp_path / "masks"
+    shutil.copytree(phantom_data, masks)
+    out = tmp_path / "syn"
+    first = sample(exported, masks, out)
+    assert first.manifest_written
+    records = load_manifest(out).records
+    source_id = records[0].extra["source_id"]
+    # Re-annotate that source in place: another mask file, its new hash in the manifest.
+    manifest = json.loads((masks / MANIFEST_NAME).read_text())
+    entry = next(r for r in manifest["records"] if r["id"] == source_id)
+    mask_path = masks / entry["mask"]
+    Image.fromarray(np.roll(png(mask_path), 3, axis=1)).save(mask_path)
+    entry["mask_sha256"] = manifest_module.sha256_file(mask_path)
+    (masks / MANIFEST_NAME).write_text(json.dumps(manifest))
+    again = sample(exported, masks, out)
+    assert (again.generated, again.reused) == (PER_MASK, len(records) - PER_MASK)
+    redone = [r for r in load_manifest(out).records if r.extra["source_id"] == source_id]
+    assert all(r.source_sha256 == entry["mask_sha256"] for r in redone)
+
+
+def test_mask_augmentation_never_empties_a_lesion_at_the_border():
+    strip = torch.zeros(1, 32, 32)
+    strip[:, 8:24, :3] = 1.0  # a lesion along the left edge: shifts can push it out
+    for seed in range(200):
+        augmented = augment_mask(strip, ("shift", "flip"), np.random.default_rng(seed))
+        assert augmented.sum() > 0

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from siamdiff import __version__
@@ -45,6 +46,8 @@ from siamdiff.models.siamese import SiameseDiffusion
 EXPORT_FORMAT = "siamdiff-export"
 EXPORT_VERSION = 1
 META_NAME = "siamdiff.json"
+PARTS = ("unet", "controlnet", "scheduler", "text")
+META_KEYS = ("mode", "prompt", "resolution", "text", "autoencoder", "autoencoder_identity")
 
 
 def _plain(node: Any) -> Any:
@@ -103,6 +106,8 @@ def save_model(
 ) -> Path:
     """Write `model` as an export directory (atomically: all or nothing). ``overwrite``
     replaces an earlier export or an empty directory, never anything else."""
+    if overwrite and out.exists() and not out.is_dir():
+        raise SiamdiffError("is a file, not an export; refusing to replace it", out)
     if overwrite and out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file():
         raise SiamdiffError(
             f"is not a siamdiff export (no {META_NAME}); refusing to replace it", out
@@ -159,22 +164,31 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     path = Path(path)
     meta_path = path / META_NAME
     meta = read_json(meta_path, "export metadata", "not a siamdiff export: run `siamdiff export`")
+    if not isinstance(meta, dict):
+        raise SiamdiffError("is not a JSON object", meta_path)
     if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
         raise SiamdiffError(f"unsupported export format {meta.get('format_version')!r}", meta_path)
+    lacking = [key for key in META_KEYS if key not in meta]
+    if lacking:
+        raise SiamdiffError(f"lacks {', '.join(lacking)}", meta_path)
     autoencoder = load_autoencoder(meta["autoencoder"])
     if autoencoder.identity != meta["autoencoder_identity"]:
         raise SiamdiffError(
             "the autoencoder weights differ from those the model was trained with",
             meta["autoencoder"].get("path") or meta_path,
         )
+    missing = [f"{name}/" for name in PARTS if not (path / name).is_dir()]
+    if missing:  # diffusers would take a missing folder for a Hub id and talk of connecting
+        raise SiamdiffError(f"incomplete export (no {', '.join(missing)})", path)
+    local = {"local_files_only": True}
     try:
         backbone = Backbone(
-            unet=UNet2DConditionModel.from_pretrained(path / "unet"),
-            controlnet=DHIControlNetModel.from_pretrained(path / "controlnet"),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", **local),
+            controlnet=DHIControlNetModel.from_pretrained(path / "controlnet", **local),
             text=_load_text(path / "text", meta["text"]),
-            noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler", **local),
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise SiamdiffError(f"incomplete export ({str(exc).splitlines()[0]})", path) from exc
     hints = export_hints(meta, meta_path)
     if backbone.controlnet.config.conditioning_channels != BASE_HINT_CHANNELS + len(hints):

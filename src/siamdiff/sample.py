@@ -69,6 +69,9 @@ def ddim_sample(
     if eta and scheduler != "ddim":
         raise SiamdiffError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
     noise_scheduler = make_scheduler(scheduler, model)
+    timesteps = noise_scheduler.config.num_train_timesteps
+    if not 1 <= steps < timesteps:  # the spaced schedule would ask for timestep T itself
+        raise SiamdiffError(f"steps must be 1..{timesteps - 1}, got {steps}")
     noise_scheduler.set_timesteps(steps, device=mask_hint.device)
     batch = mask_hint.shape[0]
     if latent_shape is None:

@@ -38,7 +38,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ from siamdiff.data.readers import HINT_DIR_PREFIX, HINT_MARK, load_mask, load_rg
 from siamdiff.data.transforms import lesion_centre
 from siamdiff.errors import SiamdiffError, out_of_memory_error
 from siamdiff.export import META_NAME, LoadedModel, export_hints, export_run, load_export
+from siamdiff.models.backbone import TRAIN_TIMESTEPS
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, mask_to_hint
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
@@ -87,8 +89,17 @@ GRID_MASKS = 8
 FLIP_P = 0.5
 SCALE_RANGE = (0.8, 1.2)
 SHIFT_FRACTION = 0.1
+MASK_AUG_TRIES = 8
 NNUNET_LABELS = {"background": 0, "polyp": 1}
-SAMPLER_KEYS = ("scheduler", "steps", "guidance", "control_scale", "eta", "mask_aug")
+SAMPLER_KEYS = (
+    "scheduler",
+    "steps",
+    "guidance",
+    "control_scale",
+    "eta",
+    "mask_aug",
+    "precision",
+)
 # What to change when a sampling batch does not fit in GPU memory (not a setting: see _batches).
 MEMORY_ADVICE = "lower --batch-size; the pairs already written are kept and a rerun continues"
 # Settings newer than some outputs on disk, with the value those outputs were made with.
@@ -108,7 +119,19 @@ def augment_mask(mask: Tensor, augmentations: Sequence[str], rng: np.random.Gene
     Every draw is made whatever is enabled, so enabling one kind never changes another's.
     Flips (horizontal, vertical) with p = FLIP_P each; scale uniform in SCALE_RANGE about
     the lesion centre; shift uniform in +-SHIFT_FRACTION of the side, rounded to pixels.
+    A draw that would push the whole lesion out of the frame (a polyp at the border) is
+    drawn again, up to MASK_AUG_TRIES times, then the mask is kept as it is: a sample
+    conditioned on an empty mask would be no lesion sample.
     """
+    for _ in range(MASK_AUG_TRIES):
+        augmented = _augment_once(mask, augmentations, rng)
+        if augmented[0].any() or not (mask[0] > 0.5).any():
+            return augmented
+    return _augment_once(mask, (), rng)
+
+
+def _augment_once(mask: Tensor, augmentations: Sequence[str], rng: np.random.Generator) -> Tensor:
+    """One draw of :func:`augment_mask`."""
     flip_h, flip_v = rng.random(2) < FLIP_P
     scale = float(rng.uniform(*SCALE_RANGE))
     shift = [round(float(d)) for d in rng.uniform(-1, 1, 2) * SHIFT_FRACTION * mask.shape[-1]]
@@ -255,30 +278,46 @@ class Journal:
         self.handle.close()
 
 
-def _read_journals(out: Path) -> dict[str, Record]:
-    """Every parseable journal line of every rank; torn lines (killed runs) are skipped."""
-    entries: dict[str, Record] = {}
+def _read_journals(out: Path) -> dict[str, list[Record]]:
+    """Every parseable journal line of every rank, per pair (a pair rewritten by another rank
+    or run has several); torn lines (killed runs) are skipped."""
+    entries: dict[str, list[Record]] = defaultdict(list)
     for path in sorted(out.glob(".journal-*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = Record(**json.loads(line))
             except (json.JSONDecodeError, TypeError):
                 continue
-            entries[record.id] = record
+            entries[record.id].append(record)
     return entries
 
 
-def _finished(out: Path, ids: Sequence[str]) -> dict[str, Record]:
-    """The pairs among ``ids`` that the journal lists and whose files still match it."""
+def source_digest(source: Record, hints: Sequence[str]) -> dict[str, Any]:
+    """What a synthetic pair was conditioned on: its source mask's and hint maps' hashes."""
+    return {
+        "mask": source.mask_sha256,
+        "hints": {name: source.hints[name]["sha256"] for name in hints},
+    }
+
+
+def _conditioned_on(record: Record) -> dict[str, Any]:
+    return {"mask": record.source_sha256, "hints": record.extra.get("source_hints", {})}
+
+
+def _finished(out: Path, expected: Mapping[str, dict[str, Any]]) -> dict[str, Record]:
+    """The pairs among ``expected`` (pair id -> :func:`source_digest`) that a journal entry
+    lists, conditioned on those very source files (a re-annotated mask is sampled anew), and
+    whose files still match that entry."""
     entries = _read_journals(out)
     done = {}
-    for pair_id in ids:
-        record = entries.get(pair_id)
-        if record is not None and all(
-            (out / name).is_file() and sha256_file(out / name) == digest
-            for name, digest in record.files()
-        ):
-            done[pair_id] = record
+    for pair_id, source in expected.items():
+        for record in reversed(entries.get(pair_id, [])):
+            if _conditioned_on(record) == source and all(
+                (out / name).is_file() and sha256_file(out / name) == digest
+                for name, digest in record.files()
+            ):
+                done[pair_id] = record
+                break
     return done
 
 
@@ -312,6 +351,7 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
         previous = LATER_SETTINGS | previous
+        previous.setdefault("precision", settings["precision"])  # older outputs lack it
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
@@ -395,6 +435,8 @@ def _generate(
                     "sampler": sampler,
                     "model": settings["model"],
                 }
+                if masks.hints:
+                    extra["source_hints"] = source_digest(source, masks.hints)["hints"]
                 pairs.append((pair_name(source.id, k), _pair_fields(source, masks.root, extra)))
                 hints.append(mask_to_hint(channels[None, :1], channels[None, 1:])[0])
                 # CPU generators: the same noise whatever the device samples on.
@@ -532,12 +574,13 @@ def _finalize(
     out: Path,
     masks: PairedDataset,
     indices: list[int],
-    ids: list[str],
+    expected: Mapping[str, dict[str, Any]],
     settings: dict[str, Any],
     formats: Sequence[str],
 ) -> tuple[int, dict[str, Path]]:
     """Manifest, grid and exports once every pair is finished; (pairs missing, exports)."""
-    done = _finished(out, ids)
+    ids = list(expected)
+    done = _finished(out, expected)
     if len(done) < len(ids):
         return len(ids) - len(done), {}
     # Temporaries of writes killed mid-way (atomic_write_bytes names them ".NAME.*.tmp").
@@ -556,6 +599,7 @@ def _finalize(
 def _check_arguments(
     per_mask: int,
     steps: int,
+    guidance: float,
     control_scale: float,
     eta: float,
     scheduler: str,
@@ -568,7 +612,16 @@ def _check_arguments(
 ) -> None:
     problems = [
         (per_mask < 1, f"--per-mask must be at least 1, got {per_mask}"),
-        (steps < 1, f"--steps must be at least 1, got {steps}"),
+        (
+            not 1 <= steps < TRAIN_TIMESTEPS,
+            f"--steps must be 1..{TRAIN_TIMESTEPS - 1} (the schedule has {TRAIN_TIMESTEPS} "
+            f"timesteps), got {steps}",
+        ),
+        (
+            not 0 <= guidance < float("inf"),
+            f"--guidance must be a finite number >= 0, got {guidance}",
+        ),
+        (not 0 <= eta <= 1, f"--eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}"),
         (
             not 0 <= control_scale < float("inf"),
             f"--control-scale must be a finite number >= 0, got {control_scale}",
@@ -642,6 +695,7 @@ def synthesize(
     _check_arguments(
         per_mask,
         steps,
+        guidance,
         control_scale,
         eta,
         scheduler,
@@ -678,6 +732,8 @@ def synthesize(
         "seed": seed,
         "scheduler": scheduler,
         "mask_aug": list(mask_aug),
+        # bf16 autocast on CUDA, fp32 elsewhere: a job resumed on the other must not mix them.
+        "precision": "bf16" if device.type == "cuda" else "fp32",
     }
     masks = generator_views(masks_root, split, source.resolution, source.hints)
     indices = spread_subset(
@@ -696,7 +752,10 @@ def synthesize(
         # computed in the same batch, whatever the rank count or interruptions, so floating point
         # gives the same bytes. (Another batch size may move a pixel by one rounding step.)
         mine = list(_batches(every, batch_size))[rank::world_size]
-        done = set(_finished(out, [names[item] for batch in mine for item in batch]))
+        expected = {
+            names[item]: source_digest(masks.records[item[0]], masks.hints) for item in every
+        }
+        done = set(_finished(out, {names[i]: expected[names[i]] for b in mine for i in b}))
         work = [batch for batch in mine if any(names[item] not in done for item in batch)]
         generated = 0
         if work:
@@ -717,8 +776,7 @@ def synthesize(
         _wait_for_other_ranks(world_size)
         missing, exports = 0, {}
         if rank == 0:
-            ids = [names[item] for item in every]
-            missing, exports = _finalize(out, masks, indices, ids, settings, formats)
+            missing, exports = _finalize(out, masks, indices, expected, settings, formats)
         return SynthesisSummary(
             out=out,
             generated=generated,

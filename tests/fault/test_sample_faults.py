@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from siamdiff.atomic import exclusive_writer
-from siamdiff.data.manifest import MANIFEST_NAME, verify
+from siamdiff.data.manifest import MANIFEST_NAME, load_manifest, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run
-from siamdiff.synthesize import _finished, synthesize
+from siamdiff.synthesize import _finished, source_digest, synthesize
 from siamdiff.train import train
 from tests.fault.helpers import fail_fsync, kill_when, run_ok
 from tests.helpers import tiny_config
@@ -76,7 +76,9 @@ def test_sigkill_mid_sampling_then_rerun_gives_the_same_files(
     kill_when(command, lambda: len(list(out.glob("*-s??.png"))) >= 3)
     # Killed: no manifest yet, and every journalled pair is whole.
     assert not (out / MANIFEST_NAME).exists()
-    journalled = _finished(out, [p.stem for p in out.glob("*-s??.png")])
+    sources = {r.id: r for r in load_manifest(phantom_data).records}
+    written = {p.stem: sources[p.stem.rsplit("-s", 1)[0]] for p in out.glob("*-s??.png")}
+    journalled = _finished(out, {i: source_digest(r, ()) for i, r in written.items()})
     assert 0 < len(journalled) < 16
 
     run_ok(command)

@@ -24,11 +24,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def _integer(smallest: int) -> tuple[Callable[[Any], bool], str]:
+def _integer(smallest: int, largest: int | None = None) -> tuple[Callable[[Any], bool], str]:
     def ok(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return whole and value >= smallest and (largest is None or value <= largest)
 
-    return ok, f"an integer >= {smallest}"
+    if largest is None:
+        return ok, f"an integer >= {smallest}"
+    return ok, f"an integer in {smallest}..{largest}"
 
 
 def _number(
@@ -76,6 +79,14 @@ def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value in choices), f"one of {', '.join(choices)}"
 
 
+def _ratio() -> tuple[Callable[[Any], bool], str]:
+    def ok(value: Any) -> bool:
+        pair = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+        return pair and all(_integer(0)[0](w) for w in value) and sum(value) > 0
+
+    return ok, "two integer weights >= 0, not both 0, [above-median, rest]"
+
+
 def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
     # The DHI's three patch merges and the autoencoders take pixels to an H/8 latent grid.
     return (lambda value: _integer(8)[0](value) and value % 8 == 0), "a multiple of 8"
@@ -84,11 +95,14 @@ def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
 # Values the training loop divides by, counts with, schedules on or opens: a wrong one would
 # only surface later, as a traceback or as a setting silently without effect.
 VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _integer(0),
     "run_dir": _text(),
     "data.root": _text(),
     "optim.betas": _betas(),
     "optim.name": _one_of(OPTIMIZERS),
+    "train.sample_steps": _integer(1, 999),  # the spaced schedule never reaches timestep T
+    "data.balanced.fg_ratio": _ratio(),
+    "model.train_unet_encoder": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "seed": _integer(0, 2**31 - 1),  # numpy's seeds stop at 2**32 - 1; ranks add their index
     "data.hints": _hint_names(),
     "data.transforms.size": _multiple_of_8(),
     "model.aug_t_max": _integer(0),
@@ -111,7 +125,6 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
             "train.sample_every",
             "train.keep_last",
             "train.sample_count",
-            "train.sample_steps",
             "train.max_nonfinite",
             "optim.grad_accum",
             "backbone.text_tokens",

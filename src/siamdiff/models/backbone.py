@@ -60,6 +60,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DHI_BASE_CHANNELS = {"tiny": 4, "scratch": 16, "sd15": 16}
+TRAIN_TIMESTEPS = 1000  # method.md's T, also Stable Diffusion v1.5's
 
 
 def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -70,7 +71,7 @@ def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     matches Stable Diffusion v1.5's own scheduler config, so every kind samples alike.
     """
     return DDPMScheduler(
-        num_train_timesteps=1000,
+        num_train_timesteps=TRAIN_TIMESTEPS,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
