@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from siamdiff.config import load_config
@@ -94,6 +95,14 @@ def test_resume_refuses_settings_the_run_was_not_trained_with(
         train(bigger, resume=True)
     assert "optim.lr" in str(err.value)
     assert f"siamdiff train {run / 'config.yaml'} --resume" in str(err.value)
+    # A latent cache may move, not appear (the augmentations depend on it); a free-form
+    # UNet argument given on one side only is another model.
+    for other, message in (
+        (f"data.latent_cache={tmp_path / 'cache'}", r"data\.latent_cache None -> "),
+        ("backbone.unet.dropout=0.1", r"backbone\.unet\.dropout \(unset\) -> 0\.1"),
+    ):
+        with pytest.raises(SiamdiffError, match=message):
+            train(tiny_config(phantom_data, run, *done, other), resume=True)
     # Reporting and where the data lives may change; the saved config resumes as it is.
     train(tiny_config(phantom_data, run, *done, "train.log_every=5"), resume=True)
     train(load_config(run / "config.yaml"), resume=True)
@@ -433,3 +442,57 @@ def test_eight_bit_adamw_without_bitsandbytes_or_with_deepspeed_is_one_line(
         train(cfg)
     with pytest.raises(SiamdiffError, match=r"optim\.name must be one of adamw, adamw8bit"):
         tiny_config(phantom_data, tmp_path / "run", "optim.name=sgd")
+
+
+def test_an_overflowing_gradient_skips_its_step_and_never_reaches_the_weights(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A finite loss whose gradient overflows (no GradScaler without fp16) used to be clipped
+    into NaN and stepped on: every weight NaN, checkpointed with valid checksums."""
+    original = Accelerator.backward
+    calls = {"n": 0}
+
+    def overflow_on_the_second(self, loss, **kwargs):
+        original(self, loss, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            grads = [p.grad for p in self._models[0].parameters() if p.grad is not None]
+            grads[0].fill_(float("inf"))
+
+    monkeypatch.setattr(Accelerator, "backward", overflow_on_the_second)
+    run = tmp_path / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=3", "train.sample_every=100"))
+    weights = final_weights(run)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    rows = read_loss_log(run / "losses.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert sum(r["nonfinite_skipped"] for r in rows) == 1
+    state = json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text())
+    assert state == {"step": 3, "batches_taken": 4}
+
+
+def test_a_nan_micro_batch_skips_its_whole_accumulation_window(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """grad_accum=2: a NaN in the first micro-batch of a window used to leave the step to the
+    second alone; the window is now skipped whole, as a NaN skips a step without accumulation."""
+    original = SiameseDiffusion.forward
+    calls = {"n": 0}
+
+    def nan_on_the_third(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(SiameseDiffusion, "forward", nan_on_the_third)
+    run = tmp_path / "run"
+    overrides = ("optim.grad_accum=2", "train.checkpoint_every=1", "train.keep_last=3")
+    train(tiny_config(phantom_data, run, "train.max_steps=3", "train.sample_every=100", *overrides))
+    taken = [
+        json.loads((c / "trainer_state.json").read_text())["batches_taken"]
+        for c in checkpoints(run)
+    ]
+    assert taken == [2, 6, 8]  # micro-batches 3-4 skipped together
+    assert calls["n"] == 7  # the skipped window's second micro-batch is not even computed

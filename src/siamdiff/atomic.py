@@ -33,7 +33,7 @@ FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename itself must reach the disk, not only the file's bytes.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -41,6 +41,17 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and every directory entry to disk (files written by
+    other libraries, such as a training checkpoint, before it is renamed into place)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -63,7 +74,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             # A full disk fails in write/fsync, whose errors name no file: name it for the user.
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -127,7 +138,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             os.replace(out, trash / out.name)
         os.replace(tmp, out)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         if trash is not None and (trash / out.name).exists() and not out.exists():
             os.replace(trash / out.name, out)  # the swap failed half-way: put the old one back

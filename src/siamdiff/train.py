@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset
@@ -66,6 +66,7 @@ from siamdiff.sample import ddim_sample
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS_NAME = "checksums.json"
 LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
+LOSS_LOG = "losses.jsonl"
 # What to change when a training step does not fit in GPU memory.
 MEMORY_ADVICE = (
     "lower train.batch_size (raise optim.grad_accum to keep the effective batch), or set "
@@ -186,6 +187,13 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     return accelerator.check_trigger()
 
 
+def finite_on_every_rank(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """Whether ``value`` is finite on every rank: all must agree to skip a step, or DDP's
+    next all-reduce would hang."""
+    finite = torch.isfinite(torch.as_tensor(value, device=accelerator.device).detach())
+    return bool(accelerator.gather(finite.all().reshape(1)).all())
+
+
 def truncate_loss_log(path: Path, step: int) -> None:
     """Drop the rows after ``step``: a killed run logs steps that its last checkpoint lacks,
     and the resumed run logs them again."""
@@ -227,11 +235,17 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"step": step, "batches_taken": batches_taken}
         atomic_write_json(partial / "trainer_state.json", state)
+        # On disk before the checksums vouch for it and older checkpoints are pruned: after a
+        # power cut, a checkpoint renamed into place must not come back truncated.
+        fsync_tree(partial)
         atomic_write_json(partial / CHECKSUMS_NAME, checkpoint_digests(partial))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
+        fsync_dir(final.parent)
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        if (run_dir / LOSS_LOG).is_file():  # up to date whenever the run stops, however
+            save_loss_curve(run_dir / LOSS_LOG, run_dir / "loss_curve.png")
     accelerator.wait_for_everyone()
     return final
 
@@ -530,7 +544,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         accelerator.init_trackers("siamdiff")
-    log_path = run_dir / "losses.jsonl"
+    log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
         truncate_loss_log(log_path, step)
 
@@ -550,8 +564,36 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
+
+    def micro_batch(batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (method.md), hints and latents made here."""
+        images = batch["image"].to(device, non_blocking=True)
+        batch["mask"] = batch["mask"].to(device, non_blocking=True)
+        batch["hints"] = batch["hints"].to(device, non_blocking=True)
+        mask_hint, image_hint = to_hints({**batch, "image": images})
+        if "latent" in batch:
+            z0 = batch["latent"].to(device, non_blocking=True)
+        else:
+            with torch.no_grad():
+                z0 = autoencoder.encode(images)
+        keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
+        prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
+        warmup = cfg.model.consistency_warmup_steps
+        warm = min(1.0, step / warmup) if warmup else 1.0
+        with training_autocast(accelerator):
+            terms = model(
+                z0,
+                mask_hint,
+                image_hint,
+                core.text(prompts),
+                progress=step / cfg.train.max_steps,
+                consistency_weight=cfg.model.consistency_weight * warm,
+            )
+        return terms
+
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     seen, skipped, nonfinite, started = 0, 0, 0, time.perf_counter()
+    window_bad = False
     stop = StopRequest()
     stop.install()
     try:
@@ -559,58 +601,52 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             batch = next(stream)
             batches_taken += 1
             with accelerator.accumulate(model):
-                images = batch["image"].to(device, non_blocking=True)
-                batch["mask"] = batch["mask"].to(device, non_blocking=True)
-                batch["hints"] = batch["hints"].to(device, non_blocking=True)
-                mask_hint, image_hint = to_hints({**batch, "image": images})
-                if "latent" in batch:
-                    z0 = batch["latent"].to(device, non_blocking=True)
-                else:
-                    with torch.no_grad():
-                        z0 = autoencoder.encode(images)
-                keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
-                prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
-                warm = min(1.0, step / max(1, cfg.model.consistency_warmup_steps))
-                with training_autocast(accelerator):
-                    terms = model(
-                        z0,
-                        mask_hint,
-                        image_hint,
-                        core.text(prompts),
-                        progress=step / cfg.train.max_steps,
-                        consistency_weight=cfg.model.consistency_weight * warm,
-                    )
-                # Every rank must agree to skip, or DDP's all-reduce would hang.
-                finite = accelerator.gather(torch.isfinite(terms["loss"].detach()).reshape(1))
-                if not finite.all():
-                    nonfinite += 1
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if nonfinite >= cfg.train.max_nonfinite:
-                        raise SiamdiffError(
-                            f"loss was NaN/Inf {nonfinite} times in a row at step {step}; the last "
-                            "good checkpoint is kept (try a lower optim.lr)",
-                            run_dir,
+                # A window (grad_accum micro-batches) with a non-finite loss or gradient is
+                # skipped whole: the rest of it is not computed and its gradients are dropped.
+                if not window_bad:
+                    terms = micro_batch(batch, step)
+                    window_bad = not finite_on_every_rank(accelerator, terms["loss"])
+                if not window_bad:
+                    accelerator.backward(terms["loss"])
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                        # A finite loss can still overflow its gradients: stepping on them would
+                        # write NaN into every weight, and into the next checkpoint.
+                        window_bad = norm is not None and not finite_on_every_rank(
+                            accelerator, norm
                         )
+                if not window_bad:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if window_bad:
+                if not accelerator.sync_gradients:
                     continue
-                nonfinite = 0
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # The raw optimizer: accelerate's wrapper keeps gradients between windows.
+                getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
+                window_bad = False
+                nonfinite += 1
+                skipped += 1
+                if nonfinite >= cfg.train.max_nonfinite:
+                    raise SiamdiffError(
+                        f"loss or gradients were NaN/Inf in {nonfinite} steps in a row at step "
+                        f"{step}; the last good checkpoint is kept (try a lower optim.lr)",
+                        run_dir,
+                    )
+                continue
             for key in LOSS_KEYS:
                 sums[key] += terms[key].detach().float().item()
             seen += 1
             if not accelerator.sync_gradients:
                 continue
+            nonfinite = 0
+            lr = lr_schedule.get_last_lr()[0]  # the rate this step was taken with
             lr_schedule.step()
             step += 1
             progress.update(1)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 means = {k: v / seen for k, v in sums.items()}
-                means["lr"] = lr_schedule.get_last_lr()[0]
+                means["lr"] = lr
                 means["nonfinite_skipped"] = skipped
                 means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
                 postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{means['lr']:.2e}"}
@@ -654,7 +690,5 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             dataset.cache.close()  # LMDB allows one open environment per path and process
     if accelerator.num_processes > 1:
         check_ranks_in_sync(accelerator, trainable)
-    if accelerator.is_main_process:
-        save_loss_curve(log_path, run_dir / "loss_curve.png")
     accelerator.end_training()
     return run_dir

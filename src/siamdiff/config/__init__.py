@@ -267,16 +267,23 @@ def check_resume_config(saved_path: Path, cfg: DictConfig) -> None:
     trained with (the schedule, data, model or optimiser), naming them."""
     saved = _flat(OmegaConf.to_container(load_config(saved_path)))
     now = _flat(OmegaConf.to_container(cfg))
+    absent = object()  # a free-form setting (backbone.unet.*) given on one side only
     changed = [
         key
-        for key in sorted(saved.keys() & now.keys())
-        if saved[key] != now[key]
-        and key not in RESUME_MAY_CHANGE
-        # a cache may move, not appear or vanish: the augmentations depend on it
-        and not (key == "data.latent_cache" and None not in (saved[key], now[key]))
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key, absent) != now.get(key, absent)
+        and (
+            key not in RESUME_MAY_CHANGE
+            # a cache may move, not appear or vanish: the augmentations depend on it
+            or (key == "data.latent_cache" and None in (saved[key], now[key]))
+        )
     ]
     if changed:
-        shown = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:3])
+
+        def value(config: dict[str, Any], key: str) -> str:
+            return repr(config[key]) if key in config else "(unset)"
+
+        shown = ", ".join(f"{k} {value(saved, k)} -> {value(now, k)}" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise SiamdiffError(
             f"--resume with other settings than the run was trained with ({shown}{more}); "
