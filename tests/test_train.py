@@ -496,3 +496,14 @@ def test_a_nan_micro_batch_skips_its_whole_accumulation_window(
     ]
     assert taken == [2, 6, 8]  # micro-batches 3-4 skipped together
     assert calls["n"] == 7  # the skipped window's second micro-batch is not even computed
+
+
+def test_sample_grids_do_not_change_the_training(phantom_data: Path, tmp_path: Path):
+    """With dropout, a grid drawn in train mode used dropout and the training RNG: how often
+    grids are drawn (which a resume may change) changed the weights."""
+    overrides = ("train.max_steps=3", "backbone.unet.dropout=0.1")
+    train(tiny_config(phantom_data, tmp_path / "rare", *overrides, "train.sample_every=100"))
+    train(tiny_config(phantom_data, tmp_path / "often", *overrides, "train.sample_every=1"))
+    a, b = final_weights(tmp_path / "rare"), final_weights(tmp_path / "often")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "often" / "samples").glob("*.png"))) == 3

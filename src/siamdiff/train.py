@@ -295,21 +295,34 @@ def write_samples(
     cfg: DictConfig,
     path: Path,
 ) -> None:
-    """Sample grid (mask | real | synthetic) from Mask-Diffusion alone, fixed seeds."""
+    """Sample grid (mask | real | synthetic) from Mask-Diffusion alone, fixed seeds.
+
+    In eval mode (no dropout in the samples) and without touching the training RNG: how
+    often grids are drawn (``train.sample_every``, which a resume may change) must not
+    change the training.
+    """
     mask_hint = to_hints(batch)[0].to(next(model.parameters()).device)  # the batch is on CPU
     count = mask_hint.shape[0]
-    text = model.text([cfg.backbone.prompt] * count)
-    uncond = model.text([""] * count)
     generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(count)]
-    latents = ddim_sample(
-        model,
-        mask_hint,
-        text,
-        uncond,
-        steps=cfg.train.sample_steps,
-        guidance=cfg.train.guidance,
-        generator=generators,
-    )
+    devices = [mask_hint.device] if mask_hint.device.type == "cuda" else []
+    modes = [(module, module.training) for module in model.modules()]  # frozen parts stay eval
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            text = model.text([cfg.backbone.prompt] * count)
+            uncond = model.text([""] * count)
+            latents = ddim_sample(
+                model,
+                mask_hint,
+                text,
+                uncond,
+                steps=cfg.train.sample_steps,
+                guidance=cfg.train.guidance,
+                generator=generators,
+            )
+    finally:
+        for module, training in modes:
+            module.training = training
     synthetic = autoencoder.decode(latents)
     save_sample_grid(path, batch["mask"], batch["image"], synthetic)
 
