@@ -28,7 +28,6 @@ def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Pat
         # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
         assert train[name]["loss_relative_difference"] < 1e-5
         assert train[name]["grad_relative_difference"] < 1e-4
-        assert train[name]["flops_per_step"] == train["siamdiff"]["flops_per_step"]
     assert train["flop_ratio"] < 0.8  # t = 0, 333, 666, 999: one sample in the augmentation term
     for name in variants:
         assert train[name]["images_per_s"] > 0 and train[name]["flops_per_step"] > 0

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+import siamdiff.models.autoencoder as autoencoder_module
 from siamdiff.data import transforms
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import (
@@ -181,6 +183,18 @@ def test_diffusers_kl_loads_a_saved_vae(tmp_path: Path):
     assert loaded.scaling_factor == pytest.approx(0.18215)
 
 
+def test_incomplete_or_other_vae_weights_are_refused(tmp_path: Path):
+    """diffusers fills what a checkpoint lacks with nothing (meta tensors) and only logs it."""
+    random_kl_vae(seed=3).save_pretrained(tmp_path / "vae")
+    with pytest.raises(SiamdiffError, match="vae: holds a AutoencoderKL, not a AutoencoderTiny"):
+        load_autoencoder({"kind": "diffusers-tiny", "path": tmp_path})
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if not k.startswith("decoder.conv_out")}, weights)
+    with pytest.raises(SiamdiffError, match=r"AutoencoderKL weights are incomplete \(2 missing"):
+        load_autoencoder({"kind": "diffusers-kl", "path": tmp_path})
+
+
 def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -235,6 +249,14 @@ def test_dct_autoencoder_is_weight_free_and_projects_exactly() -> None:
     )
     assert autoencoder.identity == load_autoencoder({"kind": "dct"}).identity
     assert autoencoder.identity != load_autoencoder({"kind": "dct", "scaling_factor": 2}).identity
+
+
+def test_the_dct_identity_follows_its_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DCT has no weights: its normalisation decides its latents, hence the cache key."""
+    before = load_autoencoder({"kind": "dct"}).identity
+    doubled = autoencoder_module.DCT_COEFFICIENT_STD * 2
+    monkeypatch.setattr(autoencoder_module, "DCT_COEFFICIENT_STD", doubled)
+    assert load_autoencoder({"kind": "dct"}).identity != before
 
 
 def test_dct_autoencoder_on_real_frames(shared_data: Path) -> None:

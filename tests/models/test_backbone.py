@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from siamdiff.errors import SiamdiffError
@@ -220,3 +221,27 @@ def test_sd15_errors_name_the_directory(tmp_path: Path) -> None:
     (root / "unet" / "config.json").write_text("{not json")
     with pytest.raises(SiamdiffError, match="cannot load Stable Diffusion"):
         build_backbone({"kind": "sd15", "path": str(root)}, 4)
+
+
+@pytest.mark.parametrize(
+    ("folder", "dropped", "message"),
+    [
+        ("unet", "conv_out.", "UNet weights are incomplete"),
+        ("unet", "down_blocks.0.resnets.0.conv1.", "UNet weights are incomplete"),
+        ("text_encoder", "encoder.layers.0.mlp.", "CLIP text encoder weights are"),
+    ],
+)
+def test_an_incomplete_sd15_checkpoint_is_refused(
+    tmp_path: Path, folder: str, dropped: str, message: str
+) -> None:
+    """transformers would fill what is missing with random values, diffusers with nothing,
+    each only logging it: a truncated download would train on noise or fail much later."""
+    root = write_fake_sd15(tmp_path)
+    weights = next((root / folder).glob("*.safetensors"))
+    state = load_file(weights)
+    kept = {k: v for k, v in state.items() if not k.startswith(dropped)}
+    assert len(kept) < len(state)
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(SiamdiffError, match=message) as error:
+        build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    assert str(root / folder) in str(error.value) and "\n" not in str(error.value)

@@ -22,7 +22,9 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import Tensor, nn
 
+from siamdiff.atomic import read_json
 from siamdiff.errors import SiamdiffError
+from siamdiff.models.loading import load_complete
 
 TAEF2_ENCODER_FILE = "taef2_encoder.pth"
 TAEF2_DECODER_FILE = "taef2_decoder.pth"
@@ -176,10 +178,12 @@ class TAEF2(nn.Module):
 
 
 def _hash_modules(*modules: nn.Module) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in a fixed order."""
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in a fixed order: weights
+    and buffers, the non-persistent ones too (the DCT's basis and normalisation constants)."""
     digest = hashlib.sha256()
     for index, module in enumerate(modules):
-        for name, tensor in sorted(module.state_dict().items()):
+        tensors = dict(module.state_dict()) | dict(module.named_buffers())
+        for name, tensor in sorted(tensors.items()):
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
             digest.update(f"{index}.{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
             digest.update(data.numpy().tobytes())
@@ -409,7 +413,7 @@ class DCTAutoencoder(LatentAutoencoder):
         return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.rgb_to_ycbcr), ycbcr)
 
     def _encoder_modules(self) -> tuple[nn.Module, ...]:
-        return ()
+        return (self,)  # no weights: its buffers (basis, colour matrix, statistics) decide
 
 
 def random_kl_vae(seed: int = 0) -> AutoencoderKL:
@@ -428,17 +432,33 @@ def random_kl_vae(seed: int = 0) -> AutoencoderKL:
 
 def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     local = Path(path)
-    # A full Stable Diffusion pipeline folder keeps its VAE in vae/.
+    # A full Stable Diffusion pipeline folder keeps its VAE in vae/ (if it is of this class).
     if (
         subfolder is None
         and not (local / "config.json").is_file()
         and (local / "vae" / "config.json").is_file()
     ):
         subfolder = "vae"
+        config = read_json(local / "vae" / "config.json", "VAE config", "")
+        saved_class = config.get("_class_name") if isinstance(config, dict) else None
+        if saved_class not in (None, cls.__name__):
+            raise SiamdiffError(
+                f"holds a {saved_class}, not a {cls.__name__}: choose the autoencoder kind "
+                "that matches it",
+                local / "vae",
+            )
+    where = f"{path}/{subfolder}" if subfolder else path
     try:
-        return cls.from_pretrained(path, subfolder=subfolder)
+        return load_complete(
+            cls.from_pretrained,
+            cls.__name__,
+            where,
+            pretrained_model_name_or_path=path,
+            subfolder=subfolder,
+        )
+    except SiamdiffError:
+        raise
     except Exception as exc:  # missing/corrupt files, offline hub, bad repo id: many types
-        where = f"{path}/{subfolder}" if subfolder else path
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SiamdiffError(f"cannot load {cls.__name__} ({reason})", where) from exc
 

@@ -27,6 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, DenseHintInput
+from siamdiff.models.loading import load_complete
 
 UNCONDITIONAL_PROMPT = ""
 KINDS = ("tiny", "scratch", "sd15")
@@ -212,8 +213,12 @@ class ClipTextConditioner(TextConditioner):
             if not (path / sub).is_dir():
                 raise SiamdiffError(f"no {sub}/ folder: CLIP text conditioning needs one", path)
         try:
-            text_encoder = CLIPTextModel.from_pretrained(
-                path / "text_encoder", local_files_only=True
+            text_encoder = load_complete(
+                CLIPTextModel.from_pretrained,
+                "CLIP text encoder",
+                path / "text_encoder",
+                pretrained_model_name_or_path=path / "text_encoder",
+                local_files_only=True,
             )
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -382,7 +387,14 @@ def _load_sd15(
         if not (path / config).is_file():
             raise SiamdiffError(f"not a diffusers Stable Diffusion directory (no {config})", path)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        unet = load_complete(
+            UNet2DConditionModel.from_pretrained,
+            "UNet",
+            path / "unet",
+            pretrained_model_name_or_path=path,
+            subfolder="unet",
+            local_files_only=True,
+        )
         overrides = {"prediction_type": prediction_type} if prediction_type else {}
         scheduler = DDPMScheduler.from_pretrained(
             path, subfolder="scheduler", clip_sample=False, local_files_only=True, **overrides
