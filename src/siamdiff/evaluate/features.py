@@ -14,11 +14,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from siamdiff.errors import SiamdiffError
+
 
 def _as_2d(features: np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2 or len(array) < 2:
         raise ValueError(f"{name} must be an N x D array with N >= 2, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise SiamdiffError(
+            "features are not finite: the feature network (a segmenter that diverged?) "
+            "outputs NaN/Inf; retrain it"
+        )
     return array
 
 
