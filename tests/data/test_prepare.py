@@ -365,3 +365,29 @@ def test_an_image_in_two_sources_is_kept_once(tmp_path: Path) -> None:
     assert verify(tmp_path / "out").ok  # the duplicates' files are gone too
     with pytest.raises(SiamdiffError, match="same image as"):
         prepare(sources, tmp_path / "strict", 32, strict=True, workers=1, progress=False)
+
+
+def test_a_shared_image_keeps_its_sequence_in_one_split(tmp_path: Path) -> None:
+    """PraNet's TrainDataset holds CVC-ClinicDB frames, each its own group there: the copies
+    must not spread a video sequence over several splits."""
+    cvc, pranet = tmp_path / "CVC-ClinicDB", tmp_path / "TrainDataset"
+    frames = [*range(1, 9), *range(26, 34)]  # sequences 1 and 2
+    for frame in frames:
+        image = np.roll(IMAGE, (frame % 32, frame // 32), axis=(0, 1))  # all distinct
+        for folder, (images, masks) in (
+            (cvc, ("Original", "Ground Truth")),
+            (pranet, ("images", "masks")),
+        ):
+            (folder / images).mkdir(parents=True, exist_ok=True)
+            (folder / masks).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / images / f"{frame}.png")
+            Image.fromarray(disc()).save(folder / masks / f"{frame}.png")
+    sources = [("cvc-clinicdb", cvc), ("pranet", pranet)]
+    prepare(sources, tmp_path / "out", 32, workers=1, progress=False)
+    records = load_manifest(tmp_path / "out").records
+    assert len(records) == len(frames)
+    splits: dict[int, set[str]] = {}
+    for record in records:
+        sequence = 1 if int(Path(record.source_image).stem) <= 25 else 2
+        splits.setdefault(sequence, set()).add(record.split)
+    assert all(len(found) == 1 for found in splits.values()), splits

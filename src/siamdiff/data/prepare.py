@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,25 +228,41 @@ def _check_same_hints(pairs: list[SourcePair]) -> None:
 def _without_duplicates(
     records: list[Record], root: Path, skipped: list[tuple[str, str]], strict: bool
 ) -> list[Record]:
-    """Each image once (the pair with the first id, whatever the source order): a frame in
-    two sources (PraNet's training set holds Kvasir-SEG and CVC-ClinicDB frames) would count
-    twice and could land in train and test, a leak. Identical pixels give identical bytes."""
+    """Each image once, and every group that shares an image in one split.
+
+    A frame in two sources (PraNet's training set holds Kvasir-SEG and CVC-ClinicDB frames)
+    would count twice and could land in train and test, a leak. The copy with the first id
+    is kept, whatever the source order; and since its group may differ from the other
+    copy's (PraNet's per-image group, CVC-ClinicDB's video sequence), the groups joined by
+    shared images take one split together: no sequence is spread over two splits.
+    Identical pixels give identical prepared bytes.
+    """
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root_of(key: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
     first: dict[str, Record] = {}
     for record in sorted(records, key=lambda r: r.id):
-        first.setdefault(record.image_sha256, record)
-    kept = []
+        kept = first.setdefault(record.image_sha256, record)
+        a, b = root_of((kept.dataset, kept.group)), root_of((record.dataset, record.group))
+        parent[max(a, b)] = min(a, b)
+    kept_records = []
     for record in records:
         original = first[record.image_sha256]
-        if original is record:
-            kept.append(record)
+        if original is not record:
+            reason = f"same image as {original.source_image} (kept once: no frame in two splits)"
+            if strict:
+                raise SiamdiffError(reason, record.source_image)
+            for name, _ in record.files():
+                (root / name).unlink()
+            skipped.append((record.source_image, reason))
             continue
-        reason = f"same image as {original.source_image} (kept once: no frame in two splits)"
-        if strict:
-            raise SiamdiffError(reason, record.source_image)
-        for name, _ in record.files():
-            (root / name).unlink()
-        skipped.append((record.source_image, reason))
-    return kept
+        dataset, group = root_of((record.dataset, record.group))
+        kept_records.append(replace(record, split=split_of(dataset, group, DEFAULT_FRACTIONS)))
+    return kept_records
 
 
 def _previous_manifest(out: Path, overwrite: bool) -> Manifest | None:
