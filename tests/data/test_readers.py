@@ -339,3 +339,50 @@ def test_sanitize_name() -> None:
     assert sanitize_name("a b//c.d") == "a_b_c.d"
     assert sanitize_name(".hidden") == "hidden"
     assert sanitize_name("---") == "_"
+
+
+LESION = np.zeros((16, 16), np.uint8)
+LESION[4:9, 3:12] = 1
+
+
+def _save_mask(path: Path, kind: str) -> None:
+    if kind == "8-bit 0/1":
+        Image.fromarray(LESION).save(path)
+    elif kind == "16-bit 0/1":
+        Image.fromarray(LESION.astype(np.uint16)).save(path)
+    elif kind == "16-bit 0/255":
+        Image.fromarray(LESION.astype(np.uint16) * 255).save(path)
+    elif kind == "tiff 16-bit 0/1":
+        tifffile.imwrite(path, LESION.astype(np.uint16))
+    elif kind == "tiff float 0/1":
+        tifffile.imwrite(path, LESION.astype(np.float32))
+    elif kind == "palette, dark lesion colour":
+        image = Image.fromarray(LESION, mode="P")
+        image.putpalette([0, 0, 0, 0, 100, 0] + [0] * 762)
+        image.save(path)
+    elif kind in ("alpha only, black", "alpha only, white"):
+        colour = 0 if kind.endswith("black") else 255
+        rgba = np.full((16, 16, 4), colour, np.uint8)
+        rgba[..., 3] = LESION * 255
+        Image.fromarray(rgba).save(path)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "8-bit 0/1",
+        "16-bit 0/1",
+        "16-bit 0/255",
+        "tiff 16-bit 0/1",
+        "tiff float 0/1",
+        "palette, dark lesion colour",
+        "alpha only, black",
+        "alpha only, white",
+    ],
+)
+def test_label_style_masks_read_their_lesion(tmp_path: Path, kind: str) -> None:
+    """Each used to come out empty (or, alpha on white, all lesion) under the 8-bit >= 128
+    rule: a dataset of them prepared into nothing but empty masks."""
+    path = tmp_path / ("mask.tif" if kind.startswith("tiff") else "mask.png")
+    _save_mask(path, kind)
+    assert np.array_equal(load_mask(path), LESION.astype(bool))

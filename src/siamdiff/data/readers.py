@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -38,6 +39,7 @@ from siamdiff.errors import SiamdiffError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 MASK_THRESHOLD = 128
 MASK_SUFFIX = "_mask"
 HINT_MARK = "_hint-"  # folder layout: NAME_hint-HINT.ext
@@ -137,19 +139,45 @@ def _to_hw_or_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _read_uint8(path: Path) -> np.ndarray:
-    """Decode ``path`` to uint8 HxW or HxWx3. TIFF via tifffile (Pillow refuses the CVC TIFFs)."""
-    path = Path(path)
+def _decode_mask_pil(path: Path) -> tuple[np.ndarray, bool]:
+    """A mask's pixels as drawn: (array, whether its values are labels).
+
+    A palette mask gives its indices (labels: a dark lesion colour is still index 1), and a
+    mask drawn only in its alpha channel (one colour everywhere) gives that alpha.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("P", "PA"):
+            return np.asarray(image.getchannel(0)), True
+        if image.mode in ("RGBA", "LA", "La", "RGBa"):
+            colour = np.asarray(image.convert("RGB"))
+            if (colour == colour[:1, :1]).all():
+                return np.asarray(image.getchannel("A")), False
+    return _decode_pil(path), False
+
+
+def _read(path: Path, decode: Callable[[Path], Any]) -> Any:
+    """``decode(path)``, any decoder failure turned into an :class:`UnreadableImageError`."""
     try:
-        array = tifffile.imread(path) if _is_tiff(path) else _decode_pil(path)
+        return decode(path)
     # Decoders raise almost anything on malformed files (struct.error, zlib.error, KeyError,
     # DecompressionBombError, ...); every one of them means "this file cannot be read".
     except Exception as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise UnreadableImageError(f"cannot read image ({reason})", path) from exc
+
+
+def _pixels(array: Any, path: Path) -> np.ndarray:
     array = np.asarray(array)
     if array.size == 0:  # tifffile returns an empty array for a truncated TIFF
         raise UnreadableImageError("cannot read image (no pixel data: truncated file?)", path)
+    return array
+
+
+def _read_uint8(path: Path) -> np.ndarray:
+    """Decode ``path`` to uint8 HxW or HxWx3. TIFF via tifffile (Pillow refuses the CVC TIFFs)."""
+    path = Path(path)
+    array = _pixels(_read(path, tifffile.imread if _is_tiff(path) else _decode_pil), path)
     return _to_hw_or_hwc(_to_uint8(array, path), path)
 
 
@@ -164,16 +192,36 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
 
 
+def _zero_and_one_value(array: np.ndarray) -> bool:
+    values = np.unique(array)
+    return len(values) == 2 and values[0] == 0
+
+
 def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     """The mask at ``path`` as bool HxW: foreground = 8-bit value >= ``threshold`` (128).
 
     Colour masks (JPEG masks are RGB with compression noise) use the maximum over their
-    channels; 16-bit masks are first scaled to 8 bits; alpha is ignored.
+    channels; 16-bit masks are first scaled to 8 bits. Label masks are read as labels,
+    foreground = nonzero: masks of two values, one of them 0 (0/1 at any bit depth, the
+    nnU-Net convention, or 0/255 stored in 16 bits; JPEG excepted), palette masks (their
+    indices), and float masks (> 0.5). A mask
+    drawn only in its alpha channel uses that alpha.
     """
-    array = _read_uint8(Path(path))
+    path = Path(path)
+    decode = (lambda p: (tifffile.imread(p), False)) if _is_tiff(path) else _decode_mask_pil
+    array, labels = _read(path, decode)
+    array = _to_hw_or_hwc(_pixels(array, path), path)
     if array.ndim == 3:
         array = array.max(axis=-1)
-    return array >= threshold
+    if array.dtype == np.bool_:
+        return array
+    if array.dtype.kind == "f":
+        return array > 0.5
+    # Two values, one of them 0 (0/1, or 0/255 stored in 16 bits): a label mask. Not for
+    # JPEG, whose compression noise is no second label.
+    if labels or (path.suffix.lower() not in JPEG_SUFFIXES and _zero_and_one_value(array)):
+        return array > 0
+    return _to_uint8(array, path) >= threshold
 
 
 def load_hint(path: str | Path) -> np.ndarray:
