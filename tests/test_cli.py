@@ -94,7 +94,7 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
         ),
         (
             ["evaluate", "{tmp}", "{tmp}", "--out", "m", "--segmenter", "s", "--device", "gpu0"],
-            "not a device",
+            "'gpu0' cannot be used",
         ),
         (["train-segmenter", "{tmp}", "--out", "{tmp}/s", "--device", "cuda:7"], "CUDA device"),
     ],
@@ -151,6 +151,7 @@ def test_sample_gives_each_launched_process_its_own_gpu(
     state = SimpleNamespace(num_processes=processes, process_index=1, local_process_index=1)
     monkeypatch.setattr(accelerate, "PartialState", lambda cpu: state)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
     monkeypatch.setattr(siamdiff.synthesize, "synthesize", fake_synthesize)
     argv = ["sample", "model", "--masks", "data:train", "--out", "syn"]
     assert main(argv + (["--device", requested] if requested else [])) == 0

@@ -34,3 +34,28 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys) -> None:
     assert "Synthetic samples" in report and "Training losses" in report
     # A second run refuses to overwrite unless asked.
     assert main(["demo", "--out", str(out), "--train-steps", "3"]) == 2
+
+
+def test_demo_overwrite_replaces_only_a_demo_folder(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--out . --overwrite` used to delete whatever the folder held, before any stage ran."""
+    import siamdiff.demo as demo
+
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("a year of work")
+    assert main(["demo", "--out", str(thesis), "--overwrite"]) == 2
+    assert "holds files the demo did not write" in capsys.readouterr().err
+    assert (thesis / "chapter1.tex").read_text() == "a year of work"
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "d"), "--train-steps", "0"])
+    assert "must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+    def stop_after_the_marker(*args, **kwargs):
+        raise demo.SiamdiffError("stopped")
+
+    monkeypatch.setattr(demo, "make_phantom_dataset", stop_after_the_marker)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 2
+    (tmp_path / "d" / "partial.png").write_text("an earlier demo's file")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--overwrite"]) == 2  # ran, replaced it
+    assert not (tmp_path / "d" / "partial.png").exists()

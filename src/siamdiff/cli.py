@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verb("demo", cmd_demo, "Run the whole pipeline on built-in phantom data (no downloads).")
     demo.add_argument("--out", type=Path, default=Path("siamdiff-demo"))
-    demo.add_argument("--train-steps", type=int, default=400)
+    demo.add_argument("--train-steps", type=positive, default=400)
     demo.add_argument("--overwrite", action="store_true")
 
     prep = verb("prepare", cmd_prepare, "Read public layouts into one siamdiff dataset.")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--size", type=int, default=384, help="shorter side in pixels")
     prep.add_argument("--mask-threshold", type=int, default=128, help="foreground = value >= this")
-    prep.add_argument("--workers", type=int, default=2)
+    prep.add_argument("--workers", type=non_negative, default=2)
     prep.add_argument("--strict", action="store_true", help="any skipped file is an error")
     prep.add_argument("--drop-empty", action="store_true", help="leave out frames with empty masks")
     prep.add_argument("--overwrite", action="store_true")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another dataset to train on as well (e.g. a synthetic set)",
     )
     seg.add_argument("--device", default="cpu")
-    seg.add_argument("--workers", type=int, default=0)
+    seg.add_argument("--workers", type=non_negative, default=0)
     seg.add_argument("--overwrite", action="store_true")
 
     ev = verb("evaluate", cmd_evaluate, "Metrics of a synthetic set against the real one.")
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--workers", type=int, default=0)
+    ev.add_argument("--workers", type=non_negative, default=0)
 
     rate = verb("rate", cmd_rate, "Blinded realism rating (MOS) of synthetic vs real images.")
     rate.add_argument("syn", type=Path, nargs="?", help="synthetic dataset")
@@ -401,11 +401,39 @@ def check_device(name: str) -> None:
 
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[0]
-        raise SiamdiffError(f"--device {name!r} is not a device ({detail})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SiamdiffError(f"--device {name}: this machine has no CUDA device")
+        if device.type == "meta":
+            raise RuntimeError("holds no data")
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (device.index or 0) >= count:
+                raise RuntimeError(f"this machine has {count} CUDA device(s)")
+        else:
+            torch.empty(0, device=device)  # an MPS or XPU this machine lacks fails here
+    except (RuntimeError, AssertionError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SiamdiffError(f"--device {name!r} cannot be used ({detail})") from exc
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (a worker count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a step count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

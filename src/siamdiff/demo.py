@@ -30,15 +30,27 @@ PHANTOM_SIZE = 128
 TRAIN_SIZE = 64
 SAMPLE_STEPS = 20
 SEGMENTER_EPOCHS = 3
+MARKER = ".siamdiff-demo"  # what --overwrite may delete: a folder a demo wrote, nothing else
 
 
 def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path:
     """Run every stage into `out`; returns the training run directory."""
     out = Path(out)
+    if train_steps < 1:
+        raise SiamdiffError(f"--train-steps must be at least 1, got {train_steps}")
+    if out.exists() and not out.is_dir():
+        raise SiamdiffError("is a file, not a folder for the demo", out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SiamdiffError("already exists (pass --overwrite to replace it)", out)
+        if not (out / MARKER).is_file():
+            raise SiamdiffError(
+                "holds files the demo did not write; --overwrite replaces only a demo folder",
+                out,
+            )
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by siamdiff demo; --overwrite may replace this folder\n")
     started = time.perf_counter()
     # The demo's tensors are tiny: a second intra-op thread saves little and, when anything else
     # shares the CPU, its spin-waiting makes steps up to 10x slower.

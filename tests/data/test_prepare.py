@@ -102,6 +102,7 @@ def test_prepare_writes_resized_hashed_split_pairs(prepared: Path, raw: Path) ->
         "image_filter": "lanczos",
         "mask_threshold": 128,
         "mask_resize": "bilinear>=0.5",
+        "drop_empty": False,
         "split": {"method": "sha256(dataset/group)", "fractions": [0.8, 0.1, 0.1]},
     }
     assert len(manifest.records) == 12 + 34

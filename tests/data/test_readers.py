@@ -386,3 +386,21 @@ def test_label_style_masks_read_their_lesion(tmp_path: Path, kind: str) -> None:
     path = tmp_path / ("mask.tif" if kind.startswith("tiff") else "mask.png")
     _save_mask(path, kind)
     assert np.array_equal(load_mask(path), LESION.astype(bool))
+
+
+def test_a_siamdiff_dataset_reads_back_as_a_folder(tmp_path: Path) -> None:
+    """Its manifest and reports are no pairs (--strict failed on them), and a synthetic
+    pair's -sNN name keeps its source's group (each became its own group)."""
+    root = tmp_path / "syn"
+    root.mkdir()
+    for k in range(3):
+        name = f"cvc_clinicdb-seq01-0001-s{k:02d}"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"{name}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / f"{name}_mask.png")
+    for own in ("manifest-v1.json", "stats.json", "prepare-summary.json"):
+        (root / own).write_text("{}")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "samples.png")
+    result = read_source("folder", root)
+    assert result.skipped == []
+    assert {(p.dataset, p.group) for p in result.pairs} == {("cvc_clinicdb", "seq01")}
+    assert sorted(p.frame for p in result.pairs) == ["0001-s00", "0001-s01", "0001-s02"]

@@ -251,3 +251,12 @@ def test_real_frames_keep_their_lesion_centred(shared_data) -> None:
             out_centre = lesion_centre(out["mask"][0].numpy() > 0)[axis]
             assert abs(out_centre - 32) <= 3, name.name
     assert checked
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_elastic_works_at_every_size_the_config_accepts(size: int) -> None:
+    """sigma 5 means a 41-pixel blur kernel, whose reflect padding fails below 21 px."""
+    config = dataclasses.replace(ALL_ON, size=size)
+    sample = red_is_mask_sample(ellipse((24, 24), (12, 12), (5, 7)))
+    out = build_transforms(config, train=True)(sample)
+    assert out["image"].shape == (3, size, size) and out["mask"].shape == (1, size, size)

@@ -320,6 +320,7 @@ def prepare(
         "image_filter": "lanczos",
         "mask_threshold": mask_threshold,
         "mask_resize": "bilinear>=0.5",
+        "drop_empty": drop_empty,
         "split": {"method": "sha256(dataset/group)", "fractions": list(DEFAULT_FRACTIONS)},
     }
     try:

@@ -8,7 +8,8 @@ Four layouts (the ``kind`` of a source):
   is the video sequence from the frame table in ``README.txt`` (built-in copy as fallback).
 - ``pranet``: ``images/`` + ``masks/`` matched by stem; each image is its own group.
 - ``folder``: ``NAME.ext`` + ``NAME_mask.ext``; ``NAME = {dataset}-{group}-{frame}`` when it
-  has that shape (the phantom demo data and siamdiff's own output do).
+  has that shape (the phantom demo data and siamdiff's own output do; a synthetic pair's
+  ``-sNN`` stays in its frame, so it keeps its source's group).
 
 Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
 ``NAME_hint-HINT.ext`` beside ``NAME.ext``, ``pranet`` (and ``kvasir-seg``) a ``hint-HINT/``
@@ -54,7 +55,8 @@ CVC_SEQUENCES: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 # One table row, whatever mix of tabs and spaces the README uses: "|  1 to  25  |\t 1\t|".
 _CVC_ROW = re.compile(r"(\d+)\s+to\s+(\d+)\s*\|\s*(\d+)")
-_OUTPUT_NAME = re.compile(r"^([A-Za-z0-9._]+)-([A-Za-z0-9._]+)-([A-Za-z0-9._]+)$")
+# {dataset}-{group}-{frame}, and siamdiff's synthetic {dataset}-{group}-{frame}-s{k}.
+_OUTPUT_NAME = re.compile(r"^([A-Za-z0-9._]+)-([A-Za-z0-9._]+)-([A-Za-z0-9._]+(?:-s\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -440,8 +442,12 @@ def read_pranet(root: Path, dataset: str | None = None) -> ReadResult:
 
 
 def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
+    from siamdiff.data.manifest import ANCILLARY_FILES, MANIFEST_NAME  # imports this module
+
     result = ReadResult()
-    entries = _list_dir(root)
+    # A siamdiff dataset read as a folder: its manifest and reports are no pairs.
+    own = {MANIFEST_NAME, *ANCILLARY_FILES}
+    entries = [p for p in _list_dir(root) if p.name not in own]
     image_stems = {p.stem for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
     images: list[Path] = []
     masks: list[Path] = []

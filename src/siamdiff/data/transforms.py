@@ -192,8 +192,10 @@ class SeparableElasticTransform(v2.ElasticTransform):
         for alpha, sigma, extent in zip(self.alpha, self.sigma, (width, height), strict=True):
             noise = torch.rand(1, 1, height, width) * 2 - 1
             kernel = int(8 * sigma + 1) | 1  # torchvision's size, made odd
-            noise = F.gaussian_blur(noise, [kernel, 1], [sigma, sigma])
-            noise = F.gaussian_blur(noise, [1, kernel], [sigma, sigma])
+            # Reflect padding needs kernel // 2 < the side: small images get a cut kernel.
+            along_x, along_y = min(kernel, 2 * width - 1), min(kernel, 2 * height - 1)
+            noise = F.gaussian_blur(noise, [along_x, 1], [sigma, sigma])
+            noise = F.gaussian_blur(noise, [1, along_y], [sigma, sigma])
             fields.append(noise * alpha / extent)
         return {"displacement": torch.cat(fields, dim=1).permute(0, 2, 3, 1)}
 
