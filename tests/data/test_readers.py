@@ -87,8 +87,13 @@ def test_cvc_clinicdb_groups_are_sequences(shared_data: Path) -> None:
 def test_cvc_readme_table_matches_builtin_copy(shared_data: Path) -> None:
     readme = (shared_data / "CVC-ClinicDB" / "README.txt").read_text(errors="replace")
     assert "\t" in readme  # the messy tabs the parser must survive
-    assert parse_cvc_sequences(readme) == CVC_SEQUENCES
+    assert parse_cvc_sequences(readme) == dict(enumerate(CVC_SEQUENCES, 1))
     assert len(CVC_SEQUENCES) == 29 and CVC_SEQUENCES[-1] == (592, 612)
+
+
+def test_a_cvc_row_that_does_not_parse_leaves_the_others_their_numbers() -> None:
+    readme = "|  1 to  25  |\t 1\t|\n| 26 to 50 | two |\n| 51 to 67 | 3 |\n"
+    assert parse_cvc_sequences(readme) == {1: (1, 25), 3: (51, 67)}  # not renumbered 1, 2
 
 
 def test_cvc_release_tiffs_equal_the_png_frames(shared_data: Path) -> None:
@@ -290,7 +295,7 @@ def test_cvc_without_readme_uses_builtin_table(tmp_path: Path) -> None:
 
 def test_parse_messy_readme_rows() -> None:
     text = "|      1 to  25    |\t 1\t|\n\t  |    26 to 30    |2\t|\n|  31 to  40  |\t10   |\n"
-    assert parse_cvc_sequences(text) == ((1, 25), (26, 30), (31, 40))
+    assert parse_cvc_sequences(text) == {1: (1, 25), 2: (26, 30), 10: (31, 40)}
 
 
 @pytest.mark.parametrize(

@@ -403,21 +403,22 @@ def read_kvasir_seg(root: Path, dataset: str = "kvasir_seg") -> ReadResult:
     return result
 
 
-def parse_cvc_sequences(readme: str) -> tuple[tuple[int, int], ...]:
-    """(first, last) frame of each sequence, in sequence order, from the README's table."""
-    rows = sorted((int(seq), int(a), int(b)) for a, b, seq in _CVC_ROW.findall(readme))
-    return tuple((first, last) for _, first, last in rows)
+def parse_cvc_sequences(readme: str) -> dict[int, tuple[int, int]]:
+    """Sequence number -> (first, last) frame, from the README's table. A row that does not
+    parse is left out; the others keep their own numbers (not their positions)."""
+    return {int(seq): (int(a), int(b)) for a, b, seq in _CVC_ROW.findall(readme)}
 
 
-def _cvc_table(root: Path) -> tuple[tuple[int, int], ...]:
+def _cvc_table(root: Path) -> dict[int, tuple[int, int]]:
     readme = root / "README.txt"
+    builtin = dict(enumerate(CVC_SEQUENCES, 1))
     if not readme.is_file():
-        return CVC_SEQUENCES
+        return builtin
     try:
         table = parse_cvc_sequences(readme.read_text(encoding="utf-8", errors="replace"))
     except OSError as exc:
         raise SiamdiffError(f"cannot read ({exc.strerror})", readme) from exc
-    return table or CVC_SEQUENCES
+    return table or builtin
 
 
 def read_cvc_clinicdb(root: Path, dataset: str = "cvc_clinicdb") -> ReadResult:
@@ -429,7 +430,7 @@ def read_cvc_clinicdb(root: Path, dataset: str = "cvc_clinicdb") -> ReadResult:
             result.skipped.append((image, "frame name is not a number"))
             continue
         frame = int(stem)
-        sequence = next((i for i, (a, b) in enumerate(table, 1) if a <= frame <= b), None)
+        sequence = next((s for s, (a, b) in sorted(table.items()) if a <= frame <= b), None)
         if sequence is None:
             result.skipped.append((image, f"frame {frame} is not in the sequence table"))
             continue
