@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -507,3 +508,18 @@ def test_sample_grids_do_not_change_the_training(phantom_data: Path, tmp_path: P
     a, b = final_weights(tmp_path / "rare"), final_weights(tmp_path / "often")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "often" / "samples").glob("*.png"))) == 3
+
+
+def test_a_resumed_run_replaces_its_tensorboard_rows_past_the_checkpoint(
+    phantom_data: Path, tmp_path: Path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    overrides = ("train.max_steps=3", "train.checkpoint_every=2", "train.sample_every=100")
+    train(tiny_config(phantom_data, run, *overrides))
+    shutil.rmtree(checkpoints(run)[-1])  # killed after logging step 3, before its checkpoint
+    train(tiny_config(phantom_data, run, *overrides), resume=True)
+    events = EventAccumulator(str(run / "tb" / "siamdiff"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]  # step 3 once

@@ -556,7 +556,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-        accelerator.init_trackers("siamdiff")
+        # A resumed run logs its steps again: TensorBoard drops the killed run's rows past the
+        # checkpoint (losses.jsonl is truncated the same way below).
+        purge = {"purge_step": step + 1} if step else {}
+        accelerator.init_trackers("siamdiff", init_kwargs={"tensorboard": purge})
     log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
         truncate_loss_log(log_path, step)
