@@ -84,3 +84,7 @@ def test_siamdiff_step_at_sd15_size_needs_at_most_three_quarters_of_the_naive_fl
     # The shared encoder and single mask control save work in both phases; the augmentation
     # term, run on the t <= 200 samples only, saves more once it starts.
     assert counted["ratio_with_augmentation"] < counted["ratio_before_augmentation"] < 0.9
+    # ControlNet (361M with the DHI) + UNet decoder: what AdamW keeps two moments of.
+    assert 0.85e9 < counted["trainable_parameters"] < 0.9e9
+    state = counted["adamw_state_gb"]
+    assert state["adamw"] == pytest.approx(4 * state["adamw8bit"])

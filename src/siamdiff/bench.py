@@ -400,7 +400,7 @@ def meta_flops(batch: int = 8) -> dict[str, Any]:
     runs it on the expected 201/1000 of the batch, the naive step on all of it.
     """
     backbone = sd15_backbone("meta")
-    freeze_for_training(backbone, train_unet_encoder=False)
+    trainable = sum(p.numel() for p in freeze_for_training(backbone, train_unet_encoder=False))
     model = SiameseDiffusion(backbone)
     b = make_batch(model, PRESETS["sd15"], batch, "meta")
 
@@ -417,7 +417,14 @@ def meta_flops(batch: int = 8) -> dict[str, Any]:
         return count_flops(run, META)
 
     kept = round(batch * 201 / 1000)
-    result: dict[str, Any] = {"batch": batch, "resolution": 512, "augmented_samples": kept}
+    result: dict[str, Any] = {
+        "batch": batch,
+        "resolution": 512,
+        "augmented_samples": kept,
+        "trainable_parameters": trainable,
+        # AdamW's two moments: fp32 (torch) or uint8 (optim.name=adamw8bit), 8 or 2 bytes each.
+        "adamw_state_gb": {"adamw": trainable * 8 / 1e9, "adamw8bit": trainable * 2 / 1e9},
+    }
     one = {key: value[:1] for key, value in b.items()}
     parts = {
         "unet_encoder_mid": lambda: encode(model.unet, one["z0"], one["timesteps"], one["context"]),
@@ -583,6 +590,11 @@ def format_results(results: dict[str, Any]) -> str:
             f"{meta['ratio_before_augmentation']:.3f} before the augmentation term starts, "
             f"{meta['ratio_with_augmentation']:.3f} with it, "
             f"{meta['ratio_training_average']:.3f} over a whole training run"
+        )
+        state = meta["adamw_state_gb"]
+        lines.append(
+            f"SD1.5 trainable parameters: {meta['trainable_parameters'] / 1e9:.3f} B; AdamW "
+            f"state {state['adamw']:.1f} GB, {state['adamw8bit']:.1f} GB with optim.name=adamw8bit"
         )
     return "\n".join(lines)
 
