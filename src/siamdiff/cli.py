@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = verb("demo", cmd_demo, "Run the whole pipeline on built-in phantom data (no downloads).")
     demo.add_argument("--out", type=Path, default=Path("siamdiff-demo"))
-    demo.add_argument("--train-steps", type=positive, default=400)
+    demo.add_argument("--train-steps", type=at_least(1), default=400)
     demo.add_argument("--overwrite", action="store_true")
 
     prep = verb("prepare", cmd_prepare, "Read public layouts into one siamdiff dataset.")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--size", type=int, default=384, help="shorter side in pixels")
     prep.add_argument("--mask-threshold", type=int, default=128, help="foreground = value >= this")
-    prep.add_argument("--workers", type=non_negative, default=2)
+    prep.add_argument("--workers", type=at_least(0), default=2)
     prep.add_argument("--strict", action="store_true", help="any skipped file is an error")
     prep.add_argument("--drop-empty", action="store_true", help="leave out frames with empty masks")
     prep.add_argument("--overwrite", action="store_true")
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another dataset to train on as well (e.g. a synthetic set)",
     )
     seg.add_argument("--device", default="cpu")
-    seg.add_argument("--workers", type=non_negative, default=0)
+    seg.add_argument("--workers", type=at_least(0), default=0)
     seg.add_argument("--overwrite", action="store_true")
 
     ev = verb("evaluate", cmd_evaluate, "Metrics of a synthetic set against the real one.")
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--workers", type=non_negative, default=0)
+    ev.add_argument("--workers", type=at_least(0), default=0)
 
     rate = verb("rate", cmd_rate, "Blinded realism rating (MOS) of synthetic vs real images.")
     rate.add_argument("syn", type=Path, nargs="?", help="synthetic dataset")
@@ -414,26 +414,19 @@ def check_device(name: str) -> None:
         raise SiamdiffError(f"--device {name!r} cannot be used ({detail})") from exc
 
 
-def non_negative(text: str) -> int:
-    """argparse type: an integer >= 0 (a worker count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+def at_least(smallest: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``smallest`` (a worker count, a step count)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = smallest - 1
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {smallest}, got {text!r}")
+        return value
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1 (a step count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
