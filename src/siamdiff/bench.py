@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.cli import at_least
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
@@ -599,13 +600,6 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m siamdiff.bench", description=__doc__.split("\n")[0]
@@ -617,12 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: sd15 on CUDA, tiny on CPU",
     )
     parser.add_argument("--device", default=None, help="default: cuda when available")
-    parser.add_argument("--train-batches", type=positive_int, nargs="+", default=None)
-    parser.add_argument("--sample-batches", type=positive_int, nargs="+", default=None)
-    parser.add_argument("--sample-steps", type=positive_int, default=50)
+    parser.add_argument("--train-batches", type=at_least(1), nargs="+", default=None)
+    parser.add_argument("--sample-batches", type=at_least(1), nargs="+", default=None)
+    parser.add_argument("--sample-steps", type=at_least(1), default=50)
     parser.add_argument("--guidance", type=float, default=9.0)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=positive_int, default=5)
+    parser.add_argument("--iters", type=at_least(1), default=5)
     parser.add_argument("--no-meta", action="store_true", help="skip the SD1.5 meta FLOP count")
     parser.add_argument(
         "--speed",
