@@ -175,3 +175,9 @@ def test_an_error_from_a_data_loader_worker_is_its_own_line(monkeypatch, capsys)
     assert one_line_error(capsys) == (
         "siamdiff: error: /d/a_mask.png: mask is 32x32 but its image is 64x64"
     )
+
+
+def test_an_error_keeps_the_spaces_of_the_path_it_names() -> None:
+    """The message is folded onto one line; the path is the user's, spaces and all."""
+    error = SiamdiffError("mask is\n  empty", "runs/my  run/a\nb.png")
+    assert str(error) == "runs/my  run/a\\nb.png: mask is empty"

@@ -4,12 +4,17 @@ matching read of the JSON files siamdiff writes."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import glob
 import io
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,17 +25,26 @@ from PIL import Image
 from siamdiff.errors import SiamdiffError
 
 
-def _process_umask() -> int:
-    mask = os.umask(0)  # umask can only be read by setting it: set it straight back
-    os.umask(mask)
-    return mask
+def _create_file(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new file with a random name, its mode left to the process's umask as a plain open()
+    would (mkstemp's 0600 would hide a lab's shared dataset from its members)."""
+    while True:
+        path = directory / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
 
 
-# mkstemp / mkdtemp create owner-only (0600 / 0700) entries; outputs get the modes a plain
-# open() / mkdir() would give them, so a lab's shared dataset or model stays readable.
-_UMASK = _process_umask()
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+def _create_dir(directory: Path, prefix: str, suffix: str) -> Path:
+    """A new directory with a random name and the umask's mode (see _create_file)."""
+    while True:
+        path = directory / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
 
 
 def fsync_dir(directory: Path) -> None:
@@ -58,11 +72,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary sibling, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            with contextlib.suppress(OSError):  # some network filesystems refuse chmod
-                os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -70,8 +82,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            # A full disk fails in write/fsync, whose errors name no file: name it for the user.
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            # A full disk fails in write/fsync, whose errors name no file, and a failed rename
+            # names the temporary file, gone by now: name the output for the user.
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     fsync_dir(path.parent)
@@ -113,40 +126,104 @@ def atomic_save_png(path: str | Path, array: np.ndarray) -> bytes:
     return data
 
 
+def _owner() -> str:
+    """Who made a temporary entry: the host and process, so that a later job can tell an
+    abandoned one (its process is gone) from one still being written."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _abandoned(entry: Path, name: str) -> bool:
+    found = re.fullmatch(
+        rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{{8}}\.(partial|old)", entry.name
+    )
+    if found is None or found["host"] != socket.gethostname():
+        return False  # another machine's (a shared filesystem): it may be alive
+    try:
+        os.kill(int(found["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _clear_abandoned(out: Path) -> None:
+    """Remove what a killed job left beside ``out``: its half-written output, or, when it
+    died between the two renames of a swap, put the previous output back in place."""
+    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        if not entry.is_dir() or not _abandoned(entry, out.name):
+            continue
+        if entry.suffix == ".old" and (entry / out.name).exists() and not out.exists():
+            os.replace(entry / out.name, out)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE), so that no
+    moment exists without an output; False where the system or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _swap_in(new: Path, out: Path) -> Path:
+    """Put ``new`` in the place of the existing ``out``; returns where the previous output is
+    now, to delete."""
+    if _exchange(new, out):
+        return new
+    old = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".old")
+    os.replace(out, old / out.name)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        old.rmdir()
+        raise
+    return old
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
 
-    On any exception the temporary directory is removed and ``out`` (new or
-    previous) is left exactly as it was.
+    On any exception the temporary directory is removed and ``out`` (new or previous) is left
+    exactly as it was. A symlinked ``out`` is written where it points.
     """
-    out = Path(out)
+    given = Path(out)
+    out = given.resolve()
+    if Path.cwd().resolve().is_relative_to(out):
+        raise SiamdiffError("holds the current directory: name a new folder for the output", given)
     if out.exists() and not overwrite:
-        raise SiamdiffError("already exists (pass --overwrite to replace it)", out)
-    parent = out.resolve().parent
+        raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
-        with contextlib.suppress(OSError):
-            tmp.chmod(DIR_MODE)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clear_abandoned(out)
+        tmp = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".partial")
     except OSError as exc:
-        raise SiamdiffError(f"cannot create output directory ({exc.strerror})", parent) from exc
-    trash: Path | None = None
+        raise SiamdiffError(f"cannot create output directory ({exc.strerror})", out.parent) from exc
     try:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        fsync_dir(parent)
-    except BaseException:
-        if trash is not None and (trash / out.name).exists() and not out.exists():
-            os.replace(trash / out.name, out)  # the swap failed half-way: put the old one back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_tree(tmp)  # the files themselves must be on disk before they replace the old ones
+        if not out.exists():
+            os.replace(tmp, out)
+        elif not overwrite:  # another job wrote it while this one ran: theirs stays
+            raise SiamdiffError(
+                "appeared while this job ran (another job writing here?); it is left as it is "
+                "and this job's output is discarded",
+                given,
+            )
+        else:
+            tmp = _swap_in(tmp, out)
+        fsync_dir(out.parent)
     finally:
-        if trash is not None and out.exists():  # else the old output is still in there
-            shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -169,6 +169,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ),
         "archs": tuple(a for a in args.utility_archs.split(",") if a),
     }
+    if args.run is not None and not (
+        (args.run / "loss_curve.png").is_file() or (args.run / "samples").is_dir()
+    ):  # found out before the evaluation's hours, not from a report without the run
+        raise SiamdiffError("not a training run (no loss_curve.png, no samples/)", args.run)
     metrics = evaluate(
         args.real,
         args.syn,

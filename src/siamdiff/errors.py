@@ -13,8 +13,11 @@ class SiamdiffError(Exception):
     """
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
-        text = f"{path}: {message}" if path is not None else message
-        super().__init__(" ".join(text.split()))
+        text = " ".join(message.split())  # one line; a path keeps its spaces as they are
+        if path is not None:
+            where = str(path).replace("\n", "\\n").replace("\r", "\\r")
+            text = f"{where}: {text}"
+        super().__init__(text)
 
 
 def out_of_memory_error(

@@ -6,12 +6,9 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from siamdiff.atomic import atomic_save_png, atomic_write_bytes
@@ -28,12 +25,19 @@ def read_loss_log(path: str | Path) -> list[dict]:
     return rows
 
 
+def figure_png(figure: Figure) -> bytes:
+    """PNG bytes of a bare matplotlib Figure: no pyplot, so a notebook's backend is left alone."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
 def save_loss_curve(log_path: str | Path, png: str | Path) -> None:
     """One panel per loss term against the optimiser step (log scale where positive)."""
     rows = read_loss_log(log_path) if Path(log_path).exists() else []
     keys = [k for k in ("loss", "mask", "image", "consistency", "augment") if rows and k in rows[0]]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3), dpi=100)
-    axes = np.atleast_1d(axes)
+    figure = Figure(figsize=(3.2 * max(1, len(keys)), 3))
+    axes = np.atleast_1d(figure.subplots(1, max(1, len(keys))))
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes, keys, strict=False):
         values = [r[key] for r in rows]
@@ -43,11 +47,8 @@ def save_loss_curve(log_path: str | Path, png: str | Path) -> None:
         if all(v > 0 for v in values):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png, buffer.getvalue())
+    figure.tight_layout()
+    atomic_write_bytes(png, figure_png(figure))
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,18 @@ def test_evaluate_with_swapped_sets_is_a_one_line_error(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("siamdiff: error:")
+
+
+def test_a_run_directory_without_a_run_in_it_is_refused_before_evaluating(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "m.json"
+    argv = ["evaluate", str(real_root), str(synthetic_root), "--out", str(out)]
+    argv += ["--segmenter", str(segmenter_dir), "--run", str(tmp_path / "no-such-run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"siamdiff: error: {tmp_path / 'no-such-run'}: not a training run (no "
+        "loss_curve.png, no samples/)"
+    ]
+    assert not out.exists()

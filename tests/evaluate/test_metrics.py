@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from siamdiff.evaluate.metrics import (
     colour_statistics,
     evaluate,
     format_metrics,
+    mask_fidelity_histogram,
     ms_ssim_betas,
     same_mask_groups,
     write_evaluation_report,
@@ -228,16 +231,17 @@ def test_report_is_self_contained_and_escaped(
     metrics = {**metrics, "real": {**metrics["real"], "root": "<script>alert(1)</script>"}}
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
-    for name in ("loss_curve.png", "samples/step_000100.png", "samples/step_000200.png"):
+    for name in ("loss_curve.png", "samples/step-00000200.png", "samples/step-00000100.png"):
         (run / name).write_bytes(PNG + name.encode())
+    os.utime(run / "samples/step-00000200.png", (1, 1))  # as a copy without times leaves them
     report = write_evaluation_report(metrics, tmp_path / "report", run_dir=run)
     page = report.read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     embedded = [base64.b64decode(b) for b in re.findall(r"base64,([A-Za-z0-9+/=]+)", page)]
     assert embedded[0] == (tmp_path / "report" / HISTOGRAM_NAME).read_bytes()
     assert embedded[0].startswith(PNG)
-    assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step_000200.png"]
-    assert "Samples (step_000200.png)" in page
+    assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step-00000200.png"]
+    assert "Samples (step-00000200.png)" in page
 
 
 def test_cli_evaluate_with_utility_trains_the_requested_architecture(
@@ -303,3 +307,9 @@ def test_synthetic_images_are_compared_with_the_view_the_generator_sees(tmp_path
         frames(real_root, "train", SIZE), frames(tmp_path / "syn", None, SIZE)
     )
     assert min(whole["wasserstein_rgb"]) > 1.0  # what the whole frames' border would have cost
+
+
+def test_a_report_without_per_image_scores_draws_an_empty_histogram_quietly() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mask_fidelity_histogram({}).startswith(PNG)

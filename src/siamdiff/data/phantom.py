@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from siamdiff.atomic import atomic_output_dir, atomic_save_png
+from siamdiff.errors import SiamdiffError
 
 COVERAGE_RANGE = (0.02, 0.30)
 _MUCOSA = np.array([0.86, 0.50, 0.40])
@@ -124,7 +125,16 @@ def make_phantom_dataset(
     layout that the generic folder reader parses as ``{dataset}-{group}-{frame}``.
     """
     out = Path(out)
-    groups = max(1, min(groups, n))
+    # A blob of 3-25% coverage needs a few pixels across; below that its redraw never ends.
+    for name, value, least in (
+        ("n", n, 1),
+        ("size", size, 16),
+        ("seed", seed, 0),
+        ("groups", groups, 1),
+    ):
+        if value < least:
+            raise SiamdiffError(f"phantom data needs {name} >= {least} (got {name}={value})")
+    groups = min(groups, n)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         for i in range(n):
             group = i * groups // n

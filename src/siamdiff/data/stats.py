@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json
 from siamdiff.data.manifest import MANIFEST_NAME, POOLED_ROW, SPLITS, load_manifest
 from siamdiff.errors import SiamdiffError
+from siamdiff.report import figure_png
 
 STATS_JSON = "stats.json"
 STATS_PNG = "stats.png"
@@ -69,9 +68,7 @@ def dataset_stats(root: str | Path) -> dict[str, Any]:
 
 
 def _histogram_png(coverage: dict[str, np.ndarray]) -> bytes:
-    # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = Figure(figsize=(6, 4))
     axes = figure.add_subplot()
     axes.hist(
         list(coverage.values()),
@@ -83,9 +80,7 @@ def _histogram_png(coverage: dict[str, np.ndarray]) -> bytes:
     axes.set_ylabel("pairs")
     axes.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 @contextlib.contextmanager

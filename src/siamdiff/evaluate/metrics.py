@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -63,6 +62,7 @@ from siamdiff.evaluate.utility import (
     check_utility,
     segmentation_utility,
 )
+from siamdiff.report import figure_png
 
 FORMAT = "siamdiff-metrics"
 # 2: the real side of FD/KID-seg, colour statistics, Inception and CLIP metrics is the
@@ -536,12 +536,6 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _png_bytes(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 def mask_fidelity_histogram(metrics: Mapping[str, Any]) -> bytes:
     """PNG: per-image Dice of the synthetic images (and of the real test images, for scale)."""
     figure = Figure(figsize=(6, 3.5))
@@ -558,9 +552,10 @@ def mask_fidelity_histogram(metrics: Mapping[str, Any]) -> bytes:
     ax.set_xlabel("Dice per image")
     ax.set_ylabel("density")
     ax.set_title("Mask fidelity: segmenter trained on real data")
-    ax.legend(loc="upper left", fontsize=8)
+    if ax.has_data():
+        ax.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    return _png_bytes(figure)
+    return figure_png(figure)
 
 
 def _img(title: str, png: bytes) -> str:
@@ -592,7 +587,8 @@ def write_evaluation_report(
         loss_curve = run_dir / "loss_curve.png"
         if loss_curve.is_file():
             sections.append(_img("Training losses", loss_curve.read_bytes()))
-        grids = sorted(run_dir.glob("samples/*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+        # The zero-padded step in the name, not the file time (a copy resets it), is the order.
+        grids = sorted(run_dir.glob("samples/*.png"))
         if grids:
             sections.append(_img(f"Samples ({grids[-1].name})", grids[-1].read_bytes()))
     notes = [
