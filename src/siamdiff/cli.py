@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from siamdiff import __version__
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 
 SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder")
 
@@ -414,8 +414,7 @@ def check_device(name: str) -> None:
         else:
             torch.empty(0, device=device)  # an MPS or XPU this machine lacks fails here
     except (RuntimeError, AssertionError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SiamdiffError(f"--device {name!r} cannot be used ({detail})") from exc
+        raise SiamdiffError(f"--device {name!r} cannot be used ({first_line(exc)})") from exc
 
 
 def at_least(smallest: int) -> Callable[[str], int]:

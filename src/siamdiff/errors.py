@@ -20,6 +20,13 @@ class SiamdiffError(Exception):
         super().__init__(text)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (or its type's name when it has no text): libraries raise
+    multi-line messages, and the user gets one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def out_of_memory_error(
     exc: BaseException, advice: str, path: str | Path | None = None
 ) -> SiamdiffError:

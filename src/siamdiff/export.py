@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, read_json
 from siamdiff.config import load_config
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
 from siamdiff.models.backbone import (
     Backbone,
@@ -189,7 +189,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
             noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler", **local),
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise SiamdiffError(f"incomplete export ({str(exc).splitlines()[0]})", path) from exc
+        raise SiamdiffError(f"incomplete export ({first_line(exc)})", path) from exc
     hints = export_hints(meta, meta_path)
     if backbone.controlnet.config.conditioning_channels != BASE_HINT_CHANNELS + len(hints):
         raise SiamdiffError(

@@ -53,7 +53,7 @@ from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import sha256_file, verify
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
-from siamdiff.errors import SiamdiffError, out_of_memory_error
+from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
 from siamdiff.models.backbone import freeze_for_training
@@ -542,8 +542,9 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         try:  # accelerate unpickles optimizer/scheduler/RNG state with weights_only=True
             accelerator.load_state(str(last))
         except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SiamdiffError(f"cannot resume from this checkpoint ({reason})", last) from exc
+            raise SiamdiffError(
+                f"cannot resume from this checkpoint ({first_line(exc)})", last
+            ) from exc
         state = json.loads((last / "trainer_state.json").read_text())
         step = state["step"]
         # Checkpoints of older siamdiff versions lack it: no skipped steps assumed.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderTiny
+from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -108,10 +108,7 @@ def test_lab_input_breaks_the_rgb_autoencoder(
     kvasir_frame: torch.Tensor,
     kvasir_roundtrip: tuple[torch.Tensor, torch.Tensor],
 ):
-    rgb_to_lab = getattr(transforms, "rgb_to_lab_normalized", None)
-    if rgb_to_lab is None:
-        pytest.skip("siamdiff.data.transforms.rgb_to_lab_normalized is not written yet")
-    lab = rgb_to_lab((kvasir_frame + 1) / 2)
+    lab = transforms.rgb_to_lab_normalized((kvasir_frame + 1) / 2)
     with torch.no_grad():
         lab_decoded = taef2.decode(taef2.encode(lab))
     rgb_psnr = _psnr(kvasir_roundtrip[1], kvasir_frame)
@@ -211,6 +208,43 @@ def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
         assert latents.shape == (1, 4, 4, 5)
         assert autoencoder.decode(latents).shape == images.shape
     assert autoencoder.identity.startswith("diffusers-tiny:sha256=")
+
+
+def test_a_vae_whose_grid_is_not_h_over_8_is_refused(tmp_path: Path) -> None:
+    """The ControlNet's hint encoder makes an H/8 grid: an f=4 VAE would fail mid-training."""
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+    ).save_pretrained(tmp_path / "f4")
+    with pytest.raises(SiamdiffError, match="f4: this diffusers-kl autoencoder downsamples by 4"):
+        load_autoencoder({"kind": "diffusers-kl", "path": tmp_path / "f4"})
+
+
+def test_a_vae_with_per_channel_latent_statistics_is_refused(tmp_path: Path) -> None:
+    vae = random_kl_vae(seed=3)
+    vae.register_to_config(latents_mean=[0.1] * 4, latents_std=[2.0] * 4)
+    vae.save_pretrained(tmp_path / "sdxl-style")
+    with pytest.raises(SiamdiffError, match="sdxl-style: this AutoencoderKL normalises"):
+        load_autoencoder({"kind": "diffusers-kl", "path": tmp_path / "sdxl-style"})
+
+
+def test_shift_and_scale_follow_the_diffusers_convention(tmp_path: Path) -> None:
+    """latents = (mode - shift) * scale, and decode undoes exactly that (SD3 / FLUX style)."""
+    vae = random_kl_vae(seed=3)
+    vae.register_to_config(scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(tmp_path / "shifted")
+    autoencoder = load_autoencoder({"kind": "diffusers-kl", "path": tmp_path / "shifted"})
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mode = vae.encode(images).latent_dist.mode()
+        latents = autoencoder.encode(images)
+        torch.testing.assert_close(latents, (mode - 0.1) * 0.5)
+        torch.testing.assert_close(
+            autoencoder.decode(latents), vae.decode(mode).sample.clamp(-1, 1)
+        )
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 
 CONFIG_DIR = Path(__file__).parent
 BUILTIN = ("tiny", "scratch", "sd15")
@@ -87,6 +87,23 @@ def _ratio() -> tuple[Callable[[Any], bool], str]:
     return ok, "two integer weights >= 0, not both 0, [above-median, rest]"
 
 
+def _optional(
+    check: tuple[Callable[[Any], bool], str],
+) -> tuple[Callable[[Any], bool], str]:
+    ok, expected = check
+    return (lambda value: value is None or ok(value)), f"null or {expected}"
+
+
+def _names() -> tuple[Callable[[Any], bool], str]:
+    # Which names are known is checked where they are used (speed.parse_levers).
+    def ok(value: Any) -> bool:
+        return isinstance(value, str) or (
+            isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
+        )
+
+    return ok, "a list of names, or one comma-separated string"
+
+
 def _multiple_of_8() -> tuple[Callable[[Any], bool], str]:
     # The DHI's three patch merges and the autoencoders take pixels to an H/8 latent grid.
     return (lambda value: _integer(8)[0](value) and value % 8 == 0), "a multiple of 8"
@@ -139,6 +156,8 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
         ("optim.weight_decay", "model.consistency_weight", "train.guidance"), _number(0)
     ),
     **dict.fromkeys(("model.prompt_dropout", "model.aug_start"), _number(0, 1)),
+    "autoencoder.scaling_factor": _optional(_number(0, low_open=True)),
+    "train.speed": _names(),
 }
 
 
@@ -163,16 +182,12 @@ def _check_values(cfg: DictConfig, base: DictConfig, path: Path) -> None:
             raise SiamdiffError(f"{key} must be {expected}, got {value!r}", path)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _invalid(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     return (
-        f"invalid setting {key}: {_first_line(exc)}"
+        f"invalid setting {key}: {first_line(exc)}"
         if key
-        else f"invalid setting: {_first_line(exc)}"
+        else f"invalid setting: {first_line(exc)}"
     )
 
 
@@ -180,7 +195,7 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
-        raise SiamdiffError(f"cannot read config ({_first_line(exc)})", path) from exc
+        raise SiamdiffError(f"cannot read config ({first_line(exc)})", path) from exc
     if not isinstance(cfg, DictConfig):
         raise SiamdiffError("config must be a YAML mapping", path)
     return cfg

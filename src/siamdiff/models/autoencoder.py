@@ -23,7 +23,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import Tensor, nn
 
 from siamdiff.atomic import read_json
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.models.dhi import DenseHintInput
 from siamdiff.models.loading import load_complete
 
 TAEF2_ENCODER_FILE = "taef2_encoder.pth"
@@ -459,8 +460,7 @@ def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     except SiamdiffError:
         raise
     except Exception as exc:  # missing/corrupt files, offline hub, bad repo id: many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SiamdiffError(f"cannot load {cls.__name__} ({reason})", where) from exc
+        raise SiamdiffError(f"cannot load {cls.__name__} ({first_line(exc)})", where) from exc
 
 
 def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
@@ -496,6 +496,22 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
         )
     if kind == "diffusers-kl":
         vae = _from_pretrained(AutoencoderKL, str(path), cfg.get("subfolder"))
-        return DiffusersKLAutoencoder(vae, scaling_factor)
-    vae = _from_pretrained(AutoencoderTiny, str(path), cfg.get("subfolder"))
-    return DiffusersTinyAutoencoder(vae, scaling_factor)
+        if any(vae.config.get(key) is not None for key in ("latents_mean", "latents_std")):
+            # Per-channel normalisation (SDXL-style pipelines): without it latents are misscaled.
+            raise SiamdiffError(
+                "this AutoencoderKL normalises its latents per channel (latents_mean / "
+                "latents_std), which siamdiff does not apply: use a VAE without them",
+                path,
+            )
+        autoencoder: LatentAutoencoder = DiffusersKLAutoencoder(vae, scaling_factor)
+    else:
+        vae = _from_pretrained(AutoencoderTiny, str(path), cfg.get("subfolder"))
+        autoencoder = DiffusersTinyAutoencoder(vae, scaling_factor)
+    if autoencoder.downscale != DenseHintInput.downscale:
+        raise SiamdiffError(
+            f"this {autoencoder.kind} autoencoder downsamples by {autoencoder.downscale}; the "
+            f"ControlNet's hint encoder makes an H/{DenseHintInput.downscale} latent grid, so "
+            f"the autoencoder must downsample by {DenseHintInput.downscale} too",
+            path,
+        )
+    return autoencoder

@@ -113,7 +113,8 @@ class DenseHintInput(nn.Module):
         Sampling feeds the same mask hint at every denoising step (and to both guidance passes):
         its embedding does not depend on the step, so it is computed once (no gradients).
         """
-        self._reused = (hint, self(hint))
+        with torch.no_grad():  # a cached graph would be backpropagated through twice
+            self._reused = (hint, self(hint))
         try:
             yield
         finally:

@@ -7,7 +7,9 @@
 - ``bf16_frozen``: parameters that do not train are stored in bf16. Under bf16 autocast each
   matmul or convolution casts its weight to bf16 on every call (autocast caches the cast only
   for weights that require grad); stored in bf16 they are read once per use, at half the
-  memory. Needs bf16 autocast around every forward pass.
+  memory. Needs bf16 autocast around every forward pass. Checkpoints and exports of such a
+  run hold those frozen weights as stored, rounded to bf16 (8 mantissa bits; SD's published
+  fp16 weights have 10); resuming without the lever keeps the rounded values.
 - ``compile``: ``torch.compile`` of each UNet and ControlNet block and of the DHI body, in place
   ("regional" compilation). The repeated blocks compile in seconds rather than the whole graph
   in minutes, parameter names stay as they are (checkpoints and exports unchanged), and the
