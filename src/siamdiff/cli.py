@@ -158,6 +158,38 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from siamdiff.train_vae import VAESettings, train_vae
+
+    settings = VAESettings(
+        size=args.size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        widths=args.widths,
+        layers_per_block=args.layers_per_block,
+        latent_channels=args.latent_channels,
+        kl_weight=args.kl_weight,
+        ssim_weight=args.ssim_weight,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = train_vae(
+        args.data,
+        args.out,
+        settings,
+        device=args.device,
+        workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"autoencoder written to {out}; train on it with "
+        f"autoencoder.kind=diffusers-kl autoencoder.path={out}"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from siamdiff.evaluate.metrics import evaluate, format_metrics, write_evaluation_report
 
@@ -333,6 +365,35 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="cpu")
     seg.add_argument("--workers", type=at_least(0), default=0)
     seg.add_argument("--overwrite", action="store_true")
+
+    vae = verb(
+        "train-vae",
+        cmd_train_vae,
+        "Train a latent autoencoder (diffusers AutoencoderKL, f=8) on a dataset's images, for "
+        "when no pretrained one is at hand.",
+    )
+    vae.add_argument("data", type=Path)
+    vae.add_argument("--out", type=Path, required=True)
+    vae.add_argument("--size", type=int, default=128, help="square training crops, px")
+    vae.add_argument("--steps", type=at_least(1), default=3000)
+    vae.add_argument("--batch-size", type=at_least(1), default=16)
+    vae.add_argument("--lr", type=float, default=2e-4)
+    vae.add_argument(
+        "--widths",
+        type=lambda text: tuple(int(w) for w in text.split(",")),
+        default=(32, 64, 128, 128),
+        help="channels of the 4 encoder/decoder blocks, comma-separated",
+    )
+    vae.add_argument("--layers-per-block", type=at_least(1), default=1)
+    vae.add_argument("--latent-channels", type=at_least(1), default=4)
+    vae.add_argument("--kl-weight", type=float, default=1e-6)
+    vae.add_argument("--ssim-weight", type=float, default=0.2)
+    vae.add_argument("--seed", type=at_least(0), default=0)
+    vae.add_argument("--checkpoint-every", type=at_least(1), default=250)
+    vae.add_argument("--device", default="cpu")
+    vae.add_argument("--workers", type=at_least(0), default=0)
+    vae.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    vae.add_argument("--overwrite", action="store_true")
 
     ev = verb("evaluate", cmd_evaluate, "Metrics of a synthetic set against the real one.")
     ev.add_argument("real", type=Path)

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from siamdiff.atomic import atomic_save_png, atomic_write_bytes
+from siamdiff.atomic import atomic_save_png, atomic_write_bytes, atomic_write_text
 
 
 def read_loss_log(path: str | Path) -> list[dict]:
@@ -25,6 +25,14 @@ def read_loss_log(path: str | Path) -> list[dict]:
     return rows
 
 
+def truncate_loss_log(path: Path, step: int) -> None:
+    """Drop the rows after ``step``: a killed run logs steps that its last checkpoint lacks,
+    and the resumed run logs them again."""
+    if path.is_file():
+        rows = [row for row in read_loss_log(path) if row["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def figure_png(figure: Figure) -> bytes:
     """PNG bytes of a bare matplotlib Figure: no pyplot, so a notebook's backend is left alone."""
     buffer = io.BytesIO()
@@ -32,10 +40,14 @@ def figure_png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def save_loss_curve(log_path: str | Path, png: str | Path) -> None:
+def save_loss_curve(
+    log_path: str | Path,
+    png: str | Path,
+    terms: tuple[str, ...] = ("loss", "mask", "image", "consistency", "augment"),
+) -> None:
     """One panel per loss term against the optimiser step (log scale where positive)."""
     rows = read_loss_log(log_path) if Path(log_path).exists() else []
-    keys = [k for k in ("loss", "mask", "image", "consistency", "augment") if rows and k in rows[0]]
+    keys = [k for k in terms if rows and k in rows[0]]
     figure = Figure(figsize=(3.2 * max(1, len(keys)), 3))
     axes = np.atleast_1d(figure.subplots(1, max(1, len(keys))))
     steps = [r["step"] for r in rows]
@@ -63,8 +75,13 @@ def save_sample_grid(
     path: str | Path, masks: torch.Tensor, reals: torch.Tensor, *synthetic: torch.Tensor
 ) -> None:
     """Rows: one per mask. Columns: mask | real | each synthetic set given."""
-    columns = [to_uint8_rgb(t) for t in (masks, reals, *synthetic)]
-    size = columns[1].shape[-2:]
+    save_columns(path, masks, reals, *synthetic, size_of=1)
+
+
+def save_columns(path: str | Path, *images: torch.Tensor, size_of: int = 0) -> None:
+    """A grid PNG, one column per batch given (all drawn at the size of column ``size_of``)."""
+    columns = [to_uint8_rgb(t) for t in images]
+    size = columns[size_of].shape[-2:]
     columns = [
         torch.nn.functional.interpolate(c.float(), size=size).to(torch.uint8)
         if c.shape[-2:] != size

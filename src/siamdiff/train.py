@@ -60,7 +60,7 @@ from siamdiff.models.backbone import freeze_for_training
 from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.models.speed import apply_levers, parse_levers
-from siamdiff.report import read_loss_log, save_loss_curve, save_sample_grid
+from siamdiff.report import save_loss_curve, save_sample_grid, truncate_loss_log
 from siamdiff.sample import ddim_sample
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -192,14 +192,6 @@ def finite_on_every_rank(accelerator: Accelerator, value: torch.Tensor) -> bool:
     next all-reduce would hang."""
     finite = torch.isfinite(torch.as_tensor(value, device=accelerator.device).detach())
     return bool(accelerator.gather(finite.all().reshape(1)).all())
-
-
-def truncate_loss_log(path: Path, step: int) -> None:
-    """Drop the rows after ``step``: a killed run logs steps that its last checkpoint lacks,
-    and the resumed run logs them again."""
-    if path.is_file():
-        rows = [row for row in read_loss_log(path) if row["step"] <= step]
-        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

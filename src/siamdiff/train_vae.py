@@ -1,0 +1,430 @@
+"""``siamdiff train-vae``: a latent autoencoder trained on the user's own images, for when
+neither Stable Diffusion's VAE nor a pretrained tiny autoencoder (TAEF2) is at hand.
+
+The model is a diffusers ``AutoencoderKL`` with four blocks (f=8: the latent grid the
+ControlNet's hint encoder makes), small enough for a CPU. It is trained as Stable Diffusion's
+VAE was, minus the parts that need downloaded networks: an L1 + (1 - SSIM) reconstruction
+loss and a small KL term (no LPIPS, no discriminator, so its reconstructions are softer than
+SD's). The KL term is weighted as in SD: summed over each image's latent, ``kl_weight``
+against the per-pixel sum of the reconstruction error.
+
+The output directory is a diffusers model directory (``config.json`` +
+``diffusion_pytorch_model.safetensors``) whose ``scaling_factor`` gives the training latents
+unit variance: a training config uses it as ``autoencoder.kind=diffusers-kl
+autoencoder.path=DIR``. Beside the weights: ``training.json`` (settings, data, loss history,
+held-out PSNR), ``loss_curve.png`` and ``reconstructions.png`` (held-out image |
+reconstruction). ``config.json`` is written last: a directory without it is unfinished.
+
+A run resumes exactly (``--resume``): each step's images, crops, flips and posterior noise
+come from generators seeded by (seed, step), never from the global RNG or the DataLoader's
+workers, so the state to keep is the weights, the optimizer and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics.functional.image import structural_similarity_index_measure
+from tqdm import tqdm
+
+from siamdiff import __version__
+from siamdiff.atomic import atomic_output_dir, atomic_write_json, exclusive_writer, read_json
+from siamdiff.data.manifest import Record, load_manifest
+from siamdiff.data.readers import load_rgb
+from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.evaluate.segmenter import split_fingerprint
+from siamdiff.models.dhi import DenseHintInput
+from siamdiff.report import read_loss_log, save_columns, save_loss_curve, truncate_loss_log
+
+CHECKPOINT = "checkpoint"
+LOSS_LOG = "losses.jsonl"
+INFO_NAME = "training.json"
+LOSS_TERMS = ("loss", "l1", "ssim", "kl")
+HELD_OUT_IMAGES = 64  # held-out crops scored at the end (PSNR, L1)
+SCALE_IMAGES = 256  # training crops whose latents set the scaling factor
+
+
+@dataclass(frozen=True)
+class VAESettings:
+    size: int = 128  # square training crops, px
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-4
+    widths: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+    ssim_weight: float = 0.2
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+
+    def check(self) -> None:
+        """One-line errors for settings the model or the loop cannot take."""
+        blocks = round(math.log2(DenseHintInput.downscale)) + 1
+        problems = {
+            "--size": (self.size, self.size >= 16 and self.size % 8 == 0, "a multiple of 8, >= 16"),
+            "--widths": (
+                ",".join(map(str, self.widths)),
+                len(self.widths) == blocks and all(w > 0 and w % 8 == 0 for w in self.widths),
+                f"{blocks} multiples of 8 (f={DenseHintInput.downscale}: the hint encoder's grid)",
+            ),
+            "--steps": (self.steps, self.steps >= 1, ">= 1"),
+            "--batch-size": (self.batch_size, self.batch_size >= 1, ">= 1"),
+            "--lr": (self.lr, math.isfinite(self.lr) and self.lr > 0, "> 0"),
+            "--layers-per-block": (self.layers_per_block, self.layers_per_block >= 1, ">= 1"),
+            "--latent-channels": (self.latent_channels, self.latent_channels >= 1, ">= 1"),
+            "--kl-weight": (
+                self.kl_weight,
+                math.isfinite(self.kl_weight) and self.kl_weight >= 0,
+                ">= 0",
+            ),
+            "--ssim-weight": (
+                self.ssim_weight,
+                math.isfinite(self.ssim_weight) and self.ssim_weight >= 0,
+                ">= 0",
+            ),
+            "--seed": (self.seed, 0 <= self.seed < 2**63, "in 0..2^63-1"),
+            "--checkpoint-every": (self.checkpoint_every, self.checkpoint_every >= 1, ">= 1"),
+        }
+        for flag, (value, ok, expected) in problems.items():
+            if not ok:
+                raise SiamdiffError(f"{flag} must be {expected}, got {value}")
+
+
+def build_vae(settings: VAESettings) -> AutoencoderKL:
+    """The untrained autoencoder, its initial weights drawn from ``settings.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * len(settings.widths),
+            up_block_types=("UpDecoderBlock2D",) * len(settings.widths),
+            block_out_channels=settings.widths,
+            layers_per_block=settings.layers_per_block,
+            latent_channels=settings.latent_channels,
+            norm_num_groups=8,
+            sample_size=settings.size,
+        )
+
+
+class ImageCrops(Dataset):
+    """``size`` px squares of a dataset's images. An item is ``(index, seed)``: the crop's
+    place, a mirror and a quarter turn are drawn from ``seed``; ``seed=None`` is the centre
+    crop as it is (held-out scoring)."""
+
+    def __init__(self, root: Path, records: Sequence[Record], size: int) -> None:
+        self.root, self.records, self.size = root, list(records), size
+        for record in self.records:
+            if min(record.width, record.height) < size:
+                raise SiamdiffError(
+                    f"is {record.width}x{record.height}, smaller than the {size} px crops "
+                    "(lower --size, or prepare the data larger)",
+                    root / record.image,
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int | None]) -> torch.Tensor:
+        index, seed = item
+        image = load_rgb(self.root / self.records[index].image)
+        height, width = image.shape[:2]
+        if min(height, width) < self.size:  # the file no longer matches its manifest entry
+            raise SiamdiffError(
+                f"is {width}x{height}, smaller than the {self.size} px crops",
+                self.root / self.records[index].image,
+            )
+        if seed is None:
+            top, left = (height - self.size) // 2, (width - self.size) // 2
+        else:
+            rng = np.random.default_rng(seed)
+            top = int(rng.integers(height - self.size + 1))
+            left = int(rng.integers(width - self.size + 1))
+        crop = image[top : top + self.size, left : left + self.size]
+        if seed is not None:
+            crop = np.rot90(crop[:, ::-1] if rng.random() < 0.5 else crop, int(rng.integers(4)))
+        return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def step_items(settings: VAESettings, count: int, step: int) -> list[tuple[int, int]]:
+    """The ``(image, crop seed)`` items of optimiser step ``step``: distinct images while the
+    dataset has enough, each step drawn from its own generator (resumes need no state)."""
+    rng = np.random.default_rng((settings.seed, step))
+    images = rng.choice(count, size=settings.batch_size, replace=count < settings.batch_size)
+    seeds = rng.integers(2**63, size=settings.batch_size)
+    return [(int(i), int(s)) for i, s in zip(images, seeds, strict=True)]
+
+
+class StepBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of steps ``first`` .. ``last`` (inclusive), in order."""
+
+    def __init__(self, settings: VAESettings, count: int, first: int, last: int) -> None:
+        self.settings, self.count, self.first, self.last = settings, count, first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.first, self.last + 1):
+            yield step_items(self.settings, self.count, step)
+
+
+def vae_losses(
+    vae: AutoencoderKL, images: torch.Tensor, settings: VAESettings, noise: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch (module docstring); ``ssim`` is the similarity itself."""
+    posterior = vae.encode(images).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator=noise)).sample.float()
+    l1 = (reconstruction - images).abs().mean()
+    ssim = structural_similarity_index_measure(
+        (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0
+    )
+    kl = posterior.kl().float().mean() / images[0].numel()  # per image, as a per-pixel mean
+    loss = l1 + settings.ssim_weight * (1 - ssim) + settings.kl_weight * kl
+    return {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl}
+
+
+def _step_noise(settings: VAESettings, step: int, device: torch.device) -> torch.Generator:
+    seed = int(np.random.default_rng((settings.seed, step, 1)).integers(2**63))
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _loader(dataset: Dataset, sampler: Sampler, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+
+
+def _settings_from(saved: dict[str, Any]) -> VAESettings:
+    known = {f.name for f in fields(VAESettings)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known}
+    return VAESettings(**values)
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """What is already in ``out``: None for a fresh start, the checkpoint's state to resume."""
+    state_path = out / CHECKPOINT / "state.json"
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if resume:
+            raise SiamdiffError("has no unfinished train-vae run to resume", out)
+        return None
+    ours = (out / INFO_NAME).is_file() or state_path.is_file()
+    if not out.is_dir() or not ours:
+        raise SiamdiffError("exists and is not a train-vae output: choose another --out", out)
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    if (out / "config.json").is_file():
+        raise SiamdiffError("holds a trained autoencoder (pass --overwrite to train again)", out)
+    if not resume:
+        raise SiamdiffError(
+            "holds an unfinished train-vae run (--resume continues it, --overwrite starts again)",
+            out,
+        )
+    return read_json(state_path, "train-vae checkpoint", "the run was killed before its first")
+
+
+def _save_checkpoint(
+    out: Path, vae: AutoencoderKL, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    with atomic_output_dir(out / CHECKPOINT, overwrite=True) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in vae.state_dict().items()}, tmp / "model.safetensors"
+        )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        atomic_write_json(tmp / "state.json", state)
+
+
+def _load_checkpoint(
+    out: Path, vae: AutoencoderKL, optimizer: torch.optim.Optimizer, device: torch.device
+) -> None:
+    where = out / CHECKPOINT
+    try:
+        vae.load_state_dict(load_file(where / "model.safetensors", device=str(device)))
+        optimizer.load_state_dict(
+            torch.load(where / "optimizer.pt", map_location=device, weights_only=True)
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SiamdiffError(
+            f"cannot resume from this checkpoint ({first_line(exc)})", where
+        ) from exc
+
+
+@torch.no_grad()
+def latent_scaling_factor(
+    vae: AutoencoderKL, crops: ImageCrops, device: torch.device, workers: int
+) -> float:
+    """1 / the standard deviation of the training latents (posterior modes), SD's recipe for
+    giving the diffusion model unit-variance inputs."""
+    items = [[(i, None)] for i in range(min(len(crops), SCALE_IMAGES))]
+    latents = [
+        vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
+        for batch in _loader(crops, items, workers)
+    ]
+    return 1.0 / float(torch.cat(latents).std())
+
+
+@torch.no_grad()
+def score_reconstructions(
+    vae: AutoencoderKL, crops: ImageCrops, device: torch.device, workers: int
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """PSNR (dB, images in [0, 1]) and L1 of the held-out centre crops' reconstructions
+    through the posterior mode; with the first 8 crops and their reconstructions."""
+    items = [[(i, None)] for i in range(min(len(crops), HELD_OUT_IMAGES))]
+    psnr, l1, shown, remade = [], [], [], []
+    for batch in _loader(crops, items, workers):
+        images = batch.to(device)
+        reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.float()
+        reconstruction = reconstruction.clamp(-1, 1)
+        mse = (((reconstruction - images) / 2) ** 2).mean().item()
+        psnr.append(10 * math.log10(1 / max(mse, 1e-12)))
+        l1.append((reconstruction - images).abs().mean().item())
+        if len(shown) < 8:
+            shown.append(images.cpu())
+            remade.append(reconstruction.cpu())
+    scores = {"psnr_db": float(np.mean(psnr)), "l1": float(np.mean(l1)), "images": len(items)}
+    return scores, torch.cat(shown), torch.cat(remade)
+
+
+def train_vae(
+    data: str | Path,
+    out: str | Path,
+    settings: VAESettings,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Train an autoencoder on ``data``'s training split and write it to ``out`` (module
+    docstring); returns ``out``."""
+    settings.check()
+    data, out, device = Path(data), Path(out), torch.device(device)
+    manifest = load_manifest(data)
+    train_split = "train" if manifest.split("train") else None  # a folder of images: all
+    held_out_split = next((s for s in ("val", "test") if manifest.split(s)), train_split)
+    records = manifest.records if train_split is None else manifest.split(train_split)
+    held_out = manifest.records if held_out_split is None else manifest.split(held_out_split)
+    crops = ImageCrops(data, records, settings.size)
+    held_out_crops = ImageCrops(data, held_out, settings.size)
+    fingerprint = split_fingerprint(manifest, train_split)
+    with exclusive_writer(out, 0, "siamdiff train-vae"):
+        state = _check_out(out, resume, overwrite)
+        if state is not None:
+            saved = _settings_from(state["settings"])
+            if {**asdict(saved), "steps": 0} != {**asdict(settings), "steps": 0}:
+                changed = sorted(k for k, v in asdict(settings).items() if asdict(saved)[k] != v)
+                raise SiamdiffError(
+                    f"was started with other settings ({', '.join(changed)} differ; only "
+                    "--steps may change on --resume)",
+                    out,
+                )
+            if state["data"] != fingerprint:
+                raise SiamdiffError("was trained on other images than this dataset's", out)
+            if state["step"] > settings.steps:
+                raise SiamdiffError(
+                    f"has already trained {state['step']} steps, more than --steps "
+                    f"{settings.steps}",
+                    out,
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        vae = build_vae(settings).to(device)
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
+        step = 0
+        if state is not None:
+            _load_checkpoint(out, vae, optimizer, device)
+            step = int(state["step"])
+        truncate_loss_log(out / LOSS_LOG, step)
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+        vae.train()
+        batches = _loader(
+            crops, StepBatches(settings, len(crops), step + 1, settings.steps), workers
+        )
+        progress = tqdm(total=settings.steps, initial=step, desc="train-vae", unit="step")
+        sums, seen, started = dict.fromkeys(LOSS_TERMS, 0.0), 0, time.perf_counter()
+
+        def checkpoint() -> None:
+            info = {"step": step, "settings": asdict(settings), "data": fingerprint}
+            _save_checkpoint(out, vae, optimizer, info)
+            save_loss_curve(out / LOSS_LOG, out / "loss_curve.png", LOSS_TERMS)
+
+        try:
+            for images in batches:
+                with autocast:
+                    terms = vae_losses(
+                        vae, images.to(device), settings, _step_noise(settings, step + 1, device)
+                    )
+                if not torch.isfinite(terms["loss"]):
+                    raise SiamdiffError(
+                        f"loss became {terms['loss'].item()} at step {step + 1} (try a lower --lr)",
+                        out,
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+                optimizer.step()
+                step += 1
+                progress.update(1)
+                for key in LOSS_TERMS:
+                    sums[key] += terms[key].item()
+                seen += 1
+                if step % settings.log_every == 0 or step == settings.steps:
+                    row = {"step": step, **{k: v / seen for k, v in sums.items()}}
+                    row["it_per_s"] = seen / (time.perf_counter() - started)
+                    with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}")
+                    sums, seen, started = dict.fromkeys(LOSS_TERMS, 0.0), 0, time.perf_counter()
+                if step % settings.checkpoint_every == 0:
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()  # --resume continues from here
+            raise
+        finally:
+            progress.close()
+        if not (out / CHECKPOINT).is_dir() or step % settings.checkpoint_every:
+            checkpoint()
+        vae.eval()
+        scaling_factor = latent_scaling_factor(vae, crops, device, workers)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        scores, shown, remade = score_reconstructions(vae, held_out_crops, device, workers)
+        scores["split"] = held_out_split or "all"
+        save_columns(out / "reconstructions.png", shown, remade)
+        atomic_write_json(
+            out / INFO_NAME,
+            {
+                "created_by": f"siamdiff {__version__}",
+                "settings": asdict(settings),
+                "data": {
+                    "root": str(data),
+                    "train_images": len(records),
+                    "fingerprint": fingerprint,
+                },
+                "held_out": scores,
+                "scaling_factor": scaling_factor,
+                "steps": step,
+                "losses": read_loss_log(out / LOSS_LOG),
+            },
+        )
+        _write_model(vae.to("cpu"), out)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    return out
+
+
+def _write_model(vae: AutoencoderKL, out: Path) -> None:
+    """diffusers' files, ``config.json`` last: its presence says the model is whole."""
+    with atomic_output_dir(out / ".model", overwrite=True) as tmp:
+        vae.save_pretrained(tmp)
+    for name in sorted(p.name for p in (out / ".model").iterdir() if p.name != "config.json"):
+        (out / ".model" / name).replace(out / name)
+    (out / ".model" / "config.json").replace(out / "config.json")
+    shutil.rmtree(out / ".model")

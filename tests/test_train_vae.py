@@ -1,0 +1,176 @@
+"""siamdiff train-vae: a real (tiny) autoencoder trained on phantom data, resumed, loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import siamdiff.train_vae
+from siamdiff.cli import build_parser, main
+from siamdiff.data.manifest import load_manifest
+from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import load_autoencoder
+from siamdiff.train_vae import (
+    CHECKPOINT,
+    INFO_NAME,
+    ImageCrops,
+    VAESettings,
+    step_items,
+    train_vae,
+)
+from tests.helpers import PHANTOM_SIZE
+
+TINY = VAESettings(
+    size=PHANTOM_SIZE,
+    steps=6,
+    batch_size=4,
+    widths=(8, 8, 16, 16),
+    checkpoint_every=2,
+    log_every=2,
+)
+
+
+def interrupted_at_call(call: int):
+    """``vae_losses``, except that its ``call``-th call is a Ctrl-C."""
+    real = siamdiff.train_vae.vae_losses
+    calls = 0
+
+    def losses(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vae") / "vae"
+    return train_vae(phantom_data, out, replace(TINY, steps=60, log_every=10, lr=1e-3))
+
+
+def test_training_lowers_the_loss_and_writes_a_diffusers_autoencoder(trained: Path) -> None:
+    info = json.loads((trained / INFO_NAME).read_text())
+    losses = [row["loss"] for row in info["losses"]]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    assert info["held_out"]["split"] == "val" and info["held_out"]["psnr_db"] > 10
+    assert not (trained / CHECKPOINT).exists()  # optimizer state is not part of the model
+    for name in ("loss_curve.png", "reconstructions.png"):
+        assert (trained / name).read_bytes().startswith(b"\x89PNG")
+    assert json.loads((trained / "config.json").read_text())["scaling_factor"] == pytest.approx(
+        info["scaling_factor"]
+    )
+
+
+def test_the_trained_autoencoder_gives_unit_variance_latents(
+    trained: Path, phantom_data: Path
+) -> None:
+    """What the diffusion model is fed: scaled latents of the training images, std 1."""
+    autoencoder = load_autoencoder({"kind": "diffusers-kl", "path": str(trained)})
+    records = load_manifest(phantom_data).split("train")
+    crops = ImageCrops(phantom_data, records, PHANTOM_SIZE)
+    images = torch.stack([crops[(i, None)] for i in range(len(crops))])
+    with torch.no_grad():
+        latents = autoencoder.encode(images)
+    assert latents.shape == (len(records), 4, PHANTOM_SIZE // 8, PHANTOM_SIZE // 8)
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = train_vae(phantom_data, tmp_path / "straight", TINY)
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", interrupted_at_call(4))
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(phantom_data, tmp_path / "resumed", TINY)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "resumed" / CHECKPOINT / "state.json").read_text())
+    assert state["step"] == 3  # Ctrl-C saved the steps done
+    with pytest.raises(SiamdiffError, match="unfinished train-vae run"):
+        train_vae(phantom_data, tmp_path / "resumed", TINY)
+    with pytest.raises(SiamdiffError, match=r"other settings \(lr differ"):
+        train_vae(phantom_data, tmp_path / "resumed", replace(TINY, lr=1e-3), resume=True)
+    resumed = train_vae(phantom_data, tmp_path / "resumed", TINY, resume=True)
+    name = "diffusion_pytorch_model.safetensors"
+    expected, got = load_file(straight / name), load_file(resumed / name)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    steps = [row["step"] for row in json.loads((resumed / INFO_NAME).read_text())["losses"]]
+    assert steps == [2, 4, 6]  # the killed step's row is not logged twice
+
+
+def test_loader_workers_change_nothing_but_the_speed(phantom_data: Path, tmp_path: Path) -> None:
+    """Crops and flips are drawn from per-step seeds, not from each worker's own RNG."""
+    settings = replace(TINY, steps=2)
+    name = "diffusion_pytorch_model.safetensors"
+    alone = load_file(train_vae(phantom_data, tmp_path / "alone", settings) / name)
+    helped = load_file(train_vae(phantom_data, tmp_path / "helped", settings, workers=2) / name)
+    assert all(torch.equal(alone[k], helped[k]) for k in alone)
+
+
+def test_existing_outputs_are_kept_unless_asked(phantom_data: Path, tmp_path: Path) -> None:
+    done = train_vae(phantom_data, tmp_path / "vae", replace(TINY, steps=1))
+    with pytest.raises(SiamdiffError, match="holds a trained autoencoder"):
+        train_vae(phantom_data, done, replace(TINY, steps=1))
+    train_vae(phantom_data, done, replace(TINY, steps=2), overwrite=True)
+    assert json.loads((done / INFO_NAME).read_text())["steps"] == 2
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.tex").write_text("years of work")
+    with pytest.raises(SiamdiffError, match="is not a train-vae output"):
+        train_vae(phantom_data, other, TINY, overwrite=True)
+    assert (other / "chapter1.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (replace(TINY, widths=(8, 8, 16)), "--widths must be 4 multiples of 8"),
+        (replace(TINY, size=20), "--size must be a multiple of 8"),
+        (replace(TINY, lr=float("nan")), "--lr must be > 0"),
+        (replace(TINY, size=64), "smaller than the 64 px crops"),
+    ],
+)
+def test_impossible_settings_are_one_line_errors_before_anything_is_written(
+    phantom_data: Path, tmp_path: Path, settings: VAESettings, message: str
+) -> None:
+    with pytest.raises(SiamdiffError, match=message) as failure:
+        train_vae(phantom_data, tmp_path / "vae", settings)
+    assert "\n" not in str(failure.value)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_each_step_draws_its_own_batch_whatever_came_before() -> None:
+    first = step_items(TINY, 15, 7)
+    assert first == step_items(TINY, 15, 7) != step_items(TINY, 15, 8)
+    assert len({index for index, _ in first}) == TINY.batch_size  # distinct images
+    assert len(step_items(TINY, 2, 1)) == TINY.batch_size  # fewer images than the batch
+
+
+def test_the_command_line_defaults_are_the_settings_defaults() -> None:
+    args = build_parser().parse_args(["train-vae", "data", "--out", "vae"])
+    given = {name: getattr(args, name) for name in vars(VAESettings()) if hasattr(args, name)}
+    assert given == {k: v for k, v in vars(VAESettings()).items() if k in given}
+    assert set(vars(VAESettings())) - set(given) == {"log_every"}
+
+
+def test_cli_trains_and_names_the_config_settings(
+    phantom_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "vae"
+    argv = ["train-vae", str(phantom_data), "--out", str(out), "--size", str(PHANTOM_SIZE)]
+    argv += ["--steps", "1", "--batch-size", "2", "--widths", "8,8,16,16"]
+    assert main(argv) == 0
+    assert f"autoencoder.kind=diffusers-kl autoencoder.path={out}" in capsys.readouterr().out
+    assert main([*argv[:-1], "8,8,16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "siamdiff: error: --widths must be 4 multiples of 8 (f=8: the hint encoder's grid), "
+        "got 8,8,16"
+    )
