@@ -87,6 +87,8 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
         (["train", "{tmp}/missing.yaml"], "missing.yaml"),
         (["rate"], "SYN REAL --study"),
         (["rate", "--export", "{tmp}"], "{tmp}"),
+        (["rate", "--study", "{tmp}/new"], "{tmp}/new: is not a study yet: give SYN REAL"),
+        (["rate", "--study", "{tmp}/new", "--port", "70000"], "--port must be in 1..65535"),
         (["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/syn"], "{tmp}"),
         (
             ["sample", "{tmp}", "--masks", "{tmp}", "--out", "{tmp}/s", "--control-scale", "-1"],

@@ -230,8 +230,11 @@ def cmd_rate(args: argparse.Namespace) -> int:
         summary = rate.export_results(args.export)
         print(f"wrote mos.json, mos.csv, mos.png to {args.export} ({summary['answers']} answers)")
         return 0
-    if args.syn is None or args.real is None or args.study is None:
-        raise SiamdiffError("rate needs SYN REAL --study DIR (or --export DIR)")
+    if args.study is None:
+        raise SiamdiffError("rate needs SYN REAL --study DIR (or --study DIR to resume one)")
+    from siamdiff.rate.server import check_can_listen
+
+    check_can_listen(args.host, args.port)  # before minutes of building, not after
     study = rate.open_study(
         args.syn,
         args.real,
@@ -441,9 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per source (default: the smaller set's size)",
     )
-    rate.add_argument("--repeats", type=int, default=3, help="items shown twice (consistency)")
-    rate.add_argument("--seed", type=int, default=0)
-    rate.add_argument("--overlay", action="store_true", help="mask overlay on demand")
+    # None = not given: a resumed study is checked against the options given only.
+    rate.add_argument(
+        "--repeats", type=at_least(0), default=None, help="items shown twice (default 3)"
+    )
+    rate.add_argument("--seed", type=at_least(0), default=None, help="default 0")
+    rate.add_argument("--overlay", action="store_true", default=None, help="mask overlay on demand")
     rate.add_argument(
         "--export",
         type=Path,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
+from dataclasses import replace
 
 import pytest
 from flask.testing import FlaskClient
 
 from siamdiff.errors import SiamdiffError
 from siamdiff.rate.export import export_results
-from siamdiff.rate.server import create_app, serve
+from siamdiff.rate.server import create_app, loopback_names, serve
 from siamdiff.rate.storage import all_answers, connect, find_rater
 from siamdiff.rate.study import Study
 
@@ -25,6 +28,15 @@ def begin(client: FlaskClient, name: str = "Dr Who") -> str:
     response = client.post("/start", data={"name": name})
     assert response.status_code == 303
     return response.headers["Location"].rsplit("/", 1)[1]
+
+
+def order_of(study: Study, code: str) -> list[int]:
+    """The item indices in the order the rater with ``code`` sees them."""
+    conn = connect(study.root)
+    try:
+        return study.order(find_rater(conn, code).id)
+    finally:
+        conn.close()
 
 
 def current_form(client: FlaskClient, code: str) -> dict[str, str]:
@@ -51,7 +63,7 @@ def test_full_rating_round_trip(client: FlaskClient, study: Study) -> None:
         shown.append(form["image"])
         assert client.get(f"/image/{form['image']}").status_code == 200
         assert answer(client, code, 1 + position % 5, "real") == 303
-    assert shown == [study.items[i].name for i in study.sequence]
+    assert shown == [study.items[i].name for i in order_of(study, code)]
     assert "Thank you" in client.get(f"/rate/{code}").get_data(as_text=True)
     answers = all_answers(study.root)
     assert [a.score for a in answers] == [1 + p % 5 for p in range(len(study.sequence))]
@@ -63,7 +75,7 @@ def test_full_rating_round_trip(client: FlaskClient, study: Study) -> None:
 def test_page_never_reveals_the_source(client: FlaskClient, study: Study) -> None:
     code = begin(client)
     skeletons: dict[str, set[str]] = {}
-    for index in study.sequence:
+    for index in order_of(study, code):
         item = study.items[index]
         page = client.get(f"/rate/{code}").get_data(as_text=True)
         assert item.record_id not in page
@@ -156,6 +168,81 @@ def test_security_headers(client: FlaskClient) -> None:
     assert response.headers["Cache-Control"] == "no-store"
 
 
+def test_each_rater_sees_an_order_of_their_own_on_every_visit(
+    client: FlaskClient, study: Study
+) -> None:
+    """Order effects (fatigue, anchoring, where the repeats fall) must not land on the same
+    images for everyone, and raters must not be able to compare notes by image number."""
+    orders = [study.order(rater) for rater in range(1, 6)]
+    assert len({tuple(order) for order in orders}) == 5
+    for order in orders:
+        assert len(order) == len(study.sequence)
+        assert sorted(set(order)) == list(range(len(study.items)))
+    first, second = begin(client, "A"), begin(client, "B")
+    shown = {code: current_form(client, code)["image"] for code in (first, second)}
+    assert current_form(client, first)["image"] == shown[first]  # a revisit: the same image
+    for code in (first, second):
+        assert shown[code] == study.items[order_of(study, code)[0]].name
+
+
+def test_a_study_made_before_per_rater_orders_keeps_its_single_order(study: Study) -> None:
+    settings = {k: v for k, v in study.info["settings"].items() if k != "order_per_rater"}
+    older = replace(study, info={**study.info, "settings": settings})
+    assert older.order(1) == older.order(2) == study.sequence
+
+
+def test_other_sites_cannot_post_and_rebound_names_are_refused(study: Study) -> None:
+    app = create_app(study.root, trusted_hosts=loopback_names("127.0.0.1"))
+    client = app.test_client()
+    here = {"base_url": "http://127.0.0.1:8765"}
+    for origin in ("https://evil.example", "null"):
+        response = client.post("/start", data={"name": "x"}, headers={"Origin": origin}, **here)
+        assert response.status_code == 403
+    own = client.post(
+        "/start", data={"name": "x"}, headers={"Origin": "http://127.0.0.1:8765"}, **here
+    )
+    assert own.status_code == 303
+    # A DNS name rebound to 127.0.0.1 reaches the server with its own Host header.
+    assert client.get("/", base_url="http://rebound.example:8765").status_code == 400
+    assert loopback_names("0.0.0.0") is None  # served to the network: any name
+
+
+def test_a_double_submitted_answer_is_stored_once(study: Study) -> None:
+    """Two simultaneous posts of one rater's current answer: one is stored, one refused."""
+    app = create_app(study.root)
+    code = begin(app.test_client())
+    form = current_form(app.test_client(), code)
+    data = {"position": form["position"], "token": form["token"], "score": "4"}
+    statuses: list[int] = []
+    start = threading.Barrier(2)
+
+    def post() -> None:
+        start.wait()
+        statuses.append(app.test_client().post(f"/rate/{code}", data=data).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [303, 409]
+    assert [a.position for a in all_answers(study.root)] == [0]
+
+
+def test_a_damaged_ratings_database_is_one_line(study: Study) -> None:
+    (study.root / "ratings.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SiamdiffError, match=r"ratings.db: cannot open the ratings \(file is not"):
+        create_app(study.root)
+    with pytest.raises(SiamdiffError, match=r"ratings.db: cannot read the ratings \(file is not"):
+        export_results(study.root)
+
+
+@pytest.mark.parametrize("port", [0, -1, 70000])
+def test_a_port_outside_the_range_is_refused(study: Study, port: int) -> None:
+    with pytest.raises(SiamdiffError, match=rf"--port must be in 1..65535, got {port}"):
+        serve(study.root, "127.0.0.1", port)
+
+
 def test_concurrent_raters_do_not_collide(study: Study) -> None:
     app = create_app(study.root)
     errors: list[BaseException] = []
@@ -198,3 +285,15 @@ def test_a_busy_port_is_one_line_before_anything_is_served(study: Study) -> None
         # werkzeug binds "localhost" as IPv4 even where it resolves to ::1 first.
         with pytest.raises(SiamdiffError, match=f"cannot listen on localhost:{port}"):
             serve(study.root, "localhost", port)
+
+
+def test_the_server_module_runs_without_a_warning() -> None:
+    """`python -m siamdiff.rate.server` (docs/rating.md): runpy warns when the package has
+    already imported the module it is asked to run."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "siamdiff.rate.server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr

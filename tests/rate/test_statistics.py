@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from siamdiff.rate.statistics import consistency, detection, inter_rater_alpha, mos, summarize
+from siamdiff.rate.statistics import (
+    consistency,
+    detection,
+    inter_rater_alpha,
+    mos,
+    pooled_detection,
+    pooled_mos,
+    summarize,
+)
 from siamdiff.rate.storage import Answer
 from siamdiff.rate.study import Item, _sequence
 
@@ -17,7 +25,8 @@ def test_mos_t_interval() -> None:
     assert result["ci_low"] == pytest.approx(3 - 1.96324, abs=1e-4)
     assert result["ci_high"] == pytest.approx(3 + 1.96324, abs=1e-4)
     assert mos([4])["ci_low"] is None and mos([])["mean"] is None
-    assert mos([2, 2, 2])["ci_low"] == mos([2, 2, 2])["ci_high"] == 2.0
+    # Equal scores have no spread to estimate: no interval rather than a zero-width one.
+    assert mos([2, 2, 2])["ci_low"] is None and mos([2, 2, 2])["ci_high"] is None
 
 
 def test_detection_balanced_accuracy_and_fisher_test() -> None:
@@ -43,6 +52,42 @@ def test_detection_is_not_fooled_by_an_unbalanced_guessed_subset() -> None:
     assert result["p_value"] == pytest.approx(1.0)
     only_real = detection([("real", "real")] * 6 + [("synthetic", "real")] * 2)
     assert only_real["balanced_accuracy"] is None and only_real["p_value"] == pytest.approx(1.0)
+
+
+def test_pooled_mos_takes_the_image_as_the_unit() -> None:
+    """Ten raters scoring the same 2 images are 2 samples of the set, not 20."""
+    result = pooled_mos([[5] * 9 + [3], [1, 2, 3]])
+    assert result["n"] == 2 and result["ratings"] == 13
+    assert result["mean"] == pytest.approx((4.8 + 2.0) / 2)
+    # Two image means 4.8 and 2.0: sem 1.4, t(0.975, df=1) = 12.7062.
+    assert result["ci_low"] == pytest.approx(3.4 - 12.7062 * 1.4, abs=1e-3)
+    assert result["ci_high"] == pytest.approx(3.4 + 12.7062 * 1.4, abs=1e-3)
+
+
+def test_pooled_detection_permutes_images_not_ratings() -> None:
+    """3 real and 3 synthetic images, each told right by every rater: of the 20 ways to
+    label 3 of 6 images real, 2 separate them as perfectly (either way round), p = 2/20."""
+    images = [("real", ["real", "real"]), ("real", ["real"]), ("real", ["real"] * 5)]
+    images += [("synthetic", ["synthetic"] * 3), ("synthetic", ["synthetic"])] * 1
+    images += [("synthetic", ["synthetic", "synthetic"])]
+    result = pooled_detection(images)
+    assert result["images"] == 6 and result["n"] == 14 and result["accuracy"] == 1.0
+    assert result["p_value"] == pytest.approx(2 / 20)
+    assert result["ci_low"] == result["ci_high"] == 1.0
+    # The same 14 guesses as independent ratings would claim far more certainty.
+    assert detection([(g, t) for t, gs in images for g in gs])["p_value"] < 0.001
+    chance = pooled_detection(
+        [("real", ["real", "synthetic"])] * 4 + [("synthetic", ["real", "synthetic"])] * 4
+    )
+    assert chance["p_value"] == pytest.approx(1.0) and chance["accuracy"] == 0.5
+    assert chance["ci_low"] == chance["ci_high"] == 0.5
+    mixed = pooled_detection(
+        [("real", ["real"]), ("real", ["synthetic"])] * 3
+        + [("synthetic", ["synthetic"]), ("synthetic", ["real"])] * 3
+    )
+    assert mixed["ci_low"] < 0.5 < mixed["ci_high"]
+    one_each = pooled_detection([("real", ["real"]), ("synthetic", ["synthetic"])])
+    assert one_each["p_value"] is None and one_each["ci_low"] is None
 
 
 def test_intra_rater_consistency() -> None:
@@ -76,6 +121,7 @@ def test_summarize_uses_first_ratings_and_measures_repeats() -> None:
     assert summary["raters"] == 2 and summary["answers"] == 5
     overall = summary["overall"]
     assert overall["mos"]["real"]["mean"] == 4.5  # 5 (A) and 4 (B); the repeat 3 is excluded
+    assert overall["mos"]["real"]["n"] == 1 and overall["mos"]["real"]["ratings"] == 2
     assert overall["mos"]["synthetic"]["mean"] == 3.0
     assert overall["detection"]["accuracy"] == pytest.approx(3 / 4)
     assert overall["intra_rater"] == {"n": 1, "exact_agreement": 0.0, "mean_abs_difference": 2.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_images_are_blinded_copies(study: Study, phantom_data: Path, synthetic_d
     ids = {r.id for root in (phantom_data, synthetic_data) for r in load_manifest(root).records}
     for name in files:
         assert not any(record_id in name for record_id in ids)
-        assert "real" not in name and "syn" not in name
+        assert re.fullmatch(r"[0-9a-f]{32}(-overlay)?\.png", name), name  # nothing but a key
     # Synthetic images are already the generator's square view: copied pixel for pixel.
     for item in study.items:
         if item.source == "synthetic":
@@ -146,8 +147,31 @@ def test_study_from_another_version_is_refused(study: Study) -> None:
 def test_open_study_resumes_an_existing_study(
     study: Study, phantom_data: Path, synthetic_data: Path
 ) -> None:
-    resumed = open_study(synthetic_data, phantom_data, study.root, seed=99)
+    resumed = open_study(synthetic_data, phantom_data, study.root, seed=3, overlay=None)
     assert resumed.sequence == study.sequence and resumed.secret == study.secret
+    # Its images are inside it: the datasets need not be named (or exist) to resume it.
+    assert open_study(None, None, study.root).secret == study.secret
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"seed": 99}, "built with --seed 3, not 99"),
+        ({"repeats": 0}, "built with --repeats 2, not 0"),
+        ({"per_source": 2}, "built with --per-source 4, not 2"),
+    ],
+)
+def test_open_study_refuses_settings_it_was_not_built_with(
+    study: Study, phantom_data: Path, synthetic_data: Path, setting: dict, message: str
+) -> None:
+    """A resumed study would silently ignore them: an overlay never offered, other seeds."""
+    with pytest.raises(SiamdiffError, match=message):
+        open_study(synthetic_data, phantom_data, study.root, **setting)
+
+
+def test_a_new_study_needs_its_datasets(tmp_path: Path) -> None:
+    with pytest.raises(SiamdiffError, match="is not a study yet: give SYN REAL"):
+        open_study(None, None, tmp_path / "new")
 
 
 def test_open_study_refuses_other_datasets(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import sqlite3
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -15,11 +15,13 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.rate.statistics import summarize
 from siamdiff.rate.storage import DB_FILE, all_answers
 from siamdiff.rate.study import SOURCES, load_study
+from siamdiff.report import figure_png
 
 CSV_FIELDS = (
     "rater",
     "source",
     "n",
+    "ratings",
     "mos",
     "ci_low",
     "ci_high",
@@ -41,7 +43,8 @@ def _csv(summary: dict[str, Any]) -> str:
                 {
                     "rater": rater,
                     "source": source,
-                    "n": row["n"],
+                    "n": row["n"],  # images pooled over raters, ratings for one rater
+                    "ratings": row.get("ratings", row["n"]),
                     "mos": row["mean"],
                     "ci_low": row["ci_low"],
                     "ci_high": row["ci_high"],
@@ -55,8 +58,7 @@ def _csv(summary: dict[str, Any]) -> str:
 def _chart(summary: dict[str, Any]) -> bytes:
     """MOS per source with 95 % CI error bars, overall and for each rater."""
     scopes = {"all raters": summary["overall"], **summary["per_rater"]}
-    figure = Figure(figsize=(max(4.0, 1.4 * len(scopes) + 1.5), 3.4), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = Figure(figsize=(max(4.0, 1.4 * len(scopes) + 1.5), 3.4))
     ax = figure.add_subplot()
     width = 0.38
     for offset, source in zip((-width / 2, width / 2), SOURCES, strict=True):
@@ -85,9 +87,7 @@ def _chart(summary: dict[str, Any]) -> bytes:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def export_results(study_root: str | Path) -> dict[str, Any]:
@@ -96,7 +96,10 @@ def export_results(study_root: str | Path) -> dict[str, Any]:
     study = load_study(study_root)
     if not (study.root / DB_FILE).is_file():
         raise SiamdiffError("no ratings yet (serve the study first)", study.root)
-    answers = all_answers(study.root)
+    try:
+        answers = all_answers(study.root)
+    except sqlite3.Error as exc:
+        raise SiamdiffError(f"cannot read the ratings ({exc})", study.root / DB_FILE) from exc
     if not answers:
         raise SiamdiffError("no ratings yet (no rater has answered)", study.root / DB_FILE)
     summary = summarize(study.items, answers)

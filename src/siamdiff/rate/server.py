@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import ipaddress
 import re
 import socket
 import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file
 from jinja2 import DictLoader
@@ -22,32 +24,51 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.rate import storage
 from siamdiff.rate.pages import SCRIPT, TEMPLATES
 from siamdiff.rate.storage import Rater
-from siamdiff.rate.study import Study, load_study
+from siamdiff.rate.study import SOURCES, Study, load_study
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_NAME = 80
 CODE_PATTERN = re.compile(rf"[{storage.CODE_ALPHABET}]{{{storage.CODE_LENGTH}}}")
-GUESSES = ("real", "synthetic")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
         "img-src 'self'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it a browser sends "Origin: null" with the study's own forms,
+    # and the origin check below could no longer tell them from another site's.
+    "Referrer-Policy": "same-origin",
     # The browser's back button must not show a stale form for an answered image.
     "Cache-Control": "no-store",
 }
 
 
-def create_app(study_root: str | Path) -> Flask:
-    """The Flask app for the study at ``study_root`` (its database is created if absent)."""
+def loopback_names(host: str) -> list[str] | None:
+    """The Host headers a study served on ``host`` answers: for a loopback address only the
+    machine's own names, so a web page whose DNS name is rebound to 127.0.0.1 cannot read a
+    rater's page and answer for them; None (any) when served to the network."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return ["localhost", "127.0.0.1", "[::1]", host] if loopback else None
+
+
+def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -> Flask:
+    """The Flask app for the study at ``study_root`` (its database is created if absent);
+    ``trusted_hosts``: the Host headers answered (None: any)."""
     study = load_study(study_root)
-    storage.init_db(study.root)
+    try:
+        storage.init_db(study.root)
+    except sqlite3.Error as exc:
+        raise SiamdiffError(
+            f"cannot open the ratings ({exc})", study.root / storage.DB_FILE
+        ) from exc
     app = Flask(__name__)
     app.jinja_loader = DictLoader(TEMPLATES)
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
+    app.config["TRUSTED_HOSTS"] = trusted_hosts
     total = len(study.sequence)
 
     def db() -> sqlite3.Connection:
@@ -60,6 +81,14 @@ def create_app(study_root: str | Path) -> Flask:
         conn = g.pop("db", None)
         if conn is not None:
             conn.close()
+
+    @app.before_request
+    def same_origin_posts_only() -> None:
+        # Another web site's form posting here (a browser names it in Origin) could enrol
+        # raters or answer for one: only the study's own pages may post.
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin and urlsplit(origin).netloc != request.host:
+            abort(403, description="Answers are only accepted from the study's own pages.")
 
     @app.after_request
     def secure(response: Response) -> Response:
@@ -101,7 +130,7 @@ def create_app(study_root: str | Path) -> Flask:
         position = storage.next_position(db(), rater)
         if position >= total:
             return render_template("done.html", rater=rater, total=total)
-        item = study.items[study.sequence[position]]
+        item = study.items[study.order(rater.id)[position]]
         return render_template(
             "rate.html",
             rater=rater,
@@ -118,7 +147,8 @@ def create_app(study_root: str | Path) -> Flask:
         rater = rater_or_404(code)
         position, score, guess = _parse_answer(study, rater)
         try:
-            storage.record_answer(db(), rater, position, study.sequence[position], score, guess)
+            item = study.order(rater.id)[position]
+            storage.record_answer(db(), rater, position, item, score, guess)
         except storage.PositionTaken:
             abort(409, description=f"Image {position + 1} was already answered.")
         except storage.WrongPosition:
@@ -158,13 +188,15 @@ def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
     if not hmac.compare_digest(form.get("token", "").encode(), expected.encode()):
         abort(403, description="The answer's token does not match this rater and image.")
     guess = form.get("guess") or None
-    if guess is not None and guess not in GUESSES:
+    if guess is not None and guess not in SOURCES:
         abort(400, description=f"Guess must be 'real' or 'synthetic', got {guess[:20]!r}.")
     return position, score, guess
 
 
 def check_can_listen(host: str, port: int) -> None:
     """Werkzeug reports a busy port on two lines and exits the process; find out first."""
+    if not 1 <= port <= 65535:  # the OS would take 70000 as 70000 % 65536
+        raise SiamdiffError(f"--port must be in 1..65535, got {port}")
     try:
         # The address family and address werkzeug will bind ("localhost" is IPv4 there).
         family = select_address_family(host, port)
@@ -178,8 +210,8 @@ def check_can_listen(host: str, port: int) -> None:
 
 def serve(study_root: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Serve the study until interrupted (threaded: several raters at once)."""
-    app = create_app(study_root)
     check_can_listen(host, port)
+    app = create_app(study_root, trusted_hosts=loopback_names(host))
     print(f"Rating study {study_root}: open http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
 

@@ -2,6 +2,12 @@
 
 Every statistic except intra-rater consistency uses each rater's *first* rating of an
 item; the repeated showings only measure how consistently a rater scores the same image.
+
+Pooled over raters, the ratings of one image are not independent (and the images are what
+the study samples from the two sets): the intervals and the test take the *image* as the
+unit. The MOS interval is over per-image mean scores, the detection test permutes the
+images' real / synthetic labels, its interval resamples images. Within one rater each image
+is rated once, and the ratings are the unit.
 """
 
 from __future__ import annotations
@@ -19,24 +25,32 @@ from siamdiff.rate.storage import Answer
 from siamdiff.rate.study import SOURCES, Item
 
 CONFIDENCE = 0.95
+RESAMPLES = 9999  # permutations and bootstrap resamples where exact enumeration is too long
 
 
-def mos(scores: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """Mean opinion score with a Student-t confidence interval (None below two scores)."""
+def mos(scores: Sequence[float]) -> dict[str, Any]:
+    """Mean opinion score with a Student-t confidence interval (None below two scores, or
+    when they are all equal: a zero-width interval would claim certainty)."""
     values = np.asarray(scores, dtype=np.float64)
     n = int(values.size)
     if n == 0:
         return {"n": 0, "mean": None, "ci_low": None, "ci_high": None}
     mean = float(values.mean())
-    if n < 2 or float(values.std()) == 0.0:
-        low = high = mean if n >= 2 else None
-    else:
-        low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=stats.sem(values))
-        low, high = float(low), float(high)
+    low = high = None
+    if n >= 2 and float(values.std()) > 0.0:
+        interval = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=stats.sem(values))
+        low, high = float(interval[0]), float(interval[1])
     return {"n": n, "mean": mean, "ci_low": low, "ci_high": high}
 
 
-def detection(guesses: Sequence[tuple[str, str]], confidence: float = CONFIDENCE) -> dict[str, Any]:
+def pooled_mos(scores_by_image: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """MOS over raters with the image as the unit: the mean and t-interval of the images'
+    mean scores (``n`` images; ``ratings`` in all)."""
+    means = [float(np.mean(scores)) for scores in scores_by_image if len(scores)]
+    return {**mos(means), "ratings": int(sum(len(scores) for scores in scores_by_image))}
+
+
+def detection(guesses: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """How well (guess, truth) pairs tell real from synthetic images.
 
     Guesses are optional and a rater may stop early, so the guessed images need not be half
@@ -61,7 +75,7 @@ def detection(guesses: Sequence[tuple[str, str]], confidence: float = CONFIDENCE
         [sum(pair == (guess, truth) for pair in guesses) for guess in SOURCES] for truth in SOURCES
     ]
     correct = table[0][0] + table[1][1]
-    ci = stats.binomtest(correct, n, 0.5).proportion_ci(confidence)
+    ci = stats.binomtest(correct, n, 0.5).proportion_ci(CONFIDENCE)
     hit_rates = [row[i] / sum(row) for i, row in enumerate(table) if sum(row)]
     return {
         "n": n,
@@ -71,6 +85,43 @@ def detection(guesses: Sequence[tuple[str, str]], confidence: float = CONFIDENCE
         "balanced_accuracy": float(np.mean(hit_rates)) if len(hit_rates) == 2 else None,
         "p_value": float(stats.fisher_exact(table).pvalue),
     }
+
+
+def pooled_detection(guesses_by_image: Sequence[tuple[str, Sequence[str]]]) -> dict[str, Any]:
+    """:func:`detection` over raters, ``(truth, guesses)`` per image, with the image as the
+    unit: ``p_value`` from permuting the images' truth labels (exact while the arrangements
+    number at most RESAMPLES) with the difference of the mean share of "real" guesses on real
+    and on synthetic images as statistic; ``ci_low`` / ``ci_high`` a percentile bootstrap of
+    the accuracy resampling images within each source."""
+    images = [(truth, list(guesses)) for truth, guesses in guesses_by_image if len(guesses)]
+    pairs = [(guess, truth) for truth, guesses in images for guess in guesses]
+    result = detection(pairs)
+    result.update(images=len(images), ci_low=None, ci_high=None, p_value=None)
+    groups = [[guesses for truth, guesses in images if truth == s] for s in SOURCES]
+    if any(len(group) < 2 for group in groups):  # nothing to permute or resample
+        return result
+    rng = np.random.default_rng(0)  # reproducible: the same answers give the same numbers
+    shares = [
+        np.array([np.mean([g == "real" for g in guesses]) for guesses in group]) for group in groups
+    ]
+    test = stats.permutation_test(
+        shares,
+        lambda real, synthetic: np.mean(real) - np.mean(synthetic),
+        permutation_type="independent",
+        n_resamples=RESAMPLES,
+        rng=rng,
+    )
+    correct = [
+        np.array([sum(g == s for g in gs) for gs in group])
+        for s, group in zip(SOURCES, groups, strict=True)
+    ]
+    counts = [np.array([len(gs) for gs in group]) for group in groups]
+    picks = [rng.integers(len(group), size=(RESAMPLES, len(group))) for group in groups]
+    hits = sum(c[p].sum(axis=1) for c, p in zip(correct, picks, strict=True))
+    accuracies = hits / sum(n[p].sum(axis=1) for n, p in zip(counts, picks, strict=True))
+    low, high = np.quantile(accuracies, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    result.update(ci_low=float(low), ci_high=float(high), p_value=float(test.pvalue))
+    return result
 
 
 def consistency(pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:
@@ -125,13 +176,31 @@ def summarize(items: Sequence[Item], answers: Sequence[Answer]) -> dict[str, Any
             ),
         }
 
-    everything = [a for by_item in first.values() for a in by_item.values()]
+    by_image: dict[int, list[Answer]] = defaultdict(list)
+    for by_item in first.values():
+        for item, answer in by_item.items():
+            by_image[item].append(answer)
     return {
         "raters": len(first),
         "items": len(items),
         "answers": len(answers),
         "overall": {
-            **block(everything),
+            "mos": {
+                source: pooled_mos(
+                    [
+                        [a.score for a in rated]
+                        for i, rated in by_image.items()
+                        if items[i].source == source
+                    ]
+                )
+                for source in SOURCES
+            },
+            "detection": pooled_detection(
+                [
+                    (items[i].source, [a.guess for a in rated if a.guess is not None])
+                    for i, rated in sorted(by_image.items())
+                ]
+            ),
             "intra_rater": consistency([p for pairs in repeats.values() for p in pairs]),
             "inter_rater_alpha_ordinal": inter_rater_alpha(
                 {r: {i: a.score for i, a in by_item.items()} for r, by_item in first.items()},

@@ -2,7 +2,8 @@
 
 Layout of a study directory::
 
-    study.json     format, version, items (source + record per item) and the sequence
+    study.json     format, version, settings, items (source + record per item) and the
+                   sequence (each rater sees its items in an order of their own)
     secret.key     random key for opaque image names and per-position answer tokens
     images/        copies in one view, named by HMAC(secret, item index): nothing in a
                    name, URL, PNG chunk, shape or size tells a rater where an image came from
@@ -16,6 +17,7 @@ import hmac
 import json
 import secrets
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,21 @@ class Study:
     secret: bytes
     info: dict[str, Any]
 
-    @property
+    @cached_property
     def by_name(self) -> dict[str, Item]:
         return {item.name: item for item in self.items}
+
+    def order(self, rater_id: int) -> list[int]:
+        """The sequence as rater ``rater_id`` sees it: a shuffle of their own, so that order
+        effects (fatigue, anchoring on the first images, where the repeats fall) land on
+        different images for each rater and raters cannot compare notes by number. Drawn from
+        the study's seed and the rater's number: the same on every visit. Studies made before
+        per-rater orders keep their single one."""
+        settings = self.info.get("settings", {})
+        if not settings.get("order_per_rater"):
+            return self.sequence
+        rng = np.random.default_rng((settings["seed"], rater_id))
+        return _sequence(len(self.items), len(self.sequence) - len(self.items), rng)
 
     def image_path(self, name: str, overlay: bool = False) -> Path:
         suffix = "-overlay" if overlay else ""
@@ -72,7 +86,7 @@ class Study:
 
     def position_token(self, rater_id: int, position: int) -> str:
         """HMAC binding an answer to one rater, one position and the item shown there."""
-        message = f"{rater_id}:{position}:{self.sequence[position]}".encode()
+        message = f"{rater_id}:{position}:{self.order(rater_id)[position]}".encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
 
@@ -141,6 +155,8 @@ def build_study(
         )
     if not 0 <= repeats <= 2 * count - 1:
         raise SiamdiffError(f"--repeats must be between 0 and {2 * count - 1}, got {repeats}")
+    if not 0 <= seed < 2**63:
+        raise SiamdiffError(f"--seed must be an integer >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     secret = secrets.token_bytes(32)
     roots = {"synthetic": Path(synthetic), "real": Path(real)}
@@ -172,6 +188,7 @@ def build_study(
                     "seed": seed,
                     "overlay": overlay,
                     "size": size,
+                    "order_per_rater": True,
                 },
                 "items": [asdict(item) for item in items],
                 "sequence": _sequence(len(items), repeats, rng),
@@ -213,25 +230,39 @@ def load_study(root: str | Path) -> Study:
 
 
 def open_study(
-    synthetic: str | Path,
-    real: str | Path,
+    synthetic: str | Path | None,
+    real: str | Path | None,
     out: str | Path,
     **settings: Any,
 ) -> Study:
-    """Resume the study at ``out`` if it exists, else build it (``settings`` as build_study).
+    """Resume the study at ``out`` if it exists, else build it (``settings`` as build_study;
+    None = not given, the default).
 
-    A study is resumed only with the datasets it was built from: other ones would be
-    ignored without a word, their images never shown."""
+    A study is resumed only with what it was built from: other datasets or settings would be
+    ignored without a word (their images never shown, an overlay never offered). Its images
+    are copied into it, so the datasets need not be given again, nor be there any more."""
+    given = {key: value for key, value in settings.items() if value is not None}
     if Path(out).exists():
         study = load_study(out)
-        given = {"synthetic": synthetic, "real": real}
+        datasets = {"synthetic": synthetic, "real": real}
         for source in SOURCES:
             built_from = study.info.get("sources", {}).get(source)
-            if built_from != str(Path(given[source]).resolve()):
+            if datasets[source] is not None and built_from != str(Path(datasets[source]).resolve()):
                 raise SiamdiffError(
                     f"this study was built from {source} images in {built_from}, not "
-                    f"{given[source]}; resume it with those, or start a new --study",
+                    f"{datasets[source]}; resume it with those, or start a new --study",
+                    out,
+                )
+        saved = study.info.get("settings", {})
+        for key, value in given.items():
+            if saved.get(key) != value:
+                flag = "--" + key.replace("_", "-")
+                raise SiamdiffError(
+                    f"this study was built with {flag} {saved.get(key)}, not {value}; resume "
+                    "it without that option, or start a new --study",
                     out,
                 )
         return study
-    return build_study(synthetic, real, out, **settings)
+    if synthetic is None or real is None:
+        raise SiamdiffError("is not a study yet: give SYN REAL to build it", out)
+    return build_study(synthetic, real, out, **given)
