@@ -319,6 +319,30 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
     assert checkpoints(run)[-1].name == "step-00000003"
 
 
+def test_logged_losses_are_the_mean_over_every_rank(tmp_path: Path) -> None:
+    """Each rank sees its own share of the global batch; the log must not be rank 0's alone."""
+    script = tmp_path / "reduce.py"
+    script.write_text(
+        "from accelerate import Accelerator\n"
+        "from siamdiff.train import mean_over_ranks\n"
+        "accelerator = Accelerator(cpu=True)\n"
+        "rank = accelerator.process_index\n"
+        "means = mean_over_ranks(accelerator, {'loss': rank + 1.0, 'mask': 10.0 * rank})\n"
+        "print(f'rank {rank}: {means}', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        + [str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=two_process_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: {{'loss': 1.5, 'mask': 5.0}}" in done.stdout
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(phantom_data: Path, tmp_path: Path):
     """SIGTERM to rank 1 alone (a preempted node): rank 0 hears of it at the step boundary,

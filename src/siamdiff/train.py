@@ -187,6 +187,15 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     return accelerator.check_trigger()
 
 
+def mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """``values`` averaged over the ranks (each rank's own batches): the logged losses are the
+    whole global batch's, not rank 0's share. Every rank must call it, with the same keys."""
+    if accelerator.num_processes == 1:
+        return values
+    local = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(values, accelerator.reduce(local, "mean").tolist(), strict=True))
+
+
 def finite_on_every_rank(accelerator: Accelerator, value: torch.Tensor) -> bool:
     """Whether ``value`` is finite on every rank: all must agree to skip a step, or DDP's
     next all-reduce would hang."""
@@ -654,7 +663,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             progress.update(1)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                means = {k: v / seen for k, v in sums.items()}
+                means = mean_over_ranks(accelerator, {k: v / seen for k, v in sums.items()})
                 means["lr"] = lr
                 means["nonfinite_skipped"] = skipped
                 means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
