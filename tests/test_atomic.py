@@ -109,7 +109,7 @@ def test_a_killed_jobs_leftovers_are_cleared_by_the_next_job(tmp_path: Path) -> 
     finished = subprocess.Popen(["true"])
     finished.wait()
     dead = finished.pid
-    host = socket.gethostname()
+    host = f"{socket.gethostname()}-{os.stat('/proc/self/ns/pid').st_ino}"
     out = tmp_path / "out"
     abandoned = tmp_path / f".out.{host}-{dead}.0123abcd.partial"
     abandoned.mkdir()
@@ -119,13 +119,30 @@ def test_a_killed_jobs_leftovers_are_cleared_by_the_next_job(tmp_path: Path) -> 
     (aside / "out" / "old.txt").write_text("old")
     live = tmp_path / f".out.{host}-{os.getpid()}.89abcdef.partial"
     live.mkdir()
-    elsewhere = tmp_path / f".out.other-machine-{dead}.0123abcd.partial"
+    elsewhere = tmp_path / f".out.other-machine-4026531836-{dead}.0123abcd.partial"
     elsewhere.mkdir()
+    # Same host name, another PID namespace: a container sharing the volume; its process
+    # cannot be seen from here, so it may be alive.
+    container = tmp_path / f".out.{socket.gethostname()}-1-{dead}.0123abcd.partial"
+    container.mkdir()
     with atomic_output_dir(out, overwrite=True) as tmp:
         assert [p.name for p in out.iterdir()] == ["old.txt"]  # put back before the job
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, elsewhere.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", live.name, elsewhere.name, container.name]
+    )
+
+
+def test_a_file_in_the_way_of_a_folder_output_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("notes")
+    with (
+        pytest.raises(SiamdiffError, match="is a file; the output is a folder"),
+        atomic_output_dir(tmp_path / "out", overwrite=True),
+    ):
+        pass
+    assert (tmp_path / "out").read_text() == "notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path: Path) -> None:

@@ -331,8 +331,14 @@ def test_logged_losses_are_the_mean_over_every_rank(tmp_path: Path) -> None:
         "print(f'rank {rank}: {means}', flush=True)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-        + [str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(script),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

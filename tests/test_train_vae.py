@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from siamdiff.models.autoencoder import load_autoencoder
 from siamdiff.train_vae import (
     CHECKPOINT,
     INFO_NAME,
+    LOSS_TERMS,
     ImageCrops,
     VAESettings,
     step_items,
@@ -35,8 +38,9 @@ TINY = VAESettings(
 )
 
 
-def interrupted_at_call(call: int):
-    """``vae_losses``, except that its ``call``-th call is a Ctrl-C."""
+def on_call(call: int, action):
+    """``vae_losses``, except that ``action()`` runs at its ``call``-th call (a Ctrl-C
+    arriving mid-step, an error)."""
     real = siamdiff.train_vae.vae_losses
     calls = 0
 
@@ -44,10 +48,18 @@ def interrupted_at_call(call: int):
         nonlocal calls
         calls += 1
         if calls == call:
-            raise KeyboardInterrupt
+            action()
         return real(*args, **kwargs)
 
     return losses
+
+
+def ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def out_of_memory() -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory.")
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +98,16 @@ def test_the_trained_autoencoder_gives_unit_variance_latents(
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Ctrl-C mid-step finishes the step and checkpoints it (here step 3 of 6, between two
+    scheduled checkpoints and log rows); the resumed run ends where an uninterrupted one
+    does, its log included."""
     straight = train_vae(phantom_data, tmp_path / "straight", TINY)
-    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", interrupted_at_call(4))
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(3, ctrl_c))
     with pytest.raises(KeyboardInterrupt):
         train_vae(phantom_data, tmp_path / "resumed", TINY)
     monkeypatch.undo()
     state = json.loads((tmp_path / "resumed" / CHECKPOINT / "state.json").read_text())
-    assert state["step"] == 3  # Ctrl-C saved the steps done
+    assert state["step"] == 3  # the step under way when Ctrl-C came was finished
     with pytest.raises(SiamdiffError, match="unfinished train-vae run"):
         train_vae(phantom_data, tmp_path / "resumed", TINY)
     with pytest.raises(SiamdiffError, match=r"other settings \(lr differ"):
@@ -102,8 +117,42 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     expected, got = load_file(straight / name), load_file(resumed / name)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    steps = [row["step"] for row in json.loads((resumed / INFO_NAME).read_text())["losses"]]
-    assert steps == [2, 4, 6]  # the killed step's row is not logged twice
+    logged = [
+        [row[k] for k in ("step", *LOSS_TERMS)]
+        for directory in (straight, resumed)
+        for row in json.loads((directory / INFO_NAME).read_text())["losses"]
+    ]
+    assert logged[:3] == logged[3:] and [row[0] for row in logged[:3]] == [2, 4, 6]
+
+
+def test_a_run_that_died_at_its_first_step_resumes_or_starts_again(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "vae"
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(1, out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError):
+        train_vae(phantom_data, out, TINY)
+    monkeypatch.undo()
+    assert json.loads((out / CHECKPOINT / "state.json").read_text())["step"] == 0
+    train_vae(phantom_data, out, replace(TINY, steps=1), resume=True)
+    assert (out / "config.json").is_file()
+
+
+def test_an_overwrite_keeps_the_previous_model_until_the_new_one_is_done(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = train_vae(phantom_data, tmp_path / "vae", replace(TINY, steps=1))
+    before = load_file(out / "diffusion_pytorch_model.safetensors")
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(2, out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError):
+        train_vae(phantom_data, out, replace(TINY, steps=4), overwrite=True)
+    monkeypatch.undo()
+    load_autoencoder({"kind": "diffusers-kl", "path": str(out)})  # still whole
+    after = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The interrupted overwrite is the run --resume continues.
+    train_vae(phantom_data, out, replace(TINY, steps=4), resume=True)
+    assert json.loads((out / INFO_NAME).read_text())["steps"] == 4
 
 
 def test_loader_workers_change_nothing_but_the_speed(phantom_data: Path, tmp_path: Path) -> None:

@@ -126,18 +126,30 @@ def atomic_save_png(path: str | Path, array: np.ndarray) -> bytes:
     return data
 
 
+def _pid_namespace() -> int:
+    """This process's PID namespace (0 where /proc has none): two containers sharing a host
+    name and a volume do not see each other's processes."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def _owner() -> str:
-    """Who made a temporary entry: the host and process, so that a later job can tell an
-    abandoned one (its process is gone) from one still being written."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """Who made a temporary entry: the host, PID namespace and process, so that a later job
+    can tell an abandoned one (its process is gone) from one still being written."""
+    return f"{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}"
 
 
 def _abandoned(entry: Path, name: str) -> bool:
     found = re.fullmatch(
-        rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{{8}}\.(partial|old)", entry.name
+        rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<ns>\d+)-(?P<pid>\d+)\.[0-9a-f]{{8}}"
+        r"\.(partial|old)",
+        entry.name,
     )
-    if found is None or found["host"] != socket.gethostname():
-        return False  # another machine's (a shared filesystem): it may be alive
+    here = (socket.gethostname(), str(_pid_namespace()))
+    if found is None or (found["host"], found["ns"]) != here or found["ns"] == "0":
+        return False  # another machine's or container's (a shared volume): it may be alive
     try:
         os.kill(int(found["pid"]), 0)
     except ProcessLookupError:
@@ -202,6 +214,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise SiamdiffError("holds the current directory: name a new folder for the output", given)
     if out.exists() and not overwrite:
         raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
+    if out.exists() and not out.is_dir():
+        raise SiamdiffError("is a file; the output is a folder: name another", given)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _clear_abandoned(out)

@@ -17,7 +17,10 @@ reconstruction). ``config.json`` is written last: a directory without it is unfi
 
 A run resumes exactly (``--resume``): each step's images, crops, flips and posterior noise
 come from generators seeded by (seed, step), never from the global RNG or the DataLoader's
-workers, so the state to keep is the weights, the optimizer and the step.
+workers, so the state to keep is the weights, the optimizer and the step. Ctrl-C or SIGTERM
+finishes the step, saves a checkpoint and exits (a second Ctrl-C exits at once, keeping the
+last checkpoint). ``--overwrite`` leaves the previous model loadable until the new one
+replaces it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.evaluate.segmenter import split_fingerprint
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.report import read_loss_log, save_columns, save_loss_curve, truncate_loss_log
+from siamdiff.train import StopRequest, ignore_stop_signals
 
 CHECKPOINT = "checkpoint"
 LOSS_LOG = "losses.jsonl"
@@ -186,12 +190,16 @@ def vae_losses(
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch (module docstring); ``ssim`` is the similarity itself."""
     posterior = vae.encode(images).latent_dist
-    reconstruction = vae.decode(posterior.sample(generator=noise)).sample.float()
-    l1 = (reconstruction - images).abs().mean()
-    ssim = structural_similarity_index_measure(
-        (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0
-    )
-    kl = posterior.kl().float().mean() / images[0].numel()  # per image, as a per-pixel mean
+    reconstruction = vae.decode(posterior.sample(generator=noise)).sample
+    # In fp32 whatever the autocast: SSIM's variances (E[x^2] - mean^2) vanish in bf16 on
+    # smooth images such as endoscopy frames.
+    with torch.autocast(images.device.type, enabled=False):
+        reconstruction, images = reconstruction.float(), images.float()
+        l1 = (reconstruction - images).abs().mean()
+        ssim = structural_similarity_index_measure(
+            (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0
+        )
+        kl = posterior.kl().float().mean() / images[0].numel()  # per image, per-pixel mean
     loss = l1 + settings.ssim_weight * (1 - ssim) + settings.kl_weight * kl
     return {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl}
 
@@ -201,8 +209,11 @@ def _step_noise(settings: VAESettings, step: int, device: torch.device) -> torch
     return torch.Generator(device).manual_seed(seed)
 
 
-def _loader(dataset: Dataset, sampler: Sampler, workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+def _loader(dataset: Dataset, sampler: Sampler | list, workers: int) -> DataLoader:
+    # Workers leave Ctrl-C to the main process, which finishes its step first.
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=ignore_stop_signals
+    )
 
 
 def _settings_from(saved: dict[str, Any]) -> VAESettings:
@@ -211,27 +222,38 @@ def _settings_from(saved: dict[str, Any]) -> VAESettings:
     return VAESettings(**values)
 
 
+def _made_by_siamdiff(out: Path) -> bool:
+    """Whether ``out`` holds a train-vae run or model (its own record says so)."""
+    for record in (out / CHECKPOINT / "state.json", out / INFO_NAME):
+        try:
+            created_by = json.loads(record.read_text(encoding="utf-8")).get("created_by")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if str(created_by).startswith("siamdiff"):
+            return True
+    return False
+
+
 def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """What is already in ``out``: None for a fresh start, the checkpoint's state to resume."""
-    state_path = out / CHECKPOINT / "state.json"
+    """What is already in ``out``: None for a fresh start, the checkpoint's state to resume.
+    An overwritten model stays in place, loadable, until the new one replaces it."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         if resume:
             raise SiamdiffError("has no unfinished train-vae run to resume", out)
         return None
-    ours = (out / INFO_NAME).is_file() or state_path.is_file()
-    if not out.is_dir() or not ours:
+    if not out.is_dir() or not _made_by_siamdiff(out):
         raise SiamdiffError("exists and is not a train-vae output: choose another --out", out)
+    state_path = out / CHECKPOINT / "state.json"
     if overwrite:
-        shutil.rmtree(out)
         return None
+    if resume and state_path.is_file():
+        return read_json(state_path, "train-vae checkpoint", "")
     if (out / "config.json").is_file():
         raise SiamdiffError("holds a trained autoencoder (pass --overwrite to train again)", out)
-    if not resume:
-        raise SiamdiffError(
-            "holds an unfinished train-vae run (--resume continues it, --overwrite starts again)",
-            out,
-        )
-    return read_json(state_path, "train-vae checkpoint", "the run was killed before its first")
+    raise SiamdiffError(
+        "holds an unfinished train-vae run (--resume continues it, --overwrite starts again)",
+        out,
+    )
 
 
 def _save_checkpoint(
@@ -311,7 +333,9 @@ def train_vae(
     data, out, device = Path(data), Path(out), torch.device(device)
     manifest = load_manifest(data)
     train_split = "train" if manifest.split("train") else None  # a folder of images: all
-    held_out_split = next((s for s in ("val", "test") if manifest.split(s)), train_split)
+    held_out_split = None  # no split held out of training: scored on what it trained on
+    if train_split is not None:
+        held_out_split = next((s for s in ("val", "test") if manifest.split(s)), train_split)
     records = manifest.records if train_split is None else manifest.split(train_split)
     held_out = manifest.records if held_out_split is None else manifest.split(held_out_split)
     crops = ImageCrops(data, records, settings.size)
@@ -339,24 +363,39 @@ def train_vae(
         out.mkdir(parents=True, exist_ok=True)
         vae = build_vae(settings).to(device)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
-        step = 0
+        step, sums, seen = 0, dict.fromkeys(LOSS_TERMS, 0.0), 0
         if state is not None:
             _load_checkpoint(out, vae, optimizer, device)
-            step = int(state["step"])
+            step, sums, seen = (
+                int(state["step"]),
+                state["pending"]["sums"],
+                state["pending"]["seen"],
+            )
         truncate_loss_log(out / LOSS_LOG, step)
         autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
         vae.train()
+
+        def checkpoint() -> None:
+            # The log's unwritten sums too: a resumed run logs what an uninterrupted one does.
+            info = {
+                "created_by": f"siamdiff {__version__}",
+                "step": step,
+                "settings": asdict(settings),
+                "data": fingerprint,
+                "pending": {"sums": sums, "seen": seen},
+            }
+            _save_checkpoint(out, vae, optimizer, info)
+            save_loss_curve(out / LOSS_LOG, out / "loss_curve.png", LOSS_TERMS)
+
+        if state is None:
+            checkpoint()  # marks the folder as this run's at once: resumable, overwritable
         batches = _loader(
             crops, StepBatches(settings, len(crops), step + 1, settings.steps), workers
         )
         progress = tqdm(total=settings.steps, initial=step, desc="train-vae", unit="step")
-        sums, seen, started = dict.fromkeys(LOSS_TERMS, 0.0), 0, time.perf_counter()
-
-        def checkpoint() -> None:
-            info = {"step": step, "settings": asdict(settings), "data": fingerprint}
-            _save_checkpoint(out, vae, optimizer, info)
-            save_loss_curve(out / LOSS_LOG, out / "loss_curve.png", LOSS_TERMS)
-
+        timed, started = 0, time.perf_counter()
+        stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
+        stop.install()
         try:
             for images in batches:
                 with autocast:
@@ -376,22 +415,25 @@ def train_vae(
                 progress.update(1)
                 for key in LOSS_TERMS:
                     sums[key] += terms[key].item()
-                seen += 1
+                seen, timed = seen + 1, timed + 1
                 if step % settings.log_every == 0 or step == settings.steps:
                     row = {"step": step, **{k: v / seen for k, v in sums.items()}}
-                    row["it_per_s"] = seen / (time.perf_counter() - started)
+                    row["it_per_s"] = timed / (time.perf_counter() - started)
                     with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(row) + "\n")
                     progress.set_postfix(loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}")
-                    sums, seen, started = dict.fromkeys(LOSS_TERMS, 0.0), 0, time.perf_counter()
+                    sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
+                    timed, started = 0, time.perf_counter()
                 if step % settings.checkpoint_every == 0:
                     checkpoint()
-        except KeyboardInterrupt:
-            checkpoint()  # --resume continues from here
-            raise
+                if stop.requested and step < settings.steps:
+                    if step % settings.checkpoint_every:
+                        checkpoint()
+                    raise KeyboardInterrupt
         finally:
+            stop.restore()
             progress.close()
-        if not (out / CHECKPOINT).is_dir() or step % settings.checkpoint_every:
+        if step % settings.checkpoint_every:  # finishing is resumable too
             checkpoint()
         vae.eval()
         scaling_factor = latent_scaling_factor(vae, crops, device, workers)

@@ -52,7 +52,8 @@ def loopback_names(host: str) -> list[str] | None:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    return ["localhost", "127.0.0.1", "[::1]", host] if loopback else None
+    names = {"localhost", "127.0.0.1", f"[{host}]" if ":" in host else host}
+    return sorted(names) if loopback else None
 
 
 def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -> Flask:

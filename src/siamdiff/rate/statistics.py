@@ -120,7 +120,9 @@ def pooled_detection(guesses_by_image: Sequence[tuple[str, Sequence[str]]]) -> d
     hits = sum(c[p].sum(axis=1) for c, p in zip(correct, picks, strict=True))
     accuracies = hits / sum(n[p].sum(axis=1) for n, p in zip(counts, picks, strict=True))
     low, high = np.quantile(accuracies, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    result.update(ci_low=float(low), ci_high=float(high), p_value=float(test.pvalue))
+    if low < high:  # every image judged alike leaves no spread to resample: no interval
+        result.update(ci_low=float(low), ci_high=float(high))
+    result["p_value"] = float(test.pvalue)
     return result
 
 
