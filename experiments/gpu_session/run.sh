@@ -11,7 +11,8 @@
 # reference, then each speed lever) -> prepare the real data at 256 px -> train the
 # from-scratch backbone on it (issue 3: gpu.yaml, Siamese, stopped cleanly by SIGINT at its
 # time box) -> export -> sample training masks in bf16 (issue 4) -> yardstick segmenter ->
-# evaluate -> DeepSpeed ZeRO-2 check (issue 3: train, checkpoint, resume, export). Each stage's seconds and
+# evaluate -> DeepSpeed ZeRO-2 check (issue 3: train, checkpoint, resume, export) -> train-vae
+# (issue 3: a short run under bf16). Each stage's seconds and
 # exit status go to stages.jsonl. $OUT gets session.log, bench.json, bench.md, loss_curve.png,
 # train_samples.png, samples.png, metrics.json and details.tar.gz (logs, losses, configs,
 # report). Knobs (environment): DEADLINE_S, BENCH_S, TRAIN_S, TRAIN_STEPS, SAMPLE_MASKS,
@@ -27,7 +28,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   device=cpu bench_args=(--preset tiny --no-meta --speed channels_last,compile)
   config=$repo/experiments/polyp_siamese_vs_maskonly/cpu.yaml
   size=64 train_steps=${TRAIN_STEPS:-10} sample_masks=${SAMPLE_MASKS:-8} seg_epochs=1 workers=0
-  deadline=${DEADLINE_S:-1800} batch=8
+  deadline=${DEADLINE_S:-1800} batch=8 vae_steps=4 vae_size=64
 else
   # Every lever measured, one added per variant (compile after the others: its compile time
   # is the longest, and the bench rewrites its JSON after each variant), then the memory
@@ -37,7 +38,7 @@ else
     --speed channels_last,bf16_frozen,compile --gradient-checkpointing)
   config=$repo/experiments/polyp_siamese_vs_maskonly/gpu.yaml
   size=256 train_steps=${TRAIN_STEPS:-3000} sample_masks=${SAMPLE_MASKS:-300}
-  seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-570} batch=32
+  seg_epochs=${SEG_EPOCHS:-6} workers=8 deadline=${DEADLINE_S:-570} batch=32 vae_steps=1000 vae_size=128
 fi
 rm -rf "$work"
 mkdir -p "$work/logs" "$out"
@@ -111,6 +112,10 @@ if [ "${DRY_RUN:-0}" != 1 ]; then  # accelerate runs DeepSpeed on CUDA only
   stage deepspeed 60 bash "$repo/experiments/gpu_session/deepspeed_check.sh" "$config" "$data" \
     "$work/latents.lmdb" "$carry/taef2" "$work"
 fi
+# train-vae under bf16 autocast on CUDA (issue 3's "an autoencoder the project trains itself"):
+# its speed, and held-out PSNR after a short run, in details.tar.gz (vae/training.json).
+stage train-vae 45 siamdiff train-vae "$data" --out "$work/vae" --steps "$vae_steps" \
+  --size "$vae_size" --device "$device" --workers "$workers"
 pack
 }
 
@@ -118,7 +123,7 @@ pack() {  # everything small that explains the numbers, in one file
   keep "$(ls "$run"/samples/*.png 2>/dev/null | tail -n 1)" train_samples.png
   (cd "$work" && tar -czf "$out/details.tar.gz" stages.jsonl logs \
     $(ls -d run/losses.jsonl run/config.yaml eval syn/manifest-v1.json segmenter/segmenter.json \
-      data/manifest-v1.json 2>/dev/null))
+      data/manifest-v1.json vae/training.json 2>/dev/null))
   say "done: $(ls "$out" | tr '\n' ' ')"
 }
 main "$@"
