@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from siamdiff.config import BUILTIN, load_config
+from siamdiff.config import BUILTIN, PATH_KEYS, load_config, with_absolute_paths
 from siamdiff.errors import SiamdiffError
 
 
@@ -128,3 +128,27 @@ def test_unet_and_dhi_arguments_are_free_form_but_the_rest_stays_checked() -> No
         load_config("tiny", ["backbone.unet_typo.x=1"])
     with pytest.raises(SiamdiffError, match=r"invalid backbone\.unet settings"):
         build_backbone({"kind": "tiny", "unet": {"no_such_argument": 1}}, latent_channels=4)
+
+
+def test_every_local_path_a_run_reads_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """config.yaml is read again by `export` and `sample RUN` from any directory."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data", "sd", "clip", "vae"):
+        (tmp_path / folder).mkdir()
+    cfg = load_config(
+        "tiny",
+        [
+            "data.root=data",
+            "backbone.path=sd",
+            "backbone.text_path=clip",
+            "autoencoder.path=vae",
+            "run_dir=runs/x",
+            "data.latent_cache=cache.lmdb",
+        ],
+    )
+    absolute = with_absolute_paths(cfg)
+    for key in PATH_KEYS:
+        assert Path(OmegaConf.select(absolute, key)).is_absolute(), key
+    assert absolute.backbone.text_path == str(tmp_path / "clip")

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--source", type=_source, action="append", required=True, metavar="KIND=DIR")
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--size", type=int, default=384, help="shorter side in pixels")
-    prep.add_argument("--mask-threshold", type=int, default=128, help="foreground = value >= this")
+    prep.add_argument("--mask-threshold", type=int, default=128, help="grey masks: foreground = value >= this (label masks: nonzero)")
     prep.add_argument("--workers", type=at_least(0), default=2)
     prep.add_argument("--strict", action="store_true", help="any skipped file is an error")
     prep.add_argument("--drop-empty", action="store_true", help="leave out frames with empty masks")

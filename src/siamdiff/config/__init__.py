@@ -235,7 +235,14 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
 
 
 # Local paths a run reads; relative ones would mean another file from another directory.
-PATH_KEYS = ("run_dir", "data.root", "data.latent_cache", "autoencoder.path", "backbone.path")
+PATH_KEYS = (
+    "run_dir",
+    "data.root",
+    "data.latent_cache",
+    "autoencoder.path",
+    "backbone.path",
+    "backbone.text_path",
+)
 WRITTEN_PATHS = ("run_dir", "data.latent_cache")  # local even before the run creates them
 # What a resumed run may change: where things are, how often it reports, how it runs on the
 # machine at hand. Anything else would make it another training than its checkpoints'.

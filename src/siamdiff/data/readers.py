@@ -18,8 +18,9 @@ folder matched by stem. A hint given for some pairs but not all is an error.
 Dataset, group and frame are sanitised to ``[A-Za-z0-9._]`` so that
 ``{dataset}-{group}-{frame}`` is a safe, parseable output name.
 
-Masks: foreground = 8-bit value >= 128 (after 16-bit input is scaled to 8 bits and
-colour masks are reduced by their maximum channel).
+Masks: foreground = 8-bit value >= 128 for grey masks (after 16-bit input is scaled to 8
+bits and colour masks are reduced by their maximum channel); label-style masks (two values
+including 0 in a lossless file, palette indices, float, alpha-only) take nonzero as lesion.
 """
 
 from __future__ import annotations
