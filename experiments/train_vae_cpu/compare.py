@@ -1,7 +1,8 @@
 """Held-out reconstructions of three latent autoencoders on the same images (run.sh).
 
 Writes results.json, results.md and reconstructions.png (held-out image | DCT | TAEF2 |
-train-vae) beside this script.
+each train-vae model) beside this script. ``--vae "NAME=DIR"`` names each trained model; its
+training seconds are read from ``DIR.seconds`` (written by run.sh).
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ def scores(images: torch.Tensor, remade: torch.Tensor) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--data", "--vae", "--taef2", "--out"):
+    for flag in ("--data", "--taef2", "--out"):
         parser.add_argument(flag, type=Path, required=True)
-    parser.add_argument("--train-seconds", type=int, required=True)
+    parser.add_argument("--vae", action="append", required=True, help="NAME=DIR, repeatable")
     args = parser.parse_args()
+    trained = {name: Path(path) for name, path in (v.split("=", 1) for v in args.vae)}
     held_out = load_manifest(args.data).split("val")
     crops = ImageCrops(args.data, held_out, SIZE)
     images = torch.stack([crops[(i, None)] for i in range(len(crops))])
     autoencoders = {
         "dct": {"kind": "dct"},
         "taef2": {"kind": "taef2", "path": str(args.taef2)},
-        "train-vae": {"kind": "diffusers-kl", "path": str(args.vae)},
+        **{name: {"kind": "diffusers-kl", "path": str(path)} for name, path in trained.items()},
     }
     results, columns = {}, [images[:8]]
     for name, spec in autoencoders.items():
@@ -63,32 +65,43 @@ def main() -> None:
             "parameters": parameters,
         }
         columns.append(remade[:8])
-    info = json.loads((args.vae / "training.json").read_text())
+    training = {}
+    for name, path in trained.items():
+        info = json.loads((path / "training.json").read_text())
+        training[name] = {
+            "settings": info["settings"],
+            "train_images": info["data"]["train_images"],
+            "train_seconds": int(Path(f"{path}.seconds").read_text()),
+            "scaling_factor": info["scaling_factor"],
+            "held_out_in_training": info["held_out"],
+            "loss_first": info["losses"][0],
+            "loss_last": info["losses"][-1],
+        }
     summary = {
         "command": "bash experiments/train_vae_cpu/run.sh",
         "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
         "held_out": {"split": "val", "images": len(images), "size": SIZE},
-        "train_vae": {
-            "settings": info["settings"],
-            "train_images": info["data"]["train_images"],
-            "train_seconds": args.train_seconds,
-            "scaling_factor": info["scaling_factor"],
-            "loss_first": info["losses"][0],
-            "loss_last": info["losses"][-1],
-        },
+        "train_vae": training,
         "autoencoders": results,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_columns(args.out / "reconstructions.png", *columns)
-    settings = info["settings"]
     lines = [
         "# train-vae at CPU scale: held-out reconstructions",
         "",
         f"Device: {summary['device']}. Reproduce: `{summary['command']}`.",
-        f"train-vae: widths {settings['widths']}, {settings['size']} px crops, batch "
-        f"{settings['batch_size']}, {settings['steps']} steps, lr {settings['lr']} on "
-        f"{info['data']['train_images']} training images ({args.train_seconds} s).",
         f"Held out: the {len(images)} validation images, {SIZE} px centre crops.",
+        "",
+    ]
+    for name, run in training.items():
+        settings = run["settings"]
+        lines.append(
+            f"- {name}: widths {settings['widths']}, {settings['latent_channels']} latent "
+            f"channels, {settings['size']} px crops, batch {settings['batch_size']}, "
+            f"{settings['steps']} steps, lr {settings['lr']} on {run['train_images']} training "
+            f"images ({run['train_seconds']} s)."
+        )
+    lines += [
         "",
         "| autoencoder | parameters | latent (C x h x w) | PSNR dB | SSIM | L1 | latent std |",
         "|---|---|---|---|---|---|---|",
@@ -99,7 +112,8 @@ def main() -> None:
             f"| {name} | {r['parameters'] / 1e6:.2f}M | {shape} | {r['psnr_db']:.2f} | "
             f"{r['ssim']:.3f} | {r['l1']:.4f} | {r['scaled_latent_std']:.2f} |"
         )
-    lines += ["", "![held-out | DCT | TAEF2 | train-vae](reconstructions.png)", ""]
+    columns_named = " | ".join(["held-out", "DCT", "TAEF2", *trained])
+    lines += ["", f"![{columns_named}](reconstructions.png)", ""]
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
     assert all(math.isfinite(r["psnr_db"]) for r in results.values())
