@@ -277,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--source", type=_source, action="append", required=True, metavar="KIND=DIR")
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--size", type=int, default=384, help="shorter side in pixels")
-    prep.add_argument("--mask-threshold", type=int, default=128, help="grey masks: foreground = value >= this (label masks: nonzero)")
+    prep.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=128,
+        help="grey masks: foreground = value >= this (label masks: nonzero)",
+    )
     prep.add_argument("--workers", type=at_least(0), default=2)
     prep.add_argument("--strict", action="store_true", help="any skipped file is an error")
     prep.add_argument("--drop-empty", action="store_true", help="leave out frames with empty masks")
@@ -375,28 +380,35 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a latent autoencoder (diffusers AutoencoderKL, f=8) on a dataset's images, for "
         "when no pretrained one is at hand.",
     )
-    vae.add_argument("data", type=Path)
-    vae.add_argument("--out", type=Path, required=True)
+    vae.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    vae.add_argument("data", type=Path, help="a siamdiff dataset (its training split)")
+    vae.add_argument("--out", type=Path, required=True, help="the autoencoder's folder")
     vae.add_argument("--size", type=int, default=128, help="square training crops, px")
-    vae.add_argument("--steps", type=at_least(1), default=3000)
-    vae.add_argument("--batch-size", type=at_least(1), default=16)
-    vae.add_argument("--lr", type=float, default=2e-4)
+    vae.add_argument("--steps", type=at_least(1), default=3000, help="optimiser steps")
+    vae.add_argument("--batch-size", type=at_least(1), default=16, help="crops per step")
+    vae.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     vae.add_argument(
         "--widths",
-        type=lambda text: tuple(int(w) for w in text.split(",")),
+        type=comma_integers,
         default=(32, 64, 128, 128),
         help="channels of the 4 encoder/decoder blocks, comma-separated",
     )
-    vae.add_argument("--layers-per-block", type=at_least(1), default=1)
-    vae.add_argument("--latent-channels", type=at_least(1), default=4)
-    vae.add_argument("--kl-weight", type=float, default=1e-6)
-    vae.add_argument("--ssim-weight", type=float, default=0.2)
-    vae.add_argument("--seed", type=at_least(0), default=0)
-    vae.add_argument("--checkpoint-every", type=at_least(1), default=250)
-    vae.add_argument("--device", default="cpu")
-    vae.add_argument("--workers", type=at_least(0), default=0)
+    vae.add_argument(
+        "--layers-per-block", type=at_least(1), default=1, help="ResNet layers per block"
+    )
+    vae.add_argument("--latent-channels", type=at_least(1), default=4, help="latent channels")
+    vae.add_argument(
+        "--kl-weight", type=float, default=1e-6, help="KL term weight (Stable Diffusion's)"
+    )
+    vae.add_argument("--ssim-weight", type=float, default=0.2, help="weight of 1 - SSIM")
+    vae.add_argument("--seed", type=at_least(0), default=0, help="weights and batches")
+    vae.add_argument("--checkpoint-every", type=at_least(1), default=250, help="steps")
+    vae.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    vae.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
     vae.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
-    vae.add_argument("--overwrite", action="store_true")
+    vae.add_argument(
+        "--overwrite", action="store_true", help="train again over a finished model in --out"
+    )
 
     ev = verb("evaluate", cmd_evaluate, "Metrics of a synthetic set against the real one.")
     ev.add_argument("real", type=Path)
@@ -482,6 +494,16 @@ def check_device(name: str) -> None:
             torch.empty(0, device=device)  # an MPS or XPU this machine lacks fails here
     except (RuntimeError, AssertionError) as exc:
         raise SiamdiffError(f"--device {name!r} cannot be used ({first_line(exc)})") from exc
+
+
+def comma_integers(text: str) -> tuple[int, ...]:
+    """argparse type: ``32,64,128`` -> (32, 64, 128)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be integers separated by commas, got {text!r}"
+        ) from None
 
 
 def at_least(smallest: int) -> Callable[[str], int]:
