@@ -37,6 +37,7 @@ from siamdiff.evaluate.metrics import (
     mask_fidelity_histogram,
     ms_ssim_betas,
     same_mask_groups,
+    summary_rows,
     write_evaluation_report,
 )
 from siamdiff.evaluate.segmenter import (
@@ -204,6 +205,8 @@ def test_evaluate_refuses_bad_inputs(
 
 def test_format_metrics_shows_values_and_reasons(evaluated: tuple[dict[str, Any], Path]) -> None:
     metrics, _ = evaluated
+    labels = [label for label, _ in summary_rows(metrics)]
+    assert len(labels) == len(set(labels))  # results tables are keyed by them
     text = format_metrics(metrics)
     fd = metrics["fd_seg"]["value"]
     assert re.search(rf"^FD-seg \(lower is better\) +{fd:.3f}$", text, re.MULTILINE)

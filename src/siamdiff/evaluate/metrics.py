@@ -479,13 +479,13 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
             if same_size is None
             else f"{same_size:.3f} ({fd_seg['reference_images']} images)",
         ),
-        (
-            "  reference: real test vs real train",
+        (  # labels are unique: tables are built keyed by them
+            "  reference: real test vs real train (FD)",
             "n/a" if reference is None else f"{reference:.3f}",
         ),
         ("KID-seg (lower is better)", _value(metrics.get("kid_seg"), "{mean:.4f} ± {std:.4f}")),
         (
-            "  reference: real test vs real train",
+            "  reference: real test vs real train (KID)",
             _value(metrics.get("kid_seg", {}).get("reference_real_test"), "{mean:.4f} ± {std:.4f}"),
         ),
         (
