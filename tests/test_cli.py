@@ -8,9 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from siamdiff.cli import SOURCE_KINDS, main
-from siamdiff.data.readers import READERS
+from siamdiff.data.readers import READERS, load_rgb
 from siamdiff.errors import SiamdiffError
 
 
@@ -160,23 +161,36 @@ def test_sample_gives_each_launched_process_its_own_gpu(
     assert (seen["device"], seen["rank"], seen["world_size"]) == (expected, 1, processes)
 
 
-def test_an_error_from_a_data_loader_worker_is_its_own_line(monkeypatch, capsys) -> None:
-    """torch re-raises a worker's SiamdiffError with the worker's traceback in its text."""
+class _FailingInAWorker(torch.utils.data.Dataset):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        if self.path.suffix == ".png":
+            return load_rgb(self.path)  # UnreadableImageError, a subclass with two arguments
+        raise SiamdiffError("mask is 32x32 but its image is 64x64", self.path)
+
+
+@pytest.mark.parametrize("name", ["a_mask.json", "missing image.png"])
+def test_an_error_from_a_data_loader_worker_is_its_own_line(
+    name, tmp_path, monkeypatch, capsys
+) -> None:
+    """torch re-raises a worker's exception by calling its class on the worker's traceback
+    text (a RuntimeError when the class refuses one argument): still the user's one line."""
     import siamdiff.data.stats
 
+    path = tmp_path / name
+
     def failing_in_a_worker(*args, **kwargs):
-        raise SiamdiffError(
-            "Caught SiamdiffError in DataLoader worker process 0.\n"
-            "Original Traceback (most recent call last):\n"
-            '  File "worker.py", line 1, in _worker_loop\n'
-            "siamdiff.errors.SiamdiffError: /d/a_mask.png: mask is 32x32 but its image is 64x64\n"
-        )
+        next(iter(torch.utils.data.DataLoader(_FailingInAWorker(path), num_workers=1)))
 
     monkeypatch.setattr(siamdiff.data.stats, "write_stats", failing_in_a_worker)
     assert main(["stats", "data"]) == 2
-    assert one_line_error(capsys) == (
-        "siamdiff: error: /d/a_mask.png: mask is 32x32 but its image is 64x64"
-    )
+    expected = "cannot read image" if path.suffix == ".png" else "mask is 32x32"
+    assert one_line_error(capsys).startswith(f"siamdiff: error: {path}: {expected}")
 
 
 def test_an_error_keeps_the_spaces_of_the_path_it_names() -> None:

@@ -93,6 +93,9 @@ def test_the_trained_autoencoder_gives_unit_variance_latents(
         latents = autoencoder.encode(images)
     assert latents.shape == (len(records), 4, PHANTOM_SIZE // 8, PHANTOM_SIZE // 8)
     assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+    assert latents.mean().item() == pytest.approx(0.0, abs=1e-3)
+    raw = json.loads((trained / "config.json").read_text())
+    assert abs(raw["shift_factor"]) > 0.01  # the centring did something
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
@@ -110,8 +113,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert state["step"] == 3  # the step under way when Ctrl-C came was finished
     with pytest.raises(SiamdiffError, match="unfinished train-vae run"):
         train_vae(phantom_data, tmp_path / "resumed", TINY)
-    with pytest.raises(SiamdiffError, match=r"other settings \(lr differ"):
-        train_vae(phantom_data, tmp_path / "resumed", replace(TINY, lr=1e-3), resume=True)
+    with pytest.raises(SiamdiffError, match=r"other settings \(lr differ; only --steps"):
+        train_vae(phantom_data, tmp_path / "resumed", replace(TINY, lr=1e-3, steps=8), resume=True)
     resumed = train_vae(phantom_data, tmp_path / "resumed", TINY, resume=True)
     name = "diffusion_pytorch_model.safetensors"
     expected, got = load_file(straight / name), load_file(resumed / name)
@@ -130,8 +133,9 @@ def test_a_run_that_died_at_its_first_step_resumes_or_starts_again(
 ) -> None:
     out = tmp_path / "vae"
     monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(1, out_of_memory))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(SiamdiffError, match="CUDA out of memory: lower --batch-size") as failure:
         train_vae(phantom_data, out, TINY)
+    assert str(failure.value).startswith(f"{out}: ") and "\n" not in str(failure.value)
     monkeypatch.undo()
     assert json.loads((out / CHECKPOINT / "state.json").read_text())["step"] == 0
     train_vae(phantom_data, out, replace(TINY, steps=1), resume=True)
@@ -144,7 +148,7 @@ def test_an_overwrite_keeps_the_previous_model_until_the_new_one_is_done(
     out = train_vae(phantom_data, tmp_path / "vae", replace(TINY, steps=1))
     before = load_file(out / "diffusion_pytorch_model.safetensors")
     monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(2, out_of_memory))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(SiamdiffError, match="out of memory"):
         train_vae(phantom_data, out, replace(TINY, steps=4), overwrite=True)
     monkeypatch.undo()
     load_autoencoder({"kind": "diffusers-kl", "path": str(out)})  # still whole
@@ -153,6 +157,102 @@ def test_an_overwrite_keeps_the_previous_model_until_the_new_one_is_done(
     # The interrupted overwrite is the run --resume continues.
     train_vae(phantom_data, out, replace(TINY, steps=4), resume=True)
     assert json.loads((out / INFO_NAME).read_text())["steps"] == 4
+
+
+def test_an_overwrite_never_pairs_the_old_config_with_the_new_weights(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same widths, other weights: the old scaling factor would load without an error and
+    mis-scale every latent. A run killed while writing the new model leaves no config."""
+    out = train_vae(phantom_data, tmp_path / "vae", replace(TINY, steps=1))
+    real_write = siamdiff.train_vae.atomic_write_json
+
+    def killed_at_training_json(path: Path, obj) -> None:
+        if path.name == INFO_NAME:
+            assert (out / "diffusion_pytorch_model.safetensors").is_file()
+            raise KeyboardInterrupt
+        real_write(path, obj)
+
+    monkeypatch.setattr(siamdiff.train_vae, "atomic_write_json", killed_at_training_json)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(phantom_data, out, replace(TINY, steps=2, seed=1), overwrite=True)
+    monkeypatch.undo()
+    assert not (out / "config.json").exists()
+    train_vae(phantom_data, out, replace(TINY, steps=2, seed=1), resume=True)
+    assert json.loads((out / INFO_NAME).read_text())["settings"]["seed"] == 1
+
+
+def interrupted_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``out`` holding a run stopped by Ctrl-C at its second step."""
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(2, ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(data, out, TINY)
+    monkeypatch.undo()
+    return out
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = interrupted_run(phantom_data, tmp_path / "vae", monkeypatch)
+    state_path = out / CHECKPOINT / "state.json"
+    state = json.loads(state_path.read_text())
+    weights = out / CHECKPOINT / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a disk that filled up
+    with pytest.raises(SiamdiffError, match="cannot resume from this checkpoint"):
+        train_vae(phantom_data, out, TINY, resume=True)
+    del state["pending"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SiamdiffError, match=r"checkpoint \(pending missing or damaged\)"):
+        train_vae(phantom_data, out, TINY, resume=True)
+
+
+def test_resume_and_overwrite_together_are_refused(phantom_data: Path, tmp_path: Path) -> None:
+    """A restart script that always passes --overwrite must not discard the run it resumes."""
+    out = train_vae(phantom_data, tmp_path / "vae", replace(TINY, steps=1))
+    with pytest.raises(SiamdiffError, match=r"--resume continues .* pass one"):
+        train_vae(phantom_data, out, TINY, resume=True, overwrite=True)
+
+
+def test_a_dataset_without_images_is_refused_before_anything_is_written(
+    phantom_data: Path, tmp_path: Path
+) -> None:
+    manifest = json.loads((phantom_data / "manifest-v1.json").read_text())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest-v1.json").write_text(json.dumps({**manifest, "records": []}))
+    with pytest.raises(SiamdiffError, match=r"manifest-v1\.json: has no images to train on"):
+        train_vae(empty, tmp_path / "vae", TINY)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_a_resume_refuses_the_images_in_another_order(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps draw images by their place in the list: the same images in another order would
+    train other batches than the uninterrupted run."""
+    out = interrupted_run(phantom_data, tmp_path / "vae", monkeypatch)
+    manifest = json.loads((phantom_data / "manifest-v1.json").read_text())
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for record in manifest["records"]:
+        for key in ("image", "mask"):
+            (shuffled / record[key]).parent.mkdir(parents=True, exist_ok=True)
+            (shuffled / record[key]).symlink_to(phantom_data / record[key])
+    manifest["records"] = manifest["records"][::-1]
+    (shuffled / "manifest-v1.json").write_text(json.dumps(manifest))
+    with pytest.raises(SiamdiffError, match="in another order"):
+        train_vae(shuffled, out, TINY, resume=True)
+
+
+def test_out_may_be_the_current_directory(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "vae").mkdir()
+    monkeypatch.chdir(tmp_path / "vae")
+    assert train_vae(phantom_data, ".", replace(TINY, steps=1)) == tmp_path / "vae"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["vae"]
+    assert (tmp_path / "vae" / "config.json").is_file()
 
 
 def test_loader_workers_change_nothing_but_the_speed(phantom_data: Path, tmp_path: Path) -> None:

@@ -248,6 +248,7 @@ def exclusive_writer(out: Path, rank: int, job: str) -> Iterator[None]:
     files with the first's. The lock lives beside ``out`` so that ``--overwrite`` cannot
     delete it, and the OS drops it when the holder dies.
     """
+    out = out.resolve()  # `--out .` has no name of its own: the lock goes beside the folder
     lock_path = out.parent / f".{out.name}.lock-{rank}"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:

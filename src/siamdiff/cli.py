@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -536,8 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SiamdiffError as exc:
         message = str(exc)
-        if "Original Traceback" in message:  # re-raised by a DataLoader worker, traceback and all
-            message = message.rsplit("SiamdiffError: ", 1)[-1]
+        worker = re.match(r"Caught (\w+) in DataLoader worker", message)
+        if worker:  # re-raised by a DataLoader worker, traceback folded in, ending in the error
+            message = message.rsplit(f"{worker.group(1)}: ", 1)[-1]
         print(f"siamdiff: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -9,22 +9,26 @@ SD's). The KL term is weighted as in SD: summed over each image's latent, ``kl_w
 against the per-pixel sum of the reconstruction error.
 
 The output directory is a diffusers model directory (``config.json`` +
-``diffusion_pytorch_model.safetensors``) whose ``scaling_factor`` gives the training latents
-unit variance: a training config uses it as ``autoencoder.kind=diffusers-kl
-autoencoder.path=DIR``. Beside the weights: ``training.json`` (settings, data, loss history,
-held-out PSNR), ``loss_curve.png`` and ``reconstructions.png`` (held-out image |
-reconstruction). ``config.json`` is written last: a directory without it is unfinished.
+``diffusion_pytorch_model.safetensors``) whose ``shift_factor`` and ``scaling_factor`` give
+the training latents zero mean and unit variance: a training config uses it as
+``autoencoder.kind=diffusers-kl autoencoder.path=DIR``. Beside the weights:
+``training.json`` (settings, data, loss history, held-out PSNR), ``loss_curve.png`` and
+``reconstructions.png`` (held-out image | reconstruction). ``config.json`` is written last:
+a directory without it is unfinished.
 
-A run resumes exactly (``--resume``): each step's images, crops, flips and posterior noise
-come from generators seeded by (seed, step), never from the global RNG or the DataLoader's
-workers, so the state to keep is the weights, the optimizer and the step. Ctrl-C or SIGTERM
-finishes the step, saves a checkpoint and exits (a second Ctrl-C exits at once, keeping the
-last checkpoint). ``--overwrite`` leaves the previous model loadable until the new one
-replaces it.
+A run resumes exactly (``--resume``; bit for bit on a CPU, up to CUDA kernels' own
+nondeterminism on a GPU): each step's images, crops, flips and posterior noise come from
+generators seeded by (seed, step), never from the global RNG or the DataLoader's workers, so
+the state to keep is the weights, the optimizer and the step. Ctrl-C or SIGTERM finishes the
+step, saves a checkpoint and exits (a second Ctrl-C exits at once, keeping the last
+checkpoint); running out of GPU memory keeps the last checkpoint. ``--overwrite`` leaves the
+previous model's weights and config loadable until the new ones replace them (its loss log
+restarts with the new run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -46,7 +51,7 @@ from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, exclusive_writer, read_json
 from siamdiff.data.manifest import Record, load_manifest
 from siamdiff.data.readers import load_rgb
-from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.evaluate.segmenter import split_fingerprint
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.report import read_loss_log, save_columns, save_loss_curve, truncate_loss_log
@@ -57,7 +62,8 @@ LOSS_LOG = "losses.jsonl"
 INFO_NAME = "training.json"
 LOSS_TERMS = ("loss", "l1", "ssim", "kl")
 HELD_OUT_IMAGES = 64  # held-out crops scored at the end (PSNR, L1)
-SCALE_IMAGES = 256  # training crops whose latents set the scaling factor
+SCALE_IMAGES = 256  # training crops whose latents set the shift and scaling factors
+MEMORY_ADVICE = "lower --batch-size or --size; the last checkpoint is kept (--resume continues)"
 
 
 @dataclass(frozen=True)
@@ -192,14 +198,15 @@ def vae_losses(
     posterior = vae.encode(images).latent_dist
     reconstruction = vae.decode(posterior.sample(generator=noise)).sample
     # In fp32 whatever the autocast: SSIM's variances (E[x^2] - mean^2) vanish in bf16 on
-    # smooth images such as endoscopy frames.
+    # smooth images such as endoscopy frames, and the KL squares the latent means.
     with torch.autocast(images.device.type, enabled=False):
         reconstruction, images = reconstruction.float(), images.float()
         l1 = (reconstruction - images).abs().mean()
         ssim = structural_similarity_index_measure(
             (reconstruction.clamp(-1, 1) + 1) / 2, (images + 1) / 2, data_range=1.0
         )
-        kl = posterior.kl().float().mean() / images[0].numel()  # per image, per-pixel mean
+        posterior = DiagonalGaussianDistribution(posterior.parameters.float())
+        kl = posterior.kl().mean() / images[0].numel()  # per image, per-pixel mean
     loss = l1 + settings.ssim_weight * (1 - ssim) + settings.kl_weight * kl
     return {"loss": loss, "l1": l1, "ssim": ssim, "kl": kl}
 
@@ -237,6 +244,10 @@ def _made_by_siamdiff(out: Path) -> bool:
 def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """What is already in ``out``: None for a fresh start, the checkpoint's state to resume.
     An overwritten model stays in place, loadable, until the new one replaces it."""
+    if resume and overwrite:
+        raise SiamdiffError(
+            "--resume continues the run in --out and --overwrite starts it again: pass one", out
+        )
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         if resume:
             raise SiamdiffError("has no unfinished train-vae run to resume", out)
@@ -247,13 +258,31 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | Non
     if overwrite:
         return None
     if resume and state_path.is_file():
-        return read_json(state_path, "train-vae checkpoint", "")
+        return _checked_state(read_json(state_path, "train-vae checkpoint", ""), state_path)
     if (out / "config.json").is_file():
         raise SiamdiffError("holds a trained autoencoder (pass --overwrite to train again)", out)
     raise SiamdiffError(
         "holds an unfinished train-vae run (--resume continues it, --overwrite starts again)",
         out,
     )
+
+
+def _checked_state(state: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, its fields checked: a damaged one is a one-line error."""
+    expected = {"step": int, "settings": dict, "data": str, "order": str, "pending": dict}
+    problems = [k for k, kind in expected.items() if not isinstance(state.get(k), kind)]
+    pending = state.get("pending") if isinstance(state, dict) else None
+    if not problems and not (
+        isinstance(pending.get("sums"), dict)
+        and set(pending["sums"]) == set(LOSS_TERMS)
+        and isinstance(pending.get("seen"), int)
+    ):
+        problems = ["pending"]
+    if problems:
+        raise SiamdiffError(
+            f"cannot resume from this checkpoint ({', '.join(problems)} missing or damaged)", path
+        )
+    return state
 
 
 def _save_checkpoint(
@@ -276,24 +305,28 @@ def _load_checkpoint(
         optimizer.load_state_dict(
             torch.load(where / "optimizer.pt", map_location=device, weights_only=True)
         )
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # safetensors' and pickle's errors are Exception's own children
         raise SiamdiffError(
             f"cannot resume from this checkpoint ({first_line(exc)})", where
         ) from exc
 
 
 @torch.no_grad()
-def latent_scaling_factor(
+def latent_normalisation(
     vae: AutoencoderKL, crops: ImageCrops, device: torch.device, workers: int
-) -> float:
-    """1 / the standard deviation of the training latents (posterior modes), SD's recipe for
-    giving the diffusion model unit-variance inputs."""
+) -> tuple[float, float]:
+    """``(shift_factor, scaling_factor)``: the mean and 1 / the standard deviation of the
+    training latents (posterior modes), so that the diffusion model gets zero-mean,
+    unit-variance inputs. SD's recipe is the scale alone; with so small a KL weight the
+    latents need not be centred, and siamdiff's loader applies the shift too."""
     items = [[(i, None)] for i in range(min(len(crops), SCALE_IMAGES))]
-    latents = [
-        vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
-        for batch in _loader(crops, items, workers)
-    ]
-    return 1.0 / float(torch.cat(latents).std())
+    latents = torch.cat(
+        [
+            vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
+            for batch in _loader(crops, items, workers)
+        ]
+    )
+    return float(latents.mean()), 1.0 / float(latents.std())
 
 
 @torch.no_grad()
@@ -330,30 +363,41 @@ def train_vae(
     """Train an autoencoder on ``data``'s training split and write it to ``out`` (module
     docstring); returns ``out``."""
     settings.check()
-    data, out, device = Path(data), Path(out), torch.device(device)
+    data, out, device = Path(data), Path(out).absolute(), torch.device(device)
     manifest = load_manifest(data)
     train_split = "train" if manifest.split("train") else None  # a folder of images: all
     held_out_split = None  # no split held out of training: scored on what it trained on
     if train_split is not None:
         held_out_split = next((s for s in ("val", "test") if manifest.split(s)), train_split)
     records = manifest.records if train_split is None else manifest.split(train_split)
+    if not records:
+        raise SiamdiffError("has no images to train on", data / "manifest-v1.json")
     held_out = manifest.records if held_out_split is None else manifest.split(held_out_split)
     crops = ImageCrops(data, records, settings.size)
     held_out_crops = ImageCrops(data, held_out, settings.size)
     fingerprint = split_fingerprint(manifest, train_split)
+    # Steps draw images by their place in the list: a resume needs the same order too.
+    order = hashlib.sha256("\n".join(r.image_sha256 for r in records).encode()).hexdigest()
     with exclusive_writer(out, 0, "siamdiff train-vae"):
         state = _check_out(out, resume, overwrite)
         if state is not None:
-            saved = _settings_from(state["settings"])
-            if {**asdict(saved), "steps": 0} != {**asdict(settings), "steps": 0}:
-                changed = sorted(k for k, v in asdict(settings).items() if asdict(saved)[k] != v)
+            saved = asdict(_settings_from(state["settings"]))
+            changed = [k for k, v in asdict(settings).items() if saved[k] != v and k != "steps"]
+            if changed:
                 raise SiamdiffError(
-                    f"was started with other settings ({', '.join(changed)} differ; only "
-                    "--steps may change on --resume)",
+                    f"was started with other settings ({', '.join(sorted(changed))} differ; "
+                    "only --steps may change on --resume)",
                     out,
                 )
             if state["data"] != fingerprint:
                 raise SiamdiffError("was trained on other images than this dataset's", out)
+            if state["order"] != order:
+                raise SiamdiffError(
+                    "lists its training images in another order than the run was started with "
+                    "(prepared again?): a resume would draw other batches; --overwrite starts "
+                    "again",
+                    data / "manifest-v1.json",
+                )
             if state["step"] > settings.steps:
                 raise SiamdiffError(
                     f"has already trained {state['step']} steps, more than --steps "
@@ -382,6 +426,7 @@ def train_vae(
                 "step": step,
                 "settings": asdict(settings),
                 "data": fingerprint,
+                "order": order,
                 "pending": {"sums": sums, "seen": seen},
             }
             _save_checkpoint(out, vae, optimizer, info)
@@ -404,7 +449,8 @@ def train_vae(
                     )
                 if not torch.isfinite(terms["loss"]):
                     raise SiamdiffError(
-                        f"loss became {terms['loss'].item()} at step {step + 1} (try a lower --lr)",
+                        f"loss became {terms['loss'].item()} at step {step + 1} (start again "
+                        "with a lower --lr and --overwrite)",
                         out,
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -430,19 +476,22 @@ def train_vae(
                     if step % settings.checkpoint_every:
                         checkpoint()
                     raise KeyboardInterrupt
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory_error(exc, MEMORY_ADVICE, out) from exc
         finally:
             stop.restore()
             progress.close()
         if step % settings.checkpoint_every:  # finishing is resumable too
             checkpoint()
         vae.eval()
-        scaling_factor = latent_scaling_factor(vae, crops, device, workers)
-        vae.register_to_config(scaling_factor=scaling_factor)
+        shift_factor, scaling_factor = latent_normalisation(vae, crops, device, workers)
+        vae.register_to_config(shift_factor=shift_factor, scaling_factor=scaling_factor)
         scores, shown, remade = score_reconstructions(vae, held_out_crops, device, workers)
         scores["split"] = held_out_split or "all"
         save_columns(out / "reconstructions.png", shown, remade)
-        atomic_write_json(
-            out / INFO_NAME,
+        _write_model(
+            vae.to("cpu"),
+            out,
             {
                 "created_by": f"siamdiff {__version__}",
                 "settings": asdict(settings),
@@ -452,21 +501,25 @@ def train_vae(
                     "fingerprint": fingerprint,
                 },
                 "held_out": scores,
+                "shift_factor": shift_factor,
                 "scaling_factor": scaling_factor,
                 "steps": step,
                 "losses": read_loss_log(out / LOSS_LOG),
             },
         )
-        _write_model(vae.to("cpu"), out)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     return out
 
 
-def _write_model(vae: AutoencoderKL, out: Path) -> None:
-    """diffusers' files, ``config.json`` last: its presence says the model is whole."""
+def _write_model(vae: AutoencoderKL, out: Path, info: dict[str, Any]) -> None:
+    """diffusers' files and ``training.json``, ``config.json`` last: its presence says the
+    model is whole. An older model's config goes first, so that no moment pairs it with the
+    new weights (same shapes: loaded without error, its latents mis-scaled)."""
     with atomic_output_dir(out / ".model", overwrite=True) as tmp:
         vae.save_pretrained(tmp)
+    (out / "config.json").unlink(missing_ok=True)
     for name in sorted(p.name for p in (out / ".model").iterdir() if p.name != "config.json"):
         (out / ".model" / name).replace(out / name)
+    atomic_write_json(out / INFO_NAME, info)
     (out / ".model" / "config.json").replace(out / "config.json")
     shutil.rmtree(out / ".model")

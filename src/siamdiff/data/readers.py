@@ -83,11 +83,16 @@ class ReadResult:
 
 
 class UnreadableImageError(SiamdiffError):
-    """An image file that cannot be decoded; keeps path and reason apart for skip lists."""
+    """An image file that cannot be decoded; keeps path and reason apart for skip lists.
 
-    def __init__(self, reason: str, path: str | Path) -> None:
+    ``path`` may be left out because torch re-raises a DataLoader worker's exception as
+    ``type(exc)(worker_traceback_text)``; a class that refuses one argument becomes a
+    RuntimeError there, and the user a traceback.
+    """
+
+    def __init__(self, reason: str, path: str | Path | None = None) -> None:
         super().__init__(reason, path)
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
         self.reason = reason
 
 
