@@ -186,6 +186,32 @@ def test_sampling_with_the_exact_denoiser_lands_on_the_data(
     torch.testing.assert_close(latents, x_star.expand(2, -1, -1, -1), atol=2e-3, rtol=0)
 
 
+class _Bf16Denoiser(_OracleDenoiser):
+    """The exact denoiser answering in bf16, as the networks do under CUDA's autocast."""
+
+    def predict_mask(self, zt, t, text_emb, mask_hint, control_scale=1.0):
+        prediction = super().predict_mask(zt, t, text_emb, mask_hint, control_scale)
+        return (prediction + text_emb.mean()).to(torch.bfloat16)
+
+
+def test_guidance_is_combined_in_fp32_when_the_network_answers_in_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """u + 9 (c - u) in bf16 would round the 9x-inflated difference to 8 bits of mantissa."""
+    handed: list[torch.dtype] = []
+    real_step = DDIMScheduler.step
+
+    def recording_step(self, model_output, *args, **kwargs):
+        handed.append(model_output.dtype)
+        return real_step(self, model_output, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "step", recording_step)
+    oracle = _Bf16Denoiser(torch.randn(1, 4, 2, 2), "v_prediction")
+    text, empty = torch.full((1, 1, 1), 0.3), torch.zeros(1, 1, 1)
+    ddim_sample(oracle, torch.zeros(2, 3, 16, 16), text, empty, steps=3, guidance=9.0)
+    assert handed == [torch.float32] * 3
+
+
 def test_hint_embedding_is_computed_once_per_sampling_run(
     model: SiameseDiffusion, prompts: tuple[Tensor, Tensor]
 ) -> None:

@@ -95,8 +95,8 @@ def ddim_sample(
         for t in noise_scheduler.timesteps:
             model_input = noise_scheduler.scale_model_input(torch.cat([latents] * passes), t)
             prediction = model.predict_mask(model_input, t, context, hints, control_scale)
-            if passes == 2:
-                pred_uncond, pred_cond = prediction.chunk(2)
+            if passes == 2:  # in fp32: a bf16 difference times 9 would carry its rounding
+                pred_uncond, pred_cond = prediction.float().chunk(2)
                 prediction = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = noise_scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
     return latents
