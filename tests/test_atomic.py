@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -102,36 +103,123 @@ def test_outputs_get_the_modes_of_the_umask_in_force_when_written(tmp_path: Path
     assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
 
 
+def dead_pid() -> int:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    return finished.pid
+
+
+def here() -> str:
+    """The host-boot-namespace part of this machine's temporary names."""
+    return f"{socket.gethostname()}-{atomic._boot()}-{os.stat('/proc/self/ns/pid').st_ino}"
+
+
 def test_a_killed_jobs_leftovers_are_cleared_by_the_next_job(tmp_path: Path) -> None:
     """A killed job leaves a hidden half-written output (removed by the next job on that
     output) or, killed between the two renames of a swap, the previous output aside (put back);
     a live process's or another machine's entries are left alone."""
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    dead = finished.pid
-    host = f"{socket.gethostname()}-{os.stat('/proc/self/ns/pid').st_ino}"
+    dead, host = dead_pid(), here()
     out = tmp_path / "out"
     abandoned = tmp_path / f".out.{host}-{dead}.0123abcd.partial"
     abandoned.mkdir()
     (abandoned / "half.bin").write_bytes(b"x" * 10)
     aside = tmp_path / f".out.{host}-{dead}.4567cdef.old"
-    (aside / "out").mkdir(parents=True)
-    (aside / "out" / "old.txt").write_text("old")
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
     live = tmp_path / f".out.{host}-{os.getpid()}.89abcdef.partial"
     live.mkdir()
-    elsewhere = tmp_path / f".out.other-machine-4026531836-{dead}.0123abcd.partial"
+    elsewhere = tmp_path / f".out.other-machine-{atomic._boot()}-4026531836-{dead}.0123abcd.partial"
     elsewhere.mkdir()
-    # Same host name, another PID namespace: a container sharing the volume; its process
-    # cannot be seen from here, so it may be alive.
-    container = tmp_path / f".out.{socket.gethostname()}-1-{dead}.0123abcd.partial"
+    # Same host name and namespace number, another boot: a cluster node sharing the volume.
+    other_boot = "0" * 7 + ("1" if atomic._boot() != "00000001" else "2")
+    namespace = host.rsplit("-", 1)[1]
+    node = tmp_path / f".out.{socket.gethostname()}-{other_boot}-{namespace}-{dead}.01234567.old"
+    node.mkdir()
+    # Same host name and boot, another PID namespace: a container sharing the volume; its
+    # process cannot be seen from here, so it may be alive.
+    container = tmp_path / f".out.{socket.gethostname()}-{atomic._boot()}-1-{dead}.0123abcd.partial"
     container.mkdir()
     with atomic_output_dir(out, overwrite=True) as tmp:
         assert [p.name for p in out.iterdir()] == ["old.txt"]  # put back before the job
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["out", live.name, elsewhere.name, container.name]
+        ["out", live.name, elsewhere.name, node.name, container.name]
     )
+
+
+def test_an_output_put_back_from_a_killed_swap_is_refused_before_the_work(tmp_path: Path):
+    """Without --overwrite, a job must learn that the output exists before it runs for hours,
+    not be told at the end that it "appeared"."""
+    aside = tmp_path / f".out.{here()}-{dead_pid()}.4567cdef.old"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")
+    with (
+        pytest.raises(SiamdiffError, match="already exists"),
+        atomic_output_dir(tmp_path / "out"),
+    ):
+        pytest.fail("the block ran")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+
+
+def test_a_temporary_folder_removed_while_the_job_runs_is_not_swapped_in(tmp_path: Path):
+    """A writer inside the block makes its parent folders: a removed temporary folder would
+    come back holding only the files written after, and be taken for the whole output."""
+    out = tmp_path / "out"
+    with (
+        pytest.raises(SiamdiffError, match=r"temporary folder .* was removed while it ran"),
+        atomic_output_dir(out) as tmp,
+    ):
+        atomic_write_text(tmp / "0.txt", "0")
+        shutil.rmtree(tmp)  # another job's mistaken clean-up
+        atomic_write_text(tmp / "1.txt", "1")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_mount_point_is_refused_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount point cannot be renamed (EBUSY): refused up front, not after hours of work."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    monkeypatch.setattr(atomic.os.path, "ismount", lambda path: Path(path) == out)
+    with (
+        pytest.raises(SiamdiffError, match="is a mount point"),
+        atomic_output_dir(out, overwrite=True),
+    ):
+        pytest.fail("the block ran")
+
+
+def test_the_two_rename_swap_leaves_the_previous_output_beside_not_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moving a folder into another parent needs write access to the folder itself (its ..
+    entry changes); a sibling rename does not. The previous output is set aside as a sibling."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
+    renames: list[tuple[Path, Path]] = []
+    real_rename = os.rename
+
+    def recording_rename(source, target):
+        renames.append((Path(source), Path(target)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(atomic.os, "rename", recording_rename)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert renames[0][0] == out and renames[0][1].parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_symlinked_file_is_written_where_it_points(tmp_path: Path) -> None:
+    (tmp_path / "shared.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "shared.json")
+    atomic_write_text(tmp_path / "link.json", "[1]")
+    assert (tmp_path / "link.json").is_symlink()
+    assert (tmp_path / "shared.json").read_text() == "[1]"
 
 
 def test_a_file_in_the_way_of_a_folder_output_is_refused(tmp_path: Path) -> None:

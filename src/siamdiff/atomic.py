@@ -69,8 +69,11 @@ def fsync_tree(root: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling, fsync, then rename."""
+    """Write ``data`` to ``path`` via a temporary sibling, fsync, then rename. A symlinked
+    ``path`` is written where it points (as atomic_output_dir does), not replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_file(path.parent, f".{path.name}.", ".tmp")
     try:
@@ -135,20 +138,30 @@ def _pid_namespace() -> int:
         return 0
 
 
+def _boot() -> str:
+    """This boot of this kernel (8 hex digits; 0 where unknown). The host's own PID namespace
+    has the same number on every Linux machine, so two machines with one host name (cluster
+    nodes, cloned containers) sharing a volume are told apart by their boot ids."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().replace("-", "")[:8]
+    except OSError:
+        return "0"
+
+
 def _owner() -> str:
-    """Who made a temporary entry: the host, PID namespace and process, so that a later job
-    can tell an abandoned one (its process is gone) from one still being written."""
-    return f"{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}"
+    """Who made a temporary entry: the host, boot, PID namespace and process, so that a later
+    job can tell an abandoned one (its process is gone) from one still being written."""
+    return f"{socket.gethostname()}-{_boot()}-{_pid_namespace()}-{os.getpid()}"
 
 
 def _abandoned(entry: Path, name: str) -> bool:
     found = re.fullmatch(
-        rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<ns>\d+)-(?P<pid>\d+)\.[0-9a-f]{{8}}"
-        r"\.(partial|old)",
+        rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<boot>[0-9a-f]+)-(?P<ns>\d+)-(?P<pid>\d+)"
+        r"\.[0-9a-f]{8}\.(partial|old)",
         entry.name,
     )
-    here = (socket.gethostname(), str(_pid_namespace()))
-    if found is None or (found["host"], found["ns"]) != here or found["ns"] == "0":
+    here = (socket.gethostname(), _boot(), str(_pid_namespace()))
+    if found is None or (found["host"], found["boot"], found["ns"]) != here or "0" in here[1:]:
         return False  # another machine's or container's (a shared volume): it may be alive
     try:
         os.kill(int(found["pid"]), 0)
@@ -165,19 +178,24 @@ def _clear_abandoned(out: Path) -> None:
     for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
         if not entry.is_dir() or not _abandoned(entry, out.name):
             continue
-        if entry.suffix == ".old" and (entry / out.name).exists() and not out.exists():
-            os.replace(entry / out.name, out)
+        if entry.suffix == ".old" and not out.exists():
+            with contextlib.suppress(FileNotFoundError):  # another job put it back first
+                os.replace(entry, out)
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE), so that no
-    moment exists without an output; False where the system or filesystem cannot."""
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(first: Path, second: Path, flags: int) -> bool:
+    """Linux renameat2: EXCHANGE swaps two entries in one step (no moment without an output),
+    NOREPLACE renames only if ``second`` is absent (EEXIST otherwise). False where the system
+    or filesystem cannot."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    at_cwd, exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
@@ -185,20 +203,51 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    return _renameat2(first, second, RENAME_EXCHANGE)
+
+
+def _aside_name(out: Path) -> Path:
+    """A free sibling name for the previous output during a two-rename swap: a sibling, not a
+    subfolder, because moving a folder to another parent needs write access to the folder."""
+    while True:
+        old = out.parent / f".{out.name}.{_owner()}.{secrets.token_hex(4)}.old"
+        if not os.path.lexists(old):
+            return old
+
+
 def _swap_in(new: Path, out: Path) -> Path:
     """Put ``new`` in the place of the existing ``out``; returns where the previous output is
     now, to delete."""
     if _exchange(new, out):
         return new
-    old = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".old")
-    os.replace(out, old / out.name)
+    old = _aside_name(out)
+    os.rename(out, old)
     try:
         os.replace(new, out)
     except BaseException:
-        os.replace(old / out.name, out)
-        old.rmdir()
+        os.rename(old, out)
         raise
     return old
+
+
+def _appeared(given: Path) -> SiamdiffError:
+    return SiamdiffError(
+        "appeared while this job ran (another job writing here?); it is left as it is and "
+        "this job's output is discarded",
+        given,
+    )
+
+
+def _move_in(new: Path, out: Path, given: Path) -> None:
+    """Rename ``new`` to the absent ``out``; an ``out`` made meanwhile by another job stays."""
+    try:
+        if not _renameat2(new, out, RENAME_NOREPLACE):
+            os.rename(new, out)  # replaces an empty folder: the best a plain rename can do
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise _appeared(given) from exc
 
 
 @contextlib.contextmanager
@@ -212,31 +261,48 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     out = given.resolve()
     if Path.cwd().resolve().is_relative_to(out):
         raise SiamdiffError("holds the current directory: name a new folder for the output", given)
+    try:
+        if out.parent.is_dir():  # first: a swap killed half-way left the previous output aside
+            _clear_abandoned(out)
+    except OSError as exc:
+        raise SiamdiffError(f"cannot clear leftovers ({exc.strerror})", out.parent) from exc
     if out.exists() and not overwrite:
         raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
     if out.exists() and not out.is_dir():
         raise SiamdiffError("is a file; the output is a folder: name another", given)
+    if os.path.ismount(out):
+        raise SiamdiffError(
+            "is a mount point, which cannot be replaced: name a folder inside it", given
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _clear_abandoned(out)
         tmp = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".partial")
+        # Held open to the end, the folder's inode cannot be reused by a folder made again.
+        handle = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", out.parent) from exc
     try:
         yield tmp
-        fsync_tree(tmp)  # the files themselves must be on disk before they replace the old ones
-        if not out.exists():
-            os.replace(tmp, out)
-        elif not overwrite:  # another job wrote it while this one ran: theirs stays
+        made = os.fstat(handle)
+        now = os.stat(tmp, follow_symlinks=False) if os.path.lexists(tmp) else None
+        if now is None or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+            # Removed by another job (a writer inside the block may have made it again,
+            # holding only the files written since): what it holds is not this job's output.
             raise SiamdiffError(
-                "appeared while this job ran (another job writing here?); it is left as it is "
-                "and this job's output is discarded",
+                f"this job's temporary folder {tmp.name} was removed while it ran (another "
+                "job clearing it?); run it again",
                 given,
             )
+        fsync_tree(tmp)  # the files themselves must be on disk before they replace the old ones
+        if not out.exists():
+            _move_in(tmp, out, given)
+        elif not overwrite:  # another job wrote it while this one ran: theirs stays
+            raise _appeared(given)
         else:
             tmp = _swap_in(tmp, out)
         fsync_dir(out.parent)
     finally:
+        os.close(handle)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
