@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from siamdiff.config import BUILTIN, PATH_KEYS, load_config, with_absolute_paths
+from siamdiff.config import BUILTIN, CHOICES, PATH_KEYS, load_config, with_absolute_paths
 from siamdiff.errors import SiamdiffError
+from siamdiff.models.autoencoder import load_autoencoder
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -83,13 +84,50 @@ def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
         ("data.root=null", "data.root must be a path, got None"),
         ("model.aug_t_max=-3", "model.aug_t_max must be an integer >= 0, got -3"),
         ("data.verify=maybe", "data.verify must be true or false, got 'maybe'"),
+        ("model.mode=maskonly", "model.mode must be one of siamese, mask-only, got 'maskonly'"),
+        ("backbone.kind=sd21", "backbone.kind must be one of tiny, scratch, sd15"),
+        ("autoencoder.kind=vae", "autoencoder.kind must be one of taef2, diffusers-kl"),
+        ("backbone.prediction_type=x0", "prediction_type must be one of auto, epsilon"),
     ],
 )
 def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:
+    """Checked before anything else (a run directory, the data): the command line named."""
     with pytest.raises(SiamdiffError) as info:
         load_config("tiny", [override])
     message = str(info.value)
-    assert expected in message and "tiny.yaml" in message and "\n" not in message
+    assert message.startswith("command line: ") and expected in message and "\n" not in message
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("data:\n  root: data\ntrain:\n  batch_size: 0\n")
+    with pytest.raises(SiamdiffError) as info:
+        load_config(config, ["train.max_steps=10"])
+    assert str(info.value) == f"{config}: train.batch_size must be an integer >= 1, got 0"
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("data:\n  root: data\n   size: 64\n")  # one space too many
+    with pytest.raises(SiamdiffError, match=r"mine\.yaml: cannot read config: .* at line 3"):
+        load_config(config)
+
+
+def test_the_choices_checked_up_front_are_the_ones_the_code_accepts() -> None:
+    from siamdiff.data.transforms import COLOURS, CROP_MODES
+    from siamdiff.models.backbone import KINDS, PREDICTION_TYPES
+    from siamdiff.models.siamese import MODES
+
+    assert CHOICES["model.mode"] == MODES
+    assert CHOICES["backbone.kind"] == KINDS
+    assert CHOICES["backbone.prediction_type"] == ("auto", *PREDICTION_TYPES)
+    assert CHOICES["data.transforms.crop"] == CROP_MODES
+    assert CHOICES["data.transforms.colour"] == COLOURS
+    for kind in CHOICES["autoencoder.kind"]:  # each one known to the loader
+        try:
+            load_autoencoder({"kind": kind, "path": "/nonexistent"})
+        except SiamdiffError as exc:
+            assert "unknown autoencoder kind" not in str(exc)
 
 
 def test_override_without_equals_is_rejected() -> None:

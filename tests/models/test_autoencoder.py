@@ -251,13 +251,16 @@ def test_shift_and_scale_follow_the_diffusers_convention(tmp_path: Path) -> None
     ("cfg", "message"),
     [
         ({"kind": "sd99", "path": "x"}, "unknown autoencoder kind"),
-        ({"kind": "taef2"}, "needs a path"),
+        ({"kind": "taef2"}, "needs a path: set autoencoder.path to a TAEF2 directory"),
+        ({"kind": "diffusers-kl"}, "needs a path: .* one made by `siamdiff train-vae`"),
+        ({"kind": "taef2", "path": "{tmp}/notes.txt"}, "is a file; TAEF2 weights are a directory"),
         ({"kind": "diffusers-kl", "path": "{tmp}/no/such/vae"}, "cannot load AutoencoderKL"),
         ({"kind": "diffusers-tiny", "path": "{tmp}/empty"}, "cannot load AutoencoderTiny"),
     ],
 )
 def test_load_autoencoder_errors(tmp_path: Path, cfg: dict, message: str):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not weights")
     if "path" in cfg:
         cfg = {**cfg, "path": cfg["path"].format(tmp=tmp_path)}
     with pytest.raises(SiamdiffError, match=message) as info:

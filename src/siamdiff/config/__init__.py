@@ -22,6 +22,17 @@ CONFIG_DIR = Path(__file__).parent
 BUILTIN = ("tiny", "scratch", "sd15")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# The choices the model and data code accept (tests keep them equal to those modules' own
+# lists), checked here so that a wrong one fails before a run directory is looked at.
+CHOICES = {
+    "model.mode": ("siamese", "mask-only"),
+    "backbone.kind": ("tiny", "scratch", "sd15"),
+    "backbone.text": ("learned", "clip"),
+    "backbone.prediction_type": ("auto", "epsilon", "v_prediction"),
+    "autoencoder.kind": ("taef2", "diffusers-kl", "diffusers-tiny", "random", "dct"),
+    "data.transforms.crop": ("crop", "pad"),
+    "data.transforms.colour": ("rgb", "lab"),
+}
 
 
 def _integer(smallest: int, largest: int | None = None) -> tuple[Callable[[Any], bool], str]:
@@ -116,6 +127,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.root": _text(),
     "optim.betas": _betas(),
     "optim.name": _one_of(OPTIMIZERS),
+    **{key: _one_of(choices) for key, choices in CHOICES.items()},
     "train.sample_steps": _integer(1, 999),  # the spaced schedule never reaches timestep T
     "data.balanced.fg_ratio": _ratio(),
     "model.train_unet_encoder": (lambda v: v in ("auto", True, False), "auto, true or false"),
@@ -161,25 +173,27 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check_values(cfg: DictConfig, base: DictConfig, path: Path) -> None:
-    """One-line errors naming the config in use (the value may come from its command line)."""
+def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]) -> None:
+    """One-line errors naming where the bad value came from: the command line (``given``, the
+    keys of its overrides) or the config file."""
+
+    def source(key: str) -> str | Path:
+        on_command_line = any(key == g or key.startswith(f"{g}.") for g in given)
+        return "command line" if on_command_line else path
+
     for section, default in base.items():
         if isinstance(default, DictConfig) and not isinstance(cfg.get(section), DictConfig):
             raise SiamdiffError(
-                f"{section} must be a mapping of settings, got {cfg.get(section)!r}", path
+                f"{section} must be a mapping of settings, got {cfg.get(section)!r}",
+                source(section),
             )
     if cfg.train.mixed_precision is False:  # YAML reads a bare `no` as false
         cfg.train.mixed_precision = "no"
-    if cfg.train.mixed_precision not in MIXED_PRECISION:
-        raise SiamdiffError(
-            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-            f"got {cfg.train.mixed_precision!r}",
-            path,
-        )
-    for key, (ok, expected) in VALUE_CHECKS.items():
+    checks = {"train.mixed_precision": _one_of(MIXED_PRECISION), **VALUE_CHECKS}
+    for key, (ok, expected) in checks.items():
         value = OmegaConf.select(cfg, key, default=MISSING)
         if value is not MISSING and not ok(value):  # a missing (???) one is asked for by name
-            raise SiamdiffError(f"{key} must be {expected}, got {value!r}", path)
+            raise SiamdiffError(f"{key} must be {expected}, got {value!r}", source(key))
 
 
 def _invalid(exc: OmegaConfBaseException) -> str:
@@ -194,6 +208,11 @@ def _invalid(exc: OmegaConfBaseException) -> str:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:  # say where: the parser knows the line and column
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or first_line(exc)
+        raise SiamdiffError(f"cannot read config: {problem}{where}", path) from exc
     except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
         raise SiamdiffError(f"cannot read config ({first_line(exc)})", path) from exc
     if not isinstance(cfg, DictConfig):
@@ -230,7 +249,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
-    _check_values(cfg, base, path)
+    _check_values(cfg, base, path, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
     return cfg
 
 

@@ -167,6 +167,8 @@ class TAEF2(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> TAEF2:
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise SiamdiffError("is a file; TAEF2 weights are a directory: name that", directory)
         if not directory.is_dir():
             raise SiamdiffError("TAEF2 weights directory not found", directory)
         model = cls()
@@ -484,9 +486,14 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
             "autoencoder.kind",
         )
     if not path:
+        where = {
+            "taef2": "a TAEF2 directory",
+            "diffusers-kl": "an AutoencoderKL directory or Hub id: Stable Diffusion's (the sd15 "
+            "config takes it from backbone.path) or one made by `siamdiff train-vae`",
+            "diffusers-tiny": "an AutoencoderTiny directory or Hub id",
+        }[kind]
         raise SiamdiffError(
-            f"autoencoder kind {kind!r} needs a path (the sd15 config takes it from "
-            "backbone.path: set that)",
+            f"autoencoder kind {kind!r} needs a path: set autoencoder.path to {where}",
             "autoencoder.path",
         )
     if kind == "taef2":
