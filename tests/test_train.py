@@ -30,6 +30,7 @@ from siamdiff.train import (
     checkpoints,
     configure_deepspeed,
     last_valid_checkpoint,
+    preview_pairs,
     train,
 )
 from tests.helpers import (
@@ -555,3 +556,9 @@ def test_a_resumed_run_replaces_its_tensorboard_rows_past_the_checkpoint(
     events = EventAccumulator(str(run / "tb" / "siamdiff"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]  # step 3 once
+
+
+def test_the_preview_grid_spreads_over_the_split() -> None:
+    """Records are sorted by id, so the first few are consecutive frames of one video."""
+    assert preview_pairs(list(range(10)), 4).indices == [0, 3, 6, 9]
+    assert preview_pairs(list(range(3)), 4).indices == [0, 1, 2]

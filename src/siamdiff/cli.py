@@ -7,6 +7,7 @@ user-facing failure surfaces as one line: ``siamdiff: error: <file>: <problem>``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -54,9 +55,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from siamdiff.data.stats import format_stats, write_stats
+    from siamdiff.data.stats import STATS_JSON, STATS_PNG, format_stats, write_stats
 
     print(format_stats(write_stats(args.data, args.png)))
+    png = args.png if args.png is not None else args.data / STATS_PNG
+    print(f"written: {args.data / STATS_JSON}, {png}")
     return 0
 
 
@@ -155,7 +158,15 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
     )
-    print(f"segmenter written to {out}")
+    from siamdiff.evaluate.segmenter import CONFIG_NAME
+
+    val = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8")).get("val")
+    score = (
+        f"; validation mDice {val['mdice']:.3f}, mIoU {val['miou']:.3f} ({val['images']} images)"
+        if val
+        else " (the dataset has no val split to score it on)"
+    )
+    print(f"segmenter written to {out}{score}")
     return 0
 
 
@@ -355,15 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train_segmenter,
         "Train a segmentation model (segmentation-models-pytorch) on a dataset.",
     )
-    seg.add_argument("data", type=Path)
-    seg.add_argument("--out", type=Path, required=True)
-    seg.add_argument("--arch", default="unet")
-    seg.add_argument("--encoder", default="resnet18")
-    seg.add_argument("--size", type=int, default=256)
-    seg.add_argument("--epochs", type=int, default=10)
-    seg.add_argument("--batch-size", type=int, default=8)
-    seg.add_argument("--lr", type=float, default=1e-3)
-    seg.add_argument("--seed", type=int, default=0)
+    seg.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    seg.add_argument("data", type=Path, help="a siamdiff dataset (its train split)")
+    seg.add_argument("--out", type=Path, required=True, help="the segmenter's folder")
+    seg.add_argument("--arch", default="unet", help="segmentation-models-pytorch architecture")
+    seg.add_argument("--encoder", default="resnet18", help="its encoder (random init)")
+    seg.add_argument(
+        "--size", type=int, default=256, help="square input, px: a multiple of 32 (5 poolings)"
+    )
+    seg.add_argument("--epochs", type=at_least(1), default=10, help="passes over the data")
+    seg.add_argument("--batch-size", type=at_least(1), default=8, help="images per step")
+    seg.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    seg.add_argument("--seed", type=at_least(0), default=0, help="weights and batch order")
     seg.add_argument(
         "--extra",
         type=Path,
@@ -371,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="another dataset to train on as well (e.g. a synthetic set)",
     )
-    seg.add_argument("--device", default="cpu")
-    seg.add_argument("--workers", type=at_least(0), default=0)
-    seg.add_argument("--overwrite", action="store_true")
+    seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    seg.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
+    seg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     vae = verb(
         "train-vae",

@@ -43,7 +43,7 @@ from accelerate.utils import (
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
@@ -343,6 +343,13 @@ def verified_root(cfg: DictConfig) -> Path:
     return root
 
 
+def preview_pairs(dataset: Dataset, count: int) -> Subset:
+    """``count`` pairs spread evenly over the split: its first ones are consecutive frames of
+    one video (records are sorted by id), so the grid's rows would all look alike."""
+    spread = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
+    return Subset(dataset, [int(i) for i in spread])
+
+
 def training_data(
     cfg: DictConfig, accelerator: Accelerator, autoencoder: LatentAutoencoder
 ) -> tuple[Dataset, BalancedBatchSampler, dict]:
@@ -358,7 +365,8 @@ def training_data(
     fixed_view = PairedDataset(
         root, cfg.data.split, transform=build_transforms(transform_cfg, False), hints=hints
     )
-    preview = next(iter(DataLoader(fixed_view, batch_size=cfg.train.sample_count)))
+    shown = preview_pairs(fixed_view, cfg.train.sample_count)
+    preview = next(iter(DataLoader(shown, batch_size=len(shown))))
     if cfg.data.latent_cache:
         # Latents of the fixed (lesion-centred, resized) view: the autoencoder runs once per
         # image instead of every step, at the price of no random augmentation.
@@ -565,6 +573,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
         truncate_loss_log(log_path, step)
+    accelerator.print(
+        f"training {cfg.model.mode} ({cfg.backbone.kind}, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters) on "
+        f"{len(dataset)} pairs of {cfg.data.root}, {accelerator.num_processes} x {device}, "
+        f"batch {cfg.train.batch_size}, steps {step + 1}..{cfg.train.max_steps}; "
+        f"losses every {cfg.train.log_every} steps in {log_path}"
+    )
 
     # ---- loop -------------------------------------------------------------------------
     stream = batches(

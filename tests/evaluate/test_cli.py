@@ -31,6 +31,8 @@ def test_train_segmenter_then_evaluate(
         == 0
     )
     assert (seg / "model.safetensors").is_file()
+    val = json.loads((seg / "segmenter.json").read_text())["val"]
+    assert f"validation mDice {val['mdice']:.3f}" in capsys.readouterr().out
     out = tmp_path / "eval" / "metrics.json"
     assert (
         main(
