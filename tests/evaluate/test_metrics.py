@@ -31,6 +31,7 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import extract_features, frechet_distance
 from siamdiff.evaluate.metrics import (
     HISTOGRAM_NAME,
+    _fd_at_size,
     colour_statistics,
     evaluate,
     format_metrics,
@@ -125,7 +126,10 @@ def test_evaluate_writes_every_metric(
     assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
     assert metrics["synthetic"] == {"root": str(synthetic_root), "images": 36, "masks": 18}
     assert metrics["segmenter"]["trained_on_this_real_train_split"] is True
-    assert metrics["warnings"] == []
+    assert metrics["warnings"] == [  # 36 images: enough for the plumbing, not for FD
+        "FD-seg and KID-seg of 36 synthetic images are noisy and biased upwards: sample 100 or "
+        "more (several hundred to compare models)"
+    ]
     assert metrics["fd_seg"]["value"] > 0 and metrics["fd_seg"]["features"] == 512
     assert metrics["fd_seg"]["reference_real_test"] > 0
     # The synthetic FD at the test split's size: FD grows as the image count falls.
@@ -316,3 +320,12 @@ def test_a_report_without_per_image_scores_draws_an_empty_histogram_quietly() ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert mask_fidelity_histogram({}).startswith(PNG)
+
+
+def test_no_fd_is_given_at_a_size_the_synthetic_set_does_not_reach() -> None:
+    """6 synthetic images cannot give an FD "at the test split's 138 images"."""
+    rng = np.random.default_rng(0)
+    real, synthetic = rng.normal(size=(40, 4)), rng.normal(size=(6, 4))
+    assert _fd_at_size(real, synthetic, 7, seed=0) is None
+    assert _fd_at_size(real, synthetic, 6, seed=0) == frechet_distance(real, synthetic)
+    assert _fd_at_size(real, synthetic, 3, seed=0) > 0

@@ -77,6 +77,7 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_KERNEL = 11
 COLOUR_BINS = 8  # per channel, for the joint histogram
 FD_DRAWS = 10  # subsets averaged for the synthetic FD at the reference's size
+FEW_IMAGES = 100  # synthetic sets smaller than this get a warning on FD-seg / KID-seg
 UTILITY_CHECKED = ("archs", "seeds", "encoder", "epochs", "size", "batch_size", "lr")
 
 
@@ -310,9 +311,12 @@ def segmenter_metrics(
     return metrics, {**test.summary(), "per_image": _per_image(test)}
 
 
-def _fd_at_size(real: np.ndarray, synthetic: np.ndarray, size: int, seed: int) -> float:
-    """Mean FD of ``FD_DRAWS`` random ``size``-image subsets of the synthetic features."""
-    if size >= len(synthetic):
+def _fd_at_size(real: np.ndarray, synthetic: np.ndarray, size: int, seed: int) -> float | None:
+    """Mean FD of ``FD_DRAWS`` random ``size``-image subsets of the synthetic features; None
+    when there are fewer than ``size`` (an FD of fewer images is not at that size)."""
+    if size > len(synthetic):
+        return None
+    if size == len(synthetic):
         return frechet_distance(real, synthetic)
     rng = np.random.default_rng(seed)
     draws = [rng.choice(len(synthetic), size, replace=False) for _ in range(FD_DRAWS)]
@@ -414,6 +418,17 @@ def evaluate(
     metrics |= domain
     if real_test is not None:
         metrics["segmenter"]["real_test"] = real_test
+    images, test_images = len(syn_manifest.records), metrics["fd_seg"].get("reference_images")
+    if images < FEW_IMAGES:
+        warnings.append(
+            f"FD-seg and KID-seg of {images} synthetic images are noisy and biased upwards: "
+            f"sample {FEW_IMAGES} or more (several hundred to compare models)"
+        )
+    if test_images and images < test_images:
+        warnings.append(
+            f"the synthetic set ({images} images) is smaller than the real test split "
+            f"({test_images}): FD-seg at the test split's size is n/a"
+        )
 
     try:
         lpips: torch.nn.Module | str = load_lpips(lpips_net, device)
