@@ -512,3 +512,20 @@ def test_mask_augmentation_never_empties_a_lesion_at_the_border():
     for seed in range(200):
         augmented = augment_mask(strip, ("shift", "flip"), np.random.default_rng(seed))
         assert augmented.sum() > 0
+
+
+def test_a_damaged_masks_dataset_is_refused_before_any_pair(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    """Sampling reads each mask's frame too: a truncated file would stop the job half-way."""
+    masks = tmp_path / "masks"
+    shutil.copytree(phantom_data, masks)
+    record = load_manifest(masks).split("train")[-1]
+    image = masks / record.image
+    image.write_bytes(image.read_bytes()[:200])
+    out = tmp_path / "syn"
+    with pytest.raises(SiamdiffError, match=r"does not verify \(1 changed, e\.g\. .*--no-verify"):
+        sample(exported, masks, out)
+    assert not out.exists()
+    with pytest.raises(SiamdiffError, match="cannot read image"):  # unchecked: found on reading
+        sample(exported, masks, out, verify=False, limit=None)

@@ -135,6 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         world_size=state.num_processes,
         limit=args.limit,
         speed=args.speed,
+        verify=not args.no_verify,
     )
     print(summary.format())
     return 0
@@ -157,6 +158,7 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         overwrite=args.overwrite,
+        verify=not args.no_verify,
     )
     from siamdiff.evaluate.segmenter import CONFIG_NAME
 
@@ -228,6 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         clip_model=args.clip_model,
         device=args.device,
         workers=args.workers,
+        verify=not args.no_verify,
     )
     print(format_metrics(metrics))
     report = write_evaluation_report(metrics, args.report or args.out.parent, run_dir=args.run)
@@ -274,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"siamdiff {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def no_verify(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip re-hashing the datasets against their manifests before starting",
+        )
 
     def verb(name: str, handler: Callable[[argparse.Namespace], int], text: str):
         sub = verbs.add_parser(name, help=text, description=text)
@@ -332,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditioning masks: a siamdiff dataset; train split unless :val, :test or :all",
     )
     sample.add_argument("--out", type=Path, required=True)
+    no_verify(sample)
     sample.add_argument("--per-mask", type=int, default=1)
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--guidance", type=float, default=9.0)
@@ -388,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     seg.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    no_verify(seg)
 
     vae = verb(
         "train-vae",
@@ -458,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--workers", type=at_least(0), default=0)
+    no_verify(ev)
 
     rate = verb("rate", cmd_rate, "Blinded realism rating (MOS) of synthetic vs real images.")
     rate.add_argument("syn", type=Path, nargs="?", help="synthetic dataset")

@@ -65,6 +65,7 @@ from siamdiff.data.manifest import (
     Manifest,
     Record,
     load_manifest,
+    require_intact,
     save_pair,
     sha256_file,
     write_manifest,
@@ -678,6 +679,7 @@ def synthesize(
     limit: int | None = None,
     progress: bool = True,
     speed: Sequence[str] | str = (),
+    verify: bool = True,
 ) -> SynthesisSummary:
     """Write ``per_mask`` synthetic pairs per mask of ``masks_root``'s ``split`` into ``out``.
 
@@ -688,7 +690,8 @@ def synthesize(
     (accelerate's, when launched distributed) rank 0 writes the manifest if every pair is
     finished; otherwise rerunning the command (any world size) finishes it. ``speed`` names
     levers of :mod:`siamdiff.models.speed` (``bf16_frozen``: CUDA only); like the batch size
-    they may move a pixel by a rounding step, and each record names them.
+    they may move a pixel by a rounding step, and each record names them. ``verify``: the
+    masks dataset is refused up front when its files no longer match its manifest.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -717,6 +720,8 @@ def synthesize(
         raise SiamdiffError(
             f"is inside the masks dataset {masks_root}; write synthetic data elsewhere", out
         )
+    if verify:  # an unreadable file would stop the job half-way, an edited one go unnoticed
+        require_intact(masks_root, "pass --no-verify")
     settings = {
         "model": source.label,
         "model_identity": source.identity,

@@ -50,7 +50,7 @@ from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsy
 from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.manifest import sha256_file, verify
+from siamdiff.data.manifest import require_intact, sha256_file
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
@@ -331,15 +331,8 @@ def write_samples(
 def verified_root(cfg: DictConfig) -> Path:
     """The dataset root, refused when its files no longer match the manifest."""
     root = Path(cfg.data.root)
-    if cfg.data.verify:
-        report = verify(root)
-        if not report.ok:
-            bad = (report.changed + report.missing + report.extra + report.unreadable)[0]
-            raise SiamdiffError(
-                f"dataset does not verify ({len(report.changed)} changed, {len(report.missing)} "
-                f"missing, {len(report.extra)} extra, e.g. {bad}); fix it or set data.verify=false",
-                root,
-            )
+    if cfg.data.verify:  # an unlisted file too: the user may think it is trained on
+        require_intact(root, "set data.verify=false", allow_extra=False)
     return root
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from siamdiff.cli import main
@@ -87,3 +88,24 @@ def test_a_run_directory_without_a_run_in_it_is_refused_before_evaluating(
         "loss_curve.png, no samples/)"
     ]
     assert not out.exists()
+
+
+def test_damaged_datasets_are_refused_before_training_or_scoring(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path, capsys
+) -> None:
+    damaged = tmp_path / "real"
+    shutil.copytree(real_root, damaged)
+    mask = next(damaged.glob("*_mask.png"))
+    mask.write_bytes(mask.read_bytes()[:100])
+    metrics = tmp_path / "metrics.json"
+    commands = [
+        ["train-segmenter", str(damaged), "--out", str(tmp_path / "seg")],
+        ["evaluate", str(damaged), str(synthetic_root), "--segmenter", str(segmenter_dir)],
+    ]
+    commands[1] += ["--out", str(metrics)]
+    for argv in commands:
+        assert main(argv) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"siamdiff: error: {damaged}: dataset does not verify (1 changed")
+        assert error.endswith("or pass --no-verify")
+    assert not (tmp_path / "seg").exists() and not metrics.exists()

@@ -317,6 +317,28 @@ def verify(root: str | Path) -> VerifyReport:
     )
 
 
+def require_intact(root: str | Path, override: str, *, allow_extra: bool = True) -> None:
+    """Refuse, in one line, a dataset whose listed files no longer match its manifest: a job
+    would otherwise fail on the first unreadable file half-way through, or train on edited
+    data. ``override`` says how to go on regardless (a flag or a setting)."""
+    report = verify(root)
+    extra = [] if allow_extra else report.extra
+    problems = report.changed + report.missing + report.unreadable + extra
+    if problems:
+        counts = {
+            "changed": report.changed,
+            "missing": report.missing,
+            "unreadable": report.unreadable,
+            "extra": extra,
+        }
+        summary = ", ".join(f"{len(names)} {label}" for label, names in counts.items() if names)
+        raise SiamdiffError(
+            f"dataset does not verify ({summary}, e.g. {problems[0]}): fix it (`siamdiff "
+            f"verify` lists them) or {override}",
+            root,
+        )
+
+
 def format_verify(report: VerifyReport) -> str:
     """One line per problem file ("changed: NAME"), then a one-line verdict."""
     lines = [

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from siamdiff.data.dataset import generator_views
-from siamdiff.data.manifest import Manifest, Record, load_manifest
+from siamdiff.data.manifest import Manifest, Record, load_manifest, require_intact
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
     extract_features,
@@ -375,14 +375,18 @@ def evaluate(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Compute every metric of SYN against REAL and write them to ``out_json`` (atomically).
 
     ``utility_options`` are keyword arguments of :func:`segmentation_utility` (archs, seeds,
-    epochs, size, ...), used when ``utility`` is true. Deterministic for ``seed``.
+    epochs, size, ...), used when ``utility`` is true. Deterministic for ``seed``. ``verify``:
+    both datasets are refused up front when their files no longer match their manifests.
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
     real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
+    for root in (real_root, syn_root) if verify else ():
+        require_intact(root, "pass --no-verify")
     if utility:  # its problems now, not after every other metric
         options = {k: v for k, v in (utility_options or {}).items() if k in UTILITY_CHECKED}
         check_utility(real_root, syn_root, **options)

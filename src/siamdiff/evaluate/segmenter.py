@@ -41,7 +41,7 @@ from tqdm import tqdm
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.manifest import Manifest, load_manifest
+from siamdiff.data.manifest import Manifest, load_manifest, require_intact
 from siamdiff.data.transforms import (
     PairedResize,
     RandomRot90,
@@ -332,12 +332,16 @@ def train_segmenter(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    verify: bool = True,
 ) -> Path:
     """Train a segmenter on the train split of ``data_root`` (plus ``extra_roots``) and
     save it to ``out_dir``, which appears whole or not at all. Its score on the val split,
-    when there is one, goes into ``segmenter.json``. Returns ``out_dir``."""
+    when there is one, goes into ``segmenter.json``. Returns ``out_dir``. ``verify``: each
+    dataset is refused up front when its files no longer match its manifest."""
     spec = SegmenterSpec(arch, encoder, size)
     spec.build()  # a bad arch, encoder or size fails before any data is read
+    for root in (data_root, *extra_roots) if verify else ():
+        require_intact(root, "pass --no-verify")
     dataset, data = training_set(data_root, extra_roots, size)
     # Entered before training, so an existing out_dir is refused before hours are spent.
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
