@@ -229,7 +229,7 @@ def test_other_settings_on_an_existing_output_are_refused(
     del settings["control_scale"]
     (older / synth.SETTINGS_NAME).write_text(json.dumps(settings))
     assert sample(exported, phantom_data, older).reused == 8
-    with pytest.raises(SiamdiffError, match="control_scale differ"):
+    with pytest.raises(SiamdiffError, match="control_scale differs"):
         sample(exported, phantom_data, older, control_scale=2.0)
     (older / synth.SETTINGS_NAME).write_text("[1, 2]")
     with pytest.raises(SiamdiffError, match="is not a JSON object of sampling settings"):
@@ -268,7 +268,7 @@ def test_a_real_dataset_is_never_sampled_into_or_deleted(
         ({"scheduler": "unipc", "eta": 0.5}, "eta applies to ddim only"),
         ({"rank": 2, "world_size": 2}, "rank 2 is not in 0..1"),
         ({"per_mask": 0}, "--per-mask must be at least 1"),
-        ({"limit": 0}, "limit must be at least 1"),
+        ({"limit": 0}, "--limit must be at least 1"),
         ({"control_scale": -0.5}, "--control-scale must be a finite number >= 0"),
         ({"control_scale": float("nan")}, "--control-scale must be a finite number >= 0"),
         ({"guidance": float("nan")}, "--guidance must be a finite number >= 0"),

@@ -113,7 +113,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     assert state["step"] == 3  # the step under way when Ctrl-C came was finished
     with pytest.raises(SiamdiffError, match="unfinished train-vae run"):
         train_vae(phantom_data, tmp_path / "resumed", TINY)
-    with pytest.raises(SiamdiffError, match=r"other settings \(lr differ; only --steps"):
+    with pytest.raises(SiamdiffError, match=r"other settings \(lr differs; only --steps"):
         train_vae(phantom_data, tmp_path / "resumed", replace(TINY, lr=1e-3, steps=8), resume=True)
     resumed = train_vae(phantom_data, tmp_path / "resumed", TINY, resume=True)
     name = "diffusion_pytorch_model.safetensors"

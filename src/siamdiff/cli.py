@@ -511,7 +511,10 @@ def check_device(name: str) -> None:
     import torch
 
     try:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:  # torch lists its twenty device types: name ours
+            raise RuntimeError("unknown device type; use cpu, cuda, cuda:N, mps or xpu") from exc
         if device.type == "meta":
             raise RuntimeError("holds no data")
         if device.type == "cuda":

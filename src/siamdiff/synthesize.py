@@ -357,8 +357,9 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
             )
+            verb = "differs" if len(changed) == 1 else "differ"
             raise SiamdiffError(
-                f"was made with other settings ({', '.join(changed)} differ); "
+                f"was made with other settings ({', '.join(changed)} {verb}); "
                 "pass --overwrite to replace it or choose another output",
                 out,
             )
@@ -627,8 +628,8 @@ def _check_arguments(
             not 0 <= control_scale < float("inf"),
             f"--control-scale must be a finite number >= 0, got {control_scale}",
         ),
-        (batch_size < 1, f"batch size must be at least 1, got {batch_size}"),
-        (limit is not None and limit < 1, f"limit must be at least 1, got {limit}"),
+        (batch_size < 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (limit is not None and limit < 1, f"--limit must be at least 1, got {limit}"),
         (scheduler not in SCHEDULERS, f"unknown scheduler {scheduler!r} ({', '.join(SCHEDULERS)})"),
         (bool(eta) and scheduler != "ddim", f"eta applies to ddim only, not {scheduler!r}"),
         (not 0 <= rank < world_size, f"rank {rank} is not in 0..{world_size - 1}"),

@@ -384,8 +384,9 @@ def train_vae(
             saved = asdict(_settings_from(state["settings"]))
             changed = [k for k, v in asdict(settings).items() if saved[k] != v and k != "steps"]
             if changed:
+                verb = "differs" if len(changed) == 1 else "differ"
                 raise SiamdiffError(
-                    f"was started with other settings ({', '.join(sorted(changed))} differ; "
+                    f"was started with other settings ({', '.join(sorted(changed))} {verb}; "
                     "only --steps may change on --resume)",
                     out,
                 )
