@@ -15,6 +15,7 @@ from siamdiff.config import load_config
 from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import build_model, export_run, load_export
+from siamdiff.models.autoencoder import load_autoencoder, random_kl_vae
 from siamdiff.sample import ddim_sample
 from siamdiff.train import checkpoints, train
 from tests.helpers import tiny_config
@@ -156,3 +157,30 @@ def test_cli_sample_from_a_run_writes_a_verified_synthetic_set(
     assert len(load_manifest(out).records) == 4
     assert len(list((out / "export-pranet" / "images").iterdir())) == 4
     assert main(argv) == 0  # the same command again: everything is reused
+
+
+def test_an_export_carries_its_local_autoencoder_to_another_machine(
+    phantom_data: Path, tmp_path: Path
+) -> None:
+    """The autoencoder's weights travel inside the export: it loads with the original folder
+    gone (a colleague's machine), and a subfolder (SD's vae/) is copied alone."""
+    weights = tmp_path / "sd"
+    random_kl_vae(seed=3).save_pretrained(weights / "vae")
+    (weights / "unet-and-the-rest.bin").write_bytes(b"not copied")
+    run = tmp_path / "run"
+    overrides = ["autoencoder.kind=diffusers-kl", f"autoencoder.path={weights}"]
+    train(
+        tiny_config(phantom_data, run, "train.max_steps=1", *overrides, "autoencoder.subfolder=vae")
+    )
+    export_run(run, tmp_path / "export")
+    shutil.rmtree(weights)
+    moved = shutil.move(tmp_path / "export", tmp_path / "elsewhere")
+    assert sorted(p.name for p in (moved / "autoencoder").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    loaded = load_export(moved)
+    assert (
+        loaded.autoencoder.identity
+        == load_autoencoder({"kind": "diffusers-kl", "path": str(moved / "autoencoder")}).identity
+    )

@@ -9,14 +9,17 @@ config files to be used::
       controlnet/            DHIControlNetModel.save_pretrained (config + safetensors)
       scheduler/             the training noise schedule (DDPMScheduler)
       text/                  learned prompt embeddings, or CLIP text_encoder/ + tokenizer/
+      autoencoder/           a copy of the frozen autoencoder's local weights directory
 
-The autoencoder is frozen and not trained, so it is referenced (config + identity), not
-copied; loading checks that the referenced weights are still the same ones.
+So an export can be moved to another machine whole. A Hub-id autoencoder is referenced, and
+weight-free ones (dct, random) need no files; loading checks that the autoencoder's weights
+are the ones the model was trained with (``autoencoder_identity``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ EXPORT_FORMAT = "siamdiff-export"
 EXPORT_VERSION = 1
 META_NAME = "siamdiff.json"
 PARTS = ("unet", "controlnet", "scheduler", "text")
+AUTOENCODER_DIR = "autoencoder"  # a copy of local autoencoder weights, when there are any
 META_KEYS = ("mode", "prompt", "resolution", "text", "autoencoder", "autoencoder_identity")
 
 
@@ -118,9 +122,11 @@ def save_model(
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         text_meta = _save_text(model.text, tmp / "text")
         autoencoder_cfg = _plain(cfg.autoencoder)
-        if autoencoder_cfg.get("path") and Path(autoencoder_cfg["path"]).exists():
-            # Local weights, from anywhere; a Hub id is no local path and stays as it is.
-            autoencoder_cfg["path"] = str(Path(autoencoder_cfg["path"]).resolve())
+        local = Path(autoencoder_cfg.get("path") or "", autoencoder_cfg.get("subfolder") or "")
+        if autoencoder_cfg.get("path") and local.is_dir():
+            # Local weights go inside; a Hub id is no local path and stays as it is.
+            shutil.copytree(local, tmp / AUTOENCODER_DIR)
+            autoencoder_cfg |= {"path": AUTOENCODER_DIR, "subfolder": None}
         atomic_write_json(
             tmp / META_NAME,
             {
@@ -171,11 +177,14 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     lacking = [key for key in META_KEYS if key not in meta]
     if lacking:
         raise SiamdiffError(f"lacks {', '.join(lacking)}", meta_path)
-    autoencoder = load_autoencoder(meta["autoencoder"])
+    autoencoder_cfg = dict(meta["autoencoder"])
+    if autoencoder_cfg.get("path") == AUTOENCODER_DIR:  # the copy inside the export
+        autoencoder_cfg["path"] = str(path / AUTOENCODER_DIR)
+    autoencoder = load_autoencoder(autoencoder_cfg)
     if autoencoder.identity != meta["autoencoder_identity"]:
         raise SiamdiffError(
             "the autoencoder weights differ from those the model was trained with",
-            meta["autoencoder"].get("path") or meta_path,
+            autoencoder_cfg.get("path") or meta_path,
         )
     missing = [f"{name}/" for name in PARTS if not (path / name).is_dir()]
     if missing:  # diffusers would take a missing folder for a Hub id and talk of connecting
