@@ -264,7 +264,10 @@ def test_drop_empty_and_strict(messy: Path, tmp_path: Path) -> None:
 
     with pytest.raises(SiamdiffError) as exc:
         prepare([("folder", messy)], tmp_path / "strict", 16, strict=True, workers=1)
-    assert "\n" not in str(exc.value) and str(messy) in str(exc.value)
+    assert str(exc.value) == (
+        f"{messy / 'd-lonely-0.png'}: image without mask (--strict stops here; without "
+        "--strict each problem is skipped and listed in prepare-summary.json)"
+    )
     assert not (tmp_path / "strict").exists()
 
 

@@ -183,6 +183,16 @@ def _tick(bar: tqdm, result: Any) -> Any:
     return result
 
 
+def _strict_error(reason: str, path: str | Path, problems: int = 1) -> SiamdiffError:
+    """The first problem --strict met, and where to see them all."""
+    first = f"the first of {problems} in this source" if problems > 1 else "--strict stops here"
+    return SiamdiffError(
+        f"{reason} ({first}; without --strict each problem is skipped and listed in "
+        f"{SUMMARY_NAME})",
+        path,
+    )
+
+
 def _collect_pairs(
     sources: list[tuple[str, Path]], strict: bool
 ) -> tuple[list[SourcePair], list[tuple[str, str]]]:
@@ -192,7 +202,7 @@ def _collect_pairs(
         result = read_source(kind, Path(root))
         if strict and result.skipped:
             path, reason = result.skipped[0]
-            raise SiamdiffError(reason, path)
+            raise _strict_error(reason, path, len(result.skipped))
         skipped += [(str(path), reason) for path, reason in result.skipped]
         for pair in result.pairs:
             if pair.dataset == POOLED_ROW:
@@ -255,7 +265,7 @@ def _without_duplicates(
         if original is not record:
             reason = f"same image as {original.source_image} (kept once: no frame in two splits)"
             if strict:
-                raise SiamdiffError(reason, record.source_image)
+                raise _strict_error(reason, record.source_image)
             for name, _ in record.files():
                 (root / name).unlink()
             skipped.append((record.source_image, reason))
@@ -334,7 +344,7 @@ def prepare(
                 if isinstance(result, Record):
                     records.append(result)
                 elif strict and result[1] != EMPTY_MASK:
-                    raise SiamdiffError(result[1], result[0])
+                    raise _strict_error(result[1], result[0])
                 else:
                     skipped.append(result)
             records = _without_duplicates(records, tmp, skipped, strict)
