@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from siamdiff.cli import SOURCE_KINDS, main
+from siamdiff.cli import SOURCE_KINDS, ProgressAsLines, main
 from siamdiff.data.readers import READERS, load_rgb
 from siamdiff.errors import SiamdiffError
 
@@ -197,3 +198,27 @@ def test_an_error_keeps_the_spaces_of_the_path_it_names() -> None:
     """The message is folded onto one line; the path is the user's, spaces and all."""
     error = SiamdiffError("mask is\n  empty", "runs/my  run/a\nb.png")
     assert str(error) == "runs/my  run/a\\nb.png: mask is empty"
+
+
+def test_progress_bars_in_a_log_file_are_lines_of_their_own() -> None:
+    """A cluster job's stderr is a file: carriage-return redraws would make the run one line."""
+    from tqdm import tqdm
+
+    log = io.StringIO()
+    lines = ProgressAsLines(log)
+    with tqdm(total=3, file=lines, mininterval=0, ascii=True, desc="train", leave=False) as bar:
+        for _ in range(3):
+            bar.update(1)
+    print("done", file=lines)
+    lines.finish()
+    rows = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and rows[-1] == ""  # whole lines only
+    assert [r.split("|")[-1].split()[0] for r in rows[:-2]] == ["0/3", "1/3", "2/3", "3/3"]
+    assert rows[-2] == "done"  # the cleared bar (leave=False) left no blank line
+
+
+def test_the_command_line_puts_stderr_back(capsys) -> None:
+    before = sys.stderr
+    assert main(["stats", "/nonexistent/data"]) == 2
+    assert sys.stderr is before
+    assert capsys.readouterr().err.startswith("siamdiff: error: /nonexistent/data")

@@ -7,17 +7,20 @@ user-facing failure surfaces as one line: ``siamdiff: error: <file>: <problem>``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 from siamdiff import __version__
 from siamdiff.errors import SiamdiffError, first_line
 
 SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder")
+LOG_PROGRESS_SECONDS = 30  # a progress line this often when stderr is a log file
 
 
 def _source(text: str) -> tuple[str, Path]:
@@ -552,6 +555,52 @@ def at_least(smallest: int) -> Callable[[str], int]:
     return parse
 
 
+class ProgressAsLines:
+    """A stderr that is no terminal (a cluster job's log file) written as lines: progress bars
+    redraw with carriage returns, which would make a whole run one line of the log. Each
+    redraw becomes a line (blank ones dropped); other attributes are the stream's."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).replace("\r", "\n").split("\n")
+        self.pending = lines.pop()  # a bar being drawn: complete when the next one starts
+        for line in lines:
+            if line.strip():
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def finish(self) -> None:
+        self.write("\n")
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def progress_for_logs() -> Iterator[None]:
+    """In a log (stderr no terminal): progress as lines, one every 30 s."""
+    if sys.stderr.isatty() or isinstance(sys.stderr, ProgressAsLines):
+        yield
+        return
+    stderr, interval = sys.stderr, os.environ.get("TQDM_MININTERVAL")
+    sys.stderr = lines = ProgressAsLines(stderr)
+    os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))
+    try:
+        yield
+    finally:
+        lines.finish()
+        sys.stderr = stderr
+        if interval is None:
+            os.environ.pop("TQDM_MININTERVAL", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -561,6 +610,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    with progress_for_logs():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "device", None) is not None:
             check_device(args.device)
