@@ -98,7 +98,7 @@ def test_prepare_verify_stats_round_trip(phantom_data: Path, tmp_path: Path, cap
         ),
         (
             ["evaluate", "{tmp}", "{tmp}", "--out", "m", "--segmenter", "s", "--device", "gpu0"],
-            "--device 'gpu0' cannot be used (unknown device type; use cpu, cuda, cuda:N, mps",
+            "--device 'gpu0' cannot be used (not a device name: use cpu, cuda, cuda:N, mps",
         ),
         (["train-segmenter", "{tmp}", "--out", "{tmp}/s", "--device", "cuda:7"], "CUDA device"),
     ],

@@ -87,7 +87,7 @@ def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
         ("model.mode=maskonly", "model.mode must be one of siamese, mask-only, got 'maskonly'"),
         ("backbone.kind=sd21", "backbone.kind must be one of tiny, scratch, sd15"),
         ("autoencoder.kind=vae", "autoencoder.kind must be one of taef2, diffusers-kl"),
-        ("backbone.prediction_type=x0", "prediction_type must be one of auto, epsilon"),
+        ("backbone.prediction_type=x0", "prediction_type must be null or one of auto, epsilon"),
     ],
 )
 def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:

@@ -159,19 +159,22 @@ def test_cli_sample_from_a_run_writes_a_verified_synthetic_set(
     assert main(argv) == 0  # the same command again: everything is reused
 
 
+@pytest.mark.parametrize("subfolder", ["vae", None])  # None: found in vae/ by itself
 def test_an_export_carries_its_local_autoencoder_to_another_machine(
-    phantom_data: Path, tmp_path: Path
+    subfolder: str | None, phantom_data: Path, tmp_path: Path
 ) -> None:
     """The autoencoder's weights travel inside the export: it loads with the original folder
-    gone (a colleague's machine), and a subfolder (SD's vae/) is copied alone."""
+    gone (a colleague's machine); of a Stable Diffusion folder only vae/ is copied."""
     weights = tmp_path / "sd"
     random_kl_vae(seed=3).save_pretrained(weights / "vae")
-    (weights / "unet-and-the-rest.bin").write_bytes(b"not copied")
+    (weights / "unet").mkdir()
+    (weights / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"gigabytes, not copied")
     run = tmp_path / "run"
     overrides = ["autoencoder.kind=diffusers-kl", f"autoencoder.path={weights}"]
-    train(
-        tiny_config(phantom_data, run, "train.max_steps=1", *overrides, "autoencoder.subfolder=vae")
-    )
+    overrides += [f"autoencoder.subfolder={subfolder}"] if subfolder else []
+    train(tiny_config(phantom_data, run, "train.max_steps=1", *overrides))
+    referenced = export_run(run, tmp_path / "here", copy_autoencoder=False)  # sample RUN's
+    assert not (referenced / "autoencoder").exists()
     export_run(run, tmp_path / "export")
     shutil.rmtree(weights)
     moved = shutil.move(tmp_path / "export", tmp_path / "elsewhere")

@@ -205,6 +205,22 @@ def test_a_damaged_checkpoint_is_a_one_line_error(
     state_path.write_text(json.dumps(state))
     with pytest.raises(SiamdiffError, match=r"checkpoint \(pending missing or damaged\)"):
         train_vae(phantom_data, out, TINY, resume=True)
+    state_path.write_text("[]")  # over an older model (whose record says whose folder it is)
+    (out / INFO_NAME).write_text(json.dumps({"created_by": "siamdiff 0.1.0"}))
+    with pytest.raises(SiamdiffError, match=r"checkpoint \(not a JSON object\)"):
+        train_vae(phantom_data, out, TINY, resume=True)
+
+
+def test_a_checkpoint_of_an_older_version_without_the_image_order_resumes(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = interrupted_run(phantom_data, tmp_path / "vae", monkeypatch)
+    state_path = out / CHECKPOINT / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["order"]
+    state_path.write_text(json.dumps(state))
+    train_vae(phantom_data, out, TINY, resume=True)
+    assert json.loads((out / INFO_NAME).read_text())["steps"] == TINY.steps
 
 
 def test_resume_and_overwrite_together_are_refused(phantom_data: Path, tmp_path: Path) -> None:

@@ -266,19 +266,22 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             _clear_abandoned(out)
     except OSError as exc:
         raise SiamdiffError(f"cannot clear leftovers ({exc.strerror})", out.parent) from exc
-    if out.exists() and not overwrite:
-        raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
-    if out.exists() and not out.is_dir():
-        raise SiamdiffError("is a file; the output is a folder: name another", given)
     if os.path.ismount(out):
         raise SiamdiffError(
             "is a mount point, which cannot be replaced: name a folder inside it", given
         )
+    if out.exists() and not overwrite:
+        raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
+    if out.exists() and not out.is_dir():
+        raise SiamdiffError("is a file; the output is a folder: name another", given)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".partial")
-        # Held open to the end, the folder's inode cannot be reused by a folder made again.
-        handle = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # held open to the end: the folder's inode cannot be reused by one made again
+            handle = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            tmp.rmdir()
+            raise
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", out.parent) from exc
     try:

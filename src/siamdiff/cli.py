@@ -517,7 +517,7 @@ def check_device(name: str) -> None:
         try:
             device = torch.device(name)
         except RuntimeError as exc:  # torch lists its twenty device types: name ours
-            raise RuntimeError("unknown device type; use cpu, cuda, cuda:N, mps or xpu") from exc
+            raise RuntimeError("not a device name: use cpu, cuda, cuda:N, mps or xpu") from exc
         if device.type == "meta":
             raise RuntimeError("holds no data")
         if device.type == "cuda":
@@ -562,15 +562,24 @@ class ProgressAsLines:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.pending = ""
+        self.pending = ""  # the unfinished line
+        self.redrawn = False  # it is a bar's redraw ("\r" + the whole bar, then a flush)
 
     def write(self, text: str) -> int:
+        self.redrawn = self.redrawn or "\r" in text
         lines = (self.pending + text).replace("\r", "\n").split("\n")
-        self.pending = lines.pop()  # a bar being drawn: complete when the next one starts
+        self.pending = lines.pop()
         for line in lines:
             if line.strip():
                 self.stream.write(line + "\n")
         return len(text)
+
+    def flush(self) -> None:
+        if self.redrawn:  # in the log now, not at the next redraw (a cleared bar: dropped)
+            if self.pending.strip():
+                self.stream.write(self.pending + "\n")
+            self.pending, self.redrawn = "", False
+        self.stream.flush()
 
     def finish(self) -> None:
         self.write("\n")

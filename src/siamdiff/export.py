@@ -34,7 +34,7 @@ from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, read_json
 from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError, first_line
-from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder
+from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder, local_weights_dir
 from siamdiff.models.backbone import (
     Backbone,
     ClipTextConditioner,
@@ -107,9 +107,12 @@ def save_model(
     *,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    copy_autoencoder: bool = True,
 ) -> Path:
     """Write `model` as an export directory (atomically: all or nothing). ``overwrite``
-    replaces an earlier export or an empty directory, never anything else."""
+    replaces an earlier export or an empty directory, never anything else.
+    ``copy_autoencoder=False`` references local autoencoder weights instead of copying them
+    (a temporary export, on the machine that has them)."""
     if overwrite and out.exists() and not out.is_dir():
         raise SiamdiffError("is a file, not an export; refusing to replace it", out)
     if overwrite and out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file():
@@ -122,11 +125,12 @@ def save_model(
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         text_meta = _save_text(model.text, tmp / "text")
         autoencoder_cfg = _plain(cfg.autoencoder)
-        local = Path(autoencoder_cfg.get("path") or "", autoencoder_cfg.get("subfolder") or "")
-        if autoencoder_cfg.get("path") and local.is_dir():
-            # Local weights go inside; a Hub id is no local path and stays as it is.
+        local = local_weights_dir(autoencoder_cfg)  # None: a Hub id or no weights at all
+        if local is not None and copy_autoencoder:
             shutil.copytree(local, tmp / AUTOENCODER_DIR)
             autoencoder_cfg |= {"path": AUTOENCODER_DIR, "subfolder": None}
+        elif local is not None:  # referenced where it is, from anywhere
+            autoencoder_cfg["path"] = str(Path(autoencoder_cfg["path"]).resolve())
         atomic_write_json(
             tmp / META_NAME,
             {
@@ -211,9 +215,14 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
 
 
 def export_run(
-    run: str | Path, out: str | Path, checkpoint: str | None = None, overwrite: bool = False
+    run: str | Path,
+    out: str | Path,
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+    copy_autoencoder: bool = True,
 ) -> Path:
-    """Export one checkpoint (default: the newest) of a training run."""
+    """Export one checkpoint (default: the newest) of a training run (``copy_autoencoder``:
+    see :func:`save_model`)."""
     # The run layout belongs to train.py.
     from siamdiff.train import checkpoint_problem, checkpoints, last_valid_checkpoint
 
@@ -251,4 +260,5 @@ def export_run(
         out,
         overwrite=overwrite,
         extra={"source_run": str(run.resolve()), "step": step},
+        copy_autoencoder=copy_autoencoder,
     )

@@ -176,7 +176,9 @@ class ModelSource:
         if self.export is not None:
             return load_export(self.export, device)
         with tempfile.TemporaryDirectory(prefix="siamdiff-sample-") as tmp:
-            exported = export_run(self.run, Path(tmp) / "model", checkpoint=self.checkpoint)
+            exported = export_run(
+                self.run, Path(tmp) / "model", checkpoint=self.checkpoint, copy_autoencoder=False
+            )
             return load_export(exported, device)
 
 

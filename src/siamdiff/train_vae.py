@@ -269,9 +269,12 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | Non
 
 def _checked_state(state: Any, path: Path) -> dict[str, Any]:
     """A checkpoint's state.json, its fields checked: a damaged one is a one-line error."""
-    expected = {"step": int, "settings": dict, "data": str, "order": str, "pending": dict}
+    if not isinstance(state, dict):
+        raise SiamdiffError("cannot resume from this checkpoint (not a JSON object)", path)
+    expected = {"step": int, "settings": dict, "data": str, "pending": dict}
     problems = [k for k, kind in expected.items() if not isinstance(state.get(k), kind)]
-    pending = state.get("pending") if isinstance(state, dict) else None
+    problems += ["order"] if not isinstance(state.get("order", ""), str) else []
+    pending = state.get("pending")
     if not problems and not (
         isinstance(pending.get("sums"), dict)
         and set(pending["sums"]) == set(LOSS_TERMS)
@@ -392,7 +395,7 @@ def train_vae(
                 )
             if state["data"] != fingerprint:
                 raise SiamdiffError("was trained on other images than this dataset's", out)
-            if state["order"] != order:
+            if state.get("order", order) != order:  # older checkpoints lack it
                 raise SiamdiffError(
                     "lists its training images in another order than the run was started with "
                     "(prepared again?): a resume would draw other batches; --overwrite starts "

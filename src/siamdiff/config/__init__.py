@@ -128,6 +128,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.betas": _betas(),
     "optim.name": _one_of(OPTIMIZERS),
     **{key: _one_of(choices) for key, choices in CHOICES.items()},
+    "backbone.prediction_type": _optional(_one_of(CHOICES["backbone.prediction_type"])),
     "train.sample_steps": _integer(1, 999),  # the spaced schedule never reaches timestep T
     "data.balanced.fg_ratio": _ratio(),
     "model.train_unet_encoder": (lambda v: v in ("auto", True, False), "auto, true or false"),

@@ -340,11 +340,11 @@ def train_segmenter(
     dataset is refused up front when its files no longer match its manifest."""
     spec = SegmenterSpec(arch, encoder, size)
     spec.build()  # a bad arch, encoder or size fails before any data is read
-    for root in (data_root, *extra_roots) if verify else ():
-        require_intact(root, "pass --no-verify")
     dataset, data = training_set(data_root, extra_roots, size)
     # Entered before training, so an existing out_dir is refused before hours are spent.
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        for root in (data_root, *extra_roots) if verify else ():
+            require_intact(root, "pass --no-verify")
         segmenter, record = fit_segmenter(
             dataset,
             spec,

@@ -433,14 +433,27 @@ def random_kl_vae(seed: int = 0) -> AutoencoderKL:
         )
 
 
+def _pipeline_vae(local: Path) -> bool:
+    """Whether ``local`` is a full diffusers pipeline folder, its VAE in vae/."""
+    return not (local / "config.json").is_file() and (local / "vae" / "config.json").is_file()
+
+
+def local_weights_dir(cfg: Mapping[str, Any]) -> Path | None:
+    """The local directory an autoencoder config loads its weights from (a pipeline folder's
+    vae/ when that is where they are); None for a Hub id or a weight-free kind."""
+    path, subfolder = cfg.get("path"), cfg.get("subfolder")
+    if cfg.get("kind") in ("dct", "random") or not path or not Path(path).is_dir():
+        return None
+    local = Path(path, subfolder or "")
+    if cfg.get("kind") != "taef2" and not subfolder and _pipeline_vae(local):
+        return local / "vae"
+    return local
+
+
 def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     local = Path(path)
     # A full Stable Diffusion pipeline folder keeps its VAE in vae/ (if it is of this class).
-    if (
-        subfolder is None
-        and not (local / "config.json").is_file()
-        and (local / "vae" / "config.json").is_file()
-    ):
+    if subfolder is None and _pipeline_vae(local):
         subfolder = "vae"
         config = read_json(local / "vae" / "config.json", "VAE config", "")
         saved_class = config.get("_class_name") if isinstance(config, dict) else None
