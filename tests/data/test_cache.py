@@ -251,3 +251,15 @@ def test_lmdb_failures_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.M
         cache.put_many(_latents(1))
     with pytest.raises(SiamdiffError, match="cannot read the latent cache"):
         cache.get(_sha(0))
+
+
+def test_building_the_cache_leaves_the_training_rng_alone(tmp_path: Path, autoencoder):
+    """A cold cache (built now) and a warm one must give a run the same noise and timesteps."""
+    pairs = _Pairs(3, with_records=True)  # a warm cache then loads nothing
+    for _ in range(2):
+        torch.manual_seed(0)
+        build_latent_cache(pairs, autoencoder, tmp_path / "cache", "crop32", progress=False).close()
+        drawn = torch.rand(4)
+        torch.manual_seed(0)
+        torch.testing.assert_close(drawn, torch.rand(4), rtol=0, atol=0)
+    assert pairs.loaded == [0, 1, 2]  # cold once, then warm

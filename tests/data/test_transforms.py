@@ -11,6 +11,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from siamdiff.data.transforms import (
+    PairedResize,
     SeparableElasticTransform,
     TransformConfig,
     build_transforms,
@@ -260,3 +261,15 @@ def test_elastic_works_at_every_size_the_config_accepts(size: int) -> None:
     sample = red_is_mask_sample(ellipse((24, 24), (12, 12), (5, 7)))
     out = build_transforms(config, train=True)(sample)
     assert out["image"].shape == (3, size, size) and out["mask"].shape == (1, size, size)
+
+
+def test_a_resized_mask_stays_centred_on_its_image_pixels() -> None:
+    """7 -> 3 px: the centre column (x = 3) lands on output column 1 with centre-aligned
+    sampling; legacy NEAREST would take source column floor(7/3) = 2 and lose it."""
+    from torchvision import tv_tensors
+
+    column = torch.zeros(1, 7, 7, dtype=torch.uint8)
+    column[..., 3] = 1
+    resized = PairedResize(3)(tv_tensors.Mask(column))
+    assert isinstance(resized, tv_tensors.Mask) and resized.dtype == torch.uint8
+    assert resized[0].tolist() == [[0, 1, 0]] * 3

@@ -207,7 +207,9 @@ def build_latent_cache(
         ]
     if not indices:
         return cache
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
+    # Its own generator: iterating a loader draws a seed from the global RNG otherwise, and a
+    # run would train on other noise depending on whether its cache was already built.
+    loader = DataLoader(Subset(dataset, indices), batch_size, generator=torch.Generator())
     autoencoder.to(device)
     with tqdm(total=len(indices), desc="encoding latents", unit="img", disable=not progress) as bar:
         for batch in loader:

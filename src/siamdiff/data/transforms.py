@@ -151,9 +151,16 @@ class PairedResize(v2.Resize):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
-            return self._call_kernel(
-                F.resize, inpt, self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT
+            # The image kernel on the plain tensor: older torchvision's mask kernel ignores the
+            # interpolation it is given and samples with legacy NEAREST.
+            resized = F.resize_image(
+                inpt.as_subclass(torch.Tensor),
+                self.size,
+                interpolation=v2.InterpolationMode.NEAREST_EXACT,
+                max_size=self.max_size,
+                antialias=False,
             )
+            return tv_tensors.wrap(resized, like=inpt)
         return super().transform(inpt, params)
 
 
