@@ -31,6 +31,7 @@ from siamdiff.train import (
     configure_deepspeed,
     last_valid_checkpoint,
     preview_pairs,
+    resumed_batches,
     train,
 )
 from tests.helpers import (
@@ -63,6 +64,7 @@ def test_run_directory_holds_everything_a_user_looks_at(phantom_data: Path, tmp_
     assert json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text()) == {
         "step": 4,
         "batches_taken": 4,
+        "num_processes": 1,
     }
     assert load_config(run / "config.yaml").train.max_steps == 4
     rows = read_loss_log(run / "losses.jsonl")
@@ -228,7 +230,7 @@ def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_pat
     # The checkpoint resumes (its tensors were saved from NHWC parameters).
     train(tiny_config(phantom_data, fast, "train.max_steps=3", "train.speed=[channels_last]"), True)
     state = json.loads((checkpoints(fast)[-1] / "trainer_state.json").read_text())
-    assert state == {"step": 3, "batches_taken": 3}
+    assert state == {"step": 3, "batches_taken": 3, "num_processes": 1}
 
 
 @pytest.mark.parametrize(
@@ -502,7 +504,7 @@ def test_an_overflowing_gradient_skips_its_step_and_never_reaches_the_weights(
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert sum(r["nonfinite_skipped"] for r in rows) == 1
     state = json.loads((checkpoints(run)[-1] / "trainer_state.json").read_text())
-    assert state == {"step": 3, "batches_taken": 4}
+    assert state == {"step": 3, "batches_taken": 4, "num_processes": 1}
 
 
 def test_a_nan_micro_batch_skips_its_whole_accumulation_window(
@@ -562,3 +564,13 @@ def test_the_preview_grid_spreads_over_the_split() -> None:
     """Records are sorted by id, so the first few are consecutive frames of one video."""
     assert preview_pairs(list(range(10)), 4).indices == [0, 3, 6, 9]
     assert preview_pairs(list(range(3)), 4).indices == [0, 1, 2]
+
+
+def test_a_run_resumed_on_other_ranks_goes_on_at_the_same_global_batch() -> None:
+    """Each of R ranks takes every R-th batch: 10 batches on each of 4 ranks are 40 global
+    batches, 20 on each of 2 ranks."""
+    state = {"step": 10, "batches_taken": 10, "num_processes": 4}
+    assert resumed_batches(state, 1, 4) == 10
+    assert resumed_batches(state, 1, 2) == 20
+    assert resumed_batches(state, 1, 8) == 5
+    assert resumed_batches({"step": 6}, 2, 3) == 12  # older checkpoints: step x grad_accum

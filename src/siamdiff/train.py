@@ -208,6 +208,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
+def resumed_batches(state: dict, grad_accum: int, num_processes: int) -> int:
+    """The batches each rank has taken, in a checkpoint's ``trainer_state``, on
+    ``num_processes`` ranks: each rank takes every ``num_processes``-th batch of the epoch, so
+    a run resumed on another number of ranks starts at the same global batch."""
+    # Checkpoints of older siamdiff versions lack these: no skipped steps, the same ranks.
+    taken = state.get("batches_taken", state["step"] * grad_accum)
+    return taken * state.get("num_processes", num_processes) // num_processes
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -234,7 +243,11 @@ def save_checkpoint(
         if accelerator.is_main_process:
             save_file(weights, partial / SAFE_WEIGHTS_NAME)
     if accelerator.is_main_process:
-        state = {"step": step, "batches_taken": batches_taken}
+        state = {
+            "step": step,
+            "batches_taken": batches_taken,
+            "num_processes": accelerator.num_processes,
+        }
         atomic_write_json(partial / "trainer_state.json", state)
         # On disk before the checksums vouch for it and older checkpoints are pruned: after a
         # power cut, a checkpoint renamed into place must not come back truncated.
@@ -549,9 +562,15 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             ) from exc
         state = json.loads((last / "trainer_state.json").read_text())
         step = state["step"]
-        # Checkpoints of older siamdiff versions lack it: no skipped steps assumed.
-        batches_taken = state.get("batches_taken", step * cfg.optim.grad_accum)
+        batches_taken = resumed_batches(state, cfg.optim.grad_accum, accelerator.num_processes)
         accelerator.print(f"resumed from {last} at step {step}")
+        trained_on = state.get("num_processes", accelerator.num_processes)
+        if trained_on != accelerator.num_processes:
+            accelerator.print(
+                f"warning: trained on {trained_on} processes, resumed on "
+                f"{accelerator.num_processes}: the data goes on where it stopped, but the "
+                "batch is another size and the run no longer matches an uninterrupted one"
+            )
         if accelerator.is_main_process:
             # Damaged ones past it: recomputed now, and never to count among the keep-last.
             for damaged in existing[existing.index(last) + 1 :]:
