@@ -191,12 +191,18 @@ def interrupted_run(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return out
 
 
+def interrupted_state(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The checkpoint state of :func:`interrupted_run` (its state.json, read)."""
+    interrupted_run(data, out, monkeypatch)
+    return json.loads((out / CHECKPOINT / "state.json").read_text())
+
+
 def test_a_damaged_checkpoint_is_a_one_line_error(
     phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = interrupted_run(phantom_data, tmp_path / "vae", monkeypatch)
+    out = tmp_path / "vae"
+    state = interrupted_state(phantom_data, out, monkeypatch)
     state_path = out / CHECKPOINT / "state.json"
-    state = json.loads(state_path.read_text())
     weights = out / CHECKPOINT / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a disk that filled up
     with pytest.raises(SiamdiffError, match="cannot resume from this checkpoint"):
@@ -214,11 +220,10 @@ def test_a_damaged_checkpoint_is_a_one_line_error(
 def test_a_checkpoint_of_an_older_version_without_the_image_order_resumes(
     phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = interrupted_run(phantom_data, tmp_path / "vae", monkeypatch)
-    state_path = out / CHECKPOINT / "state.json"
-    state = json.loads(state_path.read_text())
+    out = tmp_path / "vae"
+    state = interrupted_state(phantom_data, out, monkeypatch)
     del state["order"]
-    state_path.write_text(json.dumps(state))
+    (out / CHECKPOINT / "state.json").write_text(json.dumps(state))
     train_vae(phantom_data, out, TINY, resume=True)
     assert json.loads((out / INFO_NAME).read_text())["steps"] == TINY.steps
 
