@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import subprocess
 import sys
@@ -263,3 +264,35 @@ def test_building_the_cache_leaves_the_training_rng_alone(tmp_path: Path, autoen
         torch.manual_seed(0)
         torch.testing.assert_close(drawn, torch.rand(4), rtol=0, atol=0)
     assert pairs.loaded == [0, 1, 2]  # cold once, then warm
+
+
+def test_readers_register_so_a_concurrent_writer_keeps_their_pages(tmp_path: Path):
+    """A lock-free reader is invisible to a writer, which may then recycle the pages it reads."""
+    path = tmp_path / "cache"
+    items = _latents(2)
+    with LatentCache(path, IDENTITY, "crop32") as cache:
+        cache.put_many(items)
+    with LatentCache(path, IDENTITY, "crop32", readonly=True) as reader:
+        env = reader._environment()
+        with env.begin():  # a read in progress, as in a DataLoader worker
+            assert str(os.getpid()) in env.readers()
+
+
+def test_a_cache_whose_lock_file_cannot_be_written_is_read_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "cache"
+    items = _latents(1)
+    with LatentCache(path, IDENTITY, "crop32") as cache:
+        cache.put_many(items)
+    real_open = lmdb.open
+
+    def read_only_mount(*args, **kwargs):
+        if kwargs.get("lock", True):
+            raise lmdb.ReadonlyError(f"{args[0]}: Read-only file system")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(lmdb, "open", read_only_mount)
+    with LatentCache(path, IDENTITY, "crop32", readonly=True) as reader:
+        assert not reader._environment().flags()["lock"]
+        torch.testing.assert_close(reader.get(items[0][0]), items[0][1], atol=2e-3, rtol=1e-3)

@@ -33,6 +33,9 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import LatentAutoencoder
 
 DEFAULT_MAP_SIZE = 1 << 30
+# LMDB's reader table is sized by whoever creates the lock file: room for every DataLoader
+# worker of every rank of several runs sharing one cache (its default is 126).
+MAX_READERS = 4096
 ENTRY_FORMAT = "image+mask"  # what an entry names; older caches (image only) are never read
 
 
@@ -59,12 +62,13 @@ def _unpack(data: bytes) -> Tensor:
 class LatentCache:
     """Latents of one (encoder identity, view) pair in an LMDB database directory.
 
-    Read-only caches open without LMDB's lock file, so any number of DataLoader
-    workers can read at once (no writer may run meanwhile). The environment opens
-    lazily in each process and is dropped on pickling, so a read-only cache can sit
-    inside a Dataset handed to worker processes, whether forked or spawned. LMDB
-    allows one open handle per path and process: close a cache before opening the
-    same path again.
+    Readers register in LMDB's lock file, so another run may build into a shared cache
+    while this one reads it (a lock-free reader could see pages the writer recycles);
+    where the lock file cannot be written (a read-only copy or mount, where no writer can
+    run either) they read without it. The environment opens lazily in each process and
+    is dropped on pickling, so a read-only cache can sit inside a Dataset handed to worker
+    processes, whether forked or spawned. LMDB allows one open handle per path and
+    process: close a cache before opening the same path again.
     """
 
     def __init__(
@@ -92,18 +96,27 @@ class LatentCache:
             if self._env is not None:
                 # Inherited through fork(): LMDB handles must not be used across fork, and
                 # lmdb refuses a second open of a path it still lists, so drop this copy.
-                # A read-only handle holds no lock, so closing it leaves the parent intact.
+                # Closing it clears only this process's reader slots (LMDB matches the pid)
+                # and fcntl locks are not inherited: the parent's handle stays intact.
                 self._env.close()
             self._env = self._open()
             self._pid = os.getpid()
         return self._env
 
     def _open(self) -> lmdb.Environment:
+        path = str(self.path)
         try:
-            if self.readonly:
-                return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False)
-            self.path.mkdir(parents=True, exist_ok=True)
-            return lmdb.open(str(self.path), map_size=self.map_size, readahead=False)
+            if not self.readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
+                return lmdb.open(
+                    path, map_size=self.map_size, readahead=False, max_readers=MAX_READERS
+                )
+            try:
+                return lmdb.open(path, readonly=True, readahead=False, max_readers=MAX_READERS)
+            except lmdb.Error:
+                if not self.path.is_dir():
+                    raise
+                return lmdb.open(path, readonly=True, lock=False, readahead=False)
         except (lmdb.Error, OSError) as exc:
             raise SiamdiffError(f"cannot open latent cache ({exc})", self.path) from exc
 
