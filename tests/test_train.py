@@ -183,6 +183,34 @@ def test_data_workers_leave_ctrl_c_to_the_main_process(
         stream.close()
 
 
+class _RandomDraws(torch.utils.data.Dataset):
+    """Each item: its index and one draw of torch's RNG, as a random crop would make."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "draw": torch.rand(())}
+
+
+def test_a_frame_drawn_twice_an_epoch_gets_other_augmentations():
+    """Two large lesions, four small ones, 2:1: each large frame is drawn twice an epoch."""
+    data = SeededAugmentation(_RandomDraws(), seed=3)
+    sampler = BalancedBatchSampler([0.9, 0.8, 0.1, 0.1, 0.1, 0.1], batch_size=3)
+
+    def epoch(start: int) -> list[tuple[int, float]]:
+        stream = batches(data, sampler, start=start, num_workers=0, pin_memory=False)
+        drawn = [next(stream) for _ in range(len(sampler) - start)]
+        stream.close()
+        pairs = (zip(b["index"], b["draw"], strict=True) for b in drawn)
+        return [(int(i), float(v)) for batch in pairs for i, v in batch]
+
+    straight = epoch(0)
+    large = [v for i, v in straight if i in (0, 1)]
+    assert len(large) == 4 and len(set(large)) == 4
+    assert epoch(1) == straight[3:]  # a resume draws the same augmentations
+
+
 def test_partial_checkpoint_is_never_resumed_from(phantom_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     train(tiny_config(phantom_data, run, "train.max_steps=2", "train.checkpoint_every=1"))

@@ -8,7 +8,7 @@ through ``accelerate launch`` (or ``torchrun``): each rank draws its own batches
 the balanced sampler; DDP keeps the weights identical.
 
 Resume is exact: the batch order is a function of (seed, epoch), every sample's
-augmentation is seeded by (seed, epoch, index), and accelerate restores the model,
+augmentation is seeded by (seed, epoch, index, occurrence), and accelerate restores the model,
 optimiser, scheduler and RNG states, so a resumed run continues the same sequence.
 """
 
@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -76,11 +77,14 @@ MEMORY_ADVICE = (
 
 
 class SeededAugmentation(Dataset):
-    """Seeds each sample's random transforms by (seed, epoch, index).
+    """Seeds each sample's random transforms by (seed, epoch, index, occurrence).
 
     A sample's augmentation then no longer depends on which worker loads it or on
     how many samples that worker saw before, so a resumed run reproduces the
-    augmentations of an uninterrupted one. The caller's RNG is left untouched.
+    augmentations of an uninterrupted one. ``occurrence`` counts the earlier draws of the
+    index this epoch (:func:`with_occurrences`): the balanced sampler draws the frames of
+    its larger pool more than once, and each draw gets its own crop and flips. The
+    caller's RNG is left untouched.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -91,11 +95,25 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
-        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, occurrence = key if isinstance(key, tuple) else (key, 0)
+        # A first draw keeps the (seed, epoch, index) seed of checkpoints written before
+        # occurrences were counted, so their resumes stay exact.
+        entropy = [self.seed, self.epoch, index] + ([occurrence] if occurrence else [])
+        seed = np.random.SeedSequence(entropy).generate_state(1)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             return self.dataset[index]
+
+
+def with_occurrences(order: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Each index of an epoch's batches paired with how many times it was drawn before."""
+    drawn: Counter[int] = Counter()
+    keyed = []
+    for batch in order:
+        keyed.append([(index, drawn[index]) for index in batch])
+        drawn.update(batch)
+    return keyed
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -279,7 +297,7 @@ def batches(
     while True:
         sampler.set_epoch(epoch)
         data.epoch = epoch
-        order = list(sampler)[skip:]
+        order = with_occurrences(list(sampler))[skip:]
         # Without its own generator a DataLoader draws worker seeds from the global RNG,
         # and a resumed run would draw them at another point of the RNG stream.
         seeds = torch.Generator().manual_seed(data.seed * 1_000_003 + epoch)
