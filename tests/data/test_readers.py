@@ -365,6 +365,22 @@ def _save_mask(path: Path, kind: str) -> None:
         image = Image.fromarray(LESION, mode="P")
         image.putpalette([0, 0, 0, 0, 100, 0] + [0] * 762)
         image.save(path)
+    elif kind == "palette, white lesion at index 0":  # Pillow's quantize(2) of a 0/255 mask
+        image = Image.fromarray(1 - LESION, mode="P")
+        image.putpalette([255, 255, 255, 0, 0, 0])
+        image.save(path)
+    elif kind == "16-bit 0/128/255 (8-bit values, soft edge)":
+        soft = LESION.astype(np.uint16) * 255
+        soft[3, 3:12] = 100  # an anti-aliased edge below the threshold
+        Image.fromarray(soft).save(path)
+    elif kind == "tiff min-is-white 8-bit":
+        tifffile.imwrite(path, (1 - LESION) * 255, photometric="miniswhite")
+    elif kind == "tiff min-is-white 1-bit":
+        tifffile.imwrite(path, LESION == 0, photometric="miniswhite", bitspersample=1)
+    elif kind == "tiff palette, red lesion at index 0":
+        colormap = np.zeros((3, 256), np.uint16)
+        colormap[0, 0] = 40000  # index 0 red, index 1 black
+        tifffile.imwrite(path, 1 - LESION, photometric="palette", colormap=colormap)
     elif kind in ("alpha only, black", "alpha only, white"):
         colour = 0 if kind.endswith("black") else 255
         rgba = np.full((16, 16, 4), colour, np.uint8)
@@ -381,6 +397,11 @@ def _save_mask(path: Path, kind: str) -> None:
         "tiff 16-bit 0/1",
         "tiff float 0/1",
         "palette, dark lesion colour",
+        "palette, white lesion at index 0",
+        "16-bit 0/128/255 (8-bit values, soft edge)",
+        "tiff min-is-white 8-bit",
+        "tiff min-is-white 1-bit",
+        "tiff palette, red lesion at index 0",
         "alpha only, black",
         "alpha only, white",
     ],
@@ -409,3 +430,11 @@ def test_a_siamdiff_dataset_reads_back_as_a_folder(tmp_path: Path) -> None:
     assert result.skipped == []
     assert {(p.dataset, p.group) for p in result.pairs} == {("cvc_clinicdb", "seq01")}
     assert sorted(p.frame for p in result.pairs) == ["0001-s00", "0001-s01", "0001-s02"]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_an_opaque_empty_mask_with_alpha_is_empty(tmp_path: Path, mode: str) -> None:
+    """One colour everywhere and an alpha that does not vary: a negative frame, not a lesion
+    drawn in its alpha channel."""
+    Image.new(mode, (8, 8), (0, 255) if mode == "LA" else (0, 0, 0, 255)).save(tmp_path / "m.png")
+    assert not load_mask(tmp_path / "m.png").any()

@@ -147,20 +147,59 @@ def _to_hw_or_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _decode_mask_pil(path: Path) -> tuple[np.ndarray, bool]:
+def _decode_tiff(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A TIFF's samples as intensities (min-is-white inverted), and its palette's colours
+    (HxWx3 uint8) when it has one."""
+    with tifffile.TiffFile(path) as tif:
+        array = tif.asarray()
+        page = tif.pages[0]
+        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and array.dtype.kind in "bu":
+            array = ~array if array.dtype == np.bool_ else (1 << page.bitspersample) - 1 - array
+        colours = None
+        if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+            colormap = np.asarray(page.colormap).T  # N x 3, 8- or 16-bit
+            colormap = colormap // 257 if colormap.max() > 255 else colormap
+            colours = colormap.astype(np.uint8)[array]
+    return array, colours
+
+
+def _decode_tiff_pixels(path: Path) -> np.ndarray:
+    array, colours = _decode_tiff(path)
+    return array if colours is None else colours
+
+
+def _palette_mask(indices: np.ndarray, colours: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A palette mask by its colours (index 0 may be white): of two colours the brighter is
+    the lesion, however dark (a label colour); one colour over several indices leaves the
+    indices (nonzero = lesion); more colours are grey levels (thresholded)."""
+    grey = colours.max(axis=-1)
+    values = np.unique(grey)
+    if len(values) == 2:
+        return grey == values[1], True
+    if len(values) == 1 and len(np.unique(indices)) > 1:
+        return indices, True
+    return grey, False
+
+
+def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A mask's pixels as drawn: (array, whether its values are labels).
 
-    A palette mask gives its indices (labels: a dark lesion colour is still index 1), and a
-    mask drawn only in its alpha channel (one colour everywhere) gives that alpha.
+    Palette masks are read by :func:`_palette_mask`; a mask drawn only in its alpha
+    channel (one colour everywhere, a varying alpha) gives that alpha.
     """
+    if _is_tiff(path):
+        array, colours = _decode_tiff(path)
+        return (array, False) if colours is None else _palette_mask(array, colours)
     with Image.open(path) as image:
         image.load()
         if image.mode in ("P", "PA"):
-            return np.asarray(image.getchannel(0)), True
+            indices = np.asarray(image.getchannel(0))
+            return _palette_mask(indices, np.asarray(image.convert("RGB")))
         if image.mode in ("RGBA", "LA", "La", "RGBa"):
             colour = np.asarray(image.convert("RGB"))
-            if (colour == colour[:1, :1]).all():
-                return np.asarray(image.getchannel("A")), False
+            alpha = np.asarray(image.getchannel("A"))
+            if (colour == colour[:1, :1]).all() and alpha.min() != alpha.max():
+                return alpha, False
     return _decode_pil(path), False
 
 
@@ -185,7 +224,7 @@ def _pixels(array: Any, path: Path) -> np.ndarray:
 def _read_uint8(path: Path) -> np.ndarray:
     """Decode ``path`` to uint8 HxW or HxWx3. TIFF via tifffile (Pillow refuses the CVC TIFFs)."""
     path = Path(path)
-    array = _pixels(_read(path, tifffile.imread if _is_tiff(path) else _decode_pil), path)
+    array = _pixels(_read(path, _decode_tiff_pixels if _is_tiff(path) else _decode_pil), path)
     return _to_hw_or_hwc(_to_uint8(array, path), path)
 
 
@@ -209,15 +248,15 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     """The mask at ``path`` as bool HxW: foreground = 8-bit value >= ``threshold`` (128).
 
     Colour masks (JPEG masks are RGB with compression noise) use the maximum over their
-    channels; 16-bit masks are first scaled to 8 bits. Label masks are read as labels,
-    foreground = nonzero: masks of two values, one of them 0 (0/1 at any bit depth, the
-    nnU-Net convention, or 0/255 stored in 16 bits; JPEG excepted), palette masks (their
-    indices), and float masks (> 0.5). A mask
-    drawn only in its alpha channel uses that alpha.
+    channels; 16-bit masks are first scaled to 8 bits, unless no value exceeds 255 (8-bit
+    values stored in 16 bits). Label masks are read as labels, foreground = nonzero: masks
+    of two values, one of them 0 (0/1 at any bit depth, the nnU-Net convention, or 0/255
+    stored in 16 bits; JPEG excepted), and float masks (> 0.5). Palette masks of two
+    colours take the brighter as the lesion. A mask drawn only in its alpha channel uses
+    that alpha; min-is-white TIFFs are inverted.
     """
     path = Path(path)
-    decode = (lambda p: (tifffile.imread(p), False)) if _is_tiff(path) else _decode_mask_pil
-    array, labels = _read(path, decode)
+    array, labels = _read(path, _decode_mask)
     array = _to_hw_or_hwc(_pixels(array, path), path)
     if array.ndim == 3:
         array = array.max(axis=-1)
@@ -229,6 +268,8 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     # JPEG, whose compression noise is no second label.
     if labels or (path.suffix.lower() not in JPEG_SUFFIXES and _zero_and_one_value(array)):
         return array > 0
+    if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 255:
+        return array >= threshold  # 8-bit values, whatever the storage (OpenCV's uint16 writes)
     return _to_uint8(array, path) >= threshold
 
 
