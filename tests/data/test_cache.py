@@ -296,3 +296,13 @@ def test_a_cache_whose_lock_file_cannot_be_written_is_read_without_it(
     with LatentCache(path, IDENTITY, "crop32", readonly=True) as reader:
         assert not reader._environment().flags()["lock"]
         torch.testing.assert_close(reader.get(items[0][0]), items[0][1], atol=2e-3, rtol=1e-3)
+
+
+def test_a_truncated_cache_is_a_user_error_not_a_bus_error(tmp_path: Path):
+    path = tmp_path / "cache"
+    with LatentCache(path, IDENTITY, "crop32") as cache:
+        cache.put_many(_latents(20))
+    os.truncate(path / "data.mdb", 8192)  # an interrupted copy
+    for readonly in (True, False):
+        with pytest.raises(SiamdiffError, match=r"truncated \(8192 of \d+ bytes\)"):
+            LatentCache(path, IDENTITY, "crop32", readonly=readonly)

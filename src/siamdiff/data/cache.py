@@ -104,6 +104,21 @@ class LatentCache:
         return self._env
 
     def _open(self) -> lmdb.Environment:
+        env = self._open_environment()
+        # LMDB maps the file: a page past the end of a truncated copy (an interrupted rsync)
+        # kills the process with SIGBUS at its first read, no error to catch.
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        data = self.path / "data.mdb"
+        if data.is_file() and data.stat().st_size < needed:
+            env.close()
+            raise SiamdiffError(
+                f"latent cache is truncated ({data.stat().st_size} of {needed} bytes); "
+                "delete it to rebuild",
+                self.path,
+            )
+        return env
+
+    def _open_environment(self) -> lmdb.Environment:
         path = str(self.path)
         try:
             if not self.readonly:
