@@ -89,7 +89,7 @@ def _fails(dest: Path, url: str, match: str, **kwargs: object) -> None:
     assert list(dest.iterdir()) == []
 
 
-@pytest.mark.parametrize("top", ["Kvasir-SEG/", ""])
+@pytest.mark.parametrize("top", ["Kvasir-SEG/", "", "kvasir-seg/Kvasir-SEG/"])
 def test_download_with_or_without_top_folder(served, dest: Path, top: str):
     base, root = served
     entries = _kvasir_entries(top)
@@ -139,6 +139,31 @@ def test_sha256_mismatch(served, dest: Path):
     base, root = served
     _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
     _fails(dest, f"{base}/kvasir-seg.zip", "SHA-256 mismatch", expected_sha256="0" * 64)
+
+
+def test_a_pasted_sha256_is_accepted_and_a_malformed_one_refused_before_fetching(
+    served, dest: Path
+):
+    base, root = served
+    sha = hashlib.sha256(_write_zip(root / "kvasir-seg.zip", _kvasir_entries())).hexdigest()
+    pasted = f" {sha.upper()}  kvasir-seg.zip\n"  # sha256sum's line, in upper case
+    download_kvasir(dest, url=f"{base}/kvasir-seg.zip", expected_sha256=pasted, progress=False)
+    with pytest.raises(SiamdiffError, match="is not a SHA-256"):
+        download_kvasir(dest, url=f"{base}/absent.zip", expected_sha256=sha[:-1], progress=False)
+
+
+def test_archive_folders_in_another_case_are_found(served, dest: Path):
+    base, root = served
+    entries = {k.replace("images/", "Images/"): v for k, v in _kvasir_entries().items()}
+    _write_zip(root / "kvasir-seg.zip", entries)
+    out = download_kvasir(dest, url=f"{base}/kvasir-seg.zip", progress=False)
+    assert (out / "Images" / "a.jpg").is_file() and (out / "masks" / "a.jpg").is_file()
+
+
+def test_an_archive_with_two_datasets_is_refused(served, dest: Path):
+    base, root = served
+    _write_zip(root / "two.zip", {**_kvasir_entries("A/"), **_kvasir_entries("B/")})
+    _fails(dest, f"{base}/two.zip", r"several images/ \+ masks/ folders: A/, B/")
 
 
 def test_http_404(served, dest: Path):

@@ -1,9 +1,9 @@
 """Download Kvasir-SEG from its official site, for users with internet access.
 
-The archive streams to a temporary file beside the destination, is checked
+The archive streams into a temporary folder beside the destination, is checked
 (zip, optional SHA-256, safe entry names, images/ and masks/ present), and is
-extracted into a temporary folder that is renamed into place only when all of
-it succeeded: a failed download leaves nothing behind.
+extracted there; the folder is renamed into place only when all of it succeeded:
+a failed download leaves nothing behind, a killed one is cleared by the next run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -66,12 +65,20 @@ def _fetch(url: str, target: Path, progress: bool, timeout: float) -> str:
 
 
 def _root_prefix(names: list[str], url: str) -> str:
-    """The folder inside the archive holding images/ and masks/: '' or one top folder."""
-    tops = {f"{PurePosixPath(name).parts[0]}/" for name in names if "/" in name}
-    for prefix in ["", *sorted(tops)]:
-        if all(any(n.startswith(f"{prefix}{f}/") for n in names) for f in REQUIRED_FOLDERS):
-            return prefix
-    raise SiamdiffError("archive has no images/ and masks/ folders (not Kvasir-SEG?)", url)
+    """The folder inside the archive holding images/ and masks/ (any depth, any case)."""
+    folders: dict[str, set[str]] = {}
+    for name in names:
+        parts = PurePosixPath(name).parts
+        for depth in range(len(parts) - 1):
+            prefix = "".join(f"{part}/" for part in parts[:depth])
+            folders.setdefault(prefix, set()).add(parts[depth].lower())
+    roots = sorted(p for p, held in folders.items() if held >= set(REQUIRED_FOLDERS))
+    if not roots:
+        raise SiamdiffError("archive has no images/ and masks/ folders (not Kvasir-SEG?)", url)
+    if len(roots) > 1:
+        listed = ", ".join(root or "(top)" for root in roots)
+        raise SiamdiffError(f"archive holds several images/ + masks/ folders: {listed}", url)
+    return roots[0]
 
 
 def _check_name(name: str, url: str) -> None:
@@ -137,6 +144,16 @@ def _extract(archive: Path, out: Path, url: str) -> None:
         raise SiamdiffError(f"downloaded file is not a valid zip archive ({exc})", url) from exc
 
 
+def checked_sha256(text: str) -> str:
+    """A SHA-256 as typed or pasted (surrounding spaces, upper case, ``sha256sum``'s
+    ``HASH  FILE`` line) in lower-case hex; a one-line error otherwise."""
+    words = text.split()
+    digest = words[0].lower() if words else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise SiamdiffError(f"--sha256 {text!r} is not a SHA-256 (64 hexadecimal digits)")
+    return digest
+
+
 def download_kvasir(
     dest: str | Path,
     url: str = KVASIR_URL,
@@ -151,25 +168,19 @@ def download_kvasir(
     without a top folder. Any failure raises a one-line SiamdiffError naming the
     URL and leaves nothing new inside ``dest``.
     """
+    expected = None if expected_sha256 is None else checked_sha256(expected_sha256)
     if "://" not in url:  # an archive already on disk (a browser download, a lab mirror)
         if not Path(url).is_file():
             raise SiamdiffError("is neither a URL nor an existing file", url)
         url = Path(url).resolve().as_uri()
-    dest = Path(dest)
-    target = dest / KVASIR_FOLDER
-    if target.exists() and not overwrite:
-        raise SiamdiffError("already exists (pass --overwrite to replace it)", target)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SiamdiffError(f"cannot create directory ({exc.strerror})", dest) from exc
-    with tempfile.TemporaryDirectory(prefix=".kvasir-seg.", suffix=".download", dir=dest) as tmp:
-        archive = Path(tmp) / "kvasir-seg.zip"
+    target = Path(dest) / KVASIR_FOLDER
+    # The archive lies inside the output's temporary folder: a killed download is cleared
+    # with it by the next run (atomic_output_dir clears abandoned temporary folders).
+    with atomic_output_dir(target, overwrite=overwrite) as out:
+        archive = out / ".kvasir-seg.zip"
         sha256 = _fetch(url, archive, progress, timeout)
-        if expected_sha256 is not None and sha256 != expected_sha256.lower():
-            raise SiamdiffError(
-                f"SHA-256 mismatch: got {sha256}, expected {expected_sha256.lower()}", url
-            )
-        with atomic_output_dir(target, overwrite=overwrite) as out:
-            _extract(archive, out, url)
+        if expected is not None and sha256 != expected:
+            raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", url)
+        _extract(archive, out, url)
+        archive.unlink()
     return target
