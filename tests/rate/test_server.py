@@ -90,6 +90,26 @@ def test_page_never_reveals_the_source(client: FlaskClient, study: Study) -> Non
     assert len(skeletons["real"]) == 1
 
 
+def test_image_responses_carry_no_file_times(client: FlaskClient, study: Study) -> None:
+    """An ETag or Last-Modified from the file's write time would time each image's making
+    (a real frame's decoding is slower), readable in the browser's developer tools."""
+    headers = set()
+    for item in study.items:
+        response = client.get(f"/image/{item.name}")
+        assert response.get_data() == study.image_path(item.name).read_bytes()
+        assert "ETag" not in response.headers and "Last-Modified" not in response.headers
+        headers.add(tuple(sorted(name for name, _ in response.headers if name != "Content-Length")))
+    assert len(headers) == 1
+
+
+def test_a_study_given_by_a_relative_path_serves_its_images(
+    study: Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(study.root.parent)
+    client = create_app(study.root.name).test_client()
+    assert client.get(f"/image/{study.items[0].name}").status_code == 200
+
+
 def test_replayed_forged_and_invalid_answers_are_rejected(
     client: FlaskClient, study: Study
 ) -> None:

@@ -73,14 +73,15 @@ def test_pooled_detection_permutes_images_not_ratings() -> None:
     result = pooled_detection(images)
     assert result["images"] == 6 and result["n"] == 14 and result["accuracy"] == 1.0
     assert result["p_value"] == pytest.approx(2 / 20)
-    assert result["ci_low"] is None and result["ci_high"] is None  # no spread to resample
+    # No spread to resample: the exact interval over 6 images, lower end 0.025 ** (1 / 6).
+    assert result["ci_low"] == pytest.approx(0.025 ** (1 / 6)) and result["ci_high"] == 1.0
     # The same 14 guesses as independent ratings would claim far more certainty.
     assert detection([(g, t) for t, gs in images for g in gs])["p_value"] < 0.001
     chance = pooled_detection(
         [("real", ["real", "synthetic"])] * 4 + [("synthetic", ["real", "synthetic"])] * 4
     )
     assert chance["p_value"] == pytest.approx(1.0) and chance["accuracy"] == 0.5
-    assert chance["ci_low"] is None
+    assert chance["ci_low"] < 0.2 and chance["ci_high"] > 0.8  # 4 of 8 images, exactly
     mixed = pooled_detection(
         [("real", ["real"]), ("real", ["synthetic"])] * 3
         + [("synthetic", ["synthetic"]), ("synthetic", ["real"])] * 3

@@ -144,6 +144,12 @@ def test_study_from_another_version_is_refused(study: Study) -> None:
         load_study(study.root)
 
 
+def test_a_study_copied_without_its_images_is_refused(study: Study) -> None:
+    study.image_path(study.items[-1].name).unlink()
+    with pytest.raises(SiamdiffError, match=r"\.png: image of the study is missing"):
+        load_study(study.root)
+
+
 def test_open_study_resumes_an_existing_study(
     study: Study, phantom_data: Path, synthetic_data: Path
 ) -> None:

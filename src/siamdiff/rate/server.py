@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, g, redirect, render_template, request, send_file
+from flask import Flask, Response, abort, g, redirect, render_template, request
 from jinja2 import DictLoader
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import get_sockaddr, select_address_family
@@ -163,7 +163,9 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
         overlay = request.args.get("overlay") == "1"
         if item is None or (overlay and not item.overlay):
             abort(404, description="No such image.")
-        return send_file(study.image_path(item.name, overlay), mimetype="image/png")
+        # The bytes alone: send_file's ETag and Last-Modified carry the file's write time,
+        # and the gaps between them (decoding a real frame is slower) would tell the sources.
+        return Response(study.image_path(item.name, overlay).read_bytes(), mimetype="image/png")
 
     @app.get("/static/rate.js")
     def script() -> Response:

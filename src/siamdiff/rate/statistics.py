@@ -92,7 +92,9 @@ def pooled_detection(guesses_by_image: Sequence[tuple[str, Sequence[str]]]) -> d
     unit: ``p_value`` from permuting the images' truth labels (exact while the arrangements
     number at most RESAMPLES) with the difference of the mean share of "real" guesses on real
     and on synthetic images as statistic; ``ci_low`` / ``ci_high`` a percentile bootstrap of
-    the accuracy resampling images within each source."""
+    the accuracy resampling images within each source. When every image was judged alike
+    (all told right, say) the bootstrap has no spread, and the interval is the exact binomial
+    one over the images: six images all told right are no certainty of perfect detection."""
     images = [(truth, list(guesses)) for truth, guesses in guesses_by_image if len(guesses)]
     pairs = [(guess, truth) for truth, guesses in images for guess in guesses]
     result = detection(pairs)
@@ -120,8 +122,10 @@ def pooled_detection(guesses_by_image: Sequence[tuple[str, Sequence[str]]]) -> d
     hits = sum(c[p].sum(axis=1) for c, p in zip(correct, picks, strict=True))
     accuracies = hits / sum(n[p].sum(axis=1) for n, p in zip(counts, picks, strict=True))
     low, high = np.quantile(accuracies, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    if low < high:  # every image judged alike leaves no spread to resample: no interval
-        result.update(ci_low=float(low), ci_high=float(high))
+    if low == high:
+        told = round(result["accuracy"] * len(images))
+        low, high = stats.binomtest(told, len(images)).proportion_ci(CONFIDENCE)
+    result.update(ci_low=float(low), ci_high=float(high))
     result["p_value"] = float(test.pvalue)
     return result
 

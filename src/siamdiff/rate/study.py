@@ -156,7 +156,7 @@ def build_study(
     if not 0 <= repeats <= 2 * count - 1:
         raise SiamdiffError(f"--repeats must be between 0 and {2 * count - 1}, got {repeats}")
     if not 0 <= seed < 2**63:
-        raise SiamdiffError(f"--seed must be an integer >= 0, got {seed}")
+        raise SiamdiffError(f"--seed must be an integer in [0, 2**63), got {seed}")
     rng = np.random.default_rng(seed)
     secret = secrets.token_bytes(32)
     roots = {"synthetic": Path(synthetic), "real": Path(real)}
@@ -199,7 +199,7 @@ def build_study(
 
 def load_study(root: str | Path) -> Study:
     """Load and validate a study directory; one-line SiamdiffError on any problem."""
-    root = Path(root)
+    root = Path(root).resolve()  # the server serves its images from any working directory
     path = root / STUDY_FILE
     if not path.is_file():
         raise SiamdiffError(f"no {STUDY_FILE} here (is this a siamdiff rating study?)", root)
@@ -226,7 +226,15 @@ def load_study(root: str | Path) -> Study:
         item.source not in SOURCES for item in items
     ):
         raise SiamdiffError("study is malformed (bad item index or source)", path)
-    return Study(root=root, items=items, sequence=sequence, secret=secret, info=info)
+    study = Study(root=root, items=items, sequence=sequence, secret=secret, info=info)
+    for item in items:
+        for overlay in (False, True) if item.overlay else (False,):
+            if not study.image_path(item.name, overlay).is_file():
+                raise SiamdiffError(
+                    "image of the study is missing (copied without images/?)",
+                    study.image_path(item.name, overlay),
+                )
+    return study
 
 
 def open_study(
