@@ -175,6 +175,14 @@ def test_open_study_refuses_settings_it_was_not_built_with(
         open_study(synthetic_data, phantom_data, study.root, **setting)
 
 
+def test_a_study_is_built_into_an_empty_folder_made_for_it(
+    phantom_data: Path, synthetic_data: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "study").mkdir()
+    study = open_study(synthetic_data, phantom_data, tmp_path / "study", per_source=2)
+    assert len(study.items) == 4 and (tmp_path / "study" / STUDY_FILE).is_file()
+
+
 def test_a_new_study_needs_its_datasets(tmp_path: Path) -> None:
     with pytest.raises(SiamdiffError, match="is not a study yet: give SYN REAL"):
         open_study(None, None, tmp_path / "new")

@@ -215,7 +215,8 @@ def serve(study_root: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     """Serve the study until interrupted (threaded: several raters at once)."""
     check_can_listen(host, port)
     app = create_app(study_root, trusted_hosts=loopback_names(host))
-    print(f"Rating study {study_root}: open http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    print(f"Rating study {study_root}: open http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
     app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
 
 

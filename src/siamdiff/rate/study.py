@@ -126,6 +126,10 @@ def _sequence(n_items: int, repeats: int, rng: np.random.Generator) -> list[int]
     return order
 
 
+def _empty_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and not any(Path(path).iterdir())
+
+
 def build_study(
     synthetic: str | Path,
     real: str | Path,
@@ -165,7 +169,8 @@ def build_study(
     position = {s: {r.id: i for i, r in enumerate(views[s].records)} for s in SOURCES}
     picked = [(s, r) for s in SOURCES for r in _pick(manifests[s], count, rng)]
     shuffled = [picked[i] for i in rng.permutation(len(picked))]
-    with atomic_output_dir(out) as tmp:
+    # An empty folder was made ahead for the study (mkdir): build it there.
+    with atomic_output_dir(out, overwrite=_empty_dir(out)) as tmp:
         items = []
         for index, (source, record) in enumerate(shuffled):
             name = _opaque_name(secret, index)
@@ -250,7 +255,7 @@ def open_study(
     ignored without a word (their images never shown, an overlay never offered). Its images
     are copied into it, so the datasets need not be given again, nor be there any more."""
     given = {key: value for key, value in settings.items() if value is not None}
-    if Path(out).exists():
+    if Path(out).exists() and not _empty_dir(out):
         study = load_study(out)
         datasets = {"synthetic": synthetic, "real": real}
         for source in SOURCES:
