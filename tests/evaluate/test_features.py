@@ -14,6 +14,7 @@ from siamdiff.evaluate.features import (
     frechet_distance,
     kernel_inception_distance,
 )
+from siamdiff.evaluate.metrics import summary_rows
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -80,6 +81,16 @@ def test_kid_is_deterministic_for_a_seed_and_caps_the_subset_size() -> None:
     first = kernel_inception_distance(x, y, subsets=10, subset_size=1000, seed=3)
     assert first == kernel_inception_distance(x, y, subsets=10, subset_size=1000, seed=3)
     assert first != kernel_inception_distance(x, y, subsets=10, subset_size=20, seed=4)
+
+
+def test_kid_of_whole_sets_has_no_std() -> None:
+    """30 and 30 images at subset size 1000: every subset is both whole sets, std 0 exactly,
+    which a report would print as an exact KID."""
+    x, y = gaussian(30, 8, seed=0), gaussian(30, 8, seed=1)
+    mean, std = kernel_inception_distance(x, y, subsets=10, subset_size=1000, seed=0)
+    assert np.isfinite(mean) and std is None
+    row = dict(summary_rows({"kid_seg": {"available": True, "mean": mean, "std": std}}))
+    assert row["KID-seg (lower is better)"] == f"{mean:.4f} (whole sets, no subset spread)"
 
 
 def test_cmmd_is_zero_on_equal_sets_and_ignores_embedding_norms() -> None:

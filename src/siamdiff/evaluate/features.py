@@ -60,7 +60,7 @@ def kernel_inception_distance(
     subsets: int = 100,
     subset_size: int = 1000,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> tuple[float, float | None]:
     """KID (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018): mean and std over
     ``subsets`` random subsets of the unbiased MMD² with the cubic polynomial kernel
     ``k(x, y) = (x·y / d + 1)³``.
@@ -68,7 +68,8 @@ def kernel_inception_distance(
     Computed by torch-fidelity's ``kid_features_to_metric`` (the reference implementation
     behind torchmetrics' KID). The estimator is unbiased, so two samples of one distribution
     give a mean near 0 and may give a slightly negative one. ``subset_size`` is capped at the
-    smaller set: the expectation does not depend on it, only the spread does.
+    smaller set: the expectation does not depend on it, only the spread does. The std is
+    None when every subset is both whole sets (its 0 would claim an exact value).
     """
     from torch_fidelity.metric_kid import (
         KEY_METRIC_KID_MEAN,
@@ -77,15 +78,17 @@ def kernel_inception_distance(
     )
 
     a, b = _as_2d(feats_a, "feats_a"), _as_2d(feats_b, "feats_b")
+    size = min(subset_size, len(a), len(b))
     result = kid_features_to_metric(
         torch.from_numpy(a),
         torch.from_numpy(b),
         kid_subsets=subsets,
-        kid_subset_size=min(subset_size, len(a), len(b)),
+        kid_subset_size=size,
         rng_seed=seed,
         verbose=False,
     )
-    return result[KEY_METRIC_KID_MEAN], result[KEY_METRIC_KID_STD]
+    whole = size == len(a) == len(b)
+    return result[KEY_METRIC_KID_MEAN], None if whole else result[KEY_METRIC_KID_STD]
 
 
 def cmmd(feats_a: np.ndarray, feats_b: np.ndarray, sigma: float = 10.0) -> float:

@@ -481,6 +481,13 @@ def _value(entry: Mapping[str, Any] | None, text: str) -> str:
     return text.format(**entry)
 
 
+def _kid(entry: Mapping[str, Any] | None) -> str:
+    """Mean ± std, or the mean alone when every subset was the whole sets (no spread)."""
+    if entry and entry.get("available", True) and entry.get("std") is None:
+        return _value(entry, "{mean:.4f} (whole sets, no subset spread)")
+    return _value(entry, "{mean:.4f} ± {std:.4f}")
+
+
 def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(metric, value) rows for the CLI table and the HTML report."""
     standard = metrics.get("standard", {})
@@ -502,10 +509,10 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
             "  reference: real test vs real train (FD)",
             "n/a" if reference is None else f"{reference:.3f}",
         ),
-        ("KID-seg (lower is better)", _value(metrics.get("kid_seg"), "{mean:.4f} ± {std:.4f}")),
+        ("KID-seg (lower is better)", _kid(metrics.get("kid_seg"))),
         (
             "  reference: real test vs real train (KID)",
-            _value(metrics.get("kid_seg", {}).get("reference_real_test"), "{mean:.4f} ± {std:.4f}"),
+            _kid(metrics.get("kid_seg", {}).get("reference_real_test")),
         ),
         (
             "Mask fidelity mDice / mIoU",
@@ -526,7 +533,7 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("Colour histogram JS distance", _value(pixel, "{histogram_js:.3f}")),
         ("Inception FID", _value(standard.get("inception_fid"), "{value:.2f}")),
-        ("Inception KID", _value(standard.get("inception_kid"), "{mean:.4f} ± {std:.4f}")),
+        ("Inception KID", _kid(standard.get("inception_kid"))),
         ("CLIP-I (higher is closer)", _value(standard.get("clip_i"), "{value:.4f}")),
         ("CMMD (lower is better)", _value(standard.get("cmmd"), "{value:.4f}")),
     ]
