@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from siamdiff.cli import main
 from siamdiff.data.manifest import load_manifest, verify
@@ -59,3 +61,36 @@ def test_demo_overwrite_replaces_only_a_demo_folder(tmp_path: Path, capsys, monk
     (tmp_path / "d" / "partial.png").write_text("an earlier demo's file")
     assert main(["demo", "--out", str(tmp_path / "d"), "--overwrite"]) == 2  # ran, replaced it
     assert not (tmp_path / "d" / "partial.png").exists()
+
+
+def test_an_interrupted_overwrite_can_be_overwritten_again(tmp_path: Path, monkeypatch) -> None:
+    """Deleting in place, stopped once the marker was gone, left a folder --overwrite refused."""
+    import siamdiff.demo as demo
+
+    def stop_after_the_marker(*args, **kwargs):
+        raise demo.SiamdiffError("stopped")
+
+    monkeypatch.setattr(demo, "make_phantom_dataset", stop_after_the_marker)
+    out = tmp_path / "d"
+    threads = torch.get_num_threads()
+    with pytest.raises(demo.SiamdiffError, match="stopped"):
+        demo.run_demo(out)
+    assert torch.get_num_threads() == threads  # the caller's setting comes back
+    (out / "a.png").write_text("an earlier demo's file")
+    real_rmtree = shutil.rmtree
+
+    def ctrl_c_after_the_marker(path, *args, **kwargs):
+        (Path(path) / demo.MARKER).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", ctrl_c_after_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, overwrite=True)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    with pytest.raises(demo.SiamdiffError, match="stopped"):
+        demo.run_demo(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the aside copy cleared
+    assert not (out / "a.png").exists()
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(demo.SiamdiffError, match="link: is a symbolic link"):
+        demo.run_demo(tmp_path / "link", overwrite=True)

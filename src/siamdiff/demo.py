@@ -7,6 +7,7 @@ Nothing is downloaded; every stage writes what a real run writes.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +39,10 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
     out = Path(out)
     if train_steps < 1:
         raise SiamdiffError(f"--train-steps must be at least 1, got {train_steps}")
+    if out.is_symlink():
+        raise SiamdiffError("is a symbolic link: name the folder itself for the demo", out)
+    for leftover in out.parent.glob(f".{out.name}.deleting-*"):  # an interrupted --overwrite
+        shutil.rmtree(leftover, ignore_errors=True)
     if out.exists() and not out.is_dir():
         raise SiamdiffError("is a file, not a folder for the demo", out)
     if out.exists() and any(out.iterdir()):
@@ -48,13 +53,25 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
                 "holds files the demo did not write; --overwrite replaces only a demo folder",
                 out,
             )
-        shutil.rmtree(out)
+        # Out of the way first: deleting in place, interrupted after the marker went, would
+        # leave a folder that --overwrite then refuses.
+        doomed = out.with_name(f".{out.name}.deleting-{os.getpid()}")
+        out.rename(doomed)
+        shutil.rmtree(doomed)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by siamdiff demo; --overwrite may replace this folder\n")
-    started = time.perf_counter()
     # The demo's tensors are tiny: a second intra-op thread saves little and, when anything else
     # shares the CPU, its spin-waiting makes steps up to 10x slower.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_stages(out, train_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(out: Path, train_steps: int) -> Path:
+    started = time.perf_counter()
 
     def stage(name: str) -> None:
         print(f"\n== {name} ({time.perf_counter() - started:.0f} s)", flush=True)
