@@ -87,8 +87,8 @@ diffusers.__version__, 'siamdiff', siamdiff.__version__, 'cuda', torch.cuda.is_a
 
 stage bench "${BENCH_S:-210}" python3 -m siamdiff.bench "${bench_args[@]}" --device "$device" \
   --out "$work/bench"
-keep "$(ls "$work"/bench/*.json 2>/dev/null | head -n 1)" bench.json
-keep "$(ls "$work"/bench/*.md 2>/dev/null | head -n 1)" bench.md
+keep "$(ls -t "$work"/bench/*.json 2>/dev/null | head -n 1)" bench.json
+keep "$(ls -t "$work"/bench/*.md 2>/dev/null | head -n 1)" bench.md
 
 data=$work/data run=$work/run
 stage prepare 60 siamdiff prepare --source kvasir-seg="$carry/data/Kvasir-SEG" \

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import os
 import platform
 import re
 import time
@@ -341,9 +342,11 @@ def naive_sample(
     scheduler.set_timesteps(steps, device=mask_hint.device)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        pred_uncond = model.predict_mask(latents, t, uncond, mask_hint)
         pred_cond = model.predict_mask(latents, t, cond, mask_hint)
-        guided = pred_uncond + guidance * (pred_cond - pred_uncond)
+        guided = pred_cond
+        if guidance != 1.0:  # the authors' sampler, too, skips the unconditional pass at 1
+            pred_uncond = model.predict_mask(latents, t, uncond, mask_hint)
+            guided = pred_uncond + guidance * (pred_cond - pred_uncond)
         latents = scheduler.step(guided, t, latents).prev_sample
     return latents
 
@@ -476,6 +479,17 @@ def variant_plan(
     return plan
 
 
+def results_path(out_dir: Path, device: str, date: str) -> Path:
+    """``DEVICE-DATE.json`` in ``out_dir``, numbered (``-2``, ``-3``) after the day's first:
+    a second run never replaces the results of an earlier one."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{date}").strip("-").lower()
+    path, number = out_dir / f"{stem}.json", 1
+    while path.exists():
+        number += 1
+        path = out_dir / f"{stem}-{number}.json"
+    return path
+
+
 def run(
     preset_name: str,
     device: torch.device,
@@ -514,8 +528,7 @@ def run(
             for n in sample_batches or preset.sample_batches
         ],
     }
-    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{results['device']}-{results['date']}").strip("-")
-    path = out_dir / f"{name.lower()}.json"
+    path = results_path(out_dir, results["device"], results["date"])
 
     def save() -> None:
         atomic_write_json(path, results)
@@ -613,9 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--train-batches", type=at_least(1), nargs="+", default=None)
     parser.add_argument("--sample-batches", type=at_least(1), nargs="+", default=None)
-    parser.add_argument("--sample-steps", type=at_least(1), default=50)
+    parser.add_argument("--sample-steps", type=at_least(1), default=50, help="1 to 999")
     parser.add_argument("--guidance", type=float, default=9.0)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
     parser.add_argument("--iters", type=at_least(1), default=5)
     parser.add_argument("--no-meta", action="store_true", help="skip the SD1.5 meta FLOP count")
     parser.add_argument(
@@ -632,13 +645,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sample_steps > 999:  # DDIM over 1000 training timesteps
+        parser.error(f"--sample-steps must be at most 999, got {args.sample_steps}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU here")
     preset = args.preset if args.preset != "auto" else ("sd15" if device.type == "cuda" else "tiny")
     try:
         default = LEVERS if device.type == "cuda" else ()
         levers = parse_levers(default if args.speed is None else args.speed)
+        # Before minutes of measuring: the results are written after the first variant.
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except SiamdiffError as exc:
         parser.error(str(exc))
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
     if "bf16_frozen" in levers and device.type != "cuda":
         parser.error("bf16_frozen needs bf16 autocast, which the bench uses on CUDA only")
     results, path = run(
