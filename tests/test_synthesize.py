@@ -176,8 +176,8 @@ def test_resume_after_a_crash_ends_byte_identical(
     assert (out / records[3].image).is_file() and not (out / records[3].mask).exists()
     assert not (out / "manifest-v1.json").exists()
     # A kill mid-line, a temporary file of a killed write, and a finished file damaged later.
-    with open(journal, "a") as handle:
-        handle.write('{"id": "phantom-p0')
+    with open(journal, "ab") as handle:  # bytes that are no UTF-8 too (a disk error)
+        handle.write(b'\xff\xfe garbage\n{"id": "phantom-p0')
     (out / f".{records[4].image}.x1y2.tmp").write_bytes(b"half")
     (out / records[1].image).write_bytes(b"damaged")
 

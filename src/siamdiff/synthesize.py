@@ -286,10 +286,10 @@ def _read_journals(out: Path) -> dict[str, list[Record]]:
     or run has several); torn lines (killed runs) are skipped."""
     entries: dict[str, list[Record]] = defaultdict(list)
     for path in sorted(out.glob(".journal-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():  # decoded line by line: see below
             try:
                 record = Record(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError):  # torn or garbled
                 continue
             entries[record.id].append(record)
     return entries
