@@ -93,6 +93,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_writable_file(path: str | Path) -> None:
+    """Refuse, before a long job, an output file that names a folder or lies where nothing
+    can be written (its folder is created; the file itself only when the job ends)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SiamdiffError("is a folder: name a file for the output", path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = _create_file(path.parent, f".{path.name}.", ".probe")
+        os.close(handle)
+        probe.unlink()
+    except OSError as exc:
+        raise SiamdiffError(f"cannot write there ({exc.strerror or exc})", path.parent) from exc
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

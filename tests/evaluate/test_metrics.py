@@ -205,6 +205,9 @@ def test_evaluate_refuses_bad_inputs(
                 progress=False,
             )
     assert not out.exists()
+    # An --out that cannot be written is found before the metrics' hours, not after them.
+    with pytest.raises(SiamdiffError, match="is a folder: name a file"):
+        evaluate(real_root, synthetic_root, tmp_path, segmenter_dir=tmp_path / "never read")
 
 
 def test_format_metrics_shows_values_and_reasons(evaluated: tuple[dict[str, Any], Path]) -> None:

@@ -12,6 +12,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
+from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.metrics import diversity, same_mask_groups
 from siamdiff.evaluate.segmenter import frames
 from siamdiff.evaluate.standard import (
@@ -21,6 +22,7 @@ from siamdiff.evaluate.standard import (
     find_inception_weights,
     hub_checkpoint,
     load_lpips,
+    load_standard_models,
     lpips_backbone_file,
     standard_metrics,
 )
@@ -148,6 +150,20 @@ def test_an_incomplete_clip_directory_is_named(tmp_path: Path, clip_dir: Path) -
     (partial / "config.json").write_bytes((clip_dir / "config.json").read_bytes())
     with pytest.raises(MissingWeights, match=r"no preprocessor_config\.json"):
         clip_embedder(partial)
+
+
+def test_damaged_inception_or_clip_weights_are_one_line(tmp_path: Path, clip_dir: Path) -> None:
+    garbage = tmp_path / "inception.pth"
+    garbage.write_text("garbage")  # torch.load raised ValueError, which went uncaught
+    with pytest.raises(SiamdiffError, match="cannot load FID Inception weights"):
+        load_standard_models(inception_weights=garbage)
+    damaged = tmp_path / "clip"
+    damaged.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (damaged / name).write_bytes((clip_dir / name).read_bytes())
+    (damaged / "model.safetensors").write_bytes(b"x")  # SafetensorError, uncaught
+    with pytest.raises(SiamdiffError, match="cannot load the CLIP model"):
+        load_standard_models(clip_model=damaged)
 
 
 def test_lpips_diversity_with_a_cached_backbone(

@@ -39,7 +39,12 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from tqdm import tqdm
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from siamdiff.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_file,
+)
 from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest, require_intact
 from siamdiff.errors import SiamdiffError
@@ -57,7 +62,13 @@ from siamdiff.evaluate.segmenter import (
     score_segmenter,
     split_fingerprint,
 )
-from siamdiff.evaluate.standard import MissingWeights, load_lpips, standard_metrics, unavailable
+from siamdiff.evaluate.standard import (
+    MissingWeights,
+    load_lpips,
+    load_standard_models,
+    standard_metrics,
+    unavailable,
+)
 from siamdiff.evaluate.utility import (
     check_utility,
     segmentation_utility,
@@ -384,12 +395,18 @@ def evaluate(
     both datasets are refused up front when their files no longer match their manifests.
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
+    check_writable_file(out_json)  # every problem found now, not after the metrics' hours
     real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
     for root in (real_root, syn_root) if verify else ():
         require_intact(root, "pass --no-verify")
-    if utility:  # its problems now, not after every other metric
+    if utility:
         options = {k: v for k, v in (utility_options or {}).items() if k in UTILITY_CHECKED}
         check_utility(real_root, syn_root, **options)
+    try:
+        lpips: torch.nn.Module | str = load_lpips(lpips_net, device)
+    except MissingWeights as exc:
+        lpips = str(exc)
+    standard_models = load_standard_models(inception_weights, clip_model, device)
     warnings: list[str] = []
     metrics: dict[str, Any] = {
         "format": FORMAT,
@@ -434,10 +451,6 @@ def evaluate(
             f"({test_images}): FD-seg at the test split's size is n/a"
         )
 
-    try:
-        lpips: torch.nn.Module | str = load_lpips(lpips_net, device)
-    except MissingWeights as exc:
-        lpips = str(exc)
     size = segmenter.spec.size
     real_train, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
     groups = same_mask_groups(synthetic.records)
@@ -446,8 +459,7 @@ def evaluate(
     metrics["standard"] = standard_metrics(
         real_root,
         syn_root,
-        inception_weights=inception_weights,
-        clip_model=clip_model,
+        models=standard_models,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
         seed=seed,

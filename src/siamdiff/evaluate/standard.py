@@ -14,8 +14,8 @@ a download hangs or fails slowly). A metric whose weights are absent is reported
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def inception_extractor(
             features_list=["2048"],
             feature_extractor_weights_path=str(weights),
         ).to(device)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # torch.load raises anything on a damaged file (ValueError, ...)
         raise SiamdiffError(f"cannot load FID Inception weights ({exc})", weights) from exc
     return lambda images: network(to_uint8(images))
 
@@ -161,7 +161,7 @@ def clip_embedder(
     try:
         processor = CLIPImageProcessor.from_pretrained(directory, local_files_only=True)
         model = CLIPModel.from_pretrained(directory, local_files_only=True).to(device).eval()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged file raises anything (SafetensorError, ...)
         raise SiamdiffError(f"cannot load the CLIP model ({exc})", directory) from exc
 
     def embed(images: torch.Tensor) -> torch.Tensor:
@@ -205,10 +205,40 @@ def clip_metrics(
     return {"clip_i": clip_i, "cmmd": {"available": True, "value": cmmd(a, b)}}
 
 
+@dataclass(frozen=True)
+class StandardModels:
+    """The standard metrics' feature networks, loaded, or why each one is unavailable."""
+
+    inception: tuple[Callable[[torch.Tensor], torch.Tensor], Path] | str
+    clip: tuple[Callable[[torch.Tensor], torch.Tensor], int, str] | str
+
+
+def load_standard_models(
+    inception_weights: str | Path | None = None,
+    clip_model: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> StandardModels:
+    """Inception and CLIP, each from its local weights; damaged weights are a one-line error
+    (loaded before the evaluation's other metrics, not after them)."""
+    inception: tuple[Callable[[torch.Tensor], torch.Tensor], Path] | str
+    try:
+        weights = find_inception_weights(inception_weights)
+        inception = (inception_extractor(weights, device), weights)
+    except MissingWeights as exc:
+        inception = str(exc)
+    clip: tuple[Callable[[torch.Tensor], torch.Tensor], int, str] | str
+    try:
+        clip = clip_embedder(clip_model, device)
+    except MissingWeights as exc:
+        clip = str(exc)
+    return StandardModels(inception, clip)
+
+
 def standard_metrics(
     real_root: str | Path,
     syn_root: str | Path,
     *,
+    models: StandardModels | None = None,
     inception_weights: str | Path | None = None,
     clip_model: str | Path | None = None,
     kid_subsets: int = 100,
@@ -219,15 +249,16 @@ def standard_metrics(
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Inception FID / KID, CLIP-I and CMMD between the real training split and the whole
-    synthetic set; each one ``unavailable`` when its weights are not on disk."""
+    synthetic set; each one ``unavailable`` when its weights are not on disk. ``models``
+    (:func:`load_standard_models`) replaces ``inception_weights`` and ``clip_model``."""
+    models = models or load_standard_models(inception_weights, clip_model, device)
     common = {"batch_size": batch_size, "device": device, "progress": progress}
     results: dict[str, dict[str, Any]] = {}
-    try:
-        weights = find_inception_weights(inception_weights)
-    except MissingWeights as exc:
-        results |= {"inception_fid": unavailable(str(exc)), "inception_kid": unavailable(str(exc))}
+    if isinstance(models.inception, str):
+        why = unavailable(models.inception)
+        results |= {"inception_fid": why, "inception_kid": why}
     else:
-        extractor = inception_extractor(weights, device)
+        extractor, weights = models.inception
         real, synthetic = (
             generator_views(real_root, "train", INCEPTION_SIZE),
             frames(syn_root, None, INCEPTION_SIZE),
@@ -235,11 +266,10 @@ def standard_metrics(
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
         for name, value in inception_fid_kid(real, synthetic, extractor, **kid, **common).items():
             results[name] = {**value, "weights": str(weights)}
-    try:
-        embed, size, model_name = clip_embedder(clip_model, device)
-    except MissingWeights as exc:
-        results |= {"clip_i": unavailable(str(exc)), "cmmd": unavailable(str(exc))}
+    if isinstance(models.clip, str):
+        results |= {"clip_i": unavailable(models.clip), "cmmd": unavailable(models.clip)}
     else:
+        embed, size, model_name = models.clip
         real, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
         index = {record.id: i for i, record in enumerate(real.records)}
         sources = [index.get(record.extra.get("source_id")) for record in synthetic.records]
