@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
-from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import require_intact, sha256_file
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
@@ -74,36 +74,6 @@ MEMORY_ADVICE = (
     "train.gradient_checkpointing=true, train.mixed_precision=bf16 or train.speed=[bf16_frozen]; "
     "the run's checkpoints are kept (--resume continues)"
 )
-
-
-class SeededAugmentation(Dataset):
-    """Seeds each sample's random transforms by (seed, epoch, index, occurrence).
-
-    A sample's augmentation then no longer depends on which worker loads it or on
-    how many samples that worker saw before, so a resumed run reproduces the
-    augmentations of an uninterrupted one. ``occurrence`` counts the earlier draws of the
-    index this epoch (:func:`with_occurrences`): the balanced sampler draws the frames of
-    its larger pool more than once, and each draw gets its own crop and flips. The
-    caller's RNG is left untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, occurrence = key if isinstance(key, tuple) else (key, 0)
-        # A first draw keeps the (seed, epoch, index) seed of checkpoints written before
-        # occurrences were counted, so their resumes stay exact.
-        entropy = [self.seed, self.epoch, index] + ([occurrence] if occurrence else [])
-        seed = np.random.SeedSequence(entropy).generate_state(1)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            return self.dataset[index]
 
 
 def with_occurrences(order: list[list[int]]) -> list[list[tuple[int, int]]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from siamdiff.data.manifest import MANIFEST_NAME, Record, load_manifest
@@ -85,6 +86,36 @@ class PairedDataset(Dataset):
         }
         stacked = np.stack(hints, axis=-1) if hints else np.zeros((*mask.shape, 0), np.uint8)
         return self.transform({"image": image, "mask": mask, "hints": stacked, "meta": meta})
+
+
+class SeededAugmentation(Dataset):
+    """Seeds each sample's random transforms by (seed, epoch, index, occurrence).
+
+    A sample's augmentation then no longer depends on which worker loads it or on
+    how many samples that worker saw before, so a resumed run reproduces the
+    augmentations of an uninterrupted one. ``occurrence`` counts the earlier draws of the
+    index this epoch (``siamdiff.train.with_occurrences``): the balanced sampler draws the frames of
+    its larger pool more than once, and each draw gets its own crop and flips. The
+    caller's RNG is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, occurrence = key if isinstance(key, tuple) else (key, 0)
+        # A first draw keeps the (seed, epoch, index) seed of checkpoints written before
+        # occurrences were counted, so their resumes stay exact.
+        entropy = [self.seed, self.epoch, index] + ([occurrence] if occurrence else [])
+        seed = np.random.SeedSequence(entropy).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.dataset[index]
 
 
 def generator_views(

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
-from siamdiff.data.dataset import PairedDataset
+from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import Manifest, load_manifest, require_intact
 from siamdiff.data.transforms import (
     PairedResize,
@@ -273,16 +273,18 @@ def fit_segmenter(
     """Train ``spec`` on ``dataset`` in memory: BCE + Dice loss, AdamW, cosine decay.
 
     Deterministic for a seed on the CPU (weights, shuffling and augmentation all draw from
-    it); the caller's global RNG state is restored afterwards. Returns the segmenter and the
+    it; each sample's augmentation from (seed, epoch, index), whatever ``workers``); the
+    caller's global RNG state is restored afterwards. Returns the segmenter and the
     training record (loss per epoch, images per second).
     """
     check_training_settings(epochs, batch_size, lr)
+    seeded = SeededAugmentation(dataset, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build().to(device).train()
         # BatchNorm cannot train on a last batch of one sample.
         loader = DataLoader(
-            dataset,
+            seeded,
             batch_size=batch_size,
             shuffle=True,
             num_workers=workers,
@@ -296,6 +298,7 @@ def fit_segmenter(
         with tqdm(total=epochs * len(loader), desc=desc, unit="step", disable=not progress) as bar:
             for epoch in range(epochs):
                 total = 0.0
+                seeded.epoch = epoch  # workers start each epoch with a copy of it
                 for batch in loader:
                     images, masks = batch["image"].to(device), batch["mask"].to(device)
                     logits = model(images)
