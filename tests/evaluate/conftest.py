@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import Manifest, load_manifest, save_pair, write_manifest
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
@@ -16,15 +17,27 @@ SIZE = 64
 
 
 def make_synthetic(
-    real_root: Path, out: Path, per_mask: int = 2, noise: float = 0.0, seed: int = 0
+    real_root: Path,
+    out: Path,
+    per_mask: int = 2,
+    noise: float = 0.0,
+    seed: int = 0,
+    resolution: int | None = None,
 ) -> Path:
     """A fake ``siamdiff sample`` output: ``per_mask`` copies of each real training image
-    with Gaussian pixel noise of std ``noise`` (in 0..255 units), conditioned on its mask."""
+    with Gaussian pixel noise of std ``noise`` (in 0..255 units), conditioned on its mask.
+    With ``resolution`` the copies are the generator's views at that size, as a perfect
+    generator of that resolution would sample them."""
     rng = np.random.default_rng(seed)
     records = []
-    for source in load_manifest(real_root).split("train"):
+    views = None if resolution is None else generator_views(real_root, "train", resolution)
+    for index, source in enumerate(load_manifest(real_root).split("train")):
         mask = load_mask(real_root / source.mask)
         clean = load_rgb(real_root / source.image).astype(np.float64)
+        if views is not None:
+            view = views[index]
+            clean = ((view["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+            mask = view["mask"][0].numpy() > 0.5
         for k in range(per_mask):
             image = np.clip(clean + rng.normal(0.0, noise, clean.shape), 0, 255).round()
             name = f"syn-{source.group}-{source.frame}{k}"
@@ -42,7 +55,8 @@ def make_synthetic(
                     extra={"source_id": source.id, "seed": k, "sampler": {"name": "copy"}},
                 )
             )
-    write_manifest(out, Manifest(records=records, preprocessing={}, kind="synthetic"))
+    synthesis = {} if resolution is None else {"synthesis": {"resolution": resolution}}
+    write_manifest(out, Manifest(records=records, preprocessing=synthesis, kind="synthetic"))
     return out
 
 

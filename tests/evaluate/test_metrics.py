@@ -124,7 +124,12 @@ def test_evaluate_writes_every_metric(
 ) -> None:
     metrics, out = evaluated
     assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["synthetic"] == {"root": str(synthetic_root), "images": 36, "masks": 18}
+    assert metrics["synthetic"] == {
+        "root": str(synthetic_root),
+        "images": 36,
+        "masks": 18,
+        "resolution": None,
+    }
     assert metrics["segmenter"]["trained_on_this_real_train_split"] is True
     assert metrics["warnings"] == [  # 36 images: enough for the plumbing, not for FD
         "FD-seg and KID-seg of 36 synthetic images are noisy and biased upwards: sample 100 or "
@@ -147,6 +152,21 @@ def test_evaluate_writes_every_metric(
     assert metrics["utility"] == {"available": False, "reason": "not requested"}
     for name in ("inception_fid", "inception_kid", "clip_i", "cmmd"):
         assert metrics["standard"][name]["available"] is False
+
+
+def test_a_perfect_generator_at_half_the_metric_size_is_compared_at_its_own_resolution(
+    real_root: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    """Its 32 px samples are upsampled to the segmenter's 64 px; real views cropped at 64 px
+    directly hold detail no 32 px sample has, and FD-seg and the colour statistics counted
+    that as a difference of a generator that makes the real views exactly."""
+    perfect = make_synthetic(real_root, tmp_path / "syn", per_mask=1, resolution=SIZE // 2)
+    metrics = evaluate(
+        real_root, perfect, tmp_path / "m.json", segmenter_dir=segmenter_dir, progress=False
+    )
+    assert metrics["synthetic"]["resolution"] == SIZE // 2
+    assert max(metrics["pixel_stats"]["wasserstein_rgb"]) < 0.3  # rounding to 8 bits only
+    assert metrics["fd_seg"]["value"] < 0.01 * metrics["fd_seg"]["reference_real_test"]
 
 
 def test_mask_fidelity_of_exact_copies_is_the_segmenters_score_on_the_originals(

@@ -119,13 +119,19 @@ class SeededAugmentation(Dataset):
 
 
 def generator_views(
-    root: str | Path, split: str | None, size: int, hints: Sequence[str] = ()
+    root: str | Path,
+    split: str | None,
+    size: int,
+    hints: Sequence[str] = (),
+    resolution: int | None = None,
 ) -> PairedDataset:
     """A dataset as the generator sees it when it trains and samples: the eval pipeline (the
     lesion-centred square crop) at ``size`` px. The masks ``siamdiff sample`` conditions on,
     and the real images the distribution metrics compare its samples with: synthetic images
     are this view, and against whole frames (a 4:3 frame squashed square, its black borders
     and overlays included) FD, KID, CLIP-I and colour statistics would count the view itself
-    as a difference."""
-    transform = build_transforms(TransformConfig(size=size), False)
+    as a difference. ``resolution``: the generator's own size, when a metric looks at
+    ``size`` px; the view is taken at ``resolution`` and resized to ``size``, as its samples
+    are (a real view cropped at 256 px holds detail a 128 px sample upsampled never has)."""
+    transform = build_transforms(TransformConfig(size=resolution or size), False, shown_at=size)
     return PairedDataset(root, split, transform=transform, hints=hints)

@@ -266,14 +266,20 @@ class ToModelTensors:
         }
 
 
-def build_transforms(cfg: TransformConfig, train: bool) -> Callable[[Sample], Sample]:
-    """The sample pipeline; ``train=False`` keeps only the crop, resize and conversion."""
+def build_transforms(
+    cfg: TransformConfig, train: bool, shown_at: int | None = None
+) -> Callable[[Sample], Sample]:
+    """The sample pipeline; ``train=False`` keeps only the crop, resize and conversion.
+    ``shown_at``: a second resize, to that size, after the crop (a view at ``cfg.size``
+    looked at by a metric of another size)."""
     steps: list[Callable[[Sample], Sample]] = [
         to_tv_tensors,
         v2.ToDtype(torch.float32, scale=True),
         LesionCentredCropOrPad(cfg.crop),
         PairedResize((cfg.size, cfg.size), antialias=True),
     ]
+    if shown_at is not None and shown_at != cfg.size:
+        steps.append(PairedResize((shown_at, shown_at), antialias=True))
     if train:
         if cfg.rot90:
             steps.append(RandomRot90(cfg.geometric_p))

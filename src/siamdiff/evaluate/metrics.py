@@ -80,7 +80,9 @@ FORMAT = "siamdiff-metrics"
 # generator's lesion-centred view (data.dataset.generator_views), no longer whole frames.
 # 3: the segmenter's real-test reference is scored in that view too; FD-seg is also given at
 # the real test split's image count, and KID-seg has a real-test reference.
-FORMAT_VERSION = 3
+# 4: the real side is viewed at the generator's resolution and resized to the metric's size,
+# as the synthetic images are (synthetic.resolution).
+FORMAT_VERSION = 4
 REPORT_NAME = "report.html"
 HISTOGRAM_NAME = "mask_fidelity.png"
 # Wang et al. 2003, the five-scale weights that torchmetrics also uses.
@@ -259,16 +261,18 @@ def segmenter_metrics(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = False,
+    resolution: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """FD-seg, KID-seg and mask fidelity of the synthetic set; and the segmenter's own score
-    on the real test split (None without one), the scale to read mask fidelity against."""
+    on the real test split (None without one), the scale to read mask fidelity against.
+    ``resolution``: the generator's, at which the real views are taken (generator_views)."""
     size = segmenter.spec.size
     scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
 
     def features(split: str) -> np.ndarray:
         return extract_features(
             segmenter.features,
-            generator_views(real_root, split, size),
+            generator_views(real_root, split, size, resolution=resolution),
             desc=f"segmenter features real {split}",
             device=segmenter.device,
             **scan,
@@ -302,7 +306,7 @@ def segmenter_metrics(
     if not load_manifest(real_root).split("test"):
         return metrics, None
     # In the view the synthetic images have (the lesion-centred square): the same task.
-    test_view = generator_views(real_root, "test", size)
+    test_view = generator_views(real_root, "test", size, resolution=resolution)
     test = score_segmenter(segmenter, test_view, desc="segment test", **scan)
     if len(test.ids) > 1:
         # How far real images the segmenter never saw lie from its training images. FD is
@@ -407,6 +411,8 @@ def evaluate(
     except MissingWeights as exc:
         lpips = str(exc)
     standard_models = load_standard_models(inception_weights, clip_model, device)
+    # The generator's own size (None for a synthetic set siamdiff did not sample).
+    resolution = syn_manifest.preprocessing.get("synthesis", {}).get("resolution")
     warnings: list[str] = []
     metrics: dict[str, Any] = {
         "format": FORMAT,
@@ -421,6 +427,7 @@ def evaluate(
             "root": str(syn_root),
             "images": len(syn_manifest.records),
             "masks": len({conditioning_mask(r) for r in syn_manifest.records}),
+            "resolution": resolution,
         },
         "segmenter": _segmenter_section(segmenter_dir, real_root, warnings),
     }
@@ -435,6 +442,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
+        resolution=resolution,
     )
     metrics |= domain
     if real_test is not None:
@@ -452,7 +460,8 @@ def evaluate(
         )
 
     size = segmenter.spec.size
-    real_train, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
+    real_train = generator_views(real_root, "train", size, resolution=resolution)
+    synthetic = frames(syn_root, None, size)
     groups = same_mask_groups(synthetic.records)
     metrics["diversity"] = diversity(synthetic, groups, lpips, device=device, progress=progress)
     metrics["pixel_stats"] = colour_statistics(real_train, synthetic, workers)
@@ -460,6 +469,7 @@ def evaluate(
         real_root,
         syn_root,
         models=standard_models,
+        resolution=resolution,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
         seed=seed,

@@ -247,10 +247,12 @@ def standard_metrics(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    resolution: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Inception FID / KID, CLIP-I and CMMD between the real training split and the whole
     synthetic set; each one ``unavailable`` when its weights are not on disk. ``models``
-    (:func:`load_standard_models`) replaces ``inception_weights`` and ``clip_model``."""
+    (:func:`load_standard_models`) replaces ``inception_weights`` and ``clip_model``;
+    ``resolution`` is the generator's (see ``generator_views``)."""
     models = models or load_standard_models(inception_weights, clip_model, device)
     common = {"batch_size": batch_size, "device": device, "progress": progress}
     results: dict[str, dict[str, Any]] = {}
@@ -260,7 +262,7 @@ def standard_metrics(
     else:
         extractor, weights = models.inception
         real, synthetic = (
-            generator_views(real_root, "train", INCEPTION_SIZE),
+            generator_views(real_root, "train", INCEPTION_SIZE, resolution=resolution),
             frames(syn_root, None, INCEPTION_SIZE),
         )
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
@@ -270,7 +272,8 @@ def standard_metrics(
         results |= {"clip_i": unavailable(models.clip), "cmmd": unavailable(models.clip)}
     else:
         embed, size, model_name = models.clip
-        real, synthetic = generator_views(real_root, "train", size), frames(syn_root, None, size)
+        real = generator_views(real_root, "train", size, resolution=resolution)
+        synthetic = frames(syn_root, None, size)
         index = {record.id: i for i, record in enumerate(real.records)}
         sources = [index.get(record.extra.get("source_id")) for record in synthetic.records]
         for name, value in clip_metrics(real, synthetic, sources, embed, **common).items():
