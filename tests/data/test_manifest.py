@@ -82,6 +82,14 @@ def corrupt(root: Path, change: Any) -> None:
         (lambda o: o["records"][0].pop("coverage"), "incomplete"),
         (lambda o: o["records"][0].update(split="holdout"), "split 'holdout'"),
         (lambda o: o["records"][1].update(id=o["records"][0]["id"]), "appears twice"),
+        # Ids name exported files: a tampered one wrote two folders above the export.
+        (lambda o: o["records"][0].update(id="../../escape"), "is not a plain file name"),
+        (lambda o: o.update(records=None), "records is not a list"),
+        (lambda o: o.update(preprocessing=[1, 2]), "preprocessing is not a dict"),
+        (lambda o: o["records"][0].update(coverage="abc"), "coverage is 'abc', not a number"),
+        (lambda o: o["records"][0].update(coverage=1.5), "coverage 1.5 is not in 0..1"),
+        (lambda o: o["records"][0].update(dataset=5), "dataset is 5, not a str"),
+        (lambda o: o["records"][0].update(id=["x"]), r"id is \['x'\], not a str"),
     ],
 )
 def test_invalid_manifests_are_one_line_errors(tmp_path: Path, change: Any, message: str) -> None:

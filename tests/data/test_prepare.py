@@ -21,7 +21,7 @@ from siamdiff.data.manifest import (
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import EMPTY_MASK, SUMMARY_NAME, prepare, resize_pair
 from siamdiff.data.readers import load_mask
-from siamdiff.data.split import split_of
+from siamdiff.data.split import DEFAULT_FRACTIONS, split_of
 from siamdiff.errors import SiamdiffError
 
 SIZE = 64
@@ -193,6 +193,12 @@ def test_versioning_minor_for_preprocessing_major_for_raw_data(
     corrected.save(mask_link, format="JPEG")
     summary = prepare(sources(raw, more), data_copy, 48, overwrite=True, progress=False)
     assert summary.dataset_version == "3.0"
+    # Corrected again, and another size at once: still raw data changed, a major bump.
+    corrected.paste(0, (0, 0, corrected.width // 2, corrected.height // 2))
+    mask_link.unlink()
+    corrected.save(mask_link, format="JPEG")
+    summary = prepare(sources(raw, more), data_copy, 40, overwrite=True, progress=False)
+    assert summary.dataset_version == "4.0"
 
 
 def test_failed_prepare_leaves_no_output_and_keeps_old_data(
@@ -395,3 +401,32 @@ def test_a_shared_image_keeps_its_sequence_in_one_split(tmp_path: Path) -> None:
         sequence = 1 if int(Path(record.source_image).stem) <= 25 else 2
         splits.setdefault(sequence, set()).add(record.split)
     assert all(len(found) == 1 for found in splits.values()), splits
+
+
+def test_adding_a_source_moves_no_frame_to_another_split(tmp_path: Path) -> None:
+    """A new source holding a copy of one training frame joins that frame's sequence with
+    the copy's group, whose split (and id) used to win when it sorted first: a model trained
+    on the first version was then tested on its own training frames."""
+    cvc = tmp_path / "CVC-ClinicDB"
+    frames = range(1, 9)  # sequence 1
+    for folder in ("Original", "Ground Truth"):
+        (cvc / folder).mkdir(parents=True)
+    for frame in frames:
+        image = np.roll(IMAGE, (frame, 0), axis=(0, 1))
+        Image.fromarray(image).save(cvc / "Original" / f"{frame}.png")
+        Image.fromarray(disc()).save(cvc / "Ground Truth" / f"{frame}.png")
+    out = tmp_path / "out"
+    prepare([("cvc-clinicdb", cvc)], out, 32, workers=1, progress=False)
+    before = {r.id: r.split for r in load_manifest(out).records}
+    # A group whose split differs from the sequence's, and an id sorting before "cvc...".
+    aa = tmp_path / "AA"
+    for sub in ("images", "masks"):
+        (aa / sub).mkdir(parents=True)
+    for name in (f"x{i}" for i in range(40)):
+        if split_of("AA", name, DEFAULT_FRACTIONS) != set(before.values()).pop():
+            break
+    shutil.copy(cvc / "Original" / "1.png", aa / "images" / f"{name}.png")
+    shutil.copy(cvc / "Ground Truth" / "1.png", aa / "masks" / f"{name}.png")
+    sources = [("cvc-clinicdb", cvc), ("pranet", aa)]
+    prepare(sources, out, 32, overwrite=True, workers=1, progress=False)
+    assert {r.id: r.split for r in load_manifest(out).records} == before

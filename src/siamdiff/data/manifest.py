@@ -182,6 +182,40 @@ def hint_names(records: list[Record]) -> list[str]:
     return sorted(common)
 
 
+# The JSON type of every record field: a hand-edited manifest with a wrong one would fail
+# later, deep inside numpy or a file name (stats, export).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("id", "image", "mask", "image_sha256", "mask_sha256", "dataset", "group", "frame"), str
+    ),
+    **dict.fromkeys(("split", "source_image", "source_mask", "source_sha256"), str),
+    "coverage": (int, float),
+    "width": int,
+    "height": int,
+    "extra": dict,
+}
+# Ids name files (export, folder copies): no separators, no leading dot.
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _check_fields(raw: dict[str, Any], manifest_path: Path) -> None:
+    for name, kind in _FIELD_TYPES.items():
+        if name not in raw:
+            continue  # missing: Record() names it
+        value = raw[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = getattr(kind, "__name__", "number")
+            raise SiamdiffError(
+                f"record {raw['id']!r}: {name} is {value!r}, not a {expected}", manifest_path
+            )
+    if not _ID.fullmatch(raw["id"]):
+        raise SiamdiffError(f"record id {raw['id']!r} is not a plain file name", manifest_path)
+    if not 0 <= raw.get("coverage", 0) <= 1:
+        raise SiamdiffError(
+            f"record {raw['id']!r}: coverage {raw['coverage']} is not in 0..1", manifest_path
+        )
+
+
 def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise SiamdiffError("not a siamdiff manifest", manifest_path)
@@ -194,6 +228,9 @@ def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
     version = obj.get("dataset_version", "1.0")
     if not isinstance(version, str) or not re.fullmatch(r"\d+\.\d+", version):
         raise SiamdiffError(f"dataset_version {version!r} is not MAJOR.MINOR", manifest_path)
+    for key, kind in (("records", list), ("preprocessing", dict)):
+        if not isinstance(obj.get(key, kind()), kind):
+            raise SiamdiffError(f"{key} is not a {kind.__name__}", manifest_path)
     names = {f for f in Record.__dataclass_fields__}
     records = []
     ids: set[str] = set()
@@ -205,6 +242,7 @@ def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
             raise SiamdiffError(
                 f"record {raw['id']!r} has unknown keys {sorted(unknown)}", manifest_path
             )
+        _check_fields(raw, manifest_path)
         _safe_relative(raw["image"], manifest_path)
         _safe_relative(raw["mask"], manifest_path)
         _check_hints(raw, manifest_path)
@@ -249,9 +287,16 @@ def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
     if previous is None:
         return "1.0"
     major, minor = (int(x) for x in previous.dataset_version.split("."))
-    old_sources = {r.source_sha256 or r.id for r in previous.records}
-    new_sources = {r.source_sha256 or r.id for r in new.records}
-    if old_sources != new_sources:
+    # Raw masks too, where both manifests name them (older ones hold the images' hashes only).
+    with_masks = all("source_mask_sha256" in r.extra for r in (*previous.records, *new.records))
+
+    def sources(manifest: Manifest) -> set[tuple[str, str]]:
+        return {
+            (r.source_sha256 or r.id, r.extra["source_mask_sha256"] if with_masks else "")
+            for r in manifest.records
+        }
+
+    if sources(previous) != sources(new):
         return f"{major + 1}.0"
     if previous.preprocessing != new.preprocessing:
         return f"{major}.{minor + 1}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -152,6 +152,7 @@ def _process_pair(
         source_image=str(pair.image),
         source_mask=str(pair.mask),
         source_sha256=sha256_file(pair.image),
+        extra={"source_mask_sha256": sha256_file(pair.mask)},
     )
 
 
@@ -236,7 +237,11 @@ def _check_same_hints(pairs: list[SourcePair]) -> None:
 
 
 def _without_duplicates(
-    records: list[Record], root: Path, skipped: list[tuple[str, str]], strict: bool
+    records: list[Record],
+    root: Path,
+    skipped: list[tuple[str, str]],
+    strict: bool,
+    previous: Manifest | None = None,
 ) -> list[Record]:
     """Each image once, and every group that shares an image in one split.
 
@@ -246,7 +251,13 @@ def _without_duplicates(
     copy's (PraNet's per-image group, CVC-ClinicDB's video sequence), the groups joined by
     shared images take one split together: no sequence is spread over two splits.
     Identical pixels give identical prepared bytes.
+
+    Against the ``previous`` manifest of the output, a copy it already held is the one kept
+    and joined groups keep the split most of their frames had: adding a source moves no
+    training sequence into the test split of a model trained on the previous version.
     """
+    before = {} if previous is None else {r.id: r for r in previous.records}
+    was_in = {(r.dataset, r.group): r.split for r in before.values()}
     parent: dict[tuple[str, str], tuple[str, str]] = {}
 
     def root_of(key: tuple[str, str]) -> tuple[str, str]:
@@ -255,10 +266,22 @@ def _without_duplicates(
         return key
 
     first: dict[str, Record] = {}
-    for record in sorted(records, key=lambda r: r.id):
+    for record in sorted(records, key=lambda r: (r.id not in before, r.id)):
         kept = first.setdefault(record.image_sha256, record)
         a, b = root_of((kept.dataset, kept.group)), root_of((record.dataset, record.group))
         parent[max(a, b)] = min(a, b)
+    earlier: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for record in records:
+        key = (record.dataset, record.group)
+        if key in was_in:
+            earlier[root_of(key)][was_in[key]] += 1
+
+    def split(dataset: str, group: str) -> str:
+        counts = earlier.get((dataset, group))
+        if counts:  # the most frames' previous split; ties by SPLITS order
+            return max(SPLITS, key=lambda s: (counts[s], -SPLITS.index(s)))
+        return split_of(dataset, group, DEFAULT_FRACTIONS)
+
     kept_records = []
     for record in records:
         original = first[record.image_sha256]
@@ -270,8 +293,7 @@ def _without_duplicates(
                 (root / name).unlink()
             skipped.append((record.source_image, reason))
             continue
-        dataset, group = root_of((record.dataset, record.group))
-        kept_records.append(replace(record, split=split_of(dataset, group, DEFAULT_FRACTIONS)))
+        kept_records.append(replace(record, split=split(*root_of((record.dataset, record.group)))))
     return kept_records
 
 
@@ -347,7 +369,7 @@ def prepare(
                     raise _strict_error(result[1], result[0])
                 else:
                     skipped.append(result)
-            records = _without_duplicates(records, tmp, skipped, strict)
+            records = _without_duplicates(records, tmp, skipped, strict, previous)
             if not records:
                 raise SiamdiffError("no usable image-mask pairs in the sources", sources[0][1])
             manifest = Manifest(records=records, preprocessing=preprocessing)
