@@ -438,3 +438,28 @@ def test_an_opaque_empty_mask_with_alpha_is_empty(tmp_path: Path, mode: str) -> 
     drawn in its alpha channel."""
     Image.new(mode, (8, 8), (0, 255) if mode == "LA" else (0, 0, 0, 255)).save(tmp_path / "m.png")
     assert not load_mask(tmp_path / "m.png").any()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path) -> None:
+    """A camera JPEG stored sideways with orientation 6 (turn 90° clockwise to view): its
+    mask is drawn on the picture as viewed, so the image must be read as viewed too."""
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :10] = 255  # top-left as stored: top-right once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "i.jpg", quality=95, exif=exif)
+    image = load_rgb(tmp_path / "i.jpg")
+    assert image.shape == (60, 40, 3)
+    assert image[:10, -10:].min() > 200 and image[:10, :10].max() < 50
+    Image.fromarray(stored[..., 0]).save(tmp_path / "m.png", exif=exif)
+    assert load_mask(tmp_path / "m.png")[:10, -10:].all()
+
+
+def test_a_tiff_over_the_pixel_limit_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tifffile.imwrite(tmp_path / "big.tif", np.zeros((16, 16), np.uint8), compression="zlib")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for load in (load_rgb, load_mask):
+        with pytest.raises(UnreadableImageError, match="256 pixels, over the 200 limit"):
+            load(tmp_path / "big.tif")

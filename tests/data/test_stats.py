@@ -94,6 +94,14 @@ def test_format_stats_is_an_aligned_table(root: Path) -> None:
     assert len({len(line) for line in lines}) == 1  # every column right-aligned to one width
 
 
+def test_a_picture_inside_the_dataset_is_refused(root: Path) -> None:
+    """Any file there but the default stats.png fails verify, and training then refuses it."""
+    with pytest.raises(SiamdiffError, match="is inside the dataset"):
+        write_stats(root, root / "figures" / "coverage.png")
+    assert not (root / "figures").exists()
+    write_stats(root, root / "stats.png")  # the default, named
+
+
 def test_empty_manifest_and_unwritable_png_are_errors(root: Path, tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(SiamdiffError, match="cannot write") as exc:

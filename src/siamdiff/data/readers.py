@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 from siamdiff.errors import SiamdiffError
 
@@ -111,9 +111,15 @@ def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it (EXIF orientation applied): what the mask was drawn on,
+    whether or not the mask file carries the same tag."""
+    return ImageOps.exif_transpose(image)
+
+
 def _decode_pil(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as opened:
+        image = _upright(opened)
         if image.mode in ("1", "L", "RGB") or image.mode.startswith("I") or image.mode == "F":
             return np.asarray(image)
         if image.mode in ("LA", "La"):
@@ -151,8 +157,11 @@ def _decode_tiff(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A TIFF's samples as intensities (min-is-white inverted), and its palette's colours
     (HxWx3 uint8) when it has one."""
     with tifffile.TiffFile(path) as tif:
-        array = tif.asarray()
         page = tif.pages[0]
+        pixels = page.imagewidth * page.imagelength
+        if pixels > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow's decompression-bomb limit
+            raise ValueError(f"{pixels} pixels, over the {2 * Image.MAX_IMAGE_PIXELS} limit")
+        array = tif.asarray()
         if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and array.dtype.kind in "bu":
             array = ~array if array.dtype == np.bool_ else (1 << page.bitspersample) - 1 - array
         colours = None
@@ -190,8 +199,8 @@ def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
     if _is_tiff(path):
         array, colours = _decode_tiff(path)
         return (array, False) if colours is None else _palette_mask(array, colours)
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as opened:
+        image = _upright(opened)
         if image.mode in ("P", "PA"):
             indices = np.asarray(image.getchannel(0))
             return _palette_mask(indices, np.asarray(image.convert("RGB")))

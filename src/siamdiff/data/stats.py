@@ -99,6 +99,12 @@ def write_stats(root: str | Path, png: str | Path | None = None) -> dict[str, An
     """
     root = Path(root)
     png = Path(png) if png is not None else root / STATS_PNG
+    if png.resolve() != (root / STATS_PNG).resolve() and png.resolve().is_relative_to(
+        root.resolve()
+    ):  # any other file there fails verify as extra, and training then refuses the data
+        raise SiamdiffError(
+            f"is inside the dataset: name a file outside it, or {STATS_PNG} (the default)", png
+        )
     stats, coverage = _stats_and_coverage(root)
     # The picture first: a failed PNG must not leave a new stats.json beside an old picture.
     with _writing(png):
