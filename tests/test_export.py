@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from siamdiff.cli import main
 from siamdiff.config import load_config
@@ -103,6 +103,25 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
     with pytest.raises(SiamdiffError, match="incomplete export") as error:
         load_export(out)
     assert "huggingface.co" not in str(error.value)
+    export_run(trained_run, out, overwrite=True)
+    weights = next((out / "unet").glob("*.safetensors"))
+    state = load_file(weights)  # tensors lacking: diffusers left them on "meta", a traceback
+    save_file({k: v for k, v in state.items() if not k.startswith("conv_out.")}, weights)
+    with pytest.raises(SiamdiffError, match="UNet weights are incomplete"):
+        load_export(out)
+
+
+def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(
+    trained_run: Path, tmp_path: Path
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = (run / "config.yaml").read_text()
+    assert "  dhi: {}\n" in config
+    (run / "config.yaml").write_text(config.replace("  dhi: {}\n", "  dhi: {base_channels: 8}\n"))
+    with pytest.raises(SiamdiffError, match="checkpoint does not match the run's config") as error:
+        export_run(run, tmp_path / "export")
+    assert "\n" not in str(error.value)
 
 
 def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path: Path):
@@ -167,6 +186,8 @@ def test_an_export_carries_its_local_autoencoder_to_another_machine(
     gone (a colleague's machine); of a Stable Diffusion folder only vae/ is copied."""
     weights = tmp_path / "sd"
     random_kl_vae(seed=3).save_pretrained(weights / "vae")
+    for item in (*(weights / "vae").iterdir(), weights / "vae"):  # a read-only weights store
+        item.chmod(0o555 if item.is_dir() else 0o444)
     (weights / "unet").mkdir()
     (weights / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"gigabytes, not copied")
     run = tmp_path / "run"
@@ -176,12 +197,15 @@ def test_an_export_carries_its_local_autoencoder_to_another_machine(
     referenced = export_run(run, tmp_path / "here", copy_autoencoder=False)  # sample RUN's
     assert not (referenced / "autoencoder").exists()
     export_run(run, tmp_path / "export")
+    (weights / "vae").chmod(0o755)
     shutil.rmtree(weights)
     moved = shutil.move(tmp_path / "export", tmp_path / "elsewhere")
     assert sorted(p.name for p in (moved / "autoencoder").iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
+    # Copied with the umask's modes: a read-only copy could be neither deleted nor replaced.
+    assert all(p.stat().st_mode & 0o200 for p in (moved / "autoencoder", *moved.rglob("*")))
     loaded = load_export(moved)
     assert (
         loaded.autoencoder.identity

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from siamdiff.models.backbone import (
     build_backbone,
 )
 from siamdiff.models.dhi import BASE_HINT_CHANNELS
+from siamdiff.models.loading import load_complete
 from siamdiff.models.siamese import SiameseDiffusion
 
 EXPORT_FORMAT = "siamdiff-export"
@@ -127,7 +129,7 @@ def save_model(
         autoencoder_cfg = _plain(cfg.autoencoder)
         local = local_weights_dir(autoencoder_cfg)  # None: a Hub id or no weights at all
         if local is not None and copy_autoencoder:
-            shutil.copytree(local, tmp / AUTOENCODER_DIR)
+            _copy_writable(local, tmp / AUTOENCODER_DIR)
             autoencoder_cfg |= {"path": AUTOENCODER_DIR, "subfolder": None}
         elif local is not None:  # referenced where it is, from anywhere
             autoencoder_cfg["path"] = str(Path(autoencoder_cfg["path"]).resolve())
@@ -182,22 +184,36 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     if lacking:
         raise SiamdiffError(f"lacks {', '.join(lacking)}", meta_path)
     autoencoder_cfg = dict(meta["autoencoder"])
-    if autoencoder_cfg.get("path") == AUTOENCODER_DIR:  # the copy inside the export
+    copied = autoencoder_cfg.get("path") == AUTOENCODER_DIR
+    if copied:  # the copy inside the export
         autoencoder_cfg["path"] = str(path / AUTOENCODER_DIR)
+    parts = (*PARTS, AUTOENCODER_DIR) if copied else PARTS
+    missing = [f"{name}/" for name in parts if not (path / name).is_dir()]
+    if missing:  # diffusers would take a missing folder for a Hub id and talk of connecting
+        raise SiamdiffError(f"incomplete export (no {', '.join(missing)})", path)
     autoencoder = load_autoencoder(autoencoder_cfg)
     if autoencoder.identity != meta["autoencoder_identity"]:
         raise SiamdiffError(
             "the autoencoder weights differ from those the model was trained with",
             autoencoder_cfg.get("path") or meta_path,
         )
-    missing = [f"{name}/" for name in PARTS if not (path / name).is_dir()]
-    if missing:  # diffusers would take a missing folder for a Hub id and talk of connecting
-        raise SiamdiffError(f"incomplete export (no {', '.join(missing)})", path)
     local = {"local_files_only": True}
     try:
         backbone = Backbone(
-            unet=UNet2DConditionModel.from_pretrained(path / "unet", **local),
-            controlnet=DHIControlNetModel.from_pretrained(path / "controlnet", **local),
+            unet=load_complete(
+                UNet2DConditionModel.from_pretrained,
+                "UNet",
+                path / "unet",
+                pretrained_model_name_or_path=path / "unet",
+                **local,
+            ),
+            controlnet=load_complete(
+                DHIControlNetModel.from_pretrained,
+                "ControlNet",
+                path / "controlnet",
+                pretrained_model_name_or_path=path / "controlnet",
+                **local,
+            ),
             text=_load_text(path / "text", meta["text"]),
             noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler", **local),
         )
@@ -212,6 +228,14 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
         )
     model = SiameseDiffusion(backbone, mode=meta["mode"]).requires_grad_(False).eval()
     return LoadedModel(model.to(device), autoencoder.to(device), meta)
+
+
+def _copy_writable(source: Path, target: Path) -> None:
+    """Copy a weights folder with the umask's modes: a read-only source (a shared weights
+    store) copied as read-only could not be deleted, nor replaced by ``--overwrite``."""
+    shutil.copytree(source, target, copy_function=shutil.copyfile)
+    for folder in (target, *(p for p in target.rglob("*") if p.is_dir())):
+        folder.chmod(folder.stat().st_mode | stat.S_IWUSR)
 
 
 def export_run(
@@ -245,7 +269,13 @@ def export_run(
     cfg = load_config(run / "config.yaml")
     model, autoencoder, _ = build_model(cfg)
     weights = load_file(chosen / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes (a config.yaml edited since)
+        raise SiamdiffError(
+            f"checkpoint does not match the run's config ({first_line(exc)})",
+            chosen / "model.safetensors",
+        ) from exc
     if missing or unexpected:
         raise SiamdiffError(
             f"checkpoint does not match the run's config ({len(missing)} missing, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,26 @@ def test_an_incomplete_sd15_checkpoint_is_refused(
     with pytest.raises(SiamdiffError, match=message) as error:
         build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
     assert str(root / folder) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_fp16_text_encoder_gives_an_fp32_context(tmp_path: Path) -> None:
+    """transformers keeps a checkpoint's fp16; the fp32 UNet then failed at its first matmul."""
+    root = write_fake_sd15(tmp_path)
+    encoder = root / "text_encoder"
+    CLIPTextModel.from_pretrained(encoder).half().save_pretrained(encoder)
+    backbone = build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    assert backbone.text([PROMPT]).dtype == torch.float32
+
+
+def test_damaged_text_encoder_or_tokenizer_is_one_line(tmp_path: Path) -> None:
+    root = write_fake_sd15(tmp_path)
+    weights = next((root / "text_encoder").glob("*.safetensors"))
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])  # SafetensorError went through as a traceback
+    with pytest.raises(SiamdiffError, match="cannot load the CLIP text encoder"):
+        build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    weights.write_bytes(intact)
+    shutil.rmtree(root / "tokenizer")
+    (root / "tokenizer").mkdir()  # loaded, then failed at the first prompt
+    with pytest.raises(SiamdiffError, match="tokenizer: holds no tokenizer vocabulary"):
+        build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)

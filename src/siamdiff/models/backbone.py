@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -30,6 +31,7 @@ from siamdiff.models.dhi import BASE_HINT_CHANNELS, DenseHintInput
 from siamdiff.models.loading import load_complete
 
 UNCONDITIONAL_PROMPT = ""
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
 KINDS = ("tiny", "scratch", "sd15")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # From-scratch kinds predict v: an eps-predicting UNet must learn the identity eps ~ z_t at high
@@ -212,6 +214,13 @@ class ClipTextConditioner(TextConditioner):
         for sub in ("text_encoder", "tokenizer"):
             if not (path / sub).is_dir():
                 raise SiamdiffError(f"no {sub}/ folder: CLIP text conditioning needs one", path)
+        # A tokenizer folder without its vocabulary loads (two special tokens), then fails
+        # at the first prompt.
+        if not any((path / "tokenizer" / name).is_file() for name in TOKENIZER_FILES):
+            raise SiamdiffError(
+                f"holds no tokenizer vocabulary ({' or '.join(TOKENIZER_FILES)})",
+                path / "tokenizer",
+            )
         try:
             text_encoder = load_complete(
                 CLIPTextModel.from_pretrained,
@@ -219,9 +228,12 @@ class ClipTextConditioner(TextConditioner):
                 path / "text_encoder",
                 pretrained_model_name_or_path=path / "text_encoder",
                 local_files_only=True,
+                # fp32 whatever the checkpoint holds: an fp16 text context meets the fp32
+                # UNet in training and CPU sampling (mixed dtypes in its first matmul).
+                dtype=torch.float32,
             )
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise SiamdiffError(
                 f"cannot load the CLIP text encoder ({_first_line(exc)})", path
             ) from exc
