@@ -254,7 +254,8 @@ def test_shift_and_scale_follow_the_diffusers_convention(tmp_path: Path) -> None
         ({"kind": "taef2"}, "needs a path: set autoencoder.path to a TAEF2 directory"),
         ({"kind": "diffusers-kl"}, "needs a path: .* one made by `siamdiff train-vae`"),
         ({"kind": "taef2", "path": "{tmp}/notes.txt"}, "is a file; TAEF2 weights are a directory"),
-        ({"kind": "diffusers-kl", "path": "{tmp}/no/such/vae"}, "cannot load AutoencoderKL"),
+        ({"kind": "diffusers-kl", "path": "{tmp}/no/such/vae"}, "vae: no such folder"),
+        ({"kind": "diffusers-kl", "path": "./models/polyp-vae"}, "polyp-vae: no such folder"),
         ({"kind": "diffusers-tiny", "path": "{tmp}/empty"}, "cannot load AutoencoderTiny"),
     ],
 )

@@ -450,8 +450,16 @@ def local_weights_dir(cfg: Mapping[str, Any]) -> Path | None:
     return local
 
 
+def _hub_id_shaped(path: str) -> bool:
+    """``owner/name`` (what diffusers would fetch), not a path to a local folder."""
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and ".." not in path
+
+
 def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     local = Path(path)
+    if not local.exists() and not _hub_id_shaped(path):
+        raise SiamdiffError("no such folder", path)  # never sent to the Hub as an id
     # A full Stable Diffusion pipeline folder keeps its VAE in vae/ (if it is of this class).
     if subfolder is None and _pipeline_vae(local):
         subfolder = "vae"
@@ -475,7 +483,8 @@ def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     except SiamdiffError:
         raise
     except Exception as exc:  # missing/corrupt files, offline hub, bad repo id: many types
-        raise SiamdiffError(f"cannot load {cls.__name__} ({first_line(exc)})", where) from exc
+        what = "" if local.exists() else "neither a local folder nor a Hub repo here: "
+        raise SiamdiffError(f"{what}cannot load {cls.__name__} ({first_line(exc)})", where) from exc
 
 
 def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
