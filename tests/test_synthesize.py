@@ -13,7 +13,10 @@ from PIL import Image
 
 import siamdiff.data.manifest as manifest_module
 import siamdiff.synthesize as synth
+from siamdiff.data.dataset import GeneratorView, generator_views
 from siamdiff.data.manifest import MANIFEST_NAME, load_manifest, verify
+from siamdiff.data.phantom import make_phantom_dataset
+from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run
 from siamdiff.synthesize import (
@@ -529,3 +532,31 @@ def test_a_damaged_masks_dataset_is_refused_before_any_pair(
     assert not out.exists()
     with pytest.raises(SiamdiffError, match="cannot read image"):  # unchecked: found on reading
         sample(exported, masks, out, verify=False, limit=None)
+
+
+def test_a_model_trained_on_padded_frames_is_sampled_on_padded_masks(
+    exported: Path, tmp_path: Path
+) -> None:
+    """``data.transforms.crop=pad`` trains on whole frames padded square: sampling it on the
+    lesion-centred crops of the default view conditions it on masks framed as it never saw."""
+    raw = make_phantom_dataset(tmp_path / "raw", n=4, size=64, groups=4, seed=2)
+    for path in raw.glob("*.png"):  # 64x48 frames: crop and pad then differ
+        Image.fromarray(png(path)[:48]).save(path)
+    data = tmp_path / "data"
+    prepare([("folder", raw)], data, size=PHANTOM_SIZE, workers=1, progress=False)
+    padded = tmp_path / "export"
+    shutil.copytree(exported, padded)
+    meta = json.loads((padded / "siamdiff.json").read_text())
+    (padded / "siamdiff.json").write_text(json.dumps({**meta, "crop": "pad"}))
+    out = tmp_path / "syn"
+    sample(padded, data, out, per_mask=1, limit=1)
+    (record,) = load_manifest(out).records
+    assert load_manifest(out).preprocessing["synthesis"]["crop"] == "pad"
+    views = {
+        crop: generator_views(data, "train", PHANTOM_SIZE, view=GeneratorView(crop=crop))
+        for crop in ("crop", "pad")
+    }
+    index = [r.id for r in views["pad"].records].index(record.extra["source_id"])
+    saved = png(out / record.mask) > 127
+    assert np.array_equal(saved, views["pad"][index]["mask"][0].numpy() > 0.5)
+    assert not np.array_equal(saved, views["crop"][index]["mask"][0].numpy() > 0.5)

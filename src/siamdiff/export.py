@@ -142,6 +142,7 @@ def save_model(
                 "mode": model.mode,
                 "prompt": cfg.backbone.prompt,
                 "resolution": cfg.data.transforms.size,
+                "crop": cfg.data.transforms.crop,  # how the masks it conditions on are framed
                 "hints": list(cfg.data.hints),
                 "text": text_meta,
                 "autoencoder": autoencoder_cfg,

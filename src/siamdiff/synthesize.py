@@ -58,7 +58,7 @@ from siamdiff.atomic import (
     atomic_write_json,
     exclusive_writer,
 )
-from siamdiff.data.dataset import PairedDataset, generator_views
+from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, PairedDataset, generator_views
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -165,6 +165,7 @@ class ModelSource:
     resolution: int
     identity: dict[str, Any]
     hints: tuple[str, ...] = ()
+    crop: str = "crop"  # data.transforms.crop of its training: how its masks are framed
 
     @property
     def label(self) -> str:
@@ -194,10 +195,12 @@ def resolve_model(path: str | Path) -> ModelSource:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             resolution = int(meta["resolution"])
+            crop = str(meta.get("crop", "crop"))  # exports before it was recorded: crop
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
-        return ModelSource(path, None, None, resolution, identity, export_hints(meta, meta_path))
+        hints = export_hints(meta, meta_path)
+        return ModelSource(path, None, None, resolution, identity, hints, crop)
     found = checkpoints(path) if path.is_dir() else []
     if not found:
         raise SiamdiffError(
@@ -212,6 +215,7 @@ def resolve_model(path: str | Path) -> ModelSource:
         int(cfg.data.transforms.size),
         {"checkpoint": chosen},
         tuple(cfg.data.hints),
+        str(cfg.data.transforms.crop),
     )
 
 
@@ -743,7 +747,10 @@ def synthesize(
         # bf16 autocast on CUDA, fp32 elsewhere: a job resumed on the other must not mix them.
         "precision": "bf16" if device.type == "cuda" else "fp32",
     }
-    masks = generator_views(masks_root, split, source.resolution, source.hints)
+    view = GeneratorView(crop=source.crop)
+    if view.crop != DEFAULT_VIEW.crop:  # absent = crop: outputs made before stay resumable
+        settings["crop"] = view.crop
+    masks = generator_views(masks_root, split, source.resolution, source.hints, view)
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )

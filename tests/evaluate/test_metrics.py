@@ -129,6 +129,7 @@ def test_evaluate_writes_every_metric(
         "images": 36,
         "masks": 18,
         "resolution": None,
+        "crop": "crop",
     }
     assert metrics["segmenter"]["trained_on_this_real_train_split"] is True
     assert metrics["warnings"] == [  # 36 images: enough for the plumbing, not for FD

@@ -44,7 +44,13 @@ def test_evaluate_on_real_frames(kvasir_subset: Path, tmp_path: Path) -> None:
         progress=False,
     )
     assert metrics["real"]["train_images"] == 36
-    assert metrics["synthetic"] == {"root": str(syn), "images": 72, "masks": 36, "resolution": None}
+    assert metrics["synthetic"] == {
+        "root": str(syn),
+        "images": 72,
+        "masks": 36,
+        "resolution": None,
+        "crop": "crop",
+    }
     assert metrics["segmenter"]["trained_on_this_real_train_split"] is True
     assert metrics["segmenter"]["real_test"]["images"] == 3
     assert 0.0 <= metrics["mask_fidelity"]["mdice"] <= 1.0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,20 +119,39 @@ class SeededAugmentation(Dataset):
             return self.dataset[index]
 
 
+@dataclass(frozen=True)
+class GeneratorView:
+    """How a generator frames the images it learns and samples: the lesion-centred ``crop``
+    mode (``data.transforms.crop``) and its ``resolution`` (None: the size looked at)."""
+
+    crop: str = "crop"
+    resolution: int | None = None
+
+    @classmethod
+    def of_synthesis(cls, settings: Mapping[str, Any]) -> GeneratorView:
+        """The view of a synthetic set, from its manifest's ``preprocessing.synthesis``
+        (``crop`` is recorded when it is not the default)."""
+        return cls(str(settings.get("crop", "crop")), settings.get("resolution"))
+
+
+DEFAULT_VIEW = GeneratorView()  # the lesion-centred crop, at the size looked at
+
+
 def generator_views(
     root: str | Path,
     split: str | None,
     size: int,
     hints: Sequence[str] = (),
-    resolution: int | None = None,
+    view: GeneratorView = DEFAULT_VIEW,
 ) -> PairedDataset:
     """A dataset as the generator sees it when it trains and samples: the eval pipeline (the
     lesion-centred square crop) at ``size`` px. The masks ``siamdiff sample`` conditions on,
     and the real images the distribution metrics compare its samples with: synthetic images
     are this view, and against whole frames (a 4:3 frame squashed square, its black borders
     and overlays included) FD, KID, CLIP-I and colour statistics would count the view itself
-    as a difference. ``resolution``: the generator's own size, when a metric looks at
-    ``size`` px; the view is taken at ``resolution`` and resized to ``size``, as its samples
-    are (a real view cropped at 256 px holds detail a 128 px sample upsampled never has)."""
-    transform = build_transforms(TransformConfig(size=resolution or size), False, shown_at=size)
+    as a difference. With ``view.resolution`` (the generator's size, when a metric looks at
+    ``size`` px) the view is taken at that resolution and resized to ``size``, as its samples
+    are: a real view cropped at 256 px holds detail a 128 px sample upsampled never has."""
+    cfg = TransformConfig(size=view.resolution or size, crop=view.crop)
+    transform = build_transforms(cfg, False, shown_at=size)
     return PairedDataset(root, split, transform=transform, hints=hints)

@@ -45,7 +45,7 @@ from siamdiff.atomic import (
     atomic_write_text,
     check_writable_file,
 )
-from siamdiff.data.dataset import generator_views
+from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest, require_intact
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
@@ -80,8 +80,8 @@ FORMAT = "siamdiff-metrics"
 # generator's lesion-centred view (data.dataset.generator_views), no longer whole frames.
 # 3: the segmenter's real-test reference is scored in that view too; FD-seg is also given at
 # the real test split's image count, and KID-seg has a real-test reference.
-# 4: the real side is viewed at the generator's resolution and resized to the metric's size,
-# as the synthetic images are (synthetic.resolution).
+# 4: the real side is viewed in the generator's framing and at its resolution, then resized
+# to the metric's size, as the synthetic images are (synthetic.crop, synthetic.resolution).
 FORMAT_VERSION = 4
 REPORT_NAME = "report.html"
 HISTOGRAM_NAME = "mask_fidelity.png"
@@ -261,18 +261,18 @@ def segmenter_metrics(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = False,
-    resolution: int | None = None,
+    view: GeneratorView = DEFAULT_VIEW,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """FD-seg, KID-seg and mask fidelity of the synthetic set; and the segmenter's own score
     on the real test split (None without one), the scale to read mask fidelity against.
-    ``resolution``: the generator's, at which the real views are taken (generator_views)."""
+    ``view``: the generator's, in which the real images are seen (generator_views)."""
     size = segmenter.spec.size
     scan = {"batch_size": batch_size, "workers": workers, "progress": progress}
 
     def features(split: str) -> np.ndarray:
         return extract_features(
             segmenter.features,
-            generator_views(real_root, split, size, resolution=resolution),
+            generator_views(real_root, split, size, view=view),
             desc=f"segmenter features real {split}",
             device=segmenter.device,
             **scan,
@@ -306,7 +306,7 @@ def segmenter_metrics(
     if not load_manifest(real_root).split("test"):
         return metrics, None
     # In the view the synthetic images have (the lesion-centred square): the same task.
-    test_view = generator_views(real_root, "test", size, resolution=resolution)
+    test_view = generator_views(real_root, "test", size, view=view)
     test = score_segmenter(segmenter, test_view, desc="segment test", **scan)
     if len(test.ids) > 1:
         # How far real images the segmenter never saw lie from its training images. FD is
@@ -411,8 +411,8 @@ def evaluate(
     except MissingWeights as exc:
         lpips = str(exc)
     standard_models = load_standard_models(inception_weights, clip_model, device)
-    # The generator's own size (None for a synthetic set siamdiff did not sample).
-    resolution = syn_manifest.preprocessing.get("synthesis", {}).get("resolution")
+    # The generator's framing and size (its resolution None for a set siamdiff did not sample).
+    view = GeneratorView.of_synthesis(syn_manifest.preprocessing.get("synthesis", {}))
     warnings: list[str] = []
     metrics: dict[str, Any] = {
         "format": FORMAT,
@@ -427,7 +427,8 @@ def evaluate(
             "root": str(syn_root),
             "images": len(syn_manifest.records),
             "masks": len({conditioning_mask(r) for r in syn_manifest.records}),
-            "resolution": resolution,
+            "resolution": view.resolution,
+            "crop": view.crop,
         },
         "segmenter": _segmenter_section(segmenter_dir, real_root, warnings),
     }
@@ -442,7 +443,7 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
-        resolution=resolution,
+        view=view,
     )
     metrics |= domain
     if real_test is not None:
@@ -460,7 +461,7 @@ def evaluate(
         )
 
     size = segmenter.spec.size
-    real_train = generator_views(real_root, "train", size, resolution=resolution)
+    real_train = generator_views(real_root, "train", size, view=view)
     synthetic = frames(syn_root, None, size)
     groups = same_mask_groups(synthetic.records)
     metrics["diversity"] = diversity(synthetic, groups, lpips, device=device, progress=progress)
@@ -469,7 +470,7 @@ def evaluate(
         real_root,
         syn_root,
         models=standard_models,
-        resolution=resolution,
+        view=view,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
         seed=seed,

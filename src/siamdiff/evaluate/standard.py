@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
-from siamdiff.data.dataset import generator_views
+from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, generator_views
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import (
     cmmd,
@@ -247,12 +247,12 @@ def standard_metrics(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    resolution: int | None = None,
+    view: GeneratorView = DEFAULT_VIEW,
 ) -> dict[str, dict[str, Any]]:
     """Inception FID / KID, CLIP-I and CMMD between the real training split and the whole
     synthetic set; each one ``unavailable`` when its weights are not on disk. ``models``
     (:func:`load_standard_models`) replaces ``inception_weights`` and ``clip_model``;
-    ``resolution`` is the generator's (see ``generator_views``)."""
+    ``view`` is the generator's (see ``generator_views``)."""
     models = models or load_standard_models(inception_weights, clip_model, device)
     common = {"batch_size": batch_size, "device": device, "progress": progress}
     results: dict[str, dict[str, Any]] = {}
@@ -262,7 +262,7 @@ def standard_metrics(
     else:
         extractor, weights = models.inception
         real, synthetic = (
-            generator_views(real_root, "train", INCEPTION_SIZE, resolution=resolution),
+            generator_views(real_root, "train", INCEPTION_SIZE, view=view),
             frames(syn_root, None, INCEPTION_SIZE),
         )
         kid = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
@@ -272,7 +272,7 @@ def standard_metrics(
         results |= {"clip_i": unavailable(models.clip), "cmmd": unavailable(models.clip)}
     else:
         embed, size, model_name = models.clip
-        real = generator_views(real_root, "train", size, resolution=resolution)
+        real = generator_views(real_root, "train", size, view=view)
         synthetic = frames(syn_root, None, size)
         index = {record.id: i for i, record in enumerate(real.records)}
         sources = [index.get(record.extra.get("source_id")) for record in synthetic.records]

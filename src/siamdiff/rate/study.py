@@ -31,7 +31,7 @@ from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from siamdiff.data.dataset import PairedDataset, generator_views
+from siamdiff.data.dataset import GeneratorView, PairedDataset, generator_views
 from siamdiff.data.manifest import Manifest, Record, load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.report import to_uint8_rgb
@@ -165,7 +165,10 @@ def build_study(
     secret = secrets.token_bytes(32)
     roots = {"synthetic": Path(synthetic), "real": Path(real)}
     size = min(min(r.width, r.height) for r in manifests["synthetic"].records)
-    views = {source: generator_views(roots[source], None, size) for source in SOURCES}
+    # Framed as the generator frames them (a pad-trained model's samples keep the borders).
+    synthesis = manifests["synthetic"].preprocessing.get("synthesis", {})
+    view = GeneratorView(crop=GeneratorView.of_synthesis(synthesis).crop)
+    views = {s: generator_views(roots[s], None, size, view=view) for s in SOURCES}
     position = {s: {r.id: i for i, r in enumerate(views[s].records)} for s in SOURCES}
     picked = [(s, r) for s in SOURCES for r in _pick(manifests[s], count, rng)]
     shuffled = [picked[i] for i in rng.permutation(len(picked))]
