@@ -327,6 +327,9 @@ def test_existing_output_is_protected(tmp_path: Path) -> None:
     with pytest.raises(SiamdiffError, match="refusing to replace"):
         prepare([("folder", tmp_path / "src")], tmp_path / "home", overwrite=True, progress=False)
     assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "home" / MANIFEST_NAME).write_text("{damaged")  # a dataset it cannot read
+    with pytest.raises(SiamdiffError, match="delete it to prepare anew"):
+        prepare([("folder", tmp_path / "src")], tmp_path / "home", overwrite=True, progress=False)
 
 
 def test_nothing_usable_is_an_error(tmp_path: Path) -> None:

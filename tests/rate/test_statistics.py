@@ -131,6 +131,13 @@ def test_summarize_uses_first_ratings_and_measures_repeats() -> None:
     assert overall["inter_rater_alpha_ordinal"] is not None
 
 
+def test_raters_are_listed_in_joining_order_past_999() -> None:
+    items = [Item("n0", "real", "r0", "d", False)]
+    raters = ["R1000", "R101", "R999"]
+    summary = summarize(items, [Answer(r, 0, 0, 3, None) for r in raters])
+    assert list(summary["per_rater"]) == ["R101", "R999", "R1000"]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_sequence_spaces_every_repeat(seed: int) -> None:
     n = 5

@@ -128,6 +128,8 @@ def test_bad_settings_are_clear_errors(
         build_study(synthetic_data, phantom_data, tmp_path / "b", per_source=2, repeats=4)
     with pytest.raises(SiamdiffError, match="manifest"):
         build_study(tmp_path, phantom_data, tmp_path / "c")
+    with pytest.raises(SiamdiffError, match="is given as both SYN and REAL"):
+        build_study(phantom_data, phantom_data, tmp_path / "d")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -302,7 +302,12 @@ def _previous_manifest(out: Path, overwrite: bool) -> Manifest | None:
     if not (overwrite and out.exists()):
         return None
     if (out / MANIFEST_NAME).is_file():
-        return load_manifest(out)
+        try:
+            return load_manifest(out)
+        except SiamdiffError as exc:  # its version cannot be bumped from an unreadable one
+            raise SiamdiffError(
+                f"{exc} (the dataset to replace: delete it to prepare anew)", out
+            ) from exc
     if out.is_dir() and not any(out.iterdir()):
         return None
     raise SiamdiffError(f"exists and has no {MANIFEST_NAME}; refusing to replace it", out)

@@ -419,12 +419,12 @@ def evaluate(
         "format_version": FORMAT_VERSION,
         "created_by": f"siamdiff {__version__}",
         "real": {
-            "root": str(real_root),
+            "root": str(real_root.resolve()),  # a report rebuilt elsewhere finds it
             "dataset_version": real_manifest.dataset_version,
             "train_images": len(real_manifest.split("train")),
         },
         "synthetic": {
-            "root": str(syn_root),
+            "root": str(syn_root.resolve()),
             "images": len(syn_manifest.records),
             "masks": len({conditioning_mask(r) for r in syn_manifest.records}),
             "resolution": view.resolution,

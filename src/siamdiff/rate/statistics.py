@@ -160,6 +160,11 @@ def inter_rater_alpha(ratings: dict[str, dict[int, int]], n_items: int) -> float
     return None if math.isnan(value) else float(value)
 
 
+def _joining(rater: str) -> tuple[int, str]:
+    digits = rater.lstrip("R")
+    return (int(digits), rater) if digits.isdigit() else (-1, rater)
+
+
 def summarize(items: Sequence[Item], answers: Sequence[Answer]) -> dict[str, Any]:
     """The full results: overall and per-rater MOS by source, detection, reliability."""
     first: dict[str, dict[int, Answer]] = defaultdict(dict)
@@ -218,6 +223,7 @@ def summarize(items: Sequence[Item], answers: Sequence[Answer]) -> dict[str, Any
                 **block(list(by_item.values())),
                 "intra_rater": consistency(repeats[rater]),
             }
-            for rater, by_item in sorted(first.items())
+            # Joining order: "R1000" after "R999", which text order puts before "R101".
+            for rater, by_item in sorted(first.items(), key=lambda pair: _joining(pair[0]))
         },
     }

@@ -147,6 +147,8 @@ def build_study(
     images' size: real frames keep their aspect ratio when prepared, synthetic images are
     square, and a shape or pixel size would tell the rater the answer.
     """
+    if Path(synthetic).resolve() == Path(real).resolve():
+        raise SiamdiffError("is given as both SYN and REAL: rate two different sets", synthetic)
     manifests = {"synthetic": load_manifest(synthetic), "real": load_manifest(real)}
     for source, root in (("synthetic", synthetic), ("real", real)):
         if not manifests[source].records:
