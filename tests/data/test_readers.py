@@ -224,6 +224,21 @@ def test_unpaired_and_foreign_files_are_skipped_with_reasons(tmp_path: Path) -> 
     ]
 
 
+def test_stems_differing_only_in_case_pair_when_unique(tmp_path: Path) -> None:
+    root = pair_dirs(
+        tmp_path / "set",
+        {"C12.png": RGB, "Twin.png": RGB, "twin.png": RGB},
+        {"c12.PNG": RGB[..., 0], "TWIN.png": RGB[..., 0]},
+    )
+    result = read_source("pranet", root)
+    assert [(p.image.name, p.mask.name) for p in result.pairs] == [("C12.png", "c12.PNG")]
+    assert sorted((p.name, reason) for p, reason in result.skipped) == [
+        ("TWIN.png", "mask without image"),  # two images could take it: none does
+        ("Twin.png", "image without mask"),
+        ("twin.png", "image without mask"),
+    ]
+
+
 def test_pranet_dataset_defaults_to_sanitised_dir_name(tmp_path: Path) -> None:
     root = pair_dirs(tmp_path / "CVC-300 test", {"x 1.jpg": RGB}, {"x 1.png": RGB[..., 0]})
     (pair,) = read_source("pranet", root).pairs

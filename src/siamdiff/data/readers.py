@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -349,9 +350,22 @@ def _by_stem(
 def _match(
     images: dict[str, Path], masks: dict[str, Path], skipped: list[tuple[Path, str]]
 ) -> list[tuple[str, Path, Path]]:
-    skipped.extend((path, "image without mask") for s, path in images.items() if s not in masks)
-    skipped.extend((path, "mask without image") for s, path in masks.items() if s not in images)
-    return [(stem, images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())]
+    """Pairs by stem; an image and a mask left over whose stems differ only in case (a
+    dataset made on Windows or macOS, ``C.png`` and ``c.PNG``) pair when that is unique."""
+    mask_of = {stem: stem for stem in images.keys() & masks.keys()}
+    folded: dict[str, list[str]] = {}
+    for stem in masks.keys() - images.keys():
+        folded.setdefault(stem.casefold(), []).append(stem)
+    lone = [stem for stem in images if stem not in masks]
+    counts = Counter(stem.casefold() for stem in lone)
+    for stem in lone:
+        candidates = folded.get(stem.casefold(), [])
+        if len(candidates) == 1 and counts[stem.casefold()] == 1:
+            mask_of[stem] = candidates[0]
+    paired = set(mask_of.values())
+    skipped.extend((path, "image without mask") for s, path in images.items() if s not in mask_of)
+    skipped.extend((path, "mask without image") for s, path in masks.items() if s not in paired)
+    return [(stem, images[stem], masks[mask_of[stem]]) for stem in sorted(mask_of)]
 
 
 def _match_subdirs(
