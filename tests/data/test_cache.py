@@ -209,9 +209,12 @@ def test_parallel_read_only_workers(tmp_path: Path):
     with LatentCache(path, IDENTITY, "crop32") as cache:
         cache.put_many(items)
     reader = LatentCache(path, IDENTITY, "crop32", readonly=True)
+    assert reader.get(items[0][0]) is not None  # the parent holds an open handle
     dataset = _CachedLatents(reader, [sha for sha, _ in items])
-    loader = DataLoader(dataset, batch_size=2, num_workers=2)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork")
     loaded = torch.cat(list(loader))
+    # Closed before the fork: a child closing its inherited copy would end the parent's reads.
+    assert reader._env is None and reader.get(items[0][0]) is not None
     torch.testing.assert_close(loaded, torch.stack([t for _, t in items]), atol=2e-3, rtol=1e-3)
     reader.close()
     # Spawned workers receive a pickled cache: it travels without its handle and reopens.
@@ -293,7 +296,10 @@ def test_a_cache_whose_lock_file_cannot_be_written_is_read_without_it(
         return real_open(*args, **kwargs)
 
     monkeypatch.setattr(lmdb, "open", read_only_mount)
-    with LatentCache(path, IDENTITY, "crop32", readonly=True) as reader:
+    with (
+        pytest.warns(UserWarning, match="without LMDB's lock file"),
+        LatentCache(path, IDENTITY, "crop32", readonly=True) as reader,
+    ):
         assert not reader._environment().flags()["lock"]
         torch.testing.assert_close(reader.get(items[0][0]), items[0][1], atol=2e-3, rtol=1e-3)
 

@@ -433,3 +433,17 @@ def test_adding_a_source_moves_no_frame_to_another_split(tmp_path: Path) -> None
     sources = [("cvc-clinicdb", cvc), ("pranet", aa)]
     prepare(sources, out, 32, overwrite=True, workers=1, progress=False)
     assert {r.id: r.split for r in load_manifest(out).records} == before
+
+
+def test_a_pair_turned_apart_by_exif_says_so(tmp_path: Path) -> None:
+    """A camera image stored sideways (EXIF orientation 6) with a mask drawn on its raw
+    pixels: the sizes no longer agree, and the reason must point at the orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "src").mkdir()
+    Image.fromarray(IMAGE[:, :24]).save(tmp_path / "src" / "d-g-0.png", exif=exif)
+    Image.fromarray(disc()[:, :24]).save(tmp_path / "src" / "d-g-0_mask.png")
+    write_pair(tmp_path / "src", "d-g-1", IMAGE, disc())
+    summary = prepare([("folder", tmp_path / "src")], tmp_path / "out", 16, progress=False)
+    (reason,) = [r for _, r in summary.skipped]
+    assert reason.endswith("(one is turned by its EXIF orientation, the other is not)")

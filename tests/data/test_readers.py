@@ -388,10 +388,10 @@ def _save_mask(path: Path, kind: str) -> None:
         soft = LESION.astype(np.uint16) * 255
         soft[3, 3:12] = 100  # an anti-aliased edge below the threshold
         Image.fromarray(soft).save(path)
-    elif kind == "tiff min-is-white 8-bit":
-        tifffile.imwrite(path, (1 - LESION) * 255, photometric="miniswhite")
+    elif kind == "tiff min-is-white 8-bit (ImageJ's inverting LUT)":
+        tifffile.imwrite(path, LESION * 255, photometric="miniswhite")
     elif kind == "tiff min-is-white 1-bit":
-        tifffile.imwrite(path, LESION == 0, photometric="miniswhite", bitspersample=1)
+        tifffile.imwrite(path, LESION == 1, photometric="miniswhite", bitspersample=1)
     elif kind == "tiff palette, red lesion at index 0":
         colormap = np.zeros((3, 256), np.uint16)
         colormap[0, 0] = 40000  # index 0 red, index 1 black
@@ -414,7 +414,7 @@ def _save_mask(path: Path, kind: str) -> None:
         "palette, dark lesion colour",
         "palette, white lesion at index 0",
         "16-bit 0/128/255 (8-bit values, soft edge)",
-        "tiff min-is-white 8-bit",
+        "tiff min-is-white 8-bit (ImageJ's inverting LUT)",
         "tiff min-is-white 1-bit",
         "tiff palette, red lesion at index 0",
         "alpha only, black",
@@ -478,3 +478,9 @@ def test_a_tiff_over_the_pixel_limit_is_refused_before_decoding(
     for load in (load_rgb, load_mask):
         with pytest.raises(UnreadableImageError, match="256 pixels, over the 200 limit"):
             load(tmp_path / "big.tif")
+
+
+def test_a_min_is_white_tiff_image_is_read_as_shown(tmp_path: Path) -> None:
+    grey = np.array([[0, 255]], np.uint8)
+    tifffile.imwrite(tmp_path / "i.tif", grey, photometric="miniswhite")
+    np.testing.assert_array_equal(load_rgb(tmp_path / "i.tif")[0, :, 0], [255, 0])

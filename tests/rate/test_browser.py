@@ -135,7 +135,9 @@ def test_rate_kill_resume_finish(
         plain = image.get_attribute("src")
         browser.find_element(By.TAG_NAME, "body").send_keys("m")
         assert image.get_attribute("src").endswith("?overlay=1")
-        assert browser.execute_script("return arguments[0].naturalWidth", image) > 0
+        # Loaded, not broken (a slow machine may still be fetching it).
+        loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(loaded, image))
         browser.find_element(By.TAG_NAME, "body").send_keys("m")
         assert image.get_attribute("src") == plain
         for position in range(half):

@@ -82,6 +82,11 @@ def test_pooled_detection_permutes_images_not_ratings() -> None:
     )
     assert chance["p_value"] == pytest.approx(1.0) and chance["accuracy"] == 0.5
     assert chance["ci_low"] < 0.2 and chance["ci_high"] > 0.8  # 4 of 8 images, exactly
+    # 5 images each told right by half: 2.5 of 5, an interval symmetric about 0.5.
+    odd = pooled_detection(
+        [("real", ["real", "synthetic"])] * 3 + [("synthetic", ["real", "synthetic"])] * 2
+    )
+    assert odd["ci_low"] == pytest.approx(1 - odd["ci_high"])
     mixed = pooled_detection(
         [("real", ["real"]), ("real", ["synthetic"])] * 3
         + [("synthetic", ["synthetic"]), ("synthetic", ["real"])] * 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -146,10 +147,19 @@ def test_study_from_another_version_is_refused(study: Study) -> None:
         load_study(study.root)
 
 
-def test_a_study_copied_without_its_images_is_refused(study: Study) -> None:
-    study.image_path(study.items[-1].name).unlink()
+def test_a_study_copied_without_its_images_is_not_served_but_exports(study: Study) -> None:
+    from siamdiff.rate.export import export_results
+    from siamdiff.rate.server import create_app
+
+    client = create_app(study.root).test_client()
+    code = client.post("/start", data={"name": "A"}).headers["Location"].rsplit("/", 1)[1]
+    page = client.get(f"/rate/{code}").get_data(as_text=True)
+    form = dict(re.findall(r'name="(position|token)" value="([^"]*)"', page))
+    assert client.post(f"/rate/{code}", data={**form, "score": "4"}).status_code == 303
+    shutil.rmtree(study.root / "images")  # copied for the analysis, without its images
     with pytest.raises(SiamdiffError, match=r"\.png: image of the study is missing"):
-        load_study(study.root)
+        create_app(study.root)
+    assert export_results(study.root)["answers"] == 1
 
 
 def test_open_study_resumes_an_existing_study(

@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import struct
+import warnings
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -59,15 +61,23 @@ def _unpack(data: bytes) -> Tensor:
     return torch.from_numpy(array.reshape(header["shape"]).astype(np.float32))
 
 
+def _close_before_fork() -> None:
+    """LMDB handles must not cross fork(): closing the parent's copy in the child would also
+    end the parent's read transaction and free its reader slot, which a concurrent writer may
+    then reuse. So the parent closes them first; each process reopens on its next read."""
+    for cache in list(_OPEN):
+        cache.close()
+
+
 class LatentCache:
     """Latents of one (encoder identity, view) pair in an LMDB database directory.
 
     Readers register in LMDB's lock file, so another run may build into a shared cache
     while this one reads it (a lock-free reader could see pages the writer recycles);
-    where the lock file cannot be written (a read-only copy or mount, where no writer can
-    run either) they read without it. The environment opens lazily in each process and
-    is dropped on pickling, so a read-only cache can sit inside a Dataset handed to worker
-    processes, whether forked or spawned. LMDB allows one open handle per path and
+    where the lock file cannot be written (a read-only copy, another user's cache) they read
+    without it and warn. The environment opens lazily in each process, is closed before a
+    fork and dropped on pickling, so a read-only cache can sit inside a Dataset handed to
+    worker processes, whether forked or spawned. LMDB allows one open handle per path and
     process: close a cache before opening the same path again.
     """
 
@@ -88,19 +98,12 @@ class LatentCache:
         # 32-byte entry keys can never collide with this longer counter key.
         self._count_key = b"count|" + hashlib.sha256(namespace).digest()
         self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
         self._environment()  # fail now, not in the first worker, if the path is bad
 
     def _environment(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            if self._env is not None:
-                # Inherited through fork(): LMDB handles must not be used across fork, and
-                # lmdb refuses a second open of a path it still lists, so drop this copy.
-                # Closing it clears only this process's reader slots (LMDB matches the pid)
-                # and fcntl locks are not inherited: the parent's handle stays intact.
-                self._env.close()
+        if self._env is None:
             self._env = self._open()
-            self._pid = os.getpid()
+            _OPEN.add(self)
         return self._env
 
     def _open(self) -> lmdb.Environment:
@@ -128,9 +131,14 @@ class LatentCache:
                 )
             try:
                 return lmdb.open(path, readonly=True, readahead=False, max_readers=MAX_READERS)
-            except lmdb.Error:
+            except lmdb.Error as exc:
                 if not self.path.is_dir():
                     raise
+                warnings.warn(
+                    f"{self.path}: latent cache read without LMDB's lock file ({exc}): no run "
+                    "may build into it meanwhile",
+                    stacklevel=2,
+                )
                 return lmdb.open(path, readonly=True, lock=False, readahead=False)
         except (lmdb.Error, OSError) as exc:
             raise SiamdiffError(f"cannot open latent cache ({exc})", self.path) from exc
@@ -198,6 +206,7 @@ class LatentCache:
         if self._env is not None:
             self._env.close()
         self._env = None
+        _OPEN.discard(self)
 
     def __enter__(self) -> LatentCache:
         return self
@@ -206,7 +215,11 @@ class LatentCache:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_env": None, "_pid": None}
+        return {**self.__dict__, "_env": None}
+
+
+_OPEN: weakref.WeakSet[LatentCache] = weakref.WeakSet()
+os.register_at_fork(before=_close_before_fork)
 
 
 def build_latent_cache(

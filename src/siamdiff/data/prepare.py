@@ -44,6 +44,7 @@ from siamdiff.data.readers import (
     load_mask,
     load_rgb,
     read_source,
+    turned_by_exif,
 )
 from siamdiff.data.split import DEFAULT_FRACTIONS, split_of
 from siamdiff.errors import SiamdiffError
@@ -131,7 +132,10 @@ def _process_pair(
         return str(exc.path), exc.reason
     h, w = image.shape[:2]
     if mask.shape != (h, w):
-        return str(pair.image), f"image {w}x{h} but mask {mask.shape[1]}x{mask.shape[0]}"
+        reason = f"image {w}x{h} but mask {mask.shape[1]}x{mask.shape[0]}"
+        if turned_by_exif(pair.image) != turned_by_exif(pair.mask):
+            reason += " (one is turned by its EXIF orientation, the other is not)"
+        return str(pair.image), reason
     for name, path in pair.hints:
         hint_h, hint_w = hints[name].shape
         if (hint_h, hint_w) != (h, w):

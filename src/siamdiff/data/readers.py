@@ -44,6 +44,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 MASK_THRESHOLD = 128
+EXIF_ORIENTATION = 0x0112
 MASK_SUFFIX = "_mask"
 HINT_MARK = "_hint-"  # folder layout: NAME_hint-HINT.ext
 HINT_DIR_PREFIX = "hint-"  # pranet layout: hint-HINT/STEM.ext
@@ -118,6 +119,17 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+def turned_by_exif(path: str | Path) -> bool:
+    """Whether the file's EXIF orientation turns it a quarter (width and height swap)."""
+    if _is_tiff(Path(path)):
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # unreadable: its reader says why, not this hint
+        return False
+
+
 def _decode_pil(path: Path) -> np.ndarray:
     with Image.open(path) as opened:
         image = _upright(opened)
@@ -154,16 +166,21 @@ def _to_hw_or_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _decode_tiff(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A TIFF's samples as intensities (min-is-white inverted), and its palette's colours
-    (HxWx3 uint8) when it has one."""
+def _decode_tiff(path: Path, as_shown: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """A TIFF's samples, and its palette's colours (HxWx3 uint8) when it has one.
+
+    ``as_shown``: min-is-white samples inverted, as a viewer shows them (images). Masks keep
+    their stored values: ImageJ saves a binary mask under an inverting lookup table as
+    min-is-white with the lesion stored as 255, shown black.
+    """
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        pixels = page.imagewidth * page.imagelength
-        if pixels > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow's decompression-bomb limit
-            raise ValueError(f"{pixels} pixels, over the {2 * Image.MAX_IMAGE_PIXELS} limit")
+        pixels, limit = page.imagewidth * page.imagelength, Image.MAX_IMAGE_PIXELS
+        if limit is not None and pixels > 2 * limit:  # Pillow's decompression-bomb limit
+            raise ValueError(f"{pixels} pixels, over the {2 * limit} limit")
         array = tif.asarray()
-        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and array.dtype.kind in "bu":
+        white_is_zero = page.photometric == tifffile.PHOTOMETRIC.MINISWHITE
+        if as_shown and white_is_zero and array.dtype.kind in "bu":
             array = ~array if array.dtype == np.bool_ else (1 << page.bitspersample) - 1 - array
         colours = None
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
@@ -198,7 +215,7 @@ def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
     channel (one colour everywhere, a varying alpha) gives that alpha.
     """
     if _is_tiff(path):
-        array, colours = _decode_tiff(path)
+        array, colours = _decode_tiff(path, as_shown=False)
         return (array, False) if colours is None else _palette_mask(array, colours)
     with Image.open(path) as opened:
         image = _upright(opened)
@@ -263,7 +280,7 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     of two values, one of them 0 (0/1 at any bit depth, the nnU-Net convention, or 0/255
     stored in 16 bits; JPEG excepted), and float masks (> 0.5). Palette masks of two
     colours take the brighter as the lesion. A mask drawn only in its alpha channel uses
-    that alpha; min-is-white TIFFs are inverted.
+    that alpha; TIFF masks keep their stored values (min-is-white ones too: ImageJ's).
     """
     path = Path(path)
     array, labels = _read(path, _decode_mask)

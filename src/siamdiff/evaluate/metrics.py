@@ -478,6 +478,7 @@ def evaluate(
         device=device,
         progress=progress,
     )
+    del standard_models  # Inception and CLIP, not kept through --utility's training
     metrics["utility"] = (
         segmentation_utility(
             real_root,

@@ -228,10 +228,10 @@ class ClipTextConditioner(TextConditioner):
                 path / "text_encoder",
                 pretrained_model_name_or_path=path / "text_encoder",
                 local_files_only=True,
-                # fp32 whatever the checkpoint holds: an fp16 text context meets the fp32
-                # UNet in training and CPU sampling (mixed dtypes in its first matmul).
-                dtype=torch.float32,
             )
+            # fp32 whatever the checkpoint holds (newer transformers keep its fp16): an fp16
+            # text context would meet the fp32 UNet in training and CPU sampling.
+            text_encoder = text_encoder.float()
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         except (OSError, ValueError, SafetensorError) as exc:
             raise SiamdiffError(

@@ -24,7 +24,7 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.rate import storage
 from siamdiff.rate.pages import SCRIPT, TEMPLATES
 from siamdiff.rate.storage import Rater
-from siamdiff.rate.study import SOURCES, Study, load_study
+from siamdiff.rate.study import SOURCES, Study, check_images, load_study
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -60,6 +60,7 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
     """The Flask app for the study at ``study_root`` (its database is created if absent);
     ``trusted_hosts``: the Host headers answered (None: any)."""
     study = load_study(study_root)
+    check_images(study)
     try:
         storage.init_db(study.root)
     except sqlite3.Error as exc:

@@ -123,11 +123,19 @@ def pooled_detection(guesses_by_image: Sequence[tuple[str, Sequence[str]]]) -> d
     accuracies = hits / sum(n[p].sum(axis=1) for n, p in zip(counts, picks, strict=True))
     low, high = np.quantile(accuracies, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
     if low == high:
-        told = round(result["accuracy"] * len(images))
-        low, high = stats.binomtest(told, len(images)).proportion_ci(CONFIDENCE)
+        low, high = _clopper_pearson(result["accuracy"] * len(images), len(images))
     result.update(ci_low=float(low), ci_high=float(high))
     result["p_value"] = float(test.pvalue)
     return result
+
+
+def _clopper_pearson(told: float, n: int) -> tuple[float, float]:
+    """The exact binomial interval for ``told`` of ``n`` images told right; ``told`` may be
+    fractional (every image told right by half its raters: n / 2 exactly, not rounded)."""
+    alpha = 1 - CONFIDENCE
+    low = 0.0 if told <= 0 else stats.beta.ppf(alpha / 2, told, n - told + 1)
+    high = 1.0 if told >= n else stats.beta.ppf(1 - alpha / 2, told + 1, n - told)
+    return float(low), float(high)
 
 
 def consistency(pairs: Sequence[tuple[int, int]]) -> dict[str, Any]:

@@ -236,15 +236,18 @@ def load_study(root: str | Path) -> Study:
         item.source not in SOURCES for item in items
     ):
         raise SiamdiffError("study is malformed (bad item index or source)", path)
-    study = Study(root=root, items=items, sequence=sequence, secret=secret, info=info)
-    for item in items:
+    return Study(root=root, items=items, sequence=sequence, secret=secret, info=info)
+
+
+def check_images(study: Study) -> None:
+    """Before serving (exporting results needs none): every image the raters will be shown."""
+    for item in study.items:
         for overlay in (False, True) if item.overlay else (False,):
             if not study.image_path(item.name, overlay).is_file():
                 raise SiamdiffError(
                     "image of the study is missing (copied without images/?)",
                     study.image_path(item.name, overlay),
                 )
-    return study
 
 
 def open_study(
