@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeepSpeed ZeRO-2 through examples/accelerate/deepspeed_zero2.yaml on one GPU (issue 3): a
 # short training run that checkpoints, resumes and exports. accelerate runs DeepSpeed on CUDA
-# only (on a CPU it falls back to one process), so this is where that path gets exercised.
+# only (siamdiff refuses a DeepSpeed launch on CPUs), so this is where that path is exercised.
 #
 #   bash experiments/gpu_session/deepspeed_check.sh CONFIG DATA LATENTS TAEF2 WORK
 #

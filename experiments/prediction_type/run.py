@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
 from siamdiff.config import load_config
-from siamdiff.data.cache import LatentCache
+from siamdiff.data.cache import LatentCache, pair_entry
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.export import build_model
@@ -60,7 +60,9 @@ def run_arm(prediction_type: str, work: Path, shared: Path, steps: int) -> dict:
     train = split(work, "train", size)
     cache = LatentCache(work / "latents-mask-only.lmdb", autoencoder.identity, f"crop{size}", True)
     items = [train[i] for i in range(len(train))]
-    z_train = torch.stack([cache.get(it["meta"]["image_sha256"]) for it in items]).float()
+    metas = [it["meta"] for it in items]
+    entries = [pair_entry(m["image_sha256"], m["mask_sha256"]) for m in metas]
+    z_train = torch.stack([cache.get(entry) for entry in entries]).float()
     hints = mask_to_hint(torch.stack([it["mask"] for it in items]))
 
     parameters = [p for p in model.parameters() if p.requires_grad]
