@@ -6,6 +6,8 @@ import errno
 import hashlib
 import io
 import struct
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -242,3 +244,23 @@ def test_a_failed_write_names_the_file(served, dest: Path, monkeypatch: pytest.M
     with pytest.raises(SiamdiffError, match=r"\.jpg: cannot write \(No space left on device\)"):
         download_kvasir(dest, url=f"{base}/kvasir-seg.zip", progress=False)
     assert list(dest.iterdir()) == []
+
+
+def test_a_killed_download_is_cleared_by_the_next(served, dest: Path):
+    """SIGKILL mid-transfer (an OOM kill, a job scheduler): its half archive lies in the
+    output's temporary folder, which the next download clears."""
+    base, root = served
+    _write_zip(root / "kvasir-seg.zip", _kvasir_entries())
+    killed = (
+        "import os, signal\n"
+        "import siamdiff.data.download as d\n"
+        "def fetch(url, target, progress, timeout):\n"
+        "    target.write_bytes(b'PK half an archive')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "d._fetch = fetch\n"
+        f"d.download_kvasir({str(dest)!r}, url={base + '/kvasir-seg.zip'!r}, progress=False)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", killed], timeout=120).returncode == -9
+    assert [p.name for p in dest.iterdir()] != []  # the killed job's temporary folder
+    download_kvasir(dest, url=f"{base}/kvasir-seg.zip", progress=False)
+    assert [p.name for p in dest.iterdir()] == [KVASIR_FOLDER]
