@@ -132,6 +132,17 @@ def test_prepared_hints_are_resized_listed_and_verified(hinted_data: Path):
         edited.write_bytes(original)
 
 
+def test_an_edited_raw_hint_is_a_major_version_even_with_a_new_size(tmp_path: Path):
+    raw = make_phantom_dataset(tmp_path / "raw", n=3, size=32, groups=1, seed=0)
+    add_hints(raw)
+    out = tmp_path / "data"
+    prepare([("folder", raw)], out, size=24, workers=1, progress=False)
+    edited = sorted(raw.glob("*_hint-ramp.png"))[0]
+    Image.fromarray(255 - png(edited)).save(edited)
+    summary = prepare([("folder", raw)], out, size=16, overwrite=True, workers=1, progress=False)
+    assert summary.dataset_version == "2.0"  # raw data changed, not only the preprocessing
+
+
 def test_sources_with_other_hints_are_refused(tmp_path: Path):
     hinted = make_phantom_dataset(tmp_path / "hinted", n=2, size=16, groups=1, seed=0)
     add_hints(hinted)
@@ -159,8 +170,8 @@ def test_hints_move_with_the_mask_through_every_training_op(hinted_data: Path):
         sample = dataset[index]
         assert sample["hints"].shape == (2, PHANTOM_SIZE, PHANTOM_SIZE)
         copy, grey = sample["hints"]
-        # The copy hint is the mask (up to the prepared hint's grey edge): same ops, same pixels.
-        assert torch.mean(((copy > 0.5) != (sample["mask"][0] > 0.5)).float()) < 0.05
+        # The copy hint is the mask: same ops, the same pixels exactly.
+        assert torch.equal(copy > 0.5, sample["mask"][0] > 0.5)
         # Photometric ops leave hints alone and nearest resampling invents no grey level.
         record = dataset.records[index]
         stored = set(np.unique(png(hinted_data / record.hints["ramp"]["file"])).tolist())
@@ -267,7 +278,7 @@ def test_train_export_and_sample_with_hints(hinted_data: Path, phantom_data: Pat
         mask = png(out / record.mask)
         copy = png(out / record.hints["copy"]["file"])
         # The augmented copy hint sits where the augmented mask sits.
-        assert np.mean((copy > 127) != (mask > 127)) < 0.05
+        assert np.array_equal(copy > 127, mask > 127)
     # Both exports read back with their hints: a synthetic set can condition again.
     for kind in ("folder", "pranet"):
         again_root = tmp_path / f"again-{kind}"

@@ -334,7 +334,8 @@ def test_existing_output_is_protected(tmp_path: Path) -> None:
 
 def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
     write_pair(tmp_path / "src", "d-g-0", IMAGE, disc()[:10])
-    with pytest.raises(SiamdiffError, match="no usable image-mask pairs"):
+    reason = r"no usable image-mask pairs in the sources: 1 skipped, first .*d-g-0.png: image 32x32"
+    with pytest.raises(SiamdiffError, match=reason):
         prepare([("folder", tmp_path / "src")], tmp_path / "out", 16, workers=1)
     assert not (tmp_path / "out").exists()
 

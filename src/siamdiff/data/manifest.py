@@ -18,6 +18,7 @@ Layout::
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -287,14 +288,18 @@ def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
     if previous is None:
         return "1.0"
     major, minor = (int(x) for x in previous.dataset_version.split("."))
-    # Raw masks too, where both manifests name them (older ones hold the images' hashes only).
+    # Raw masks and hints too, where both manifests name them (older ones hold the images'
+    # hashes only).
     with_masks = all("source_mask_sha256" in r.extra for r in (*previous.records, *new.records))
 
-    def sources(manifest: Manifest) -> set[tuple[str, str]]:
-        return {
-            (r.source_sha256 or r.id, r.extra["source_mask_sha256"] if with_masks else "")
-            for r in manifest.records
-        }
+    def raw(record: Record) -> tuple[str, str, str]:
+        if not with_masks:
+            return record.source_sha256 or record.id, "", ""
+        hints = json.dumps(record.extra.get("source_hints_sha256", {}), sort_keys=True)
+        return record.source_sha256 or record.id, record.extra["source_mask_sha256"], hints
+
+    def sources(manifest: Manifest) -> set[tuple[str, str, str]]:
+        return {raw(r) for r in manifest.records}
 
     if sources(previous) != sources(new):
         return f"{major + 1}.0"

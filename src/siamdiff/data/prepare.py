@@ -156,7 +156,10 @@ def _process_pair(
         source_image=str(pair.image),
         source_mask=str(pair.mask),
         source_sha256=sha256_file(pair.image),
-        extra={"source_mask_sha256": sha256_file(pair.mask)},
+        extra={
+            "source_mask_sha256": sha256_file(pair.mask),
+            "source_hints_sha256": {name: sha256_file(path) for name, path in pair.hints},
+        },
     )
 
 
@@ -380,7 +383,11 @@ def prepare(
                     skipped.append(result)
             records = _without_duplicates(records, tmp, skipped, strict, previous)
             if not records:
-                raise SiamdiffError("no usable image-mask pairs in the sources", sources[0][1])
+                why = f": {len(skipped)} skipped, first {skipped[0][0]}: {skipped[0][1]}"
+                raise SiamdiffError(
+                    f"no usable image-mask pairs in the sources{why if skipped else ''}",
+                    sources[0][1],
+                )
             manifest = Manifest(records=records, preprocessing=preprocessing)
             manifest.dataset_version = next_dataset_version(previous, manifest)
             write_manifest(tmp, manifest)
