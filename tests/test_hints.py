@@ -318,3 +318,31 @@ def test_an_edited_raw_hint_is_a_new_major_dataset_version(tmp_path: Path):
         [("folder", raw)], tmp_path / "data", size=16, workers=1, progress=False, overwrite=True
     )
     assert (first.dataset_version, second.dataset_version) == ("1.0", "2.0")
+
+
+def test_hints_reach_the_sampler_in_the_order_the_model_was_trained_on(
+    hinted_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Trained on [ramp, copy] (not sorted): a sampler loading the maps in another order
+    would condition each ControlNet channel on the other map, and write correct files."""
+    import siamdiff.synthesize as synth
+
+    trained = ("ramp", "copy")
+    run = tmp_path / "run"
+    train(tiny_config(hinted_data, run, "train.max_steps=1", f"data.hints=[{','.join(trained)}]"))
+    seen = []
+    real = synth.ddim_sample
+
+    def capture(model, mask_hint, *args, **kwargs):
+        seen.append(mask_hint)
+        return real(model, mask_hint, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "ddim_sample", capture)
+    synthesize(run, hinted_data, tmp_path / "syn", steps=1, limit=2, progress=False)
+    mask_hint = torch.cat(seen)
+    view = generator_views(hinted_data, "train", PHANTOM_SIZE, trained)
+    records = load_manifest(tmp_path / "syn").records
+    by_id = {record.id: index for index, record in enumerate(view.records)}
+    for row, record in enumerate(records):
+        expected = view[by_id[record.extra["source_id"]]]["hints"]
+        torch.testing.assert_close(mask_hint[row, 3:].float(), expected.float())
