@@ -114,6 +114,26 @@ def test_resume_refuses_settings_the_run_was_not_trained_with(
     train(tiny_config(phantom_data, run, "train.max_steps=2", "train.sample_every=100"), True)
     assert "train.max_steps 1 -> 2: the learning-rate schedule" in capsys.readouterr().err
     assert checkpoints(run)[-1].name == "step-00000002"
+    with pytest.raises(SiamdiffError, match=r"at step 2, past train\.max_steps 1"):
+        train(tiny_config(phantom_data, run, *done), resume=True)
+    assert load_config(run / "config.yaml").train.max_steps == 2  # not rewritten
+
+
+def test_training_longer_follows_the_new_schedule_from_the_first_resumed_step(
+    phantom_data: Path, tmp_path: Path
+):
+    """The checkpoint holds the rate its schedule gave at its step: 0 at a finished run's
+    end, which the first resumed step used instead of the new schedule's rate."""
+    quick = ("optim.warmup_steps=1", "train.sample_every=100", "train.checkpoint_every=2")
+    straight, longer = tmp_path / "straight", tmp_path / "longer"
+    train(tiny_config(phantom_data, straight, "train.max_steps=4", *quick))
+    train(tiny_config(phantom_data, longer, "train.max_steps=2", *quick))
+    train(tiny_config(phantom_data, longer, "train.max_steps=4", *quick), resume=True)
+    rates = [
+        {r["step"]: r["lr"] for r in read_loss_log(run / "losses.jsonl")}
+        for run in (straight, longer)
+    ]
+    assert rates[1][3] == rates[0][3] > 0
 
 
 @pytest.mark.parametrize(

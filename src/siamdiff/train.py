@@ -252,6 +252,20 @@ def save_checkpoint(
     return final
 
 
+def _rate_from_schedule(lr_schedule: Any) -> None:
+    """Set the optimiser's rate to the schedule's at its restored step. The checkpoint holds
+    the rate of the schedule it was trained under: with train.max_steps raised, a finished
+    run's 0 would otherwise be the first resumed step's rate. Unchanged otherwise."""
+    schedule = getattr(lr_schedule, "scheduler", lr_schedule)  # accelerate's wrapper
+    rates = [
+        base * rate(schedule.last_epoch)
+        for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(schedule.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    schedule._last_lr = rates
+
+
 def batches(
     data: SeededAugmentation,
     sampler: BalancedBatchSampler,
@@ -550,6 +564,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             ) from exc
         state = json.loads((last / "trainer_state.json").read_text())
         step = state["step"]
+        if step > cfg.train.max_steps:
+            raise SiamdiffError(
+                f"the run is at step {step}, past train.max_steps {cfg.train.max_steps}: "
+                "resume with more steps, or export its checkpoint",
+                last,
+            )
+        _rate_from_schedule(lr_schedule)
         batches_taken = resumed_batches(state, cfg.optim.grad_accum, accelerator.num_processes)
         accelerator.print(f"resumed from {last} at step {step}")
         trained_on = state.get("num_processes", accelerator.num_processes)
@@ -626,7 +647,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
 
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     seen, skipped, nonfinite, started = 0, 0, 0, time.perf_counter()
-    window_bad = False
+    window_bad = overflow = False
     stop = StopRequest()
     stop.install()
     try:
@@ -648,6 +669,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                         window_bad = norm is not None and not finite_on_every_rank(
                             accelerator, norm
                         )
+                        overflow = window_bad
                 if not window_bad:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -657,8 +679,15 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 # The raw optimizer: accelerate's wrapper keeps gradients between windows.
                 getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
                 window_bad = False
-                nonfinite += 1
                 skipped += 1
+                if overflow and accelerator.scaler is not None:
+                    # fp16: the scaler unscaled these gradients; overflowing is how it finds
+                    # its scale (its first steps do), so it lowers the scale, the run goes on.
+                    accelerator.scaler.update()
+                    overflow = False
+                    continue
+                overflow = False
+                nonfinite += 1
                 if nonfinite >= cfg.train.max_nonfinite:
                     raise SiamdiffError(
                         f"loss or gradients were NaN/Inf in {nonfinite} steps in a row at step "
