@@ -88,6 +88,16 @@ def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
         ("backbone.kind=sd21", "backbone.kind must be one of tiny, scratch, sd15"),
         ("autoencoder.kind=vae", "autoencoder.kind must be one of taef2, diffusers-kl"),
         ("backbone.prediction_type=x0", "prediction_type must be null or one of auto, epsilon"),
+        # Nested sections and the settings read far from the config (tracebacks before).
+        ("data.transforms=5", "data.transforms must be a mapping of settings, got 5"),
+        ("backbone.dhi=5", "backbone.dhi must be a mapping of settings, got 5"),
+        ("backbone.seed=abc", "backbone.seed must be an integer in 0..2147483647, got 'abc'"),
+        ("autoencoder.seed=abc", "autoencoder.seed must be an integer in 0..2147483647"),
+        ("backbone.dhi.base_channels=0", "base_channels must be null or an integer >= 1"),
+        ("backbone.prompt=null", "backbone.prompt must be a string, got None"),
+        ("backbone.prompt=[a,b]", "backbone.prompt must be a string"),
+        ("data.latent_cache=''", "data.latent_cache must be null or a path, got ''"),
+        ("data.latent_cache=123", "data.latent_cache must be null or a path, got 123"),
     ],
 )
 def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:
@@ -164,6 +174,8 @@ def test_unet_and_dhi_arguments_are_free_form_but_the_rest_stays_checked() -> No
     assert backbone.controlnet.config.dhi_base_channels == 2
     with pytest.raises(SiamdiffError, match=r"backbone\.unet_typo"):
         load_config("tiny", ["backbone.unet_typo.x=1"])
+    with pytest.raises(SiamdiffError, match=r"backbone\.dhi\.base_channel"):  # misspelt
+        load_config("tiny", ["backbone.dhi.base_channel=64"])
     with pytest.raises(SiamdiffError, match=r"invalid backbone\.unet settings"):
         build_backbone({"kind": "tiny", "unet": {"no_such_argument": 1}}, latent_channels=4)
 

@@ -117,8 +117,8 @@ def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     config = (run / "config.yaml").read_text()
-    assert "  dhi: {}\n" in config
-    (run / "config.yaml").write_text(config.replace("  dhi: {}\n", "  dhi: {base_channels: 8}\n"))
+    assert "    base_channels: null\n" in config
+    (run / "config.yaml").write_text(config.replace("base_channels: null", "base_channels: 8"))
     with pytest.raises(SiamdiffError, match="checkpoint does not match the run's config") as error:
         export_run(run, tmp_path / "export")
     assert "\n" not in str(error.value)

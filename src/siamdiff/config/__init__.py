@@ -171,7 +171,20 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("model.prompt_dropout", "model.aug_start"), _number(0, 1)),
     "autoencoder.scaling_factor": _optional(_number(0, low_open=True)),
     "train.speed": _names(),
+    "backbone.prompt": ((lambda value: isinstance(value, str)), "a string"),
+    "data.latent_cache": _optional(_text()),
+    **dict.fromkeys(("backbone.seed", "autoencoder.seed"), _integer(0, 2**31 - 1)),
+    "backbone.dhi.base_channels": _optional(_integer(1)),
 }
+
+
+def _sections(tree: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of every mapping in ``tree`` (a plain container), nested ones too."""
+    found = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found += [f"{prefix}{key}", *_sections(value, f"{prefix}{key}.")]
+    return found
 
 
 def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]) -> None:
@@ -182,11 +195,11 @@ def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]
         on_command_line = any(key == g or key.startswith(f"{g}.") for g in given)
         return "command line" if on_command_line else path
 
-    for section, default in base.items():
-        if isinstance(default, DictConfig) and not isinstance(cfg.get(section), DictConfig):
+    for section in _sections(OmegaConf.to_container(base, throw_on_missing=False)):
+        value = OmegaConf.select(cfg, section)
+        if not isinstance(value, DictConfig):
             raise SiamdiffError(
-                f"{section} must be a mapping of settings, got {cfg.get(section)!r}",
-                source(section),
+                f"{section} must be a mapping of settings, got {value!r}", source(section)
             )
     if cfg.train.mixed_precision is False:  # YAML reads a bare `no` as false
         cfg.train.mixed_precision = "no"
@@ -236,8 +249,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     base = _read_yaml(CONFIG_DIR / "base.yaml")
     OmegaConf.set_struct(base, True)
     # Open-ended on purpose: diffusers' constructors check these arguments themselves.
-    for free_form in (base.backbone.unet, base.backbone.dhi):
-        OmegaConf.set_struct(free_form, False)
+    OmegaConf.set_struct(base.backbone.unet, False)  # diffusers' UNet arguments
     path = config_path(name_or_path)
     for bad in (o for o in overrides if "=" not in o):
         raise SiamdiffError(f"override {bad!r} is not key=value")

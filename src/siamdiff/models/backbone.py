@@ -292,7 +292,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: in
     text_kind = cfg.get("text", "learned")
     if text_kind not in ("learned", "clip"):
         raise SiamdiffError(f"unknown backbone text conditioning {text_kind!r} (learned or clip)")
-    dhi = dict(cfg.get("dhi") or {})
+    dhi = {k: v for k, v in dict(cfg.get("dhi") or {}).items() if v is not None}
     hint_channels = BASE_HINT_CHANNELS + extra_hints
     if dhi.get("hint_channels", hint_channels) != hint_channels:
         raise SiamdiffError(
