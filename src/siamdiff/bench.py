@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
 import platform
 import re
 import time
@@ -45,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.atomic import atomic_write_json, atomic_write_text, check_writable_file
 from siamdiff.cli import at_least
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import random_kl_vae
@@ -658,14 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         default = LEVERS if device.type == "cuda" else ()
         levers = parse_levers(default if args.speed is None else args.speed)
         # Before minutes of measuring: the results are written after the first variant.
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe = args.out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        check_writable_file(args.out / "results.json")
     except SiamdiffError as exc:
         parser.error(str(exc))
-    except OSError as exc:
-        parser.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
     if "bf16_frozen" in levers and device.type != "cuda":
         parser.error("bf16_frozen needs bf16 autocast, which the bench uses on CUDA only")
     results, path = run(
