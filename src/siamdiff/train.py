@@ -51,7 +51,7 @@ from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsy
 from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
-from siamdiff.data.manifest import require_intact, sha256_file
+from siamdiff.data.manifest import load_manifest, require_intact, sha256_file
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
@@ -184,6 +184,37 @@ def mean_over_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[
     return dict(zip(values, accelerator.reduce(local, "mean").tolist(), strict=True))
 
 
+class LossWindow:
+    """The loss terms summed since the last logged row. A checkpoint between two rows keeps
+    the sums (``state``), so the first row after a resume averages the whole window, as the
+    uninterrupted run's does, not the resumed steps alone."""
+
+    def __init__(self, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {"sums": {}, "seen": 0, "skipped": 0}
+        self.sums = {key: float(saved["sums"].get(key, 0.0)) for key in LOSS_KEYS}
+        self.seen: int = saved["seen"]  # micro-batches summed
+        self.skipped: int = saved["skipped"]  # optimiser steps skipped on NaN/Inf
+        self.timed, self.started = 0, time.perf_counter()  # for it/s: this process's only
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for key in LOSS_KEYS:
+            self.sums[key] += terms[key].detach().float().item()
+        self.seen += 1
+        self.timed += 1
+
+    def state(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The window so far, its sums averaged over the ranks. Every rank must call it."""
+        sums = mean_over_ranks(accelerator, self.sums)
+        return {"sums": sums, "seen": self.seen, "skipped": self.skipped}
+
+    def row(self, accelerator: Accelerator, grad_accum: int) -> dict[str, float]:
+        """The window's means over every rank. Every rank must call it."""
+        means = mean_over_ranks(accelerator, {k: v / self.seen for k, v in self.sums.items()})
+        means["nonfinite_skipped"] = self.skipped
+        means["it_per_s"] = self.timed / grad_accum / (time.perf_counter() - self.started)
+        return means
+
+
 def finite_on_every_rank(accelerator: Accelerator, value: torch.Tensor) -> bool:
     """Whether ``value`` is finite on every rank: all must agree to skip a step, or DDP's
     next all-reduce would hang."""
@@ -209,15 +240,14 @@ def save_checkpoint(
     accelerator: Accelerator,
     model: torch.nn.Module,
     run_dir: Path,
-    step: int,
     keep_last: int,
-    batches_taken: int,
+    state: dict[str, Any],
 ) -> Path:
     """accelerate state (safetensors weights, optimiser, scheduler, RNG) and the trainer's
-    (step, batches taken from the stream: more than step x grad_accum once NaN steps were
-    skipped) written to a temporary name and renamed, so a kill mid-write never leaves a
-    loadable half-checkpoint."""
-    final = checkpoint_dir(run_dir, step)
+    ``state`` (step, batches taken from the stream: more than step x grad_accum once NaN
+    steps were skipped, ...) written to a temporary name and renamed, so a kill mid-write
+    never leaves a loadable half-checkpoint."""
+    final = checkpoint_dir(run_dir, state["step"])
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -231,11 +261,6 @@ def save_checkpoint(
         if accelerator.is_main_process:
             save_file(weights, partial / SAFE_WEIGHTS_NAME)
     if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "batches_taken": batches_taken,
-            "num_processes": accelerator.num_processes,
-        }
         atomic_write_json(partial / "trainer_state.json", state)
         # On disk before the checksums vouch for it and older checkpoints are pruned: after a
         # power cut, a checkpoint renamed into place must not come back truncated.
@@ -349,6 +374,61 @@ def verified_root(cfg: DictConfig) -> Path:
     if cfg.data.verify:  # an unlisted file too: the user may think it is trained on
         require_intact(root, "set data.verify=false", allow_extra=False)
     return root
+
+
+def trained_on(cfg: DictConfig, autoencoder: LatentAutoencoder) -> dict[str, Any]:
+    """What a checkpoint was trained on, beyond its config: paths may move on resume, the
+    files must not. The data's fingerprint covers every file a training index reads, in index
+    order (other pairs, or the same ones reordered, are other batches from the same sampler
+    state); the autoencoder's identity its encoder weights and scaling (other latents)."""
+    root = Path(cfg.data.root)
+    manifest = load_manifest(root)
+    records = manifest.records if cfg.data.split is None else manifest.split(cfg.data.split)
+    files = (
+        digest
+        for record in records
+        for digest in (
+            record.image_sha256,
+            record.mask_sha256,
+            *(record.hints[name]["sha256"] for name in cfg.data.hints if name in record.hints),
+        )
+    )
+    return {
+        "data_pairs": len(records),
+        "data_fingerprint": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+        "autoencoder_identity": autoencoder.identity,
+    }
+
+
+def check_trained_on(saved: dict[str, Any], now: dict[str, Any], cfg: DictConfig) -> None:
+    """Refuse to resume a checkpoint (``saved``, its trainer state) on other data or another
+    autoencoder than it was trained on; checkpoints of older versions lack the record."""
+    if saved.get("data_fingerprint", now["data_fingerprint"]) != now["data_fingerprint"]:
+        raise SiamdiffError(
+            f"holds other training pairs than the run was trained on ({saved['data_pairs']} "
+            f"then, {now['data_pairs']} now, or other files or order): resume with the dataset "
+            "the run was trained on, or start another run_dir",
+            cfg.data.root,
+        )
+    if (
+        saved.get("autoencoder_identity", now["autoencoder_identity"])
+        != now["autoencoder_identity"]
+    ):
+        raise SiamdiffError(
+            "is not the autoencoder the run was trained with (other weights or scaling: other "
+            "latents); resume with that one, or start another run_dir",
+            cfg.autoencoder.path or f"autoencoder.kind={cfg.autoencoder.kind}",
+        )
+
+
+def set_aside(damaged: Path) -> Path:
+    """Rename a damaged checkpoint out of the run's way, never deleting it: a read error that
+    passes (a network file system's) may be what made it fail its checksums."""
+    aside, number = damaged.with_name(f"{damaged.name}.damaged"), 1
+    while aside.exists():  # set aside at this step before
+        aside, number = damaged.with_name(f"{damaged.name}.damaged-{number}"), number + 1
+    damaged.rename(aside)
+    return aside
 
 
 def preview_pairs(dataset: Dataset, count: int) -> Subset:
@@ -535,6 +615,12 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             "read under bf16 autocast)"
         )
     apply_levers(model, levers, autoencoder)
+    # What the run trains on, checked against its checkpoint before anything is built on it.
+    identity = trained_on(cfg, autoencoder)
+    if resume and existing:
+        last = last_valid_checkpoint(run_dir)
+        state = json.loads((last / "trainer_state.json").read_text())
+        check_trained_on(state, identity, cfg)
     optimizer = build_optimizer(
         cfg, trainable, device, deepspeed=accelerator.state.deepspeed_plugin is not None
     )
@@ -554,16 +640,16 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
 
     # ---- run directory, resume ----------------------------------------------------------
     step = batches_taken = 0
+    window = LossWindow()
     if resume and existing:
-        last = last_valid_checkpoint(run_dir)
         try:  # accelerate unpickles optimizer/scheduler/RNG state with weights_only=True
             accelerator.load_state(str(last))
         except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
             raise SiamdiffError(
                 f"cannot resume from this checkpoint ({first_line(exc)})", last
             ) from exc
-        state = json.loads((last / "trainer_state.json").read_text())
         step = state["step"]
+        window = LossWindow(state.get("loss_window"))
         if step > cfg.train.max_steps:
             raise SiamdiffError(
                 f"the run is at step {step}, past train.max_steps {cfg.train.max_steps}: "
@@ -573,19 +659,21 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         _rate_from_schedule(lr_schedule)
         batches_taken = resumed_batches(state, cfg.optim.grad_accum, accelerator.num_processes)
         accelerator.print(f"resumed from {last} at step {step}")
-        trained_on = state.get("num_processes", accelerator.num_processes)
-        if trained_on != accelerator.num_processes:
+        ranks_before = state.get("num_processes", accelerator.num_processes)
+        if ranks_before != accelerator.num_processes:
             accelerator.print(
-                f"warning: trained on {trained_on} processes, resumed on "
+                f"warning: trained on {ranks_before} processes, resumed on "
                 f"{accelerator.num_processes}: the data goes on where it stopped, but the "
                 "batch is another size and the run no longer matches an uninterrupted one"
             )
         if accelerator.is_main_process:
             # Damaged ones past it: recomputed now, and never to count among the keep-last.
             for damaged in existing[existing.index(last) + 1 :]:
-                shutil.rmtree(damaged)
+                accelerator.print(f"{damaged}: damaged, set aside as {set_aside(damaged).name}")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in (run_dir / "checkpoints").glob("step-*.partial"):  # a killed save's
+            shutil.rmtree(partial, ignore_errors=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         # A resumed run logs its steps again: TensorBoard drops the killed run's rows past the
         # checkpoint (losses.jsonl is truncated the same way below).
@@ -645,8 +733,17 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             )
         return terms
 
-    sums = dict.fromkeys(LOSS_KEYS, 0.0)
-    seen, skipped, nonfinite, started = 0, 0, 0, time.perf_counter()
+    def trainer_state() -> dict[str, Any]:
+        """What a checkpoint holds besides accelerate's state. Every rank must call it."""
+        return {
+            "step": step,
+            "batches_taken": batches_taken,
+            "num_processes": accelerator.num_processes,
+            "loss_window": window.state(accelerator),
+            **identity,
+        }
+
+    nonfinite = 0
     window_bad = overflow = False
     stop = StopRequest()
     stop.install()
@@ -679,7 +776,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 # The raw optimizer: accelerate's wrapper keeps gradients between windows.
                 getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
                 window_bad = False
-                skipped += 1
+                window.skipped += 1
                 if overflow and accelerator.scaler is not None:
                     # fp16: the scaler unscaled these gradients; overflowing is how it finds
                     # its scale (its first steps do), so it lowers the scale, the run goes on.
@@ -695,9 +792,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                         run_dir,
                     )
                 continue
-            for key in LOSS_KEYS:
-                sums[key] += terms[key].detach().float().item()
-            seen += 1
+            window.add(terms)
             if not accelerator.sync_gradients:
                 continue
             nonfinite = 0
@@ -707,10 +802,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             progress.update(1)
 
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                means = mean_over_ranks(accelerator, {k: v / seen for k, v in sums.items()})
-                means["lr"] = lr
-                means["nonfinite_skipped"] = skipped
-                means["it_per_s"] = seen / cfg.optim.grad_accum / (time.perf_counter() - started)
+                means = window.row(accelerator, cfg.optim.grad_accum) | {"lr": lr}
+                window = LossWindow()
                 postfix = {"loss": f"{means['loss']:.4f}", "lr": f"{means['lr']:.2e}"}
                 scalars = {f"loss/{k}": means[k] for k in LOSS_KEYS} | {"lr": means["lr"]}
                 if device.type == "cuda":  # how close the run is to an out-of-memory error
@@ -722,12 +815,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 if accelerator.is_main_process:
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": step, **means}) + "\n")
-                sums = dict.fromkeys(LOSS_KEYS, 0.0)
-                seen, skipped, started = 0, 0, time.perf_counter()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                save_checkpoint(
-                    accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken
-                )
+                save_checkpoint(accelerator, model, run_dir, cfg.train.keep_last, trainer_state())
             if accelerator.is_main_process and (
                 step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
             ):
@@ -739,7 +828,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 if not checkpoint_dir(run_dir, step).is_dir():
                     accelerator.print(f"saving a checkpoint at step {step}")
                     save_checkpoint(
-                        accelerator, model, run_dir, step, cfg.train.keep_last, batches_taken
+                        accelerator, model, run_dir, cfg.train.keep_last, trainer_state()
                     )
                 raise KeyboardInterrupt
     except torch.OutOfMemoryError as exc:

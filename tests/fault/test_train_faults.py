@@ -89,6 +89,9 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(phantom_data:
     # Step 3 was recomputed from step 2: the same bytes as before the damage.
     assert (newest / "model.safetensors").read_bytes() == original
     assert checkpoint_problem(newest) is None
+    # The damaged one is set aside, not deleted: a passing read error may have failed it.
+    aside = newest.with_name("step-00000003.damaged")
+    assert (aside / "model.safetensors").read_bytes() != original
 
 
 def test_damaged_checkpoints_past_the_resumed_one_never_count_as_kept(
