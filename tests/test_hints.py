@@ -18,7 +18,7 @@ from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
-from siamdiff.data.readers import read_source
+from siamdiff.data.readers import load_hint, read_source
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run, load_export
@@ -82,6 +82,29 @@ def test_folder_and_pranet_layouts_read_hints(tmp_path: Path):
     assert [(path.name, why) for path, why in result.skipped] == [
         ("old.png", "hint without image-mask pair")
     ]
+
+
+def test_hint_maps_read_as_drawn_at_any_storage(tmp_path: Path):
+    """A binary class map saved as 0/1 (as nnU-Net writes labels) read as near-black 0/1
+    grey levels: the model saw no map. 8-bit values in 16-bit storage read as themselves."""
+    grey = ramp((4, 256))
+    binary = (grey >= 128).astype(np.uint8)
+    cases = {
+        "labels01.png": (Image.fromarray(binary), binary * 255),
+        "labels01_16bit.png": (Image.fromarray(binary.astype(np.uint16)), binary * 255),
+        "bits.png": (Image.fromarray(binary.astype(bool)), binary * 255),
+        "grey.png": (Image.fromarray(grey), grey),
+        "grey_in_16bit.png": (Image.fromarray(grey.astype(np.uint16)), grey),
+        "full_16bit.png": (Image.fromarray(grey.astype(np.uint16) * 257), grey),
+        "empty.png": (Image.fromarray(np.zeros_like(grey)), np.zeros_like(grey)),
+    }
+    palette = Image.fromarray(binary, mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 90, 0, 0] + [0] * 762)  # class 1 drawn dark red
+    cases["palette.png"] = (palette, binary * 255)
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        read = load_hint(tmp_path / name)
+        assert read.dtype == np.uint8 and np.array_equal(read, expected), name
 
 
 def test_a_hint_for_some_pairs_only_is_an_error_and_other_names_keep_their_meaning(
