@@ -648,11 +648,20 @@ def test_the_preview_grid_spreads_over_the_split() -> None:
     assert preview_pairs(list(range(3)), 4).indices == [0, 1, 2]
 
 
-def test_a_run_resumed_on_other_ranks_goes_on_at_the_same_global_batch() -> None:
-    """Each of R ranks takes every R-th batch: 10 batches on each of 4 ranks are 40 global
-    batches, 20 on each of 2 ranks."""
-    state = {"step": 10, "batches_taken": 10, "num_processes": 4}
-    assert resumed_batches(state, 1, 4) == 10
-    assert resumed_batches(state, 1, 2) == 20
-    assert resumed_batches(state, 1, 8) == 5
-    assert resumed_batches({"step": 6}, 2, 3) == 12  # older checkpoints: step x grad_accum
+def test_a_run_resumed_on_other_ranks_goes_on_at_the_same_epoch_and_global_batch() -> None:
+    """100 frames in batches of 4: 25 global batches an epoch on 1 rank, 24 on 2 and 4 ranks
+    (6 and 12 each). Scaling the batches taken by the ratio of ranks drifted a batch an epoch."""
+
+    def sampler(ranks: int) -> BalancedBatchSampler:
+        return BalancedBatchSampler([0.1] * 50 + [0.5] * 50, 4, num_replicas=ranks)
+
+    def state(taken: int, ranks: int) -> dict:
+        return {"step": taken, "batches_taken": taken, "num_processes": ranks}
+
+    assert resumed_batches(state(250, 1), 1, sampler(2)) == 10 * 12  # epoch 10, its 1st batch
+    assert resumed_batches(state(13, 4), 1, sampler(1)) == 2 * 25 + 4  # epoch 2, 4th batch
+    assert resumed_batches(state(31, 2), 1, sampler(4)) == 2 * 6 + 3  # epoch 2, batch 14 / 4
+    # The 25th batch of a 1-rank epoch has no 2-rank counterpart: the next epoch begins.
+    assert resumed_batches(state(24, 1), 1, sampler(2)) == 12
+    assert resumed_batches(state(7, 2), 1, sampler(2)) == 7
+    assert resumed_batches({"step": 6}, 2, sampler(3)) == 12  # older checkpoints: step x accum

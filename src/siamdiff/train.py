@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -74,16 +73,6 @@ MEMORY_ADVICE = (
     "train.gradient_checkpointing=true, train.mixed_precision=bf16 or train.speed=[bf16_frozen]; "
     "the run's checkpoints are kept (--resume continues)"
 )
-
-
-def with_occurrences(order: list[list[int]]) -> list[list[tuple[int, int]]]:
-    """Each index of an epoch's batches paired with how many times it was drawn before."""
-    drawn: Counter[int] = Counter()
-    keyed = []
-    for batch in order:
-        keyed.append([(index, drawn[index]) for index in batch])
-        drawn.update(batch)
-    return keyed
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -227,13 +216,18 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
-def resumed_batches(state: dict, grad_accum: int, num_processes: int) -> int:
-    """The batches each rank has taken, in a checkpoint's ``trainer_state``, on
-    ``num_processes`` ranks: each rank takes every ``num_processes``-th batch of the epoch, so
-    a run resumed on another number of ranks starts at the same global batch."""
+def resumed_batches(state: dict, grad_accum: int, sampler: BalancedBatchSampler) -> int:
+    """The batches this rank takes from the stream to go on where a checkpoint's
+    ``trainer_state`` stopped, on ``sampler``'s ranks. Each rank takes every R-th batch of an
+    epoch whose length depends on R: a run resumed on other ranks goes on at the same epoch
+    and the same global batch within it (rounded down: a batch may be seen twice)."""
     # Checkpoints of older siamdiff versions lack these: no skipped steps, the same ranks.
     taken = state.get("batches_taken", state["step"] * grad_accum)
-    return taken * state.get("num_processes", num_processes) // num_processes
+    ranks_then = state.get("num_processes", sampler.num_replicas)
+    if ranks_then == sampler.num_replicas:
+        return taken
+    epoch, position = divmod(taken, sampler.batches_per_rank(ranks_then))
+    return epoch * len(sampler) + min(position * ranks_then // sampler.num_replicas, len(sampler))
 
 
 def save_checkpoint(
@@ -306,7 +300,7 @@ def batches(
     while True:
         sampler.set_epoch(epoch)
         data.epoch = epoch
-        order = with_occurrences(list(sampler))[skip:]
+        order = sampler.keyed_batches()[skip:]
         # Without its own generator a DataLoader draws worker seeds from the global RNG,
         # and a resumed run would draw them at another point of the RNG stream.
         seeds = torch.Generator().manual_seed(data.seed * 1_000_003 + epoch)
@@ -657,7 +651,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 last,
             )
         _rate_from_schedule(lr_schedule)
-        batches_taken = resumed_batches(state, cfg.optim.grad_accum, accelerator.num_processes)
+        batches_taken = resumed_batches(state, cfg.optim.grad_accum, sampler)
         accelerator.print(f"resumed from {last} at step {step}")
         ranks_before = state.get("num_processes", accelerator.num_processes)
         if ranks_before != accelerator.num_processes:

@@ -115,3 +115,19 @@ def test_drop_last_rounds_the_number_of_batches() -> None:
 def test_unusable_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(SiamdiffError, match=message):
         BalancedBatchSampler(COVERAGES, **kwargs)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_a_frame_drawn_twice_is_two_keys_whatever_the_ranks_it_falls_to(ranks: int):
+    """Keys (index, draw) count the draws of the whole epoch: counted per rank, the two draws
+    of a large-lesion frame on two ranks were both draw 0, one augmentation twice."""
+    coverages = list(np.linspace(0.0, 0.9, 40))
+    every = [
+        BalancedBatchSampler(coverages, 2, seed=5, num_replicas=ranks, rank=rank)
+        for rank in range(ranks)
+    ]
+    keys = [key for sampler in every for batch in sampler.keyed_batches() for key in batch]
+    assert len(keys) == len(set(keys))
+    assert max(draw for _, draw in keys) >= 1  # the large lesions' pool is drawn again
+    for sampler in every:  # the same frames as iterating, in the same batches
+        assert [[i for i, _ in b] for b in sampler.keyed_batches()] == list(sampler)

@@ -95,8 +95,8 @@ class SeededAugmentation(Dataset):
     A sample's augmentation then no longer depends on which worker loads it or on
     how many samples that worker saw before, so a resumed run reproduces the
     augmentations of an uninterrupted one. ``occurrence`` counts the earlier draws of the
-    index this epoch (``siamdiff.train.with_occurrences``): the balanced sampler draws the frames of
-    its larger pool more than once, and each draw gets its own crop and flips. The
+    index this epoch (``BalancedBatchSampler.keyed_batches``): the balanced sampler draws the
+    frames of its larger pool more than once, and each draw gets its own crop and flips. The
     caller's RNG is left untouched.
     """
 
