@@ -55,6 +55,7 @@ from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.evaluate.segmenter import split_fingerprint
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.report import read_loss_log, save_columns, save_loss_curve, truncate_loss_log
+from siamdiff.rng import cpu_seeded
 from siamdiff.train import StopRequest, ignore_stop_signals
 
 CHECKPOINT = "checkpoint"
@@ -116,8 +117,7 @@ class VAESettings:
 
 def build_vae(settings: VAESettings) -> AutoencoderKL:
     """The untrained autoencoder, its initial weights drawn from ``settings.seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+    with cpu_seeded(settings.seed):
         return AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * len(settings.widths),
             up_block_types=("UpDecoderBlock2D",) * len(settings.widths),

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from siamdiff.data.manifest import MANIFEST_NAME, Record, load_manifest
 from siamdiff.data.readers import load_hint, load_mask, load_rgb
 from siamdiff.data.transforms import Sample, TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
+from siamdiff.rng import cpu_seeded
 
 
 class PairedDataset(Dataset):
@@ -114,8 +114,7 @@ class SeededAugmentation(Dataset):
         # occurrences were counted, so their resumes stay exact.
         entropy = [self.seed, self.epoch, index] + ([occurrence] if occurrence else [])
         seed = np.random.SeedSequence(entropy).generate_state(1)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+        with cpu_seeded(int(seed)):
             return self.dataset[index]
 
 

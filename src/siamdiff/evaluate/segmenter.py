@@ -50,6 +50,7 @@ from siamdiff.data.transforms import (
     to_tv_tensors,
 )
 from siamdiff.errors import SiamdiffError
+from siamdiff.rng import cpu_seeded
 
 CONFIG_NAME = "segmenter.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -279,8 +280,7 @@ def fit_segmenter(
     """
     check_training_settings(epochs, batch_size, lr)
     seeded = SeededAugmentation(dataset, seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         model = spec.build().to(device).train()
         # BatchNorm cannot train on a last batch of one sample.
         loader = DataLoader(

@@ -26,6 +26,7 @@ from siamdiff.atomic import read_json
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.models.loading import load_complete
+from siamdiff.rng import cpu_seeded
 
 TAEF2_ENCODER_FILE = "taef2_encoder.pth"
 TAEF2_DECODER_FILE = "taef2_decoder.pth"
@@ -421,8 +422,7 @@ class DCTAutoencoder(LatentAutoencoder):
 
 def random_kl_vae(seed: int = 0) -> AutoencoderKL:
     """A tiny randomly initialised AutoencoderKL (f=8, 4 latent channels) for tests and demos."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         return AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,

@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, DenseHintInput
 from siamdiff.models.loading import load_complete
+from siamdiff.rng import cpu_seeded
 
 UNCONDITIONAL_PROMPT = ""
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
@@ -300,8 +301,7 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: in
             f"(3 + one per hint = {hint_channels}); leave it out"
         )
     prediction_type = requested_prediction_type(cfg.get("prediction_type"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.get("seed", 0)))
+    with cpu_seeded(int(cfg.get("seed", 0))):
         clip = ClipTextConditioner.from_pretrained(_text_path(cfg)) if text_kind == "clip" else None
         if kind == "sd15":
             unet, noise_scheduler = _load_sd15(_sd15_path(cfg), latent_channels, prediction_type)

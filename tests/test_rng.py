@@ -1,0 +1,40 @@
+"""Seeded model building and augmentation leave every generator but the CPU's alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamdiff.data.dataset import PairedDataset, SeededAugmentation
+from siamdiff.evaluate.segmenter import SegmenterSpec, fit_segmenter
+from siamdiff.models.autoencoder import random_kl_vae
+from siamdiff.models.backbone import build_backbone
+from siamdiff.train_vae import VAESettings, build_vae
+
+
+def test_seeded_building_leaves_the_gpu_generators_and_the_cpu_state_alone(
+    phantom_data: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """torch.manual_seed also seeds every CUDA generator, for good: each rank's training
+    noise was drawn from backbone.seed (every rank alike) instead of its own seed."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    data = PairedDataset(phantom_data)
+    before = torch.get_rng_state()
+    build_backbone({"kind": "tiny", "prompt": "p", "seed": 3}, latent_channels=4)
+    random_kl_vae(seed=3)
+    build_vae(VAESettings(widths=(8, 8), seed=3))
+    SeededAugmentation(data, seed=3)[0]
+    fit_segmenter(
+        data,
+        SegmenterSpec("unet", "resnet18", 32),
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        seed=3,
+        progress=False,
+    )
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)
