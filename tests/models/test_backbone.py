@@ -96,6 +96,8 @@ def test_config_overrides_from_struct_omegaconf() -> None:
         ({"kind": "huge"}, "unknown backbone kind 'huge'"),
         (tiny_cfg(text="bert"), "unknown backbone text conditioning 'bert'"),
         (tiny_cfg(unet={"block_out_channels": [16, 32, 64]}), "invalid backbone.unet settings"),
+        (tiny_cfg(unet={"mid_block_type": None}), "invalid backbone.unet settings for its Contr"),
+        (tiny_cfg(unet={"layers_per_block": [1, 2]}), "invalid backbone.unet settings for its"),
         ({"kind": "sd15", "text": "learned"}, "backbone.path must name"),
         (tiny_cfg(text="clip"), "text: clip needs backbone.text_path"),
         (tiny_cfg(dhi={"hint_channels": 4}), "hint_channels 4 does not match data.hints"),
@@ -208,6 +210,10 @@ def test_sd15_directory_with_clip_text(tmp_path: Path) -> None:
     assert not context.requires_grad
     trainable = {id(p) for p in freeze_for_training(backbone)}
     assert not any(id(p) in trainable for p in backbone.text.parameters())
+    # A tokenizer saved without its config pads to the encoder's positions, not to 1e30.
+    (root / "tokenizer" / "tokenizer_config.json").unlink()
+    clip = build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4).text
+    assert clip([PROMPT]).shape == (1, 8, 16)
     # CLIP text with a from-scratch UNet: the UNet takes the encoder's width.
     tiny = build_backbone(tiny_cfg(text="clip", text_path=str(root)), latent_channels=4)
     assert tiny.unet.config.cross_attention_dim == 16

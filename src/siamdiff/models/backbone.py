@@ -246,10 +246,14 @@ class ClipTextConditioner(TextConditioner):
 
     @torch.no_grad()
     def encode_unique(self, prompts: list[str]) -> Tensor:
+        # A tokenizer folder without tokenizer_config.json says 1e30: the encoder's positions.
+        length = min(
+            self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings
+        )
         ids = self.tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
@@ -321,11 +325,16 @@ def build_backbone(cfg: Mapping[str, Any], latent_channels: int, extra_hints: in
                 f"{unet.config.cross_attention_dim}",
                 _text_path(cfg),
             )
-        controlnet = DHIControlNetModel.from_unet(
-            unet,
-            dhi_base_channels=int(dhi.get("base_channels", DHI_BASE_CHANNELS[kind])),
-            hint_channels=hint_channels,
-        )
+        try:  # settings a UNet takes but its ControlNet copy cannot (another mid block type)
+            controlnet = DHIControlNetModel.from_unet(
+                unet,
+                dhi_base_channels=int(dhi.get("base_channels", DHI_BASE_CHANNELS[kind])),
+                hint_channels=hint_channels,
+            )
+        except (TypeError, ValueError) as exc:
+            raise SiamdiffError(
+                f"invalid backbone.unet settings for its ControlNet ({_first_line(exc)})"
+            ) from exc
     return Backbone(unet=unet, controlnet=controlnet, text=text, noise_scheduler=noise_scheduler)
 
 

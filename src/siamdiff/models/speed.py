@@ -4,12 +4,15 @@
 - ``channels_last``: NHWC layout for every convolution weight, and so for the activations they
   produce. Tensor-core convolutions (cuDNN) run natively in NHWC; in NCHW each one pays layout
   transposes.
-- ``bf16_frozen``: parameters that do not train are stored in bf16. Under bf16 autocast each
-  matmul or convolution casts its weight to bf16 on every call (autocast caches the cast only
-  for weights that require grad); stored in bf16 they are read once per use, at half the
-  memory. Needs bf16 autocast around every forward pass. Checkpoints and exports of such a
-  run hold those frozen weights as stored, rounded to bf16 (8 mantissa bits; SD's published
-  fp16 weights have 10); resuming without the lever keeps the rounded values.
+- ``bf16_frozen``: the weights of linear and convolution layers that do not train are stored
+  in bf16. Under bf16 autocast each matmul or convolution casts its weight to bf16 on every
+  call (autocast caches the cast only for weights that require grad); stored in bf16 they are
+  read once per use, at half the memory, and give the same numbers. Norm layers and
+  embeddings stay fp32: autocast runs norms in fp32 and leaves embeddings alone, so rounding
+  their weights would change results. Needs bf16 autocast around every forward pass.
+  Checkpoints and exports of such a run hold those frozen weights as stored, rounded to bf16
+  (8 mantissa bits; SD's published fp16 weights have 10); resuming without the lever keeps
+  the rounded values.
 - ``compile``: ``torch.compile`` of each UNet and ControlNet block and of the DHI body, in place
   ("regional" compilation). The repeated blocks compile in seconds rather than the whole graph
   in minutes, parameter names stay as they are (checkpoints and exports unchanged), and the
@@ -34,6 +37,8 @@ LEVERS = ("channels_last", "bf16_frozen", "compile")
 # Each block class's forward is one code object for dynamo, cached per instance (shapes),
 # grad mode, batch size and weight layout: an SD1.5 UNet needs more entries than the default 8.
 RECOMPILE_LIMIT = 64
+# The layers bf16 autocast computes in bf16, casting their weights on every call.
+AUTOCAST_BF16_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 
 
 def parse_levers(levers: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -76,9 +81,11 @@ def apply_levers(
         for module in (model, *extra):
             module.to(memory_format=torch.channels_last)
     if "bf16_frozen" in chosen:
-        for parameter in model.parameters():
-            if not parameter.requires_grad:
-                parameter.data = parameter.data.to(torch.bfloat16)
+        for module in model.modules():
+            if isinstance(module, AUTOCAST_BF16_LAYERS):
+                for parameter in module.parameters(recurse=False):
+                    if not parameter.requires_grad:
+                        parameter.data = parameter.data.to(torch.bfloat16)
     if "compile" in chosen:
         torch._dynamo.config.recompile_limit = max(
             torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
