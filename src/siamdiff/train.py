@@ -56,7 +56,7 @@ from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
-from siamdiff.models.backbone import freeze_for_training
+from siamdiff.models.backbone import drop_prompts, freeze_for_training
 from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.models.speed import apply_levers, parse_levers
@@ -712,8 +712,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         else:
             with torch.no_grad():
                 z0 = autoencoder.encode(images)
-        keep = torch.rand(len(images)) >= cfg.model.prompt_dropout
-        prompts = [cfg.backbone.prompt if k else "" for k in keep.tolist()]
+        prompts = drop_prompts([cfg.backbone.prompt] * len(images), cfg.model.prompt_dropout)
         warmup = cfg.model.consistency_warmup_steps
         warm = min(1.0, step / warmup) if warmup else 1.0
         with training_autocast(accelerator):
