@@ -152,6 +152,7 @@ def test_channels_last_samples_the_same_pairs_and_says_so(
     for a, b in zip(fast.records, plain.records, strict=True):
         assert a.extra["sampler"]["speed"] == ["channels_last"]
         assert b.extra["sampler"]["speed"] == []
+        assert a.extra["sampler"]["cpu_threads"] == torch.get_num_threads()
         difference = png(tmp_path / "nhwc" / a.image).astype(int) - png(reference / b.image)
         assert np.abs(difference).max() <= 1
 
@@ -189,6 +190,24 @@ def test_resume_after_a_crash_ends_byte_identical(
     assert files(out) == files(reference)
     assert not list(out.glob(".*.tmp"))
     assert verify(out).checked == 16
+
+
+def test_a_rerun_rewriting_pairs_has_no_manifest_until_it_is_done(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
+):
+    """A finished output whose pair is damaged: the rerun rewrites it, and interrupted half-way
+    it must not look finished, its old manifest beside files that no longer match it."""
+    out = tmp_path / "syn"
+    shutil.copytree(reference, out)
+    (out / load_manifest(reference).records[1].image).write_bytes(b"damaged")
+    monkeypatch.setattr(synth, "ddim_sample", out_of_memory_on_call(synth.ddim_sample, call=1))
+    with pytest.raises(SiamdiffError, match="out of memory"):
+        sample(exported, phantom_data, out)
+    assert not (out / "manifest-v1.json").exists()
+    monkeypatch.undo()
+    summary = sample(exported, phantom_data, out)
+    assert (summary.generated, summary.manifest_written) == (1, True)
+    assert files(out) == files(reference)
 
 
 def test_out_of_memory_says_lower_the_batch_and_a_rerun_continues(

@@ -19,8 +19,9 @@ from seeds derived from ``(seed, m, k)``, never from its batch position or rank.
 network's floating point does depend on the batch it runs in (kernels block matmuls by
 batch size), so the job is cut into fixed batches of ``batch_size`` consecutive pairs and
 each batch is always computed whole: the same command on the same device gives the same
-bytes whatever the number of ranks or interruptions; another batch size moves some pixels
-by one grey level.
+bytes whatever the number of ranks or interruptions; another batch size, or on a CPU another
+thread count (torchrun and accelerate give each process one thread; records name it), moves
+some pixels by one grey level.
 
 Resume: a pair counts as finished when its journal line exists and all its files (image,
 mask, hint maps) still hash to it; a batch with an unfinished pair is recomputed and only
@@ -494,8 +495,11 @@ def comparison_grid(
     ``real_root``'s ``split`` spread over it: models or sampler settings side by side on the
     same masks (each synthetic dataset sampled from that split)."""
     roots = [Path(root) for root in synthetic_roots]
-    size = min(load_rgb(roots[0] / load_manifest(roots[0]).records[0].image).shape[:2])
-    view = generator_views(real_root, split, size)
+    first = load_manifest(roots[0])
+    size = min(load_rgb(roots[0] / first.records[0].image).shape[:2])
+    # The masks framed as the first set's model framed them (crop or pad) when sampling.
+    framing = GeneratorView.of_synthesis(first.preprocessing.get("synthesis", {})).crop
+    view = generator_views(real_root, split, size, view=GeneratorView(crop=framing))
     chosen = spread_subset(sorted(range(len(view)), key=lambda i: view.records[i].id), count)
     by_source = [
         {
@@ -774,6 +778,9 @@ def synthesize(
         work = [batch for batch in mine if any(names[item] not in done for item in batch)]
         generated = 0
         if work:
+            # A rerun rewriting pairs (an edited source mask, a damaged file) is unfinished
+            # until its manifest is written again: an interrupted one must not look whole.
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
             loaded = source.load(device)
             apply_levers(loaded.model, levers, loaded.autoencoder)
             with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
@@ -781,6 +788,8 @@ def synthesize(
                     "batch_size": batch_size,
                     "speed": list(levers),
                 }
+                if device.type == "cpu":  # CPU kernels split work by thread: their rounding
+                    sampler["cpu_threads"] = torch.get_num_threads()
                 try:
                     generated = _generate(
                         loaded, work, done, masks, out, journal, settings, sampler, device, progress

@@ -72,7 +72,10 @@ def method_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     (or ``"v_prediction"``, see :data:`FROM_SCRATCH_PREDICTION_TYPE`).
 
     ``clip_sample=False`` because latents are not bounded to [-1, 1]; ``steps_offset=1``
-    matches Stable Diffusion v1.5's own scheduler config, so every kind samples alike.
+    matches Stable Diffusion v1.5's own scheduler config, so every kind samples the same
+    timesteps. One difference stays: SD's config ends DDIM at alpha_bar of t=0
+    (``set_alpha_to_one=False``, as the method's ldm DDIM does), the other kinds at 1, a
+    noise-free last step.
     """
     return DDPMScheduler(
         num_train_timesteps=TRAIN_TIMESTEPS,
