@@ -126,7 +126,7 @@ def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(
 
 def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path: Path):
     for out in (trained_run, trained_run / "export", trained_run.parent):
-        with pytest.raises(SiamdiffError, match="not into it or over it"):
+        with pytest.raises(SiamdiffError, match="is, holds or lies inside the run"):
             export_run(trained_run, out, overwrite=True)
     assert checkpoints(trained_run)  # still there
     other = tmp_path / "data"

@@ -104,6 +104,7 @@ def test_output_is_a_verified_synthetic_dataset(reference: Path, phantom_data: P
             "precision": "fp32",
             "batch_size": BATCH,
             "speed": [],
+            "cpu_threads": torch.get_num_threads(),
         }
         mask, image = png(reference / record.mask), png(reference / record.image)
         assert image.shape == (PHANTOM_SIZE, PHANTOM_SIZE, 3) and record.width == PHANTOM_SIZE
@@ -275,7 +276,7 @@ def test_a_real_dataset_is_never_sampled_into_or_deleted(
         with pytest.raises(SiamdiffError, match="not a siamdiff synthesis output"):
             sample(exported, phantom_data, other_real, overwrite=overwrite)
         for out in (phantom_data, phantom_data / "syn"):
-            with pytest.raises(SiamdiffError, match="is inside the masks dataset"):
+            with pytest.raises(SiamdiffError, match="is, holds or lies inside the masks dataset"):
                 sample(exported, phantom_data, out, overwrite=overwrite)
     assert files(other_real) == before and not (other_real / synth.SETTINGS_NAME).exists()
     assert not (phantom_data / "syn").exists() and verify(phantom_data).ok

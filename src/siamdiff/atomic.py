@@ -108,6 +108,14 @@ def check_writable_file(path: str | Path) -> None:
         raise SiamdiffError(f"cannot write there ({exc.strerror or exc})", path.parent) from exc
 
 
+def check_apart(out: str | Path, source: str | Path, what: str) -> None:
+    """Refuse an output folder that is ``source``, lies inside it or holds it: writing it would
+    change the input it is made from, and replacing it (--overwrite) delete that input."""
+    target, source = Path(out).resolve(), Path(source).resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise SiamdiffError(f"is, holds or lies inside {what} {source}: write elsewhere", out)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -455,12 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train segmenters on real vs real + synthetic (slow)",
     )
-    ev.add_argument("--utility-epochs", type=int, default=20)
+    ev.add_argument("--utility-epochs", type=at_least(1), default=20)
     ev.add_argument("--utility-size", type=int, default=256)
-    ev.add_argument("--utility-seeds", type=int, default=3, help="how many seeds")
+    ev.add_argument("--utility-seeds", type=at_least(1), default=3, help="how many seeds")
     ev.add_argument(
         "--utility-first-seed",
-        type=int,
+        type=at_least(0),
         default=0,
         help="seeds are FIRST .. FIRST + N - 1 (more seeds for an earlier evaluation)",
     )

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_output_dir, atomic_write_json, read_json
+from siamdiff.atomic import atomic_output_dir, atomic_write_json, check_apart, read_json
 from siamdiff.config import load_config
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder, local_weights_dir
@@ -255,9 +255,7 @@ def export_run(
     found = checkpoints(run)
     if not found:
         raise SiamdiffError("no checkpoints (is this a `siamdiff train` run directory?)", run)
-    inside = {run.resolve(), *run.resolve().parents}
-    if out.resolve() in inside or run.resolve() in out.resolve().parents:
-        raise SiamdiffError(f"export next to the run {run}, not into it or over it", out)
+    check_apart(out, run, "the run")
     if checkpoint is None:
         chosen = last_valid_checkpoint(run)
     else:

@@ -57,6 +57,7 @@ from siamdiff.atomic import (
     atomic_save_png,
     atomic_write_bytes,
     atomic_write_json,
+    check_apart,
     exclusive_writer,
 )
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, PairedDataset, generator_views
@@ -727,10 +728,7 @@ def synthesize(
         raise SiamdiffError("speed lever bf16_frozen needs a CUDA device (bf16 autocast)")
     source = resolve_model(model_path)
     masks_root = Path(masks_root).resolve()
-    if out.resolve() == masks_root or masks_root in out.resolve().parents:
-        raise SiamdiffError(
-            f"is inside the masks dataset {masks_root}; write synthetic data elsewhere", out
-        )
+    check_apart(out, masks_root, "the masks dataset")
     if verify:  # an unreadable file would stop the job half-way, an edited one go unnoticed
         require_intact(masks_root, "pass --no-verify")
     settings = {

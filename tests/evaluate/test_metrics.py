@@ -214,6 +214,9 @@ def test_evaluate_refuses_bad_inputs(
         ({"archs": ("nosuch",)}, "cannot build segmenter nosuch"),
         ({"size": 100}, "multiple of 32"),
         ({"epochs": 0}, "need epochs >= 1"),
+        # Builds, but cannot train: found by one step on a blank batch, not after the metrics.
+        ({"archs": ("pan",), "size": 64}, "pan/resnet18 cannot train at 64 px"),
+        ({"seeds": (-1,)}, "seeds must be >= 0"),
     ):
         with pytest.raises(SiamdiffError, match=message):
             evaluate(

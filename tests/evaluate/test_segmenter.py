@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from siamdiff.data.manifest import verify
 from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate import segmenter as segmenter_module
 from siamdiff.evaluate.segmenter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -100,6 +102,21 @@ def test_extra_datasets_join_the_training_set(real_root: Path, synthetic_root: P
     ]
 
 
+def test_a_loss_that_stops_being_finite_ends_training_in_one_line(
+    real_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segmenter trained on past a NaN loss came out all-NaN, scored, saved: mDice 0."""
+    real_bce = segmenter_module.F.binary_cross_entropy_with_logits
+    monkeypatch.setattr(
+        segmenter_module.F,
+        "binary_cross_entropy_with_logits",
+        lambda logits, target: real_bce(logits, target) * float("nan"),
+    )
+    with pytest.raises(SiamdiffError, match="loss became nan in epoch 1"):
+        train_segmenter(real_root, tmp_path / "s", size=SIZE, epochs=1, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_bad_settings_and_files_are_one_line_errors(
     segmenter_dir: Path, real_root: Path, tmp_path: Path
 ) -> None:
@@ -110,6 +127,23 @@ def test_bad_settings_and_files_are_one_line_errors(
     with pytest.raises(SiamdiffError, match=r"unet/nope: Wrong encoder name `nope`$"):
         SegmenterSpec(encoder="nope").build()
     assert not (tmp_path / "x").exists()
+    for options, message in (
+        ({"arch": "deeplabv3", "batch_size": 1}, "in batches of 1 .*more than 1 value"),
+        ({"arch": "dpt"}, "dpt/resnet18: Only Timm encoders"),
+        ({"lr": float("nan")}, "a finite lr > 0"),
+        ({"lr": float("inf")}, "a finite lr > 0"),
+    ):
+        with pytest.raises(SiamdiffError, match=message):
+            train_segmenter(real_root, tmp_path / "x", size=SIZE, progress=False, **options)
+    # Never written into a dataset it reads, nor replacing one (or a folder holding one).
+    for out in (real_root, real_root / "seg", real_root.parent):
+        with pytest.raises(SiamdiffError, match="is, holds or lies inside the dataset"):
+            train_segmenter(real_root, out, size=SIZE, overwrite=True, progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(SiamdiffError, match="exists and is not a segmenter"):
+        train_segmenter(real_root, tmp_path / "notes", size=SIZE, overwrite=True, progress=False)
+    assert verify(real_root).ok and (tmp_path / "notes" / "todo.txt").is_file()
     with pytest.raises(SiamdiffError, match="already exists"):
         train_segmenter(real_root, segmenter_dir, size=SIZE, epochs=1, progress=False)
     with pytest.raises(SiamdiffError, match=f"no {CONFIG_NAME} here"):

@@ -19,6 +19,7 @@ training data identity, loss history, validation scores, speed).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json
+from siamdiff.atomic import (
+    atomic_output_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_apart,
+    read_json,
+)
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import Manifest, load_manifest, require_intact
 from siamdiff.data.transforms import (
@@ -49,7 +56,7 @@ from siamdiff.data.transforms import (
     ToModelTensors,
     to_tv_tensors,
 )
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.rng import cpu_seeded
 
 CONFIG_NAME = "segmenter.json"
@@ -138,18 +145,35 @@ class SegmenterSpec:
             return smp.create_model(
                 self.arch, encoder_name=self.encoder, encoder_weights=None, classes=1
             )
-        except (KeyError, RuntimeError) as exc:  # smp / timm: unknown architecture or encoder
+        # smp / timm: an unknown architecture or encoder, or one the pair cannot make (DPT)
+        except (KeyError, RuntimeError, ValueError) as exc:
             # smp's message goes on to list every option; its first clause names the culprit.
             detail = re.split(r"[.,] ", str(exc.args[0]), maxsplit=1)[0]
             raise SiamdiffError(
                 f"cannot build segmenter {self.arch}/{self.encoder}: {detail}"
             ) from exc
 
+    def check_trains(self, batch_size: int) -> None:
+        """Build the network and take one training step's forward and backward pass on a
+        blank batch: an architecture that builds but cannot train at this size (PAN below
+        128 px) or batch (DeepLabV3's BatchNorm on one image) fails here, not after hours."""
+        batch = min(batch_size, 2)
+        with cpu_seeded(0):
+            model = self.build().train()
+            try:
+                model(torch.zeros(batch, 3, self.size, self.size)).sum().backward()
+            except (RuntimeError, ValueError) as exc:
+                raise SiamdiffError(
+                    f"segmenter {self.arch}/{self.encoder} cannot train at {self.size} px in "
+                    f"batches of {batch_size} ({first_line(exc)})"
+                ) from exc
+
 
 def check_training_settings(epochs: int, batch_size: int, lr: float) -> None:
-    if epochs < 1 or batch_size < 1 or lr <= 0:
+    if epochs < 1 or batch_size < 1 or not 0 < lr < math.inf:
         raise SiamdiffError(
-            f"need epochs >= 1, batch size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}"
+            "need epochs >= 1, batch size >= 1 and a finite lr > 0, "
+            f"got {epochs}, {batch_size}, {lr}"
         )
 
 
@@ -305,6 +329,11 @@ def fit_segmenter(
                     loss = F.binary_cross_entropy_with_logits(logits, masks) + dice_loss(
                         logits, masks
                     )
+                    if not torch.isfinite(loss):
+                        raise SiamdiffError(
+                            f"the segmenter's loss became {loss.item()} in epoch {epoch + 1} "
+                            "(try a lower learning rate)"
+                        )
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
@@ -341,8 +370,15 @@ def train_segmenter(
     save it to ``out_dir``, which appears whole or not at all. Its score on the val split,
     when there is one, goes into ``segmenter.json``. Returns ``out_dir``. ``verify``: each
     dataset is refused up front when its files no longer match its manifest."""
+    check_training_settings(epochs, batch_size, lr)
+    for root in (data_root, *extra_roots):
+        check_apart(out_dir, root, "the dataset")
+    replaced = Path(out_dir)  # --overwrite replaces a segmenter (or an empty folder) only
+    foreign = replaced.is_dir() and not (replaced / CONFIG_NAME).is_file()
+    if overwrite and foreign and any(replaced.iterdir()):
+        raise SiamdiffError("exists and is not a segmenter: refusing to replace it", out_dir)
     spec = SegmenterSpec(arch, encoder, size)
-    spec.build()  # a bad arch, encoder or size fails before any data is read
+    spec.check_trains(batch_size)  # a bad arch, encoder or size fails before any data is read
     dataset, data = training_set(data_root, extra_roots, size)
     # Entered before training, so an existing out_dir is refused before hours are spent.
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

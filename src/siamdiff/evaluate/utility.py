@@ -56,9 +56,11 @@ def check_utility(
     measure honestly or cannot build."""
     if not archs or not seeds:
         raise SiamdiffError("segmentation utility needs at least one architecture and one seed")
+    if min(seeds) < 0:
+        raise SiamdiffError(f"segmentation utility seeds must be >= 0, got {min(seeds)}")
     check_training_settings(epochs, batch_size, lr)
     for arch in archs:
-        SegmenterSpec(arch, encoder, size).build()
+        SegmenterSpec(arch, encoder, size).check_trains(batch_size)
     if not load_manifest(real_root).split("test"):
         raise SiamdiffError("has no test split to measure segmentation utility on", real_root)
     if syn_root is not None:
