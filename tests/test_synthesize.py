@@ -244,6 +244,17 @@ def test_other_settings_on_an_existing_output_are_refused(
         43, "phantom-p00-0000", 0, "noise"
     )
 
+    # A copy without its dotfiles (settings, journals) still names its settings in its
+    # manifest: other settings were silently sampled over it.
+    copied = tmp_path / "copied"
+    shutil.copytree(reference, copied, ignore=shutil.ignore_patterns(".*"))
+    before = files(copied)
+    with pytest.raises(SiamdiffError, match="guidance differs"):
+        sample(exported, phantom_data, copied, guidance=7.5)
+    assert files(copied) == before
+    sample(exported, phantom_data, copied)  # the same settings: recomputed to the same bytes
+    assert files(copied) == before
+
     # An output written before control_scale existed was sampled at scale 1: it resumes.
     settings_path = reference / synth.SETTINGS_NAME
     older = tmp_path / "older"

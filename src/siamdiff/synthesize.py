@@ -330,11 +330,15 @@ def _finished(out: Path, expected: Mapping[str, dict[str, Any]]) -> dict[str, Re
     return done
 
 
-def _holds_synthetic_manifest(out: Path) -> bool:
+def _synthetic_manifest_settings(out: Path) -> dict[str, Any] | None:
+    """The sampling settings a synthetic manifest in ``out`` records, None without one."""
     try:
-        return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))["kind"] == "synthetic"
+        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        if manifest["kind"] == "synthetic":
+            return dict(manifest["preprocessing"]["synthesis"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        pass
+    return None
 
 
 def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -343,20 +347,22 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     settings_path = out / SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise SiamdiffError("exists and is not a directory", out)
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and not (settings_path.is_file() or _holds_synthetic_manifest(out))
-    ):
+    recorded = _synthetic_manifest_settings(out) if out.is_dir() else None
+    if out.exists() and any(out.iterdir()) and not (settings_path.is_file() or recorded):
         # A real dataset has a manifest too: never resumed into, never deleted by --overwrite.
         raise SiamdiffError(
             "exists and is not a siamdiff synthesis output; refusing to use it", out
         )
-    if settings_path.is_file() and not overwrite:
+    if overwrite:
+        return
+    # A copy that lost its dotfiles still names its settings in its manifest.
+    previous: Any = recorded
+    if settings_path.is_file():
         try:
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise SiamdiffError(f"cannot read ({exc})", settings_path) from exc
+    if previous is not None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
         previous = LATER_SETTINGS | previous
