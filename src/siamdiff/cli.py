@@ -106,7 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from siamdiff.sample import SCHEDULERS
-    from siamdiff.synthesize import split_masks_argument, synthesize
+    from siamdiff.synthesize import SAMPLE_RANK_WAIT, split_masks_argument, synthesize
 
     if args.scheduler not in SCHEDULERS:
         raise SiamdiffError(f"unknown --scheduler {args.scheduler!r} ({', '.join(SCHEDULERS)})")
@@ -114,7 +114,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # One process, or one of `accelerate launch`'s; on CPU accelerate sees the launch only
     # when told that CPU is the device.
-    state = PartialState(cpu=device == "cpu")
+    # A resumed job's ranks may hold very unequal work: the idle ones wait at the end for
+    # hours, past NCCL's default 10 minutes.
+    state = PartialState(cpu=device == "cpu", timeout=SAMPLE_RANK_WAIT)
     if device == "cuda" and state.num_processes > 1:
         device = f"cuda:{state.local_process_index}"  # one GPU per process, not all on GPU 0
     summary = synthesize(

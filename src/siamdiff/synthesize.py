@@ -42,6 +42,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ SCALE_RANGE = (0.8, 1.2)
 SHIFT_FRACTION = 0.1
 MASK_AUG_TRIES = 8
 NNUNET_LABELS = {"background": 0, "polyp": 1}
+SAMPLE_RANK_WAIT = timedelta(days=2)  # the longest a rank waits for the others' batches
 SAMPLER_KEYS = (
     "scheduler",
     "steps",

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,6 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import (
     SAFE_WEIGHTS_NAME,
     DistributedType,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
     set_seed,
@@ -67,6 +69,9 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS_NAME = "checksums.json"
 LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
 LOSS_LOG = "losses.jsonl"
+# How long a rank waits for the others: rank 0 builds the latent cache alone (a large dataset
+# takes longer than NCCL's default 10 minutes, which would end the run).
+RANK_WAIT = timedelta(hours=12)
 # What to change when a training step does not fit in GPU memory.
 MEMORY_ADVICE = (
     "lower train.batch_size (raise optim.grad_accum to keep the effective batch), or set "
@@ -588,6 +593,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             project_dir=str(run_dir), logging_dir=str(run_dir / "tb")
         ),
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=RANK_WAIT)],
     )
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
