@@ -219,6 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             range(args.utility_first_seed, args.utility_first_seed + args.utility_seeds)
         ),
         "archs": tuple(a for a in args.utility_archs.split(",") if a),
+        "matched_steps": args.utility_matched_steps,
     }
     if args.run is not None and not (
         (args.run / "loss_curve.png").is_file() or (args.run / "samples").is_dir()
@@ -467,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds are FIRST .. FIRST + N - 1 (more seeds for an earlier evaluation)",
     )
     ev.add_argument("--utility-archs", default="unet,fpn", help="comma list of smp architectures")
+    ev.add_argument(
+        "--utility-matched-steps",
+        action="store_true",
+        help="also train real only for as many steps as real + synthetic: is the gain the "
+        "synthetic data's, or the extra steps'?",
+    )
     ev.add_argument("--inception-weights", type=Path, default=None)
     ev.add_argument("--clip-model", type=Path, default=None)
     ev.add_argument(

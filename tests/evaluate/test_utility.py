@@ -11,8 +11,8 @@ import pytest
 
 from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.errors import SiamdiffError
-from siamdiff.evaluate.metrics import evaluate
-from siamdiff.evaluate.utility import mean_std, segmentation_utility
+from siamdiff.evaluate.metrics import evaluate, summary_rows
+from siamdiff.evaluate.utility import MATCHED, mean_std, segmentation_utility
 
 
 def test_mean_std_uses_the_sample_std() -> None:
@@ -53,6 +53,30 @@ def test_utility_trains_each_arch_and_seed_on_both_sets(real_root: Path, copies:
     assert all(
         i <= d for i, d in zip(unet["miou"]["per_seed"], unet["mdice"]["per_seed"], strict=True)
     )
+
+
+def test_matched_steps_trains_real_only_as_long_as_real_plus_synthetic(
+    real_root: Path, copies: Path
+) -> None:
+    """Same epochs on twice the images is twice the steps: the control takes as many."""
+    result = segmentation_utility(
+        real_root,
+        copies,
+        archs=("unet",),
+        seeds=(0,),
+        epochs=1,
+        size=32,
+        batch_size=9,
+        matched_steps=True,
+        progress=False,
+    )["archs"]["unet"]
+    assert (result["real"]["steps"], result["real+syn"]["steps"]) == (2, 4)
+    assert (result[MATCHED]["epochs"], result[MATCHED]["steps"]) == (2, 4)
+    assert result[MATCHED]["train_images"] == 18
+    matched = result["real+syn"]["mdice"]["mean"] - result[MATCHED]["mdice"]["mean"]
+    assert result["gain_matched_steps_mdice"] == pytest.approx(matched)
+    rows = dict(summary_rows({"utility": {"available": True, "archs": {"unet": result}}}))
+    assert f"over matched steps {matched:+.3f}" in rows["Utility unet mdice"]
 
 
 def test_real_only_baseline_has_no_gain(real_root: Path) -> None:

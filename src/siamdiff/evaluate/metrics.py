@@ -70,6 +70,7 @@ from siamdiff.evaluate.standard import (
     unavailable,
 )
 from siamdiff.evaluate.utility import (
+    MATCHED,
     check_utility,
     segmentation_utility,
 )
@@ -568,11 +569,13 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         for metric in ("mdice", "miou"):
             cells = [
                 f"{name} {result[name][metric]['mean']:.3f} ± {result[name][metric]['std']:.3f}"
-                for name in ("real", "real+syn")
+                for name in ("real", "real+syn", MATCHED)
                 if name in result
             ]
             if f"gain_{metric}" in result:
                 cells.append(f"gain {result[f'gain_{metric}']:+.3f}")
+            if f"gain_matched_steps_{metric}" in result:
+                cells.append(f"over matched steps {result[f'gain_matched_steps_{metric}']:+.3f}")
             rows.append((f"Utility {arch} {metric}", ", ".join(cells)))
     return rows
 

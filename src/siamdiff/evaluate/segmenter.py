@@ -344,7 +344,12 @@ def fit_segmenter(
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
                 history.append({"epoch": epoch + 1, "loss": total / len(loader)})
         elapsed = time.perf_counter() - started
-    record = {"history": history, "images_per_second": seen / elapsed, "seconds": elapsed}
+    record = {
+        "history": history,
+        "steps": epochs * len(loader),
+        "images_per_second": seen / elapsed,
+        "seconds": elapsed,
+    }
     return Segmenter(model, spec, device), record
 
 
