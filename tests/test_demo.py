@@ -28,11 +28,11 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys) -> None:
     for picture in (
         "run/loss_curve.png",
         "synthetic/samples.png",
-        "evaluation/report.html",
+        "evaluation/metrics.html",
         "data/stats.png",
     ):
         assert (out / picture).stat().st_size > 1000, picture
-    report = (out / "evaluation" / "report.html").read_text()
+    report = (out / "evaluation" / "metrics.html").read_text()
     assert "Synthetic samples" in report and "Training losses" in report
     # A second run refuses to overwrite unless asked.
     assert main(["demo", "--out", str(out), "--train-steps", "3"]) == 2

@@ -210,7 +210,13 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from siamdiff.evaluate.metrics import evaluate, format_metrics, write_evaluation_report
+    from siamdiff.atomic import check_writable_file
+    from siamdiff.evaluate.metrics import (
+        evaluate,
+        format_metrics,
+        report_paths,
+        write_evaluation_report,
+    )
 
     utility_options = {
         "epochs": args.utility_epochs,
@@ -225,6 +231,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         (args.run / "loss_curve.png").is_file() or (args.run / "samples").is_dir()
     ):  # found out before the evaluation's hours, not from a report without the run
         raise SiamdiffError("not a training run (no loss_curve.png, no samples/)", args.run)
+    if args.report is not None and args.report.exists() and not args.report.is_dir():
+        raise SiamdiffError("is a file: --report names a folder", args.report)
+    for path in report_paths(args.out, args.report):
+        check_writable_file(path)
     metrics = evaluate(
         args.real,
         args.syn,
@@ -239,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
     )
     print(format_metrics(metrics))
-    report = write_evaluation_report(metrics, args.report or args.out.parent, run_dir=args.run)
+    report = write_evaluation_report(metrics, args.out, args.report, run_dir=args.run)
     print(f"metrics: {args.out}\nreport: {report}")
     return 0
 
@@ -477,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", type=Path, default=None)
     ev.add_argument("--clip-model", type=Path, default=None)
     ev.add_argument(
-        "--report", type=Path, default=None, help="report directory (default: beside --out)"
+        "--report",
+        type=Path,
+        default=None,
+        help="folder of the report (OUT's name .html, default: beside --out)",
     )
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default="cpu")

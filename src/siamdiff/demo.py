@@ -1,7 +1,7 @@
 """``siamdiff demo``: the whole pipeline on procedural phantom data, on a laptop CPU.
 
 phantom images -> prepare -> verify -> stats -> train (tiny backbone) -> export -> sample
--> segmenter on the real split -> evaluate -> report.html.
+-> segmenter on the real split -> evaluate -> metrics.html.
 Nothing is downloaded; every stage writes what a real run writes.
 """
 
@@ -119,11 +119,10 @@ def _run_stages(out: Path, train_steps: int) -> Path:
     )
 
     stage("8/8 evaluate")
-    metrics = evaluate(
-        data, synthetic, out / "evaluation" / "metrics.json", segmenter_dir=segmenter
-    )
+    metrics_json = out / "evaluation" / "metrics.json"
+    metrics = evaluate(data, synthetic, metrics_json, segmenter_dir=segmenter)
     print(format_metrics(metrics))
-    report = write_evaluation_report(metrics, out / "evaluation", run_dir=run_dir)
+    report = write_evaluation_report(metrics, metrics_json, run_dir=run_dir)
     stage("done")
     print(
         f"data: {data}\nrun: {run_dir} (loss_curve.png, samples/, checkpoints/, tb/)\n"

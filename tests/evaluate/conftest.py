@@ -23,15 +23,16 @@ def make_synthetic(
     noise: float = 0.0,
     seed: int = 0,
     resolution: int | None = None,
+    split: str = "train",
 ) -> Path:
-    """A fake ``siamdiff sample`` output: ``per_mask`` copies of each real training image
+    """A fake ``siamdiff sample`` output: ``per_mask`` copies of each real ``split`` image
     with Gaussian pixel noise of std ``noise`` (in 0..255 units), conditioned on its mask.
     With ``resolution`` the copies are the generator's views at that size, as a perfect
     generator of that resolution would sample them."""
     rng = np.random.default_rng(seed)
     records = []
-    views = None if resolution is None else generator_views(real_root, "train", resolution)
-    for index, source in enumerate(load_manifest(real_root).split("train")):
+    views = None if resolution is None else generator_views(real_root, split, resolution)
+    for index, source in enumerate(load_manifest(real_root).split(split)):
         mask = load_mask(real_root / source.mask)
         clean = load_rgb(real_root / source.image).astype(np.float64)
         if views is not None:
@@ -50,7 +51,7 @@ def make_synthetic(
                     dataset="syn",
                     group=source.group,
                     frame=f"{source.frame}{k}",
-                    split="train",
+                    split=split,
                     source_sha256=source.mask_sha256,
                     extra={"source_id": source.id, "seed": k, "sampler": {"name": "copy"}},
                 )

@@ -51,7 +51,7 @@ def test_train_segmenter_then_evaluate(
     )
     metrics = json.loads(out.read_text())
     assert metrics["format"] and "mask fidelity" in capsys.readouterr().out.lower()
-    assert (out.parent / "report.html").is_file()
+    assert (out.parent / f"{out.stem}.html").is_file()
 
 
 def test_evaluate_with_swapped_sets_is_a_one_line_error(
@@ -109,3 +109,16 @@ def test_damaged_datasets_are_refused_before_training_or_scoring(
         assert error.startswith(f"siamdiff: error: {damaged}: dataset does not verify (1 changed")
         assert error.endswith("or pass --no-verify")
     assert not (tmp_path / "seg").exists() and not metrics.exists()
+
+
+def test_a_report_folder_that_is_a_file_is_refused_before_evaluating(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """It failed with "File exists" after every metric was computed."""
+    out, afile = tmp_path / "m.json", tmp_path / "afile"
+    afile.write_text("")
+    argv = ["evaluate", str(real_root), str(synthetic_root), "--out", str(out)]
+    assert main([*argv, "--segmenter", str(segmenter_dir), "--report", str(afile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"siamdiff: error: {afile}: is a file: --report names a folder"]
+    assert not out.exists()

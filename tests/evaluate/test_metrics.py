@@ -30,7 +30,6 @@ from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import extract_features, frechet_distance
 from siamdiff.evaluate.metrics import (
-    HISTOGRAM_NAME,
     _fd_at_size,
     colour_statistics,
     evaluate,
@@ -263,19 +262,28 @@ def test_report_is_self_contained_and_escaped(
 ) -> None:
     metrics, _ = evaluated
     metrics = {**metrics, "real": {**metrics["real"], "root": "<script>alert(1)</script>"}}
+    # A folder name that is no UTF-8 (os.fsdecode's surrogates) is shown escaped.
+    metrics["synthetic"] = {**metrics["synthetic"], "root": "syn-\udcff"}
     run = tmp_path / "run"
     (run / "samples").mkdir(parents=True)
     for name in ("loss_curve.png", "samples/step-00000200.png", "samples/step-00000100.png"):
         (run / name).write_bytes(PNG + name.encode())
     os.utime(run / "samples/step-00000200.png", (1, 1))  # as a copy without times leaves them
-    report = write_evaluation_report(metrics, tmp_path / "report", run_dir=run)
+    report = write_evaluation_report(metrics, tmp_path / "eval" / "first.json", run_dir=run)
+    assert report == tmp_path / "eval" / "first.html"
     page = report.read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "syn-\\udcff" in page
     embedded = [base64.b64decode(b) for b in re.findall(r"base64,([A-Za-z0-9+/=]+)", page)]
-    assert embedded[0] == (tmp_path / "report" / HISTOGRAM_NAME).read_bytes()
+    assert embedded[0] == (tmp_path / "eval" / "first_mask_fidelity.png").read_bytes()
     assert embedded[0].startswith(PNG)
     assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step-00000200.png"]
     assert "Samples (step-00000200.png)" in page
+    # A second evaluation into the folder keeps the first one's report; --report moves it.
+    second = write_evaluation_report(metrics, tmp_path / "eval" / "second.json")
+    assert second.name == "second.html" and report.read_text() == page
+    elsewhere = write_evaluation_report(metrics, tmp_path / "eval" / "third.json", tmp_path)
+    assert elsewhere == tmp_path / "third.html"
 
 
 def test_cli_evaluate_with_utility_trains_the_requested_architecture(

@@ -144,6 +144,16 @@ def test_clip_i_and_cmmd_with_a_local_clip(
     assert different["inception_fid"]["available"] is False  # independent of CLIP
 
 
+def test_clip_i_pairs_samples_of_val_or_test_masks_with_their_sources(
+    offline_hub: Path, clip_dir: Path, real_root: Path, tmp_path: Path
+) -> None:
+    """`siamdiff sample --masks DATA` samples every split: the source of a test mask's sample
+    is a test image, which CLIP-I looked for among the training images only."""
+    test_copies = make_synthetic(real_root, tmp_path / "syn", per_mask=1, split="test")
+    clip_i = standard_metrics(real_root, test_copies, clip_model=clip_dir)["clip_i"]
+    assert clip_i["pairs"] == 3 and clip_i["value"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_an_incomplete_clip_directory_is_named(tmp_path: Path, clip_dir: Path) -> None:
     partial = tmp_path / "clip"
     partial.mkdir()
@@ -164,6 +174,13 @@ def test_damaged_inception_or_clip_weights_are_one_line(tmp_path: Path, clip_dir
     (damaged / "model.safetensors").write_bytes(b"x")  # SafetensorError, uncaught
     with pytest.raises(SiamdiffError, match="cannot load the CLIP model"):
         load_standard_models(clip_model=damaged)
+
+
+def test_damaged_lpips_weights_are_one_line(offline_hub: Path) -> None:
+    offline_hub.mkdir(parents=True)
+    lpips_backbone_file("squeeze").write_text("garbage")
+    with pytest.raises(SiamdiffError, match="cannot load LPIPS squeeze weights"):
+        load_lpips("squeeze")
 
 
 def test_lpips_diversity_with_a_cached_backbone(

@@ -69,8 +69,11 @@ def kernel_inception_distance(
     behind torchmetrics' KID). The estimator is unbiased, so two samples of one distribution
     give a mean near 0 and may give a slightly negative one. ``subset_size`` is capped at the
     smaller set: the expectation does not depend on it, only the spread does. The std is
-    None when every subset is both whole sets (its 0 would claim an exact value).
+    None when every subset is both whole sets, or there is one subset (its 0 would claim an
+    exact value).
     """
+    if subsets < 1 or subset_size < 2:  # the unbiased MMD of one image divides by zero
+        raise ValueError(f"KID needs subsets >= 1 of size >= 2, got {subsets} of {subset_size}")
     from torch_fidelity.metric_kid import (
         KEY_METRIC_KID_MEAN,
         KEY_METRIC_KID_STD,
@@ -87,8 +90,8 @@ def kernel_inception_distance(
         rng_seed=seed,
         verbose=False,
     )
-    whole = size == len(a) == len(b)
-    return result[KEY_METRIC_KID_MEAN], None if whole else result[KEY_METRIC_KID_STD]
+    spread = subsets > 1 and not size == len(a) == len(b)
+    return result[KEY_METRIC_KID_MEAN], result[KEY_METRIC_KID_STD] if spread else None
 
 
 def cmmd(feats_a: np.ndarray, feats_b: np.ndarray, sigma: float = 10.0) -> float:

@@ -42,7 +42,6 @@ from siamdiff import __version__
 from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     check_writable_file,
 )
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, generator_views
@@ -84,8 +83,17 @@ FORMAT = "siamdiff-metrics"
 # 4: the real side is viewed in the generator's framing and at its resolution, then resized
 # to the metric's size, as the synthetic images are (synthetic.crop, synthetic.resolution).
 FORMAT_VERSION = 4
-REPORT_NAME = "report.html"
-HISTOGRAM_NAME = "mask_fidelity.png"
+
+
+def report_paths(out_json: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The HTML report and mask-fidelity histogram of the metrics in ``out_json``, named after
+    it (a second evaluation into the folder keeps the first one's), in ``out_dir`` (default:
+    beside it)."""
+    out_json = Path(out_json)
+    folder = Path(out_dir) if out_dir is not None else out_json.parent
+    return folder / f"{out_json.stem}.html", folder / f"{out_json.stem}_mask_fidelity.png"
+
+
 # Wang et al. 2003, the five-scale weights that torchmetrics also uses.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_KERNEL = 11
@@ -401,6 +409,11 @@ def evaluate(
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
     check_writable_file(out_json)  # every problem found now, not after the metrics' hours
+    if kid_subsets < 1 or kid_subset_size < 2:
+        raise SiamdiffError(
+            f"KID needs at least 1 subset of at least 2 images, got {kid_subsets} of "
+            f"{kid_subset_size}"
+        )
     real_manifest, syn_manifest = _check_inputs(real_root, syn_root)
     for root in (real_root, syn_root) if verify else ():
         require_intact(root, "pass --no-verify")
@@ -618,13 +631,17 @@ def _img(title: str, png: bytes) -> str:
 
 
 def write_evaluation_report(
-    metrics: Mapping[str, Any], out_dir: str | Path, run_dir: str | Path | None = None
+    metrics: Mapping[str, Any],
+    out_json: str | Path,
+    out_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``report.html`` (self-contained: images embedded) and ``mask_fidelity.png`` to
-    ``out_dir``; with ``run_dir``, embed its ``loss_curve.png`` and newest ``samples/*.png``."""
-    out_dir = Path(out_dir)
+    """Write the HTML report (self-contained: images embedded) and the mask-fidelity
+    histogram of the metrics written to ``out_json`` (see :func:`report_paths`); with
+    ``run_dir``, embed its ``loss_curve.png`` and newest ``samples/*.png``."""
+    report, histogram_path = report_paths(out_json, out_dir)
     histogram = mask_fidelity_histogram(metrics)
-    atomic_write_bytes(out_dir / HISTOGRAM_NAME, histogram)
+    atomic_write_bytes(histogram_path, histogram)
     table = "\n".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
         for name, value in summary_rows(metrics)
@@ -669,6 +686,6 @@ Synthetic: {text(synthetic.get("root"))} ({text(synthetic.get("images"))} images
 {chr(10).join(sections)}
 </body></html>
 """
-    report = out_dir / REPORT_NAME
-    atomic_write_text(report, page)
+    # A folder name that is no UTF-8 (Linux allows any bytes) is shown escaped, not a crash.
+    atomic_write_bytes(report, page.encode("utf-8", "backslashreplace"))
     return report

@@ -14,7 +14,7 @@ a download hangs or fails slowly). A metric whose weights are absent is reported
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torchvision
 from torch.utils.data import Dataset
 
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, generator_views
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.evaluate.features import (
     cmmd,
     extract_features,
@@ -137,7 +137,14 @@ def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> torch.n
         raise MissingWeights(f"LPIPS {net} backbone weights not found at {backbone}")
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    return LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none").to(device)
+    try:
+        lpips = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none")
+    # torch.load of a damaged file raises nearly anything (as Inception's and CLIP's do).
+    except Exception as exc:
+        raise SiamdiffError(
+            f"cannot load LPIPS {net} weights ({first_line(exc)})", backbone
+        ) from exc
+    return lpips.to(device)
 
 
 def clip_embedder(
@@ -175,6 +182,7 @@ def clip_embedder(
 
 def clip_metrics(
     real: Dataset,
+    reference: Sequence[int],
     synthetic: Dataset,
     sources: list[int | None],
     embed: Callable[[torch.Tensor], torch.Tensor],
@@ -183,11 +191,12 @@ def clip_metrics(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """``{"clip_i": ..., "cmmd": ...}``. ``sources[i]`` is the index in ``real`` of the
-    image whose mask conditioned synthetic image ``i`` (None when not in ``real``).
+    """``{"clip_i": ..., "cmmd": ...}``. ``reference`` indexes the images of ``real`` the
+    distribution is compared with (the training split); ``sources[i]`` is the index in
+    ``real`` of the image whose mask conditioned synthetic image ``i`` (None when not there).
 
-    CLIP-I: mean cosine similarity between each synthetic image and its source image.
-    CMMD: between all real and all synthetic embeddings (see :func:`features.cmmd`).
+    CLIP-I: mean cosine similarity between each synthetic image and its source image, of
+    any split. CMMD: between the reference and all synthetic embeddings (:func:`features.cmmd`).
     """
     a, b = (
         extract_features(embed, data, batch_size, device, progress=progress, desc=desc)
@@ -202,7 +211,7 @@ def clip_metrics(
         clip_i = {"available": True, "value": similarity, "pairs": len(pairs)}
     else:
         clip_i = unavailable("no synthetic image's source image is in the real set")
-    return {"clip_i": clip_i, "cmmd": {"available": True, "value": cmmd(a, b)}}
+    return {"clip_i": clip_i, "cmmd": {"available": True, "value": cmmd(a[list(reference)], b)}}
 
 
 @dataclass(frozen=True)
@@ -272,10 +281,13 @@ def standard_metrics(
         results |= {"clip_i": unavailable(models.clip), "cmmd": unavailable(models.clip)}
     else:
         embed, size, model_name = models.clip
-        real = generator_views(real_root, "train", size, view=view)
+        # Every split: a sample conditioned on a val or test mask has its source image there.
+        real = generator_views(real_root, None, size, view=view)
+        training = [i for i, record in enumerate(real.records) if record.split == "train"]
         synthetic = frames(syn_root, None, size)
         index = {record.id: i for i, record in enumerate(real.records)}
         sources = [index.get(record.extra.get("source_id")) for record in synthetic.records]
-        for name, value in clip_metrics(real, synthetic, sources, embed, **common).items():
+        clip = clip_metrics(real, training, synthetic, sources, embed, **common)
+        for name, value in clip.items():
             results[name] = {**value, "model": model_name} if value["available"] else value
     return results
