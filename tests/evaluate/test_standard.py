@@ -13,6 +13,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
 from siamdiff.errors import SiamdiffError
+from siamdiff.evaluate import metrics as metrics_module
 from siamdiff.evaluate.metrics import diversity, same_mask_groups
 from siamdiff.evaluate.segmenter import frames
 from siamdiff.evaluate.standard import (
@@ -200,3 +201,17 @@ def test_lpips_diversity_with_a_cached_backbone(
     assert results["noisy"]["lpips"]["mean"] > 1e-4
     assert results["noisy"]["ms_ssim"]["mean"] < 0.999
     assert results["noisy"]["lpips"]["pairs"] == 18
+
+
+def test_diversity_in_chunks_of_pairs_scores_every_pair_alike(
+    real_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pairs go through MS-SSIM in chunks (--per-mask 50 is 1225 pairs of one mask): a
+    mask's pairs split over chunks give what one batch gives."""
+    noisy = make_synthetic(real_root, tmp_path / "syn", per_mask=3, noise=30.0)
+    data = frames(noisy, None, SIZE)
+    whole = diversity(data, same_mask_groups(data.records), "no LPIPS")
+    monkeypatch.setattr(metrics_module, "DIVERSITY_PAIRS_PER_BATCH", 2)
+    chunked = diversity(data, same_mask_groups(data.records), "no LPIPS")
+    assert chunked["ms_ssim"]["pairs"] == whole["ms_ssim"]["pairs"] == 18 * 3
+    assert chunked["ms_ssim"]["mean"] == pytest.approx(whole["ms_ssim"]["mean"], rel=1e-6)

@@ -132,6 +132,9 @@ def ms_ssim_betas(size: int) -> tuple[float, ...]:
     return tuple(float(b) for b in betas / betas.sum())
 
 
+DIVERSITY_PAIRS_PER_BATCH = 64
+
+
 def diversity(
     synthetic: Dataset,
     groups: Sequence[Sequence[int]],
@@ -153,16 +156,19 @@ def diversity(
     ssim_values, lpips_values = [], []
     for members in tqdm(groups, desc="diversity", unit="mask", disable=not progress, leave=False):
         images = torch.stack([synthetic[i]["image"] for i in members]).to(device)
-        first, second = zip(*itertools.combinations(range(len(members)), 2), strict=True)
-        a, b = images[list(first)], images[list(second)]
-        with torch.inference_mode():
-            ssim_values.append(
-                multiscale_structural_similarity_index_measure(
-                    (a + 1) / 2, (b + 1) / 2, data_range=1.0, betas=betas, reduction="none"
-                ).cpu()
-            )
-            if not isinstance(lpips, str):
-                lpips_values.append(lpips(a, b).reshape(-1).cpu())
+        pairs = list(itertools.combinations(range(len(members)), 2))
+        # In chunks: --per-mask 50 is 1225 pairs of one mask, a batch no GPU holds at 256 px.
+        for start in range(0, len(pairs), DIVERSITY_PAIRS_PER_BATCH):
+            first, second = zip(*pairs[start : start + DIVERSITY_PAIRS_PER_BATCH], strict=True)
+            a, b = images[list(first)], images[list(second)]
+            with torch.inference_mode():
+                ssim_values.append(
+                    multiscale_structural_similarity_index_measure(
+                        (a + 1) / 2, (b + 1) / 2, data_range=1.0, betas=betas, reduction="none"
+                    ).cpu()
+                )
+                if not isinstance(lpips, str):
+                    lpips_values.append(lpips(a, b).reshape(-1).cpu())
     counts = {"pairs": sum(len(v) for v in ssim_values), "masks": len(groups)}
     ssim = torch.cat(ssim_values).double()
     result = {
