@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -18,7 +19,7 @@ from siamdiff.data.dataset import PairedDataset, generator_views
 from siamdiff.data.manifest import load_manifest, verify
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
-from siamdiff.data.readers import load_hint, read_source
+from siamdiff.data.readers import UnreadableImageError, load_hint, load_prepared_hint, read_source
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import export_run, load_export
@@ -105,6 +106,11 @@ def test_hint_maps_read_as_drawn_at_any_storage(tmp_path: Path):
         image.save(tmp_path / name)
         read = load_hint(tmp_path / name)
         assert read.dtype == np.uint8 and np.array_equal(read, expected), name
+    # A dataset prepared before this rule stored 0/1: its models were trained on that.
+    assert np.array_equal(load_prepared_hint(tmp_path / "labels01.png"), binary)
+    tifffile.imwrite(tmp_path / "depth.tif", (grey >= 128).astype(np.float32))
+    with pytest.raises(UnreadableImageError, match="unsupported pixel type float32"):
+        load_hint(tmp_path / "depth.tif")
 
 
 def test_a_hint_for_some_pairs_only_is_an_error_and_other_names_keep_their_meaning(

@@ -666,6 +666,11 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 f"{accelerator.num_processes}: the data goes on where it stopped, but the "
                 "batch is another size and the run no longer matches an uninterrupted one"
             )
+        if "data_fingerprint" not in state and accelerator.num_processes > 1:
+            accelerator.print(
+                "warning: a checkpoint of an older siamdiff counted a frame's draws per rank: "
+                "frames drawn twice get other augmentations than the uninterrupted run's"
+            )
         if accelerator.is_main_process:
             # Damaged ones past it: recomputed now, and never to count among the keep-last.
             for damaged in existing[existing.index(last) + 1 :]:

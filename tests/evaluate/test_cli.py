@@ -122,3 +122,8 @@ def test_a_report_folder_that_is_a_file_is_refused_before_evaluating(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"siamdiff: error: {afile}: is a file: --report names a folder"]
     assert not out.exists()
+    # Metrics named .html: the report would overwrite them.
+    argv[-1] = str(tmp_path / "m.html")
+    assert main([*argv, "--segmenter", str(segmenter_dir)]) == 2
+    assert "name the metrics file otherwise" in capsys.readouterr().err
+    assert not (tmp_path / "m.html").exists()

@@ -93,7 +93,10 @@ def test_kid_of_whole_sets_has_no_std() -> None:
     row = dict(summary_rows({"kid_seg": {"available": True, "mean": mean, "std": std}}))
     assert row["KID-seg (lower is better)"] == f"{mean:.4f} (whole sets, no subset spread)"
     # One subset has no spread either; subsets of one image have no estimate (NaN in JSON).
-    assert kernel_inception_distance(x, y, subsets=1, subset_size=10, seed=0)[1] is None
+    mean, std = kernel_inception_distance(x, y, subsets=1, subset_size=10, seed=0)
+    one = {"available": True, "mean": mean, "std": std, "subsets": 1}
+    row = dict(summary_rows({"kid_seg": one}))
+    assert row["KID-seg (lower is better)"] == f"{mean:.4f} (one subset, no subset spread)"
     for subsets, size in ((0, 10), (5, 1)):
         with pytest.raises(ValueError, match="KID needs subsets >= 1 of size >= 2"):
             kernel_inception_distance(x, y, subsets=subsets, subset_size=size)

@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from siamdiff.data.manifest import MANIFEST_NAME, Record, load_manifest
-from siamdiff.data.readers import load_hint, load_mask, load_rgb
+from siamdiff.data.readers import load_mask, load_prepared_hint, load_rgb
 from siamdiff.data.transforms import Sample, TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError
 from siamdiff.rng import cpu_seeded
@@ -65,7 +65,7 @@ class PairedDataset(Dataset):
         record = self.records[index]
         image = load_rgb(self.root / record.image)
         mask = load_mask(self.root / record.mask)
-        hints = [load_hint(self.root / record.hints[name]["file"]) for name in self.hints]
+        hints = [load_prepared_hint(self.root / record.hints[name]["file"]) for name in self.hints]
         files = [("mask", record.mask, mask)]
         files += [
             ("hint", record.hints[n]["file"], a) for n, a in zip(self.hints, hints, strict=True)
@@ -111,7 +111,7 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, occurrence = key if isinstance(key, tuple) else (key, 0)
         # A first draw keeps the (seed, epoch, index) seed of checkpoints written before
-        # occurrences were counted, so their resumes stay exact.
+        # occurrences were counted, so their single-process resumes stay exact.
         entropy = [self.seed, self.epoch, index] + ([occurrence] if occurrence else [])
         seed = np.random.SeedSequence(entropy).generate_state(1)[0]
         with cpu_seeded(int(seed)):

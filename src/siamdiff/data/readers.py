@@ -301,22 +301,32 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
 
 
 def load_hint(path: str | Path) -> np.ndarray:
-    """The hint map at ``path`` as uint8 HxW: grey levels kept, colour reduced by the maximum
-    channel (as masks are), 16-bit scaled to 8 bits unless no value exceeds 255.
+    """The source hint map at ``path`` as uint8 HxW: grey levels kept, colour reduced by the
+    maximum channel (as masks are), 16-bit scaled to 8 bits unless no value exceeds 255.
 
     A map of two values, one of them 0, is a binary map (one class of a label map, 0/1 as
     nnU-Net writes them): it reads 0/255, not near-black 0/1. JPEG excepted, as for masks.
+    Prepared hint maps are read as stored (:func:`load_prepared_hint`).
     """
     path = Path(path)
     decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
     array = _to_hw_or_hwc(_pixels(_read(path, decode), path), path)
     if array.ndim == 3:
         array = array.max(axis=-1)
+    if array.dtype.kind == "f":
+        raise UnreadableImageError(f"unsupported pixel type {array.dtype}", path)
     if path.suffix.lower() not in JPEG_SUFFIXES and _zero_and_one_value(array):
         return ((array > 0) * 255).astype(np.uint8)
     if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 255:
         return array.astype(np.uint8)  # 8-bit values, whatever the storage
     return _to_uint8(array, path)
+
+
+def load_prepared_hint(path: str | Path) -> np.ndarray:
+    """A hint map ``siamdiff prepare`` wrote (8-bit grey), as stored: a dataset prepared
+    before binary maps were read 0/255 keeps the 0/1 its models were trained on."""
+    array = _read_uint8(Path(path))
+    return array.max(axis=-1) if array.ndim == 3 else array
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -91,7 +91,10 @@ def report_paths(out_json: str | Path, out_dir: str | Path | None = None) -> tup
     beside it)."""
     out_json = Path(out_json)
     folder = Path(out_dir) if out_dir is not None else out_json.parent
-    return folder / f"{out_json.stem}.html", folder / f"{out_json.stem}_mask_fidelity.png"
+    report = folder / f"{out_json.stem}.html"
+    if report.resolve() == out_json.resolve():
+        raise SiamdiffError("name the metrics file otherwise: .html is its report's", out_json)
+    return report, folder / f"{out_json.stem}_mask_fidelity.png"
 
 
 # Wang et al. 2003, the five-scale weights that torchmetrics also uses.
@@ -526,9 +529,11 @@ def _value(entry: Mapping[str, Any] | None, text: str) -> str:
 
 
 def _kid(entry: Mapping[str, Any] | None) -> str:
-    """Mean ± std, or the mean alone when every subset was the whole sets (no spread)."""
+    """Mean ± std, or the mean alone when there is no spread: one subset, or every subset
+    the whole sets."""
     if entry and entry.get("available", True) and entry.get("std") is None:
-        return _value(entry, "{mean:.4f} (whole sets, no subset spread)")
+        why = "one subset" if entry.get("subsets") == 1 else "whole sets"
+        return _value(entry, f"{{mean:.4f}} ({why}, no subset spread)")
     return _value(entry, "{mean:.4f} ± {std:.4f}")
 
 

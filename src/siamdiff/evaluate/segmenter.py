@@ -57,7 +57,7 @@ from siamdiff.data.transforms import (
     to_tv_tensors,
 )
 from siamdiff.errors import SiamdiffError, first_line
-from siamdiff.rng import cpu_seeded
+from siamdiff.rng import all_seeded, cpu_seeded
 
 CONFIG_NAME = "segmenter.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,6 +167,18 @@ class SegmenterSpec:
                     f"segmenter {self.arch}/{self.encoder} cannot train at {self.size} px in "
                     f"batches of {batch_size} ({first_line(exc)})"
                 ) from exc
+
+
+def drops_last_batch(images: int, batch_size: int) -> bool:
+    """Whether an epoch leaves out its last, partial batch: BatchNorm cannot train on a batch
+    of one sample, but a set smaller than a batch trains on what it has."""
+    return images > batch_size
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of ``images`` (:func:`drops_last_batch`)."""
+    rounding = math.floor if drops_last_batch(images, batch_size) else math.ceil
+    return rounding(images / batch_size)
 
 
 def check_training_settings(epochs: int, batch_size: int, lr: float) -> None:
@@ -297,22 +309,21 @@ def fit_segmenter(
 ) -> tuple[Segmenter, dict[str, Any]]:
     """Train ``spec`` on ``dataset`` in memory: BCE + Dice loss, AdamW, cosine decay.
 
-    Deterministic for a seed on the CPU (weights, shuffling and augmentation all draw from
-    it; each sample's augmentation from (seed, epoch, index), whatever ``workers``); the
-    caller's global RNG state is restored afterwards. Returns the segmenter and the
-    training record (loss per epoch, images per second).
+    Deterministic for a seed on the CPU (weights, shuffling, augmentation and, on a GPU,
+    dropout all draw from it; each sample's augmentation from (seed, epoch, index), whatever
+    ``workers``); the caller's RNG states, CPU and GPU, are restored afterwards. Returns
+    the segmenter and the training record (loss per epoch, steps, images per second).
     """
     check_training_settings(epochs, batch_size, lr)
     seeded = SeededAugmentation(dataset, seed)
-    with cpu_seeded(seed):
+    with all_seeded(seed):
         model = spec.build().to(device).train()
-        # BatchNorm cannot train on a last batch of one sample.
         loader = DataLoader(
             seeded,
             batch_size=batch_size,
             shuffle=True,
             num_workers=workers,
-            drop_last=len(dataset) > batch_size,
+            drop_last=drops_last_batch(len(dataset), batch_size),
             generator=torch.Generator().manual_seed(seed),
         )
         optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

@@ -9,7 +9,7 @@ over seeds, and the mean gain of real + synthetic over real only.
 Same epochs means the real + synthetic segmenter also takes more optimiser steps (twice as
 many with one synthetic pair per real one). ``matched_steps`` adds a control that tells the
 two apart: real only, trained for as many steps as real + synthetic (more epochs, rounded
-up), and the gain over it.
+up: at least as many), and the gain over it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from siamdiff.evaluate.segmenter import (
     fit_segmenter,
     frames,
     score_segmenter,
+    steps_per_epoch,
     training_set,
     training_split,
 )
@@ -109,9 +110,9 @@ def segmentation_utility(
     sets = {"real": (real, epochs)}
     if syn_root is not None:
         sets["real+syn"] = (training_set(real_root, (syn_root,), size)[0], epochs)
-        if matched_steps:  # batches per epoch grow with the images (drop_last aside)
-            steps_ratio = len(sets["real+syn"][0]) / len(real)
-            sets[MATCHED] = (real, math.ceil(epochs * steps_ratio))
+        if matched_steps:
+            with_syn = steps_per_epoch(len(sets["real+syn"][0]), batch_size) * epochs
+            sets[MATCHED] = (real, math.ceil(with_syn / steps_per_epoch(len(real), batch_size)))
     results: dict[str, Any] = {}
     for arch in archs:
         spec = SegmenterSpec(arch, encoder, size)
