@@ -153,7 +153,7 @@ def test_sample_gives_each_launched_process_its_own_gpu(
         return SimpleNamespace(format=lambda: "")
 
     state = SimpleNamespace(num_processes=processes, process_index=1, local_process_index=1)
-    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: state)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu, timeout: state)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
     monkeypatch.setattr(siamdiff.synthesize, "synthesize", fake_synthesize)
