@@ -338,6 +338,9 @@ def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SiamdiffError, match=reason):
         prepare([("folder", tmp_path / "src")], tmp_path / "out", 16, workers=1)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()  # nothing skipped either: it was an IndexError
+    with pytest.raises(SiamdiffError, match=r"no usable image-mask pairs in the sources$"):
+        prepare([("folder", tmp_path / "empty")], tmp_path / "out", 16, workers=1)
 
 
 @pytest.mark.parametrize(

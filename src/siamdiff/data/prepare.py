@@ -383,10 +383,11 @@ def prepare(
                     skipped.append(result)
             records = _without_duplicates(records, tmp, skipped, strict, previous)
             if not records:
-                why = f": {len(skipped)} skipped, first {skipped[0][0]}: {skipped[0][1]}"
+                why = ""
+                if skipped:
+                    why = f": {len(skipped)} skipped, first {skipped[0][0]}: {skipped[0][1]}"
                 raise SiamdiffError(
-                    f"no usable image-mask pairs in the sources{why if skipped else ''}",
-                    sources[0][1],
+                    f"no usable image-mask pairs in the sources{why}", sources[0][1]
                 )
             manifest = Manifest(records=records, preprocessing=preprocessing)
             manifest.dataset_version = next_dataset_version(previous, manifest)
