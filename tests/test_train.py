@@ -80,6 +80,22 @@ def test_run_directory_holds_everything_a_user_looks_at(phantom_data: Path, tmp_
     assert list((run / "tb").rglob("events.out.tfevents.*"))
 
 
+def test_a_run_dir_that_is_no_place_for_a_run_is_refused(phantom_data: Path, tmp_path: Path):
+    """The dataset itself (its verify then failed on the run's files), a file, or a folder
+    of something else."""
+    for run_dir in (phantom_data, phantom_data / "run", phantom_data.parent):
+        with pytest.raises(SiamdiffError, match="is, holds or lies inside the dataset"):
+            train(tiny_config(phantom_data, run_dir, "train.max_steps=1"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SiamdiffError, match="is a file: run_dir names a folder"):
+        train(tiny_config(phantom_data, tmp_path / "afile", "train.max_steps=1"))
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_text("")
+    with pytest.raises(SiamdiffError, match="exists and is not a siamdiff run"):
+        train(tiny_config(phantom_data, tmp_path / "photos", "train.max_steps=1"), resume=True)
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a.jpg"]
+
+
 def test_existing_run_needs_resume(phantom_data: Path, tmp_path: Path):
     cfg = tiny_config(phantom_data, tmp_path / "run", "train.max_steps=1")
     train(cfg)

@@ -48,7 +48,13 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from siamdiff.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+from siamdiff.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    check_apart,
+    fsync_dir,
+    fsync_tree,
+)
 from siamdiff.config import check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
@@ -569,7 +575,17 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         )
     cfg = with_absolute_paths(cfg)  # config.yaml then means the same files from anywhere
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SiamdiffError("is a file: run_dir names a folder", run_dir)
+    check_apart(run_dir, cfg.data.root, "the dataset")  # its verify would fail on the run
     existing = checkpoints(run_dir)
+    if (
+        not existing
+        and run_dir.is_dir()
+        and any(run_dir.iterdir())
+        and not (run_dir / "config.yaml").is_file()
+    ):
+        raise SiamdiffError("exists and is not a siamdiff run: choose another run_dir", run_dir)
     if not resume and existing:
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
     if resume and existing:
