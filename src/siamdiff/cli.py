@@ -210,7 +210,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from siamdiff.atomic import check_writable_file
+    from siamdiff.atomic import check_apart, check_writable_file
     from siamdiff.evaluate.metrics import (
         evaluate,
         format_metrics,
@@ -233,7 +233,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SiamdiffError("not a training run (no loss_curve.png, no samples/)", args.run)
     if args.report is not None and args.report.exists() and not args.report.is_dir():
         raise SiamdiffError("is a file: --report names a folder", args.report)
-    for path in report_paths(args.out, args.report):
+    inputs = {"the real dataset": args.real, "the synthetic set": args.syn}
+    inputs |= {"the segmenter": args.segmenter, "the run": args.run}
+    for path in (args.out, *report_paths(args.out, args.report)):
+        for what, root in inputs.items():
+            if root is not None:
+                check_apart(path, root, what)
         check_writable_file(path)
     metrics = evaluate(
         args.real,

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from siamdiff.cli import main
+from siamdiff.data.manifest import verify
 from tests.evaluate.conftest import SIZE
 
 
@@ -127,3 +128,19 @@ def test_a_report_folder_that_is_a_file_is_refused_before_evaluating(
     assert main([*argv, "--segmenter", str(segmenter_dir)]) == 2
     assert "name the metrics file otherwise" in capsys.readouterr().err
     assert not (tmp_path / "m.html").exists()
+
+
+def test_an_output_among_the_inputs_is_refused_before_evaluating(
+    real_root: Path, synthetic_root: Path, segmenter_dir: Path, capsys
+) -> None:
+    """--out SYN/manifest-v1.json wrote the metrics over the synthetic set's manifest."""
+    argv = ["evaluate", str(real_root), str(synthetic_root), "--segmenter", str(segmenter_dir)]
+    for out, what in (
+        (synthetic_root / "manifest-v1.json", "the synthetic set"),
+        (segmenter_dir / "segmenter.json", "the segmenter"),
+        (real_root / "eval" / "m.json", "the real dataset"),
+    ):
+        assert main([*argv, "--out", str(out)]) == 2
+        assert f"is, holds or lies inside {what}" in capsys.readouterr().err
+    assert not (real_root / "eval").exists() and verify(synthetic_root).ok
+    assert verify(real_root).ok

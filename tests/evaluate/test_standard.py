@@ -103,8 +103,11 @@ def test_absent_weights_are_reported_never_downloaded(
     assert results["cmmd"]["reason"] == "no CLIP model directory given"
     with pytest.raises(MissingWeights, match=r"alexnet-owt-7be5be79\.pth"):
         load_lpips("alex")
-    results = standard_metrics(real_root, copies, inception_weights=offline_hub / "absent.pth")
-    assert "absent.pth" in results["inception_kid"]["reason"]
+    # Named by the user: a typo is an error before any metric, not an "n/a" hours later.
+    with pytest.raises(SiamdiffError, match=r"weights not found at .*absent\.pth"):
+        load_standard_models(inception_weights=offline_hub / "absent.pth")
+    with pytest.raises(SiamdiffError, match="nope is not a local CLIP model"):
+        load_standard_models(clip_model=offline_hub / "nope")
 
 
 def test_inception_fid_kid_from_the_hub_cache_or_a_path(

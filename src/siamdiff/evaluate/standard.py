@@ -227,18 +227,23 @@ def load_standard_models(
     clip_model: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> StandardModels:
-    """Inception and CLIP, each from its local weights; damaged weights are a one-line error
-    (loaded before the evaluation's other metrics, not after them)."""
+    """Inception and CLIP, each from its local weights; damaged weights, or weights the user
+    named that are not there (a typo), are a one-line error, found before the evaluation's
+    other metrics; weights looked for in the cache and absent make the metric unavailable."""
     inception: tuple[Callable[[torch.Tensor], torch.Tensor], Path] | str
     try:
         weights = find_inception_weights(inception_weights)
         inception = (inception_extractor(weights, device), weights)
     except MissingWeights as exc:
+        if inception_weights is not None:
+            raise SiamdiffError(str(exc)) from exc
         inception = str(exc)
     clip: tuple[Callable[[torch.Tensor], torch.Tensor], int, str] | str
     try:
         clip = clip_embedder(clip_model, device)
     except MissingWeights as exc:
+        if clip_model is not None:
+            raise SiamdiffError(str(exc)) from exc
         clip = str(exc)
     return StandardModels(inception, clip)
 
