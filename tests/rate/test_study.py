@@ -131,7 +131,10 @@ def test_bad_settings_are_clear_errors(
         build_study(tmp_path, phantom_data, tmp_path / "c")
     with pytest.raises(SiamdiffError, match="is given as both SYN and REAL"):
         build_study(phantom_data, phantom_data, tmp_path / "d")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # In evaluate's order (REAL SYN): real frames would be scored as synthetic.
+    with pytest.raises(SiamdiffError, match="is given as SYN but is a real dataset"):
+        build_study(phantom_data, synthetic_data, tmp_path / "e")
+    assert not any((tmp_path / name).exists() for name in "abde")
 
 
 def test_study_from_another_version_is_refused(study: Study) -> None:

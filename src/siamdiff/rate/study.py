@@ -153,6 +153,14 @@ def build_study(
     for source, root in (("synthetic", synthetic), ("real", real)):
         if not manifests[source].records:
             raise SiamdiffError("dataset has no records to rate", root)
+        # Swapped (evaluate takes REAL SYN, rate SYN REAL): every answer would read inverted.
+        if (manifests[source].kind == "synthetic") != (source == "synthetic"):
+            given = "SYN" if source == "synthetic" else "REAL"
+            raise SiamdiffError(
+                f"is given as {given} but is a {manifests[source].kind} dataset "
+                "(rate takes SYN then REAL)",
+                root,
+            )
     available = min(len(m.records) for m in manifests.values())
     count = available if per_source is None else per_source
     if not 1 <= count <= available:
