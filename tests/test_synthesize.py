@@ -289,6 +289,8 @@ def test_a_real_dataset_is_never_sampled_into_or_deleted(
         for out in (phantom_data, phantom_data / "syn"):
             with pytest.raises(SiamdiffError, match="is, holds or lies inside the masks dataset"):
                 sample(exported, phantom_data, out, overwrite=overwrite)
+        with pytest.raises(SiamdiffError, match="is, holds or lies inside the model"):
+            sample(exported, phantom_data, exported / "syn", overwrite=overwrite)
     assert files(other_real) == before and not (other_real / synth.SETTINGS_NAME).exists()
     assert not (phantom_data / "syn").exists() and verify(phantom_data).ok
 

@@ -737,6 +737,7 @@ def synthesize(
     source = resolve_model(model_path)
     masks_root = Path(masks_root).resolve()
     check_apart(out, masks_root, "the masks dataset")
+    check_apart(out, model_path, "the model")  # an export --overwrite would delete the pairs
     if verify:  # an unreadable file would stop the job half-way, an edited one go unnoticed
         require_intact(masks_root, "pass --no-verify")
     settings = {
