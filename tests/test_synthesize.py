@@ -464,7 +464,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
     )
 
 
-def test_masks_argument_and_seeds():
+def test_masks_argument_and_seeds(phantom_data: Path):
+    with pytest.raises(SiamdiffError, match=r"unknown split 'tain' \(choose train, val, test"):
+        split_masks_argument(f"{phantom_data}:tain")  # was "DATA:tain: is not a directory"
     assert split_masks_argument("data") == (Path("data"), "train")
     assert split_masks_argument("data:val") == (Path("data"), "val")
     assert split_masks_argument("data:all") == (Path("data"), None)

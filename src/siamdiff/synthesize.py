@@ -229,6 +229,10 @@ def split_masks_argument(text: str) -> tuple[Path, str | None]:
     root, sep, split = text.rpartition(":")
     if sep and split in (*SPLITS, "all"):
         return Path(root), None if split == "all" else split
+    if sep and not Path(text).exists() and (Path(root) / MANIFEST_NAME).is_file():
+        raise SiamdiffError(  # a mistyped split, not a path with a colon
+            f"unknown split {split!r} (choose {', '.join(SPLITS)} or all)", root
+        )
     return Path(text), "train"
 
 
