@@ -162,6 +162,19 @@ def test_sample_gives_each_launched_process_its_own_gpu(
     assert (seen["device"], seen["rank"], seen["world_size"]) == (expected, 1, processes)
 
 
+def test_ctrl_c_says_how_to_go_on(monkeypatch, capsys) -> None:
+    import siamdiff.synthesize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(siamdiff.synthesize, "synthesize", interrupted)
+    assert main(["sample", "model", "--masks", "data", "--out", "syn", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == (
+        "siamdiff: interrupted; the same command again goes on (finished pairs are kept)\n"
+    )
+
+
 class _FailingInAWorker(torch.utils.data.Dataset):
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -637,6 +637,14 @@ def progress_for_logs() -> Iterator[None]:
             os.environ.pop("TQDM_MININTERVAL", None)
 
 
+# What a user does after Ctrl-C, per verb (the others wrote nothing and start again).
+AFTER_INTERRUPT = {
+    "train": "pass --resume to go on from the last checkpoint",
+    "train-vae": "pass --resume to go on from the last checkpoint",
+    "sample": "the same command again goes on (finished pairs are kept)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -667,5 +675,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"siamdiff: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("siamdiff: interrupted", file=sys.stderr)
+        hint = AFTER_INTERRUPT.get(args.verb)
+        print(f"siamdiff: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
         return 130
