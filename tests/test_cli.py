@@ -235,3 +235,15 @@ def test_the_command_line_puts_stderr_back(capsys) -> None:
     assert main(["stats", "/nonexistent/data"]) == 2
     assert sys.stderr is before
     assert capsys.readouterr().err.startswith("siamdiff: error: /nonexistent/data")
+
+
+def test_help_shows_every_telling_default(capsys) -> None:
+    for verb, shown in (
+        ("sample", ("(default: 50)", "(default: 42)", "(default: 0.0)")),
+        ("demo", ("(default: 400)", "(default: siamdiff-demo)")),
+    ):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        text = capsys.readouterr().out
+        assert all(default in text for default in shown), verb
+        assert "(default: False)" not in text and "(default: None)" not in text

@@ -398,7 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train_segmenter,
         "Train a segmentation model (segmentation-models-pytorch) on a dataset.",
     )
-    seg.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     seg.add_argument("data", type=Path, help="a siamdiff dataset (its train split)")
     seg.add_argument("--out", type=Path, required=True, help="the segmenter's folder")
     seg.add_argument("--arch", default="unet", help="segmentation-models-pytorch architecture")
@@ -428,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a latent autoencoder (diffusers AutoencoderKL, f=8) on a dataset's images, for "
         "when no pretrained one is at hand.",
     )
-    vae.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     vae.add_argument("data", type=Path, help="a siamdiff dataset (its training split)")
     vae.add_argument("--out", type=Path, required=True, help="the autoencoder's folder")
     vae.add_argument("--size", type=int, default=128, help="square training crops, px")
@@ -533,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path)
     export.add_argument("--checkpoint", default=None, help="checkpoint name (default: latest)")
     export.add_argument("--overwrite", action="store_true")
+    for sub in verbs.choices.values():
+        show_defaults(sub)
     return parser
 
 
@@ -565,6 +565,16 @@ def comma_integers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"must be integers separated by commas, got {text!r}"
         ) from None
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's help with its default, but for defaults that say nothing (an off
+    flag, no value, an empty list)."""
+    for action in parser._actions:
+        default = action.default
+        silent = default is None or default is False or default in ("", [], argparse.SUPPRESS)
+        if action.option_strings and not silent and "%(default)" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
 
 
 def at_least(smallest: int) -> Callable[[str], int]:
