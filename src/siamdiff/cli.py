@@ -102,7 +102,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
     from accelerate import PartialState
 
     from siamdiff.sample import SCHEDULERS
@@ -111,7 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.scheduler not in SCHEDULERS:
         raise SiamdiffError(f"unknown --scheduler {args.scheduler!r} ({', '.join(SCHEDULERS)})")
     masks_root, split = split_masks_argument(args.masks)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = chosen_device(args.device)
     # One process, or one of `accelerate launch`'s; on CPU accelerate sees the launch only
     # when told that CPU is the device.
     # A resumed job's ranks may hold very unequal work: the idle ones wait at the end for
@@ -160,7 +159,7 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         extra_roots=tuple(args.extra),
-        device=args.device,
+        device=chosen_device(args.device),
         workers=args.workers,
         overwrite=args.overwrite,
         verify=not args.no_verify,
@@ -197,7 +196,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         settings,
-        device=args.device,
+        device=chosen_device(args.device),
         workers=args.workers,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -249,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         utility_options=utility_options,
         inception_weights=args.inception_weights,
         clip_model=args.clip_model,
-        device=args.device,
+        device=chosen_device(args.device),
         workers=args.workers,
         verify=not args.no_verify,
     )
@@ -384,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scheduler", default="ddim", help="ddim | dpmsolver++ | unipc")
     sample.add_argument("--mask-aug", default="", help="comma list of flip, scale, shift")
     sample.add_argument("--batch-size", type=int, default=8)
-    sample.add_argument("--device", default=None, help="default: cuda when available")
+    sample.add_argument("--device", default=None, help=DEVICE_HELP)
     sample.add_argument(
         "--format", default="", help="also export: comma list of pranet, nnunet, folder"
     )
@@ -416,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="another dataset to train on as well (e.g. a synthetic set)",
     )
-    seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    seg.add_argument("--device", default=None, help=DEVICE_HELP)
     seg.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     no_verify(seg)
@@ -449,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--ssim-weight", type=float, default=0.2, help="weight of 1 - SSIM")
     vae.add_argument("--seed", type=at_least(0), default=0, help="weights and batches")
     vae.add_argument("--checkpoint-every", type=at_least(1), default=250, help="steps")
-    vae.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    vae.add_argument("--device", default=None, help=DEVICE_HELP)
     vae.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
     vae.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     vae.add_argument(
@@ -496,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the report (OUT's name .html, default: beside --out)",
     )
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--workers", type=at_least(0), default=0)
     no_verify(ev)
 
@@ -565,6 +564,16 @@ def comma_integers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"must be integers separated by commas, got {text!r}"
         ) from None
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda when available)"
+
+
+def chosen_device(requested: str | None) -> str:
+    """``--device``, by default the GPU when there is one (as ``train`` does)."""
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:
