@@ -703,6 +703,11 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
         truncate_loss_log(log_path, step)
+    if step == cfg.train.max_steps:
+        accelerator.print(
+            f"the run is at train.max_steps ({step}) already: nothing to train (resume with a "
+            "higher train.max_steps to train longer)"
+        )
     accelerator.print(
         f"training {cfg.model.mode} ({cfg.backbone.kind}, "
         f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters) on "
