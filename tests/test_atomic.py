@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from siamdiff import atomic
-from siamdiff.atomic import atomic_output_dir, atomic_write_text
+from siamdiff.atomic import atomic_output_dir, atomic_write_text, exclusive_writer
 from siamdiff.errors import SiamdiffError
 
 
@@ -239,3 +239,18 @@ def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path: Path) 
         atomic_write_text(tmp_path / "report.html", "<html>")
     assert failure.value.filename == str(tmp_path / "report.html")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_the_writers_lock_refuses_a_second_job_and_leaves_nothing_behind(tmp_path: Path):
+    """A failed command left `.OUT.lock-0` beside every output it was pointed at."""
+    out, lock = tmp_path / "run", tmp_path / ".run.lock-0"
+    with exclusive_writer(out, 0, "siamdiff train"):
+        assert lock.is_file()
+        refused = pytest.raises(SiamdiffError, match="another `siamdiff train` is writing here")
+        with refused, exclusive_writer(out, 0, "siamdiff train"):
+            pytest.fail("a second writer ran")
+        assert lock.is_file()  # the refused one removed nothing
+    assert not lock.exists()
+    with pytest.raises(RuntimeError), exclusive_writer(out, 0, "siamdiff train"):
+        raise RuntimeError("the job failed")
+    assert list(tmp_path.iterdir()) == []

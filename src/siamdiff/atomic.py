@@ -338,16 +338,31 @@ def exclusive_writer(out: Path, rank: int, job: str) -> Iterator[None]:
 
     A second job on the same output (same rank) fails at once instead of interleaving its
     files with the first's. The lock lives beside ``out`` so that ``--overwrite`` cannot
-    delete it, and the OS drops it when the holder dies.
+    delete it, and the OS drops it when the holder dies. The holder removes the file when
+    it is done, still holding it: a job that opened it before then finds it gone and
+    takes a fresh one.
     """
     out = out.resolve()  # `--out .` has no name of its own: the lock goes beside the folder
     lock_path = out.parent / f".{out.name}.lock-{rank}"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    while True:
+        handle = open(lock_path, "a")  # noqa: SIM115 (held across the yield below)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            handle.close()
             raise SiamdiffError(
                 f"another `{job}` is writing here (rank {rank}); wait for it", out
             ) from exc
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()  # removed by its last holder after this job opened it
+    try:
         yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
