@@ -15,7 +15,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def check_writable_file(path: str | Path) -> None:
-    """Refuse, before a long job, an output file that names a folder or lies where nothing
-    can be written (its folder is created; the file itself only when the job ends)."""
+def check_writable_file(
+    path: str | Path, inputs: Mapping[str, str | Path | None] | None = None
+) -> None:
+    """Refuse, before a long job, an output file that names a folder, lies inside one of the
+    job's ``inputs`` (what -> folder; see :func:`check_apart`) or where nothing can be
+    written (its folder is created; the file itself only when the job ends)."""
     path = Path(path)
     if path.is_dir():
         raise SiamdiffError("is a folder: name a file for the output", path)
+    for what, source in (inputs or {}).items():
+        if source is not None:
+            check_apart(path, source, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, probe = _create_file(path.parent, f".{path.name}.", ".probe")

@@ -209,7 +209,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from siamdiff.atomic import check_apart, check_writable_file
+    from siamdiff.atomic import check_writable_file
     from siamdiff.evaluate.metrics import (
         evaluate,
         format_metrics,
@@ -235,10 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs = {"the real dataset": args.real, "the synthetic set": args.syn}
     inputs |= {"the segmenter": args.segmenter, "the run": args.run}
     for path in (args.out, *report_paths(args.out, args.report)):
-        for what, root in inputs.items():
-            if root is not None:
-                check_apart(path, root, what)
-        check_writable_file(path)
+        check_writable_file(path, inputs)
     metrics = evaluate(
         args.real,
         args.syn,

@@ -42,7 +42,6 @@ from siamdiff import __version__
 from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
-    check_apart,
     check_writable_file,
 )
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, generator_views
@@ -418,10 +417,10 @@ def evaluate(
     both datasets are refused up front when their files no longer match their manifests.
     """
     real_root, syn_root, segmenter_dir = Path(real_root), Path(syn_root), Path(segmenter_dir)
+    # Every problem found now, not after the metrics' hours; inside an input, the metrics
+    # would overwrite a manifest or a config, or fail the dataset's verify.
     inputs = {"the real dataset": real_root, "the synthetic set": syn_root}
-    for what, root in (inputs | {"the segmenter": segmenter_dir}).items():
-        check_apart(out_json, root, what)  # a manifest or config overwritten, verify failing
-    check_writable_file(out_json)  # every problem found now, not after the metrics' hours
+    check_writable_file(out_json, inputs | {"the segmenter": segmenter_dir})
     if kid_subsets < 1 or kid_subset_size < 2:
         raise SiamdiffError(
             f"KID needs at least 1 subset of at least 2 images, got {kid_subsets} of "
