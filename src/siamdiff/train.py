@@ -388,7 +388,7 @@ def trained_on(cfg: DictConfig, autoencoder: LatentAutoencoder) -> dict[str, Any
     state); the autoencoder's identity its encoder weights and scaling (other latents)."""
     root = Path(cfg.data.root)
     manifest = load_manifest(root)
-    records = manifest.records if cfg.data.split is None else manifest.split(cfg.data.split)
+    records = manifest.split(cfg.data.split)
     files = (
         digest
         for record in records

@@ -372,10 +372,10 @@ def train_vae(
     held_out_split = None  # no split held out of training: scored on what it trained on
     if train_split is not None:
         held_out_split = next((s for s in ("val", "test") if manifest.split(s)), train_split)
-    records = manifest.records if train_split is None else manifest.split(train_split)
+    records = manifest.split(train_split)
     if not records:
         raise SiamdiffError("has no images to train on", data / "manifest-v1.json")
-    held_out = manifest.records if held_out_split is None else manifest.split(held_out_split)
+    held_out = manifest.split(held_out_split)
     crops = ImageCrops(data, records, settings.size)
     held_out_crops = ImageCrops(data, held_out, settings.size)
     fingerprint = split_fingerprint(manifest, train_split)

@@ -34,7 +34,7 @@ class PairedDataset(Dataset):
     ) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
-        self.records: list[Record] = manifest.records if split is None else manifest.split(split)
+        self.records: list[Record] = manifest.split(split)
         if not self.records:
             which = "records" if split is None else f"{split!r} records"
             raise SiamdiffError(f"dataset has no {which}", self.root)

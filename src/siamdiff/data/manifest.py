@@ -97,8 +97,9 @@ class Manifest:
             "records": [asdict(r) for r in sorted(self.records, key=lambda r: r.id)],
         }
 
-    def split(self, name: str) -> list[Record]:
-        return [r for r in self.records if r.split == name]
+    def split(self, name: str | None) -> list[Record]:
+        """The records of split ``name``; every record for None."""
+        return list(self.records) if name is None else [r for r in self.records if r.split == name]
 
 
 def save_pair(

@@ -88,7 +88,7 @@ def frames(root: str | Path, split: str | None, size: int) -> PairedDataset:
 
 def split_fingerprint(manifest: Manifest, split: str | None) -> str:
     """SHA-256 over the sorted image hashes of a split: names the exact images trained on."""
-    records = manifest.records if split is None else manifest.split(split)
+    records = manifest.split(split)
     return hashlib.sha256("\n".join(sorted(r.image_sha256 for r in records)).encode()).hexdigest()
 
 
