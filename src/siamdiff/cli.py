@@ -236,6 +236,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs |= {"the segmenter": args.segmenter, "the run": args.run}
     for path in (args.out, *report_paths(args.out, args.report)):
         check_writable_file(path, inputs)
+    if args.out.is_file() and not args.overwrite:  # an earlier evaluation may have taken hours
+        raise SiamdiffError("exists: pass --overwrite to replace this evaluation", args.out)
     metrics = evaluate(
         args.real,
         args.syn,
@@ -494,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, default=None, help="training run whose curves to include")
     ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--workers", type=at_least(0), default=0)
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     no_verify(ev)
 
     rate = verb("rate", cmd_rate, "Blinded realism rating (MOS) of synthetic vs real images.")

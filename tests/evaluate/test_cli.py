@@ -53,6 +53,16 @@ def test_train_segmenter_then_evaluate(
     metrics = json.loads(out.read_text())
     assert metrics["format"] and "mask fidelity" in capsys.readouterr().out.lower()
     assert (out.parent / f"{out.stem}.html").is_file()
+    # Run again: the earlier evaluation is kept unless --overwrite says otherwise.
+    again = ["evaluate", str(real_root), str(synthetic_root), "--out", str(out)]
+    again += ["--segmenter", str(seg)]
+    out.write_text("earlier")
+    assert main(again) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"siamdiff: error: {out}: exists: pass --overwrite to replace this evaluation"]
+    assert out.read_text() == "earlier"
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == metrics
 
 
 def test_evaluate_with_swapped_sets_is_a_one_line_error(
