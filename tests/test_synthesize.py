@@ -29,7 +29,7 @@ from siamdiff.synthesize import (
 from siamdiff.train import checkpoints, train
 from tests.helpers import PHANTOM_SIZE, launch_two_processes, out_of_memory_on_call, tiny_config
 
-LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs in batches of 3, 3 and 2
+LIMIT, PER_MASK, BATCH = 4, 2, 3  # 8 pairs: masks 0-2 and 3 of sample 0, then of sample 1
 
 
 @pytest.fixture(scope="module")
@@ -175,22 +175,38 @@ def test_resume_after_a_crash_ends_byte_identical(
     with pytest.raises(RuntimeError, match="simulated crash"):
         sample(exported, phantom_data, out)
     monkeypatch.undo()
-    records = load_manifest(reference).records
+    records = load_manifest(reference).records  # mask m's sample k is records[2 * m + k]
     journal = out / ".journal-0.jsonl"
     assert len(journal.read_text().splitlines()) == 3
-    assert (out / records[3].image).is_file() and not (out / records[3].mask).exists()
+    assert (out / records[6].image).is_file() and not (out / records[6].mask).exists()
     assert not (out / "manifest-v1.json").exists()
     # A kill mid-line, a temporary file of a killed write, and a finished file damaged later.
     with open(journal, "ab") as handle:  # bytes that are no UTF-8 too (a disk error)
         handle.write(b'\xff\xfe garbage\n{"id": "phantom-p0')
-    (out / f".{records[4].image}.x1y2.tmp").write_bytes(b"half")
-    (out / records[1].image).write_bytes(b"damaged")
+    (out / f".{records[1].image}.x1y2.tmp").write_bytes(b"half")
+    (out / records[2].image).write_bytes(b"damaged")
 
     summary = sample(exported, phantom_data, out)
     assert (summary.generated, summary.reused, summary.manifest_written) == (6, 2, True)
     assert files(out) == files(reference)
     assert not list(out.glob(".*.tmp"))
     assert verify(out).checked == 16
+
+
+def test_a_larger_per_mask_grows_a_set_to_what_one_run_writes(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    out = tmp_path / "syn"
+    assert sample(exported, phantom_data, out, per_mask=1).manifest_written
+    first = files(out)
+    grown = sample(exported, phantom_data, out)
+    assert (grown.generated, grown.reused, grown.manifest_written) == (LIMIT, LIMIT, True)
+    assert files(out) == files(reference)
+    assert all(first[name] == files(reference)[name] for name in first if "-s00" in name)
+    assert json.loads((out / synth.SETTINGS_NAME).read_text())["per_mask"] == PER_MASK
+    with pytest.raises(SiamdiffError, match="holds 2 samples per mask: a set grows, never shrinks"):
+        sample(exported, phantom_data, out, per_mask=1)  # fewer: the others would be left over
+    assert files(out) == files(reference)
 
 
 def test_a_rerun_rewriting_pairs_has_no_manifest_until_it_is_done(
@@ -394,11 +410,11 @@ def test_rank_split_union_equals_a_single_run(
 ):
     out = tmp_path / "syn"
     first = sample(exported, phantom_data, out, rank=0, world_size=2)
-    # Rank 0 has batches 0 and 2 (3 + 2 pairs); rank 1's batch is still missing.
-    assert (first.generated, first.manifest_written, first.missing) == (5, False, 3)
-    assert "manifest not written yet: 3 pairs" in first.format()
+    # Rank 0 has batches 0 and 2 (3 + 3 pairs); rank 1's batches 1 and 3 are still missing.
+    assert (first.generated, first.manifest_written, first.missing) == (6, False, 2)
+    assert "manifest not written yet: 2 pairs" in first.format()
     second = sample(exported, phantom_data, out, rank=1, world_size=2)
-    assert (second.generated, second.manifest_written) == (3, False)
+    assert (second.generated, second.manifest_written) == (2, False)
     assert {p.name for p in out.glob(".journal-*.jsonl")} == {
         ".journal-0.jsonl",
         ".journal-1.jsonl",

@@ -17,11 +17,13 @@ Sampling is Mask-Diffusion only (method.md, "Sampling"); bf16 autocast on CUDA.
 Determinism: sample ``k`` of source mask ``m`` draws its noise and its mask augmentation
 from seeds derived from ``(seed, m, k)``, never from its batch position or rank. The
 network's floating point does depend on the batch it runs in (kernels block matmuls by
-batch size), so the job is cut into fixed batches of ``batch_size`` consecutive pairs and
-each batch is always computed whole: the same command on the same device gives the same
-bytes whatever the number of ranks or interruptions; another batch size, or on a CPU another
-thread count (torchrun and accelerate give each process one thread; records name it), moves
-some pixels by one grey level.
+batch size), so the job is cut into fixed batches, ``batch_size`` consecutive masks' sample
+``k``, and each batch is always computed whole: the same command on the same device gives
+the same bytes whatever the number of ranks or interruptions; another batch size, or on a
+CPU another thread count (torchrun and accelerate give each process one thread; records name
+it), moves some pixels by one grey level. A larger ``per_mask`` grows a set: samples 0 ..
+``per_mask - 1`` fill the same batches whatever ``per_mask`` is, so the set's pairs are kept
+and the grown set holds the bytes a fresh run would.
 
 Resume: a pair counts as finished when its journal line exists and all its files (image,
 mask, hint maps) still hash to it; a batch with an unfinished pair is recomputed and only
@@ -348,8 +350,9 @@ def _synthetic_manifest_settings(out: Path) -> dict[str, Any] | None:
 
 
 def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse an ``out`` made by other settings (unless overwrite). Reads only: every rank
-    checks the same files before any writes, so they all fail or all go on together."""
+    """Refuse an ``out`` made by other settings (unless overwrite; a larger per_mask grows
+    it). Reads only: every rank checks the same files before any writes, so they all fail or
+    all go on together."""
     settings_path = out / SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise SiamdiffError("exists and is not a directory", out)
@@ -377,6 +380,14 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
             )
+            if changed == ["per_mask"] and _grows(previous.get("per_mask"), settings["per_mask"]):
+                return  # its pairs are the grown set's samples 0 .. previous - 1
+            if changed == ["per_mask"]:
+                raise SiamdiffError(
+                    f"holds {previous.get('per_mask')} samples per mask: a set grows, never "
+                    "shrinks; pass --overwrite to replace it or choose another output",
+                    out,
+                )
             verb = "differs" if len(changed) == 1 else "differ"
             raise SiamdiffError(
                 f"was made with other settings ({', '.join(changed)} {verb}); "
@@ -385,12 +396,17 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             )
 
 
+def _grows(previous: Any, per_mask: int) -> bool:
+    return isinstance(previous, int) and 0 < previous < per_mask
+
+
 def _create_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / SETTINGS_NAME).is_file():
-        atomic_write_json(out / SETTINGS_NAME, settings)
+    path = out / SETTINGS_NAME
+    if not path.is_file() or json.loads(path.read_text(encoding="utf-8")) != settings:
+        atomic_write_json(path, settings)  # new, or grown (_check_out allowed nothing else)
 
 
 def _wait_for_other_ranks(world_size: int) -> None:
@@ -778,10 +794,12 @@ def synthesize(
 
         every = [(i, k) for i in indices for k in range(per_mask)]
         names = {item: pair_name(masks.records[item[0]].id, item[1]) for item in every}
-        # Batches are fixed slices of the whole job, dealt to the ranks in turn: a pair is always
-        # computed in the same batch, whatever the rank count or interruptions, so floating point
-        # gives the same bytes. (Another batch size may move a pixel by one rounding step.)
-        mine = list(_batches(every, batch_size))[rank::world_size]
+        # Batches are fixed slices of each sample index's masks, dealt to the ranks in turn: a
+        # pair is always computed in the same batch, whatever the rank count, interruptions or
+        # growth, so floating point gives the same bytes. (Another batch size may move a pixel
+        # by one rounding step.)
+        job = [b for k in range(per_mask) for b in _batches([(i, k) for i in indices], batch_size)]
+        mine = job[rank::world_size]
         expected = {
             names[item]: source_digest(masks.records[item[0]], masks.hints) for item in every
         }
