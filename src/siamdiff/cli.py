@@ -513,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # None = not given: a resumed study is checked against the options given only.
     rate.add_argument(
-        "--repeats", type=at_least(0), default=None, help="items shown twice (default 3)"
+        "--repeats",
+        type=at_least(0),
+        default=None,
+        help="items shown twice (default 3, fewer in a tiny study)",
     )
     rate.add_argument("--seed", type=at_least(0), default=None, help="default 0")
     rate.add_argument("--overlay", action="store_true", default=None, help="mask overlay on demand")

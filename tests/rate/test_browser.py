@@ -94,11 +94,23 @@ def browser(tmp_path: Path) -> Iterator[object]:
         driver.quit()
 
 
+def wait_until_ready(driver) -> None:
+    """Until the page takes a score (its image shown for MIN_VIEW_MS)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ready = "return arguments[0].dataset.ready === '1'"
+    WebDriverWait(driver, 10).until(
+        lambda d: d.execute_script(ready, d.find_element(By.ID, "answer"))
+    )
+
+
 def rate_current(driver, key_guess: str, score: int) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     heading = driver.find_element(By.TAG_NAME, "body").text
+    wait_until_ready(driver)
     body = driver.find_element(By.TAG_NAME, "body")
     body.send_keys(key_guess)
     body.send_keys(str(score))
@@ -168,3 +180,45 @@ def test_rate_kill_resume_finish(
     assert [a.position for a in saved] == list(range(total))
     summary = export_results(study.root)
     assert summary["raters"] == 1 and summary["overall"]["intra_rater"]["n"] == 1
+
+
+def test_a_double_press_a_held_key_or_enter_on_a_guess_answers_once(
+    browser, synthetic_data: Path, phantom_data: Path, tmp_path: Path
+) -> None:
+    """A second press landing on the next page, a key's auto-repeat, or Enter on a guess (the
+    form's implicit submit) answered an image the rater never saw, or with score 1."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def key_down(key: str, repeat: bool) -> None:
+        browser.execute_cdp_cmd(
+            "Input.dispatchKeyEvent",
+            {"type": "keyDown", "key": key, "text": key, "autoRepeat": repeat},
+        )
+
+    study = build_study(synthetic_data, phantom_data, tmp_path / "study", per_source=3)
+    port = free_port()
+    with server(study.root, port):
+        browser.get(f"http://127.0.0.1:{port}/")
+        browser.find_element(By.ID, "name").send_keys("A")
+        browser.find_element(By.ID, "begin").click()
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "answer"))
+        wait_until_ready(browser)
+        browser.find_element(By.ID, "guess-real").click()
+        browser.find_element(By.ID, "guess-real").send_keys(Keys.ENTER)
+        time.sleep(0.5)
+        assert "Image 1 of" in browser.page_source and not all_answers(study.root)
+        key_down("4", repeat=False)
+        WebDriverWait(browser, 10, poll_frequency=0.02).until(
+            lambda d: "Image 2 of" in d.page_source
+        )
+        key_down("4", repeat=False)  # pressed again as the next image appears
+        wait_until_ready(browser)
+        key_down("2", repeat=False)  # then held down: the browser repeats it
+        for _ in range(6):
+            key_down("2", repeat=True)
+            time.sleep(0.1)
+        time.sleep(1.0)
+    saved = all_answers(study.root)
+    assert [(a.position, a.score, a.guess) for a in saved] == [(0, 4, "real"), (1, 2, None)]

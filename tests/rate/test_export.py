@@ -19,7 +19,7 @@ def test_export_writes_json_csv_and_chart(study: Study) -> None:
     wanted = {"real": 5, "synthetic": 2}
     codes = []
     for name in ("A", "B"):
-        rater = storage.create_rater(conn, name)
+        rater = storage.create_rater(conn, name, study.order)
         codes.append(rater.code)
         for position, index in enumerate(study.sequence):
             source = study.items[index].source

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from siamdiff.errors import SiamdiffError
 from siamdiff.rate.export import export_results
 from siamdiff.rate.server import create_app, loopback_names, serve
-from siamdiff.rate.storage import all_answers, connect, find_rater
+from siamdiff.rate.storage import all_answers, connect, find_rater, rater_order
 from siamdiff.rate.study import Study
 
 
@@ -31,10 +31,10 @@ def begin(client: FlaskClient, name: str = "Dr Who") -> str:
 
 
 def order_of(study: Study, code: str) -> list[int]:
-    """The item indices in the order the rater with ``code`` sees them."""
+    """The item indices in the order the rater with ``code`` sees them (as stored)."""
     conn = connect(study.root)
     try:
-        return study.order(find_rater(conn, code).id)
+        return rater_order(conn, find_rater(conn, code), study.order)
     finally:
         conn.close()
 
@@ -141,7 +141,7 @@ def test_skipping_ahead_is_refused(client: FlaskClient, study: Study) -> None:
     conn = connect(study.root)
     rater = find_rater(conn, code)
     conn.close()
-    token = study.position_token(rater.id, 2)  # a valid token, but not for the current image
+    token = study.position_token(rater.id, 2, order_of(study, code)[2])  # not the current image
     response = client.post(f"/rate/{code}", data={"position": "2", "token": token, "score": "3"})
     assert response.status_code == 409 and "not the current image" in response.get_data(True)
 
@@ -203,6 +203,28 @@ def test_each_rater_sees_an_order_of_their_own_on_every_visit(
     assert current_form(client, first)["image"] == shown[first]  # a revisit: the same image
     for code in (first, second):
         assert shown[code] == study.items[order_of(study, code)[0]].name
+
+
+def test_a_raters_order_is_the_one_stored_when_they_joined(
+    client: FlaskClient, study: Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redrawn on every visit, another NumPy (a moved study, an upgrade) could reshuffle a
+    rater's remaining images: some shown twice, some never."""
+    code = begin(client)
+    joined = order_of(study, code)
+    assert joined == study.order(1)
+    assert answer(client, code, 3) == 303
+    monkeypatch.setattr(Study, "order", lambda self, rater_id: self.sequence[::-1])
+    assert current_form(client, code)["image"] == study.items[joined[1]].name
+    assert answer(client, code, 4) == 303
+    assert [a.item for a in all_answers(study.root)] == joined[:2]
+    # A rater of a database from before orders were stored: drawn once, then kept.
+    conn = connect(study.root)
+    conn.execute("DELETE FROM orders")
+    conn.close()
+    assert current_form(client, code)["image"] == study.items[study.sequence[::-1][2]].name
+    monkeypatch.undo()
+    assert order_of(study, code) == study.sequence[::-1]
 
 
 def test_a_study_made_before_per_rater_orders_keeps_its_single_order(study: Study) -> None:
@@ -305,6 +327,9 @@ def test_a_busy_port_is_one_line_before_anything_is_served(study: Study) -> None
         # werkzeug binds "localhost" as IPv4 even where it resolves to ::1 first.
         with pytest.raises(SiamdiffError, match=f"cannot listen on localhost:{port}"):
             serve(study.root, "localhost", port)
+    # Bound to loopback, it answered every Host header: no rebinding protection.
+    with pytest.raises(SiamdiffError, match="--host is empty"):
+        serve(study.root, "", 8765)
 
 
 def test_the_server_module_runs_without_a_warning() -> None:

@@ -27,6 +27,10 @@ def test_mos_t_interval() -> None:
     assert mos([4])["ci_low"] is None and mos([])["mean"] is None
     # Equal scores have no spread to estimate: no interval rather than a zero-width one.
     assert mos([2, 2, 2])["ci_low"] is None and mos([2, 2, 2])["ci_high"] is None
+    # Mean 4.8, sem 0.2, t(0.975, df=4) = 2.7764: 4.245 to 5.355, past the scale's top.
+    near_top = mos([5, 5, 5, 5, 4])
+    assert near_top["ci_low"] == pytest.approx(4.8 - 2.7764 * 0.2, abs=1e-3)
+    assert near_top["ci_high"] == 5.0 and mos([1, 1, 1, 2])["ci_low"] == 1.0
 
 
 def test_detection_balanced_accuracy_and_fisher_test() -> None:
@@ -59,9 +63,11 @@ def test_pooled_mos_takes_the_image_as_the_unit() -> None:
     result = pooled_mos([[5] * 9 + [3], [1, 2, 3]])
     assert result["n"] == 2 and result["ratings"] == 13
     assert result["mean"] == pytest.approx((4.8 + 2.0) / 2)
-    # Two image means 4.8 and 2.0: sem 1.4, t(0.975, df=1) = 12.7062.
-    assert result["ci_low"] == pytest.approx(3.4 - 12.7062 * 1.4, abs=1e-3)
-    assert result["ci_high"] == pytest.approx(3.4 + 12.7062 * 1.4, abs=1e-3)
+    # Two image means 4.8 and 2.0: sem 1.4, t(0.975, df=1) = 12.7062: the whole scale.
+    assert (result["ci_low"], result["ci_high"]) == (1.0, 5.0)
+    four = pooled_mos([[4], [4, 3], [3], [3, 3]])  # image means 4, 3.5, 3, 3: sem 0.2394
+    assert four["ci_low"] == pytest.approx(3.375 - 3.18245 * 0.239357, abs=1e-4)
+    assert four["ci_high"] == pytest.approx(3.375 + 3.18245 * 0.239357, abs=1e-4)
 
 
 def test_pooled_detection_permutes_images_not_ratings() -> None:

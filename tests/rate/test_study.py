@@ -135,6 +135,31 @@ def test_bad_settings_are_clear_errors(
     with pytest.raises(SiamdiffError, match="is given as SYN but is a real dataset"):
         build_study(phantom_data, synthetic_data, tmp_path / "e")
     assert not any((tmp_path / name).exists() for name in "abde")
+    # Two images, one of each set: room for one repeat, and the default takes what there is.
+    tiny = build_study(synthetic_data, phantom_data, tmp_path / "f", per_source=1)
+    assert tiny.info["settings"]["repeats"] == 1 and len(tiny.sequence) == 3
+
+
+def test_the_key_the_sources_and_the_codes_are_private_to_the_owner(study: Study) -> None:
+    from siamdiff.rate.storage import init_db
+
+    init_db(study.root)
+    for name in ("secret.key", STUDY_FILE, "ratings.db"):
+        assert (study.root / name).stat().st_mode & 0o077 == 0, name
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("settings", None), ("sources", []), ("settings", {"order_per_rater": True})],
+)
+def test_a_malformed_study_is_one_line(study: Study, field: str, value: object) -> None:
+    path = study.root / STUDY_FILE
+    info = json.loads(path.read_text())
+    info[field] = value
+    path.write_text(json.dumps(info))
+    with pytest.raises(SiamdiffError, match="study is malformed") as err:
+        open_study(None, None, study.root, seed=0)
+    assert "\n" not in str(err.value)
 
 
 def test_study_from_another_version_is_refused(study: Study) -> None:

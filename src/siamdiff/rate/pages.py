@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MIN_VIEW_MS = 400  # how long an image is shown before a score for it is taken
+
 LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -37,6 +39,7 @@ from 1 (clearly artificial) to 5 (indistinguishable from a real image).</p>
   <label>Your rater code <input name="code" id="code" maxlength="16" required></label>
   <button type="submit" id="resume">Resume</button>
 </form>
+<script src="/static/rate.js"></script>
 {% endblock %}
 """
 
@@ -82,22 +85,43 @@ ERROR = """{% extends "layout.html" %}{% block body %}
 
 SCRIPT = """"use strict";
 (function () {
+  // One submission per page: a double click must not enrol a rater twice.
+  for (const form of document.forms) {
+    let sent = false;
+    form.addEventListener("submit", function (event) {
+      if (sent) { event.preventDefault(); }
+      sent = true;
+    });
+  }
   const form = document.getElementById("answer");
-  let sent = false;
-  form.addEventListener("submit", function (event) {
-    // One submission per image: a double key press must not answer the next image too.
-    if (sent) { event.preventDefault(); }
-    sent = true;
-  });
-  const toggle = document.getElementById("toggle-overlay");
   const image = document.getElementById("image");
+  if (!form) { return; }
+  // A score counts only once the image has been on screen a moment: a key pressed twice,
+  // or held, would otherwise answer the next image before the rater saw it.
+  let readyAt = Infinity;
+  function ready() {
+    readyAt = performance.now() + MIN_VIEW_MS;
+    setTimeout(function () { form.dataset.ready = "1"; }, MIN_VIEW_MS);
+  }
+  if (image.complete) { ready(); } else {
+    image.addEventListener("load", ready, {once: true});
+    image.addEventListener("error", ready, {once: true});
+  }
+  form.addEventListener("submit", function (event) {
+    if (performance.now() < readyAt) { event.preventDefault(); event.stopImmediatePropagation(); }
+  }, true);
+  const toggle = document.getElementById("toggle-overlay");
   function flipOverlay() {
     const showing = image.getAttribute("src") === toggle.dataset.overlay;
     image.setAttribute("src", showing ? toggle.dataset.plain : toggle.dataset.overlay);
   }
   if (toggle) { toggle.addEventListener("click", flipOverlay); }
+  form.addEventListener("keydown", function (event) {
+    // Enter on a guess would submit the form's first button, score 1.
+    if (event.key === "Enter" && event.target.type === "radio") { event.preventDefault(); }
+  });
   document.addEventListener("keydown", function (event) {
-    if (event.ctrlKey || event.altKey || event.metaKey) { return; }
+    if (event.ctrlKey || event.altKey || event.metaKey || event.repeat) { return; }
     if (event.key >= "1" && event.key <= "5") {
       document.getElementById("score-" + event.key).click();
     } else if (event.key === "r" || event.key === "s") {
@@ -107,7 +131,7 @@ SCRIPT = """"use strict";
     }
   });
 })();
-"""
+""".replace("MIN_VIEW_MS", str(MIN_VIEW_MS))
 
 # ".html" names: Flask turns autoescaping on by file extension.
 TEMPLATES = {

@@ -103,6 +103,9 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
             "error.html", status=exc.code, message=exc.description
         ), exc.code or 500
 
+    def order(rater: Rater) -> list[int]:
+        return storage.rater_order(db(), rater, study.order)
+
     def rater_or_404(code: str) -> Rater:
         rater = storage.find_rater(db(), code) if CODE_PATTERN.fullmatch(code) else None
         if rater is None:
@@ -118,7 +121,7 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
         name = " ".join(request.form.get("name", "").split())
         if not name or len(name) > MAX_NAME:
             abort(400, description=f"Enter a name of 1 to {MAX_NAME} characters.")
-        rater = storage.create_rater(db(), name)
+        rater = storage.create_rater(db(), name, study.order)
         return redirect(f"/rate/{rater.code}", code=303)
 
     @app.post("/resume")
@@ -132,7 +135,8 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
         position = storage.next_position(db(), rater)
         if position >= total:
             return render_template("done.html", rater=rater, total=total)
-        item = study.items[study.order(rater.id)[position]]
+        item_index = order(rater)[position]
+        item = study.items[item_index]
         return render_template(
             "rate.html",
             rater=rater,
@@ -141,16 +145,16 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
             percent=round(100 * position / total),
             image=item.name,
             overlay=item.overlay,
-            token=study.position_token(rater.id, position),
+            token=study.position_token(rater.id, position, item_index),
         )
 
     @app.post("/rate/<code>")
     def answer(code: str) -> Response:
         rater = rater_or_404(code)
-        position, score, guess = _parse_answer(study, rater)
+        rater_items = order(rater)
+        position, score, guess = _parse_answer(study, rater, rater_items)
         try:
-            item = study.order(rater.id)[position]
-            storage.record_answer(db(), rater, position, item, score, guess)
+            storage.record_answer(db(), rater, position, rater_items[position], score, guess)
         except storage.PositionTaken:
             abort(409, description=f"Image {position + 1} was already answered.")
         except storage.WrongPosition:
@@ -175,7 +179,7 @@ def create_app(study_root: str | Path, trusted_hosts: list[str] | None = None) -
     return app
 
 
-def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
+def _parse_answer(study: Study, rater: Rater, items: list[int]) -> tuple[int, int, str | None]:
     """Validate a submitted form; abort with 400/403 on anything malformed or forged."""
     form = request.form
     try:
@@ -187,7 +191,7 @@ def _parse_answer(study: Study, rater: Rater) -> tuple[int, int, str | None]:
         abort(400, description=f"Score {score} is outside 1-5.")
     if not 0 <= position < len(study.sequence):
         abort(400, description=f"Position {position} is not in this study.")
-    expected = study.position_token(rater.id, position)
+    expected = study.position_token(rater.id, position, items[position])
     # Bytes: compare_digest raises TypeError on a str with non-ASCII characters.
     if not hmac.compare_digest(form.get("token", "").encode(), expected.encode()):
         abort(403, description="The answer's token does not match this rater and image.")
@@ -201,6 +205,8 @@ def check_can_listen(host: str, port: int) -> None:
     """Werkzeug reports a busy port on two lines and exits the process; find out first."""
     if not 1 <= port <= 65535:  # the OS would take 70000 as 70000 % 65536
         raise SiamdiffError(f"--port must be in 1..65535, got {port}")
+    if not host.strip():  # it binds to loopback, yet would answer any Host header
+        raise SiamdiffError("--host is empty: name an address (127.0.0.1 for this machine)")
     try:
         # The address family and address werkzeug will bind ("localhost" is IPv4 there).
         family = select_address_family(host, port)

@@ -25,12 +25,14 @@ from siamdiff.rate.storage import Answer
 from siamdiff.rate.study import SOURCES, Item
 
 CONFIDENCE = 0.95
+SCALE = (1.0, 5.0)  # the scores' range: an interval never claims a mean outside it
 RESAMPLES = 9999  # permutations and bootstrap resamples where exact enumeration is too long
 
 
 def mos(scores: Sequence[float]) -> dict[str, Any]:
-    """Mean opinion score with a Student-t confidence interval (None below two scores, or
-    when they are all equal: a zero-width interval would claim certainty)."""
+    """Mean opinion score with a Student-t confidence interval, clipped to the 1-5 scale
+    (few widely spread scores reach past it; None below two scores, or when they are all
+    equal: a zero-width interval would claim certainty)."""
     values = np.asarray(scores, dtype=np.float64)
     n = int(values.size)
     if n == 0:
@@ -39,7 +41,7 @@ def mos(scores: Sequence[float]) -> dict[str, Any]:
     low = high = None
     if n >= 2 and float(values.std()) > 0.0:
         interval = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=stats.sem(values))
-        low, high = float(interval[0]), float(interval[1])
+        low, high = max(float(interval[0]), SCALE[0]), min(float(interval[1]), SCALE[1])
     return {"n": n, "mean": mean, "ci_low": low, "ci_high": high}
 
 

@@ -4,8 +4,11 @@ answer is on disk before the next image is served."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,14 @@ CREATE TABLE IF NOT EXISTS answers (
     answered TEXT NOT NULL DEFAULT (datetime('now')),
     PRIMARY KEY (rater_id, position)
 );
+CREATE TABLE IF NOT EXISTS orders (
+    rater_id INTEGER PRIMARY KEY REFERENCES raters(id),
+    sequence TEXT NOT NULL
+);
 """
+# A rater's order of items (JSON list), drawn once when they join: redrawn on every visit,
+# another NumPy could shuffle it otherwise half-way through their study.
+Order = Callable[[int], list[int]]
 
 
 class PositionTaken(Exception):
@@ -66,14 +76,19 @@ def connect(study_root: str | Path) -> sqlite3.Connection:
 
 
 def init_db(study_root: str | Path) -> None:
+    path = Path(study_root) / DB_FILE
+    new = not path.exists()
     conn = connect(study_root)
     try:
         conn.executescript(SCHEMA)
     finally:
         conn.close()
+    if new:  # rater codes are credentials: another user of the machine could answer as one
+        os.chmod(path, 0o600)
 
 
-def create_rater(conn: sqlite3.Connection, name: str) -> Rater:
+def create_rater(conn: sqlite3.Connection, name: str, order: Order) -> Rater:
+    """A new rater with a fresh code and their order of items, ``order(rater id)``."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         while True:
@@ -81,11 +96,30 @@ def create_rater(conn: sqlite3.Connection, name: str) -> Rater:
             if conn.execute("SELECT 1 FROM raters WHERE code = ?", (code,)).fetchone() is None:
                 break
         cursor = conn.execute("INSERT INTO raters (code, name) VALUES (?, ?)", (code, name))
+        rater_id = int(cursor.lastrowid or 0)
+        _store_order(conn, rater_id, order)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return Rater(int(cursor.lastrowid or 0), code, name)
+    return Rater(rater_id, code, name)
+
+
+def _store_order(conn: sqlite3.Connection, rater_id: int, order: Order) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO orders (rater_id, sequence) VALUES (?, ?)",
+        (rater_id, json.dumps(order(rater_id))),
+    )
+
+
+def rater_order(conn: sqlite3.Connection, rater: Rater, order: Order) -> list[int]:
+    """The order ``rater`` sees items in, as stored when they joined (drawn and stored now
+    for a rater of a database from before orders were stored)."""
+    row = conn.execute("SELECT sequence FROM orders WHERE rater_id = ?", (rater.id,)).fetchone()
+    if row is None:
+        _store_order(conn, rater.id, order)
+        return rater_order(conn, rater, order)
+    return [int(i) for i in json.loads(row[0])]
 
 
 def find_rater(conn: sqlite3.Connection, code: str) -> Rater | None:

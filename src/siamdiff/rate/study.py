@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -42,6 +43,7 @@ STUDY_FILE = "study.json"
 SECRET_FILE = "secret.key"
 IMAGES_DIR = "images"
 SOURCES = ("real", "synthetic")
+DEFAULT_REPEATS = 3
 OVERLAY_COLOUR = np.array([0, 255, 0], dtype=np.uint8)
 
 
@@ -73,7 +75,7 @@ class Study:
         effects (fatigue, anchoring on the first images, where the repeats fall) land on
         different images for each rater and raters cannot compare notes by number. Drawn from
         the study's seed and the rater's number: the same on every visit. Studies made before
-        per-rater orders keep their single one."""
+        per-rater orders keep their single one. The server stores it when a rater joins."""
         settings = self.info.get("settings", {})
         if not settings.get("order_per_rater"):
             return self.sequence
@@ -84,9 +86,9 @@ class Study:
         suffix = "-overlay" if overlay else ""
         return self.root / IMAGES_DIR / f"{name}{suffix}.png"
 
-    def position_token(self, rater_id: int, position: int) -> str:
+    def position_token(self, rater_id: int, position: int, item: int) -> str:
         """HMAC binding an answer to one rater, one position and the item shown there."""
-        message = f"{rater_id}:{position}:{self.order(rater_id)[position]}".encode()
+        message = f"{rater_id}:{position}:{item}".encode()
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
 
@@ -135,14 +137,15 @@ def build_study(
     real: str | Path,
     out: str | Path,
     per_source: int | None = None,
-    repeats: int = 3,
+    repeats: int | None = None,
     seed: int = 0,
     overlay: bool = False,
 ) -> Study:
     """Create the study directory ``out`` (atomically) and return the loaded study.
 
     ``per_source`` images are drawn from each set (default: as many as the smaller set has);
-    ``repeats`` of them are shown a second time to measure intra-rater consistency. Every
+    ``repeats`` of them (default 3, fewer in a study too small) are shown a second time to
+    measure intra-rater consistency. Every
     image is shown in the generator's view (the lesion-centred square crop) at the synthetic
     images' size: real frames keep their aspect ratio when prepared, synthetic images are
     square, and a shape or pixel size would tell the rater the answer.
@@ -167,6 +170,7 @@ def build_study(
         raise SiamdiffError(
             f"--per-source must be between 1 and {available} (the smaller set's size), got {count}"
         )
+    repeats = min(DEFAULT_REPEATS, 2 * count - 1) if repeats is None else repeats
     if not 0 <= repeats <= 2 * count - 1:
         raise SiamdiffError(f"--repeats must be between 0 and {2 * count - 1}, got {repeats}")
     if not 0 <= seed < 2**63:
@@ -212,6 +216,10 @@ def build_study(
                 "sequence": _sequence(len(items), repeats, rng),
             },
         )
+        # The key unblinds every image name and the study maps names to sources: the raters
+        # (on this machine, by default) must not read them.
+        for private in (SECRET_FILE, STUDY_FILE):
+            os.chmod(tmp / private, 0o600)
     return load_study(out)
 
 
@@ -238,6 +246,11 @@ def load_study(root: str | Path) -> Study:
     try:
         items = [Item(**raw) for raw in info["items"]]
         sequence = [int(i) for i in info["sequence"]]
+        settings, sources = info.get("settings", {}), info.get("sources", {})
+        if not (isinstance(settings, dict) and isinstance(sources, dict)):
+            raise TypeError("settings and sources must be objects")
+        if settings.get("order_per_rater") and not isinstance(settings.get("seed"), int):
+            raise TypeError("settings.seed must be an integer")
     except (KeyError, TypeError, ValueError) as exc:
         raise SiamdiffError(f"study is malformed ({exc})", path) from exc
     if any(not 0 <= i < len(items) for i in sequence) or any(
