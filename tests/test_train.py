@@ -521,6 +521,20 @@ def test_latent_cache_is_built_once_and_used(phantom_data: Path, tmp_path: Path,
     assert checkpoints(tmp_path / "b")[-1].name == "step-00000002"
 
 
+def test_a_latent_cache_inside_the_dataset_or_without_verify_is_refused(
+    phantom_data: Path, tmp_path: Path
+):
+    """Inside, its files made the dataset fail verify on the next run; without verify, an
+    edited mask was served the latent of its old window."""
+    inside = tiny_config(phantom_data, tmp_path / "a", f"data.latent_cache={phantom_data}/lat")
+    with pytest.raises(SiamdiffError, match="is, holds or lies inside the dataset"):
+        train(inside)
+    unverified = ("data.verify=false", f"data.latent_cache={tmp_path / 'lat'}")
+    with pytest.raises(SiamdiffError, match=r"data\.latent_cache needs data\.verify=true"):
+        train(tiny_config(phantom_data, tmp_path / "b", *unverified))
+    assert not (phantom_data / "lat").exists() and not (tmp_path / "lat").exists()
+
+
 def test_lab_colour_is_refused_for_a_latent_model(phantom_data: Path, tmp_path: Path):
     cfg = tiny_config(phantom_data, tmp_path / "run", "data.transforms.colour=lab")
     with pytest.raises(SiamdiffError, match="RGB"):

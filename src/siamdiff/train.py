@@ -60,7 +60,7 @@ from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cac
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import load_manifest, require_intact, sha256_file
 from siamdiff.data.sampling import BalancedBatchSampler
-from siamdiff.data.transforms import TransformConfig, build_transforms
+from siamdiff.data.transforms import VIEW_VERSION, TransformConfig, build_transforms
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
@@ -463,7 +463,7 @@ def training_data(
     if cfg.data.latent_cache:
         # Latents of the fixed (lesion-centred, resized) view: the autoencoder runs once per
         # image instead of every step, at the price of no random augmentation.
-        view = f"{transform_cfg.crop}{transform_cfg.size}"
+        view = f"{transform_cfg.crop}{transform_cfg.size}-{VIEW_VERSION}"
         if accelerator.is_main_process:
             build_latent_cache(
                 fixed_view, autoencoder, cfg.data.latent_cache, view, device=accelerator.device
@@ -578,6 +578,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise SiamdiffError("is a file: run_dir names a folder", run_dir)
     check_apart(run_dir, cfg.data.root, "the dataset")  # its verify would fail on the run
+    if cfg.data.latent_cache:
+        check_apart(cfg.data.latent_cache, cfg.data.root, "the dataset")
+        if not cfg.data.verify:  # an edited mask would be served its old window's latent
+            raise SiamdiffError(
+                "data.latent_cache needs data.verify=true: its entries are keyed by the "
+                "manifest's hashes, which only verify holds the files to"
+            )
     existing = checkpoints(run_dir)
     if (
         not existing

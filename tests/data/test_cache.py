@@ -244,6 +244,22 @@ def test_a_reader_follows_a_map_another_process_grew(tmp_path: Path):
     reader.close()
 
 
+def test_a_writer_follows_a_map_another_process_grew(tmp_path: Path):
+    """The writer's next put failed for good with MDB_MAP_RESIZED."""
+    path = tmp_path / "cache"
+    writer = LatentCache(path, IDENTITY, "crop32", map_size=64 * 1024)
+    writer.put_many(_latents(1))
+    grow = (
+        "import torch; from siamdiff.data.cache import LatentCache\n"
+        f"c = LatentCache({str(path)!r}, 'other', 'crop32', map_size=64 << 10)\n"
+        "c.put_many((str(i), torch.randn(4, 64, 64)) for i in range(40))\n"
+    )
+    subprocess.run([sys.executable, "-c", grow], check=True, timeout=120)
+    items = _latents(3)
+    assert writer.put_many(items[1:]) == 2 and len(writer) == 3
+    writer.close()
+
+
 def test_lmdb_failures_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     class BrokenEnvironment:
         def begin(self, write: bool = False):

@@ -146,6 +146,18 @@ def test_lesion_is_centred_when_the_frame_allows(crop: str) -> None:
         assert (out["image"][:, :19] == -1).all() and not out["mask"][:, :19].any()
 
 
+def test_a_lesion_that_fits_the_window_is_never_cut() -> None:
+    """A big blob at column 40 and a small one at column 80 of a 120 px wide frame: centred on
+    the big one (columns 10..69) the window cut the small one off; both fit in 24..83."""
+    mask = ellipse((60, 120), (30, 40), (12, 12)) | ellipse((60, 120), (30, 80), (3, 3))
+    out = build_transforms(TransformConfig(size=60), train=False)(red_is_mask_sample(mask))
+    assert out["mask"].sum() == mask.sum()
+    # Wider than the window: centred on its widest part, as before.
+    wide = ellipse((60, 120), (30, 40), (10, 10)) | ellipse((60, 120), (30, 110), (3, 3))
+    out = build_transforms(TransformConfig(size=60), train=False)(red_is_mask_sample(wide))
+    np.testing.assert_allclose(centroid(out["mask"]), [29.5, 29.5], atol=1.0)
+
+
 def test_window_stays_inside_the_frame_for_a_lesion_at_the_edge() -> None:
     mask = ellipse((60, 120), (30, 110), (7, 7))
     image = np.zeros((60, 120, 3), np.uint8)

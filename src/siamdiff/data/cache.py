@@ -199,6 +199,8 @@ class LatentCache:
                 return added
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                env.set_mapsize(0)
             except lmdb.Error as exc:  # a full disk, a file-size limit
                 raise SiamdiffError(f"cannot write the latent cache ({exc})", self.path) from exc
 

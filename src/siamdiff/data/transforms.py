@@ -96,6 +96,11 @@ class TransformConfig:
         return cls(**values)
 
 
+# The fixed (eval) view's revision: latent caches name it, so a change of its pixels (2: the
+# window holds a whole lesion that fits) is never served an older view's latents.
+VIEW_VERSION = 2
+
+
 def lesion_centre(mask: np.ndarray) -> tuple[int, int]:
     """(row, col) of the most interior lesion pixel; the image centre for an empty mask.
 
@@ -110,8 +115,21 @@ def lesion_centre(mask: np.ndarray) -> tuple[int, int]:
     return int(row), int(col)
 
 
+def _window_start(centre: int, side: int, extent: int, lesion: tuple[int, int] | None) -> int:
+    """Where a window of ``side`` starts on an axis of ``extent``: centred on ``centre``,
+    moved as little as needed to hold the whole ``lesion`` (first, last) when it fits,
+    then kept inside the image (``side <= extent``) or the image inside it (``side >=``).
+    Negative starts (pad mode) make F.crop zero-pad."""
+    start = centre - side // 2
+    if lesion is not None and lesion[1] - lesion[0] < side:
+        start = min(max(start, lesion[1] - side + 1), lesion[0])
+    return int(np.clip(start, min(0, extent - side), max(0, extent - side)))
+
+
 class LesionCentredCropOrPad(v2.Transform):
-    """Square window centred on the lesion as far as the image allows.
+    """Square window centred on the lesion as far as the image allows, and holding all of
+    it wherever it fits (an elongated lesion, or one in two parts, is not cut for the sake
+    of centring its widest part).
 
     ``"crop"``: side ``min(H, W)``, the window kept inside the image. ``"pad"``: side
     ``max(H, W)``, the short side zero-padded; the image stays whole inside the window.
@@ -128,13 +146,16 @@ class LesionCentredCropOrPad(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         mask = next(x for x in flat_inputs if isinstance(x, tv_tensors.Mask))
         height, width = mask.shape[-2:]
-        centre = lesion_centre(mask.reshape(-1, height, width)[0].numpy())  # hints ride behind
+        lesion = mask.reshape(-1, height, width)[0].numpy() != 0  # hints ride behind
+        centre = lesion_centre(lesion)
         side = min(height, width) if self.mode == "crop" else max(height, width)
-        # Negative offsets (pad mode) make F.crop zero-pad; the clamp keeps the image
-        # inside the window (pad) or the window inside the image (crop).
+        spans = []
+        for axis in (1, 0):  # rows holding lesion pixels, then columns
+            found = np.flatnonzero(lesion.any(axis=axis))
+            spans.append((int(found[0]), int(found[-1])) if found.size else None)
         top, left = (
-            int(np.clip(c - side // 2, min(0, extent - side), max(0, extent - side)))
-            for c, extent in zip(centre, (height, width), strict=True)
+            _window_start(c, side, extent, span)
+            for c, extent, span in zip(centre, (height, width), spans, strict=True)
         )
         return {"top": top, "left": left, "height": side, "width": side}
 
