@@ -41,6 +41,25 @@ def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Pat
     assert "siamdiff+channels_last" in printed and "speedup" in printed
 
 
+def test_checkpointing_is_measured_before_compile_and_off_for_it() -> None:
+    """Last, after compile, a time-boxed GPU run would likely never reach it."""
+    plan = bench.variant_plan(("channels_last", "compile"), checkpointing=True)
+    assert plan == [
+        ("naive", ()),
+        ("siamdiff", ()),
+        ("siamdiff+channels_last", ("channels_last",)),
+        ("siamdiff+channels_last+gradient_checkpointing", ("gradient_checkpointing",)),
+        ("siamdiff+channels_last+compile", ("compile",)),
+    ]
+
+
+def test_committed_results_render() -> None:
+    """Results of every version render (older ones lack later fields)."""
+    for path in sorted((Path(__file__).parents[1] / "bench" / "results").glob("*.json")):
+        text = bench.format_results(json.loads(path.read_text()))
+        assert text.startswith("siamdiff bench: ") and "sampling (DDIM)" in text, path
+
+
 def test_a_cut_short_run_keeps_the_variants_it_measured(tmp_path: Path, monkeypatch) -> None:
     measure = bench.bench_sampling
 

@@ -10,7 +10,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-shared=${SHARED:-$(cd "$repo/.." && pwd)/shared}
+shared=${SHARED:-${SIAMDIFF_SHARED:-$(cd "$repo/.." && pwd)/shared}}
 carry=$repo/.carry
 staging=$carry.partial
 rm -rf "$staging"

@@ -32,8 +32,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   stretch=${STRETCH:-4}  # every stage's time box x4: 2 CPU cores are no GPU machine
 else
   # Every lever measured, one added per variant (compile after the others: its compile time
-  # is the longest, and the bench rewrites its JSON after each variant), then the memory
-  # lever, gradient checkpointing (issue 6: batch 8 under 40 GB). The meta-device FLOP count
+  # is the longest, and the bench rewrites its JSON after each variant), the memory lever,
+  # gradient checkpointing (issue 6: batch 8 under 40 GB), just before compile. The meta-device FLOP count
   # needs no GPU and is in the committed CPU results.
   device=cuda bench_args=(--preset sd15 --train-batches 8 16 --sample-batches 32 --no-meta
     --speed channels_last,bf16_frozen,compile --gradient-checkpointing)
@@ -69,7 +69,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run it time-boxed (SIGINT, then KILL
   return "$status"
 }
 
-siamdiff() { python3 -m siamdiff "$@"; }
+# `siamdiff` for every stage: timeout runs programs, not shell functions, and the machine has
+# siamdiff on PYTHONPATH only (no console script).
+mkdir -p "$work/bin"
+printf '#!/usr/bin/env bash\nexec python3 -m siamdiff "$@"\n' >"$work/bin/siamdiff"
+chmod +x "$work/bin/siamdiff"
+export PATH=$work/bin:$PATH
 
 keep() {  # keep SOURCE NAME: copy a result into $OUT (flat: the device returns 8 files)
   [ -f "$1" ] && cp "$1" "$out/$2"
@@ -99,7 +104,8 @@ stage train "${TRAIN_S:-120}" siamdiff train "$config" run_dir="$run" data.root=
   train.max_steps="$train_steps" train.checkpoint_every=100000 train.sample_every=200
 # A time-boxed run ends by SIGINT: its checkpoint is saved, its curve is drawn here. Its
 # preview grids (every 200 steps) check sampling on CUDA inside training; the last is kept.
-python3 -c "import sys; from siamdiff.report import save_loss_curve as s; s(sys.argv[1], sys.argv[2])" \
+[ -s "$run/losses.jsonl" ] && python3 -c \
+  "import sys; from siamdiff.report import save_loss_curve as s; s(sys.argv[1], sys.argv[2])" \
   "$run/losses.jsonl" "$out/loss_curve.png" 2>>"$log"
 stage export 60 siamdiff export "$run" "$work/model" || { pack; return 1; }
 stage sample 60 siamdiff sample "$work/model" --masks "$data:train" --out "$work/syn" \
