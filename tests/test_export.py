@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from siamdiff.cli import main
 from siamdiff.config import load_config
-from siamdiff.data.manifest import load_manifest, verify
+from siamdiff.data.manifest import load_manifest, sha256_file, verify
 from siamdiff.errors import SiamdiffError
 from siamdiff.export import build_model, export_run, load_export
 from siamdiff.models.autoencoder import load_autoencoder, random_kl_vae
@@ -39,10 +39,17 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
     }
     meta = json.loads((out / "siamdiff.json").read_text())
     assert meta["step"] == 2 and meta["mode"] == "siamese" and meta["resolution"] == 32
+    checkpoint = checkpoints(trained_run)[-1]
+    assert meta["weights_sha256"] == sha256_file(checkpoint / "model.safetensors")
 
     reference, _, _ = build_model(load_config(trained_run / "config.yaml"))
-    reference.load_state_dict(load_file(checkpoints(trained_run)[-1] / "model.safetensors"))
+    reference.load_state_dict(load_file(checkpoint / "model.safetensors"))
     loaded = load_export(out)
+    # Every tensor exactly (after 2 steps a lost part, the prompt embeddings, say, would hide
+    # within the predictions' tolerance).
+    exported = loaded.model.state_dict()
+    assert exported.keys() == reference.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in reference.state_dict().items())
     torch.manual_seed(0)
     channels = loaded.autoencoder.latent_channels
     zt, hint = torch.randn(2, channels, 4, 4), (torch.rand(2, 3, 32, 32) > 0.5).float()
@@ -86,13 +93,26 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
     out = export_run(trained_run, tmp_path / "export")
     meta_path = out / "siamdiff.json"
     meta = json.loads(meta_path.read_text())
-    for broken, message in (([meta], "is not a JSON object"), ({**meta, "mode": None}, None)):
+    for broken, message in (
+        ([meta], "is not a JSON object"),
+        ({**meta, "mode": None}, None),
+        ({**meta, "autoencoder": "dct"}, "autoencoder must be an object naming its kind"),
+        ({**meta, "autoencoder": None}, "autoencoder must be an object naming its kind"),
+        (
+            {**meta, "autoencoder": {**meta["autoencoder"], "scaling_factor": "x"}},
+            "autoencoder.scaling_factor must be a number",
+        ),
+        ({**meta, "text": {"kind": "t5"}}, "text must be an object of kind learned or clip"),
+        ({**meta, "mode": "foo"}, "mode must be one of siamese, mask-only, got 'foo'"),
+        ({**meta, "resolution": 33}, "resolution must be a positive multiple of 8, got 33"),
+    ):
         if message is None:
             del broken["mode"]
             message = "lacks mode"
         meta_path.write_text(json.dumps(broken))
-        with pytest.raises(SiamdiffError, match=message):
+        with pytest.raises(SiamdiffError, match=message) as error:
             load_export(out)
+        assert str(error.value).startswith(str(meta_path)) or message.startswith("is not")
     meta_path.write_text(json.dumps(meta))
     embeddings = out / "text" / "embeddings.safetensors"
     embeddings.write_bytes(embeddings.read_bytes()[: embeddings.stat().st_size // 2])
@@ -176,6 +196,29 @@ def test_cli_sample_from_a_run_writes_a_verified_synthetic_set(
     assert len(load_manifest(out).records) == 4
     assert len(list((out / "export-pranet" / "images").iterdir())) == 4
     assert main(argv) == 0  # the same command again: everything is reused
+
+
+def test_export_refuses_an_autoencoder_changed_since_training_or_a_folder_inside_it(
+    phantom_data: Path, tmp_path: Path
+) -> None:
+    """A retrained autoencoder at the run's path was exported (and sampled) without a word,
+    its identity recorded as the one trained with; an export inside the weights folder copied
+    itself into itself until the path grew too long."""
+    weights = tmp_path / "vae"
+    random_kl_vae(seed=3).save_pretrained(weights)
+    run = tmp_path / "run"
+    overrides = ["autoencoder.kind=diffusers-kl", f"autoencoder.path={weights}"]
+    train(tiny_config(phantom_data, run, "train.max_steps=1", *overrides))
+    with pytest.raises(SiamdiffError, match="lies inside the autoencoder's weights"):
+        export_run(run, weights / "export")
+    assert sorted(p.name for p in weights.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    random_kl_vae(seed=4).save_pretrained(weights)  # train-vae --overwrite, say
+    with pytest.raises(SiamdiffError, match="is not the autoencoder the run was trained with"):
+        export_run(run, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("subfolder", ["vae", None])  # None: found in vae/ by itself

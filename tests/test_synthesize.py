@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import siamdiff.data.manifest as manifest_module
 import siamdiff.synthesize as synth
@@ -460,6 +461,30 @@ def test_a_run_directory_samples_its_newest_checkpoint(
         assert (tmp_path / "syn" / record.image).read_bytes() == (
             reference / record.image
         ).read_bytes()
+
+
+def test_a_run_trained_again_at_the_same_path_is_not_resumed_into(
+    trained_run: Path, phantom_data: Path, tmp_path: Path
+):
+    """The checkpoint's name was all a rerun compared: pairs of the old weights were kept
+    and credited to the new ones."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    out = tmp_path / "syn"
+    sample(run, phantom_data, out, limit=1, per_mask=1)
+    checkpoint = checkpoints(run)[-1]
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, checkpoint / "model.safetensors")
+    sums = json.loads((checkpoint / "checksums.json").read_text())
+    sums["model.safetensors"] = manifest_module.sha256_file(checkpoint / "model.safetensors")
+    (checkpoint / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(SiamdiffError, match="model_weights differs"):
+        sample(run, phantom_data, out, limit=1, per_mask=1)
+    # An export records the same digest: sampled from either, the weights are named alike.
+    exported = export_run(run, tmp_path / "export")
+    assert (
+        json.loads((exported / "siamdiff.json").read_text())["weights_sha256"]
+        == sums["model.safetensors"]
+    )
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(

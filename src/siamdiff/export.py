@@ -46,7 +46,7 @@ from siamdiff.models.backbone import (
 )
 from siamdiff.models.dhi import BASE_HINT_CHANNELS
 from siamdiff.models.loading import load_complete
-from siamdiff.models.siamese import SiameseDiffusion
+from siamdiff.models.siamese import MODES, SiameseDiffusion
 
 EXPORT_FORMAT = "siamdiff-export"
 EXPORT_VERSION = 1
@@ -121,13 +121,15 @@ def save_model(
         raise SiamdiffError(
             f"is not a siamdiff export (no {META_NAME}); refusing to replace it", out
         )
+    autoencoder_cfg = _plain(cfg.autoencoder)
+    local = local_weights_dir(autoencoder_cfg)  # None: a Hub id or no weights at all
+    if local is not None and copy_autoencoder:  # it would copy itself into itself, endlessly
+        check_apart(out, local, "the autoencoder's weights")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.unet.save_pretrained(tmp / "unet")
         model.controlnet.save_pretrained(tmp / "controlnet")
         model.noise_scheduler.save_pretrained(tmp / "scheduler")
         text_meta = _save_text(model.text, tmp / "text")
-        autoencoder_cfg = _plain(cfg.autoencoder)
-        local = local_weights_dir(autoencoder_cfg)  # None: a Hub id or no weights at all
         if local is not None and copy_autoencoder:
             _copy_writable(local, tmp / AUTOENCODER_DIR)
             autoencoder_cfg |= {"path": AUTOENCODER_DIR, "subfolder": None}
@@ -184,6 +186,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     lacking = [key for key in META_KEYS if key not in meta]
     if lacking:
         raise SiamdiffError(f"lacks {', '.join(lacking)}", meta_path)
+    _check_meta(meta, meta_path)
     autoencoder_cfg = dict(meta["autoencoder"])
     copied = autoencoder_cfg.get("path") == AUTOENCODER_DIR
     if copied:  # the copy inside the export
@@ -229,6 +232,31 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
         )
     model = SiameseDiffusion(backbone, mode=meta["mode"]).requires_grad_(False).eval()
     return LoadedModel(model.to(device), autoencoder.to(device), meta)
+
+
+def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """One line naming the field of a hand-edited or damaged ``siamdiff.json`` that loading
+    would otherwise trip over with a traceback, or after the weights had loaded."""
+    autoencoder, text, resolution = meta["autoencoder"], meta["text"], meta["resolution"]
+    scaling = autoencoder.get("scaling_factor") if isinstance(autoencoder, dict) else None
+    problems = {
+        "autoencoder must be an object naming its kind": not isinstance(autoencoder, dict)
+        or not isinstance(autoencoder.get("kind"), str),
+        "autoencoder.scaling_factor must be a number": scaling is not None
+        and (isinstance(scaling, bool) or not isinstance(scaling, int | float)),
+        "text must be an object of kind learned or clip": not isinstance(text, dict)
+        or text.get("kind") not in ("learned", "clip"),
+        f"mode must be one of {', '.join(MODES)}, got {meta['mode']!r}": meta["mode"] not in MODES,
+        f"resolution must be a positive multiple of 8, got {resolution!r}": isinstance(
+            resolution, bool
+        )
+        or not isinstance(resolution, int)
+        or resolution <= 0
+        or resolution % 8 != 0,
+    }
+    for problem, found in problems.items():
+        if found:
+            raise SiamdiffError(problem, meta_path)
 
 
 def _copy_writable(source: Path, target: Path) -> None:
@@ -281,13 +309,31 @@ def export_run(
             f"{len(unexpected)} unexpected tensors)",
             chosen / "model.safetensors",
         )
-    step = json.loads((chosen / "trainer_state.json").read_text())["step"]
+    state = json.loads((chosen / "trainer_state.json").read_text())
+    trained_with = state.get("autoencoder_identity", autoencoder.identity)  # older: unrecorded
+    if autoencoder.identity != trained_with:
+        raise SiamdiffError(
+            "is not the autoencoder the run was trained with (other weights or scaling: its "
+            "samples would decode other latents); put that one back to export",
+            cfg.autoencoder.path or f"autoencoder.kind={cfg.autoencoder.kind}",
+        )
     return save_model(
         model,
         cfg,
         autoencoder,
         out,
         overwrite=overwrite,
-        extra={"source_run": str(run.resolve()), "step": step},
+        extra={
+            "source_run": str(run.resolve()),
+            "step": state["step"],
+            "weights_sha256": weights_digest(chosen),
+        },
         copy_autoencoder=copy_autoencoder,
     )
+
+
+def weights_digest(checkpoint: Path) -> str | None:
+    """SHA-256 of a checkpoint's model weights, from its checksums (verified before use)."""
+    from siamdiff.train import CHECKSUMS_NAME  # the run layout's owner
+
+    return json.loads((checkpoint / CHECKSUMS_NAME).read_text()).get("model.safetensors")

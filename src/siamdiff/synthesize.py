@@ -78,7 +78,14 @@ from siamdiff.data.manifest import (
 from siamdiff.data.readers import HINT_DIR_PREFIX, HINT_MARK, load_mask, load_rgb
 from siamdiff.data.transforms import lesion_centre
 from siamdiff.errors import SiamdiffError, out_of_memory_error
-from siamdiff.export import META_NAME, LoadedModel, export_hints, export_run, load_export
+from siamdiff.export import (
+    META_NAME,
+    LoadedModel,
+    export_hints,
+    export_run,
+    load_export,
+    weights_digest,
+)
 from siamdiff.models.backbone import TRAIN_TIMESTEPS
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, mask_to_hint
 from siamdiff.models.speed import apply_levers, parse_levers
@@ -172,6 +179,7 @@ class ModelSource:
     identity: dict[str, Any]
     hints: tuple[str, ...] = ()
     crop: str = "crop"  # data.transforms.crop of its training: how its masks are framed
+    weights: str | None = None  # SHA-256 of its model.safetensors (None: an older export)
 
     @property
     def label(self) -> str:
@@ -206,22 +214,24 @@ def resolve_model(path: str | Path) -> ModelSource:
             raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
         hints = export_hints(meta, meta_path)
-        return ModelSource(path, None, None, resolution, identity, hints, crop)
+        weights = meta.get("weights_sha256")
+        return ModelSource(path, None, None, resolution, identity, hints, crop, weights)
     found = checkpoints(path) if path.is_dir() else []
     if not found:
         raise SiamdiffError(
             f"neither an export ({META_NAME}) nor a training run with checkpoints", path
         )
     cfg = load_config(path / "config.yaml")
-    chosen = last_valid_checkpoint(path).name  # a damaged newest one is skipped, as on resume
+    chosen = last_valid_checkpoint(path)  # a damaged newest one is skipped, as on resume
     return ModelSource(
         None,
         path,
-        chosen,
+        chosen.name,
         int(cfg.data.transforms.size),
-        {"checkpoint": chosen},
+        {"checkpoint": chosen.name},
         tuple(cfg.data.hints),
         str(cfg.data.transforms.crop),
+        weights_digest(chosen),
     )
 
 
@@ -375,7 +385,8 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
         previous = LATER_SETTINGS | previous
-        previous.setdefault("precision", settings["precision"])  # older outputs lack it
+        for later in ("precision", "model_weights"):  # older outputs lack them
+            previous.setdefault(later, settings[later])
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
@@ -763,6 +774,8 @@ def synthesize(
     settings = {
         "model": source.label,
         "model_identity": source.identity,
+        # A run trained again at the same path, or re-exported over: other weights, same names.
+        "model_weights": source.weights,
         "masks": str(masks_root),
         "split": split,
         "limit": limit,
