@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import siamdiff.data.manifest as manifest_module
+import siamdiff.data.prepare as prepare_module
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     format_verify,
@@ -174,7 +175,7 @@ def test_verify_names_each_changed_missing_and_extra_file(data_copy: Path) -> No
 
 
 def test_versioning_minor_for_preprocessing_major_for_raw_data(
-    data_copy: Path, raw: Path, shared_data: Path, tmp_path: Path
+    data_copy: Path, raw: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prepare(sources(raw), data_copy, 48, overwrite=True, workers=1, progress=False)
     assert load_manifest(data_copy).dataset_version == "1.1"
@@ -199,6 +200,17 @@ def test_versioning_minor_for_preprocessing_major_for_raw_data(
     corrected.save(mask_link, format="JPEG")
     summary = prepare(sources(raw, more), data_copy, 40, overwrite=True, progress=False)
     assert summary.dataset_version == "4.0"
+    # The same raw data and settings written otherwise (a Pillow or siamdiff upgrade): the
+    # raw masks' hashes say nothing was corrected, so a minor bump.
+    real_resize = prepare_module.resize_pair
+
+    def resized_otherwise(*args, **kwargs):
+        rgb, mask = real_resize(*args, **kwargs)
+        return rgb ^ 1, mask  # every image byte moved by one grey level
+
+    monkeypatch.setattr(prepare_module, "resize_pair", resized_otherwise)
+    summary = prepare(sources(raw, more), data_copy, 40, overwrite=True, workers=1, progress=False)
+    assert summary.dataset_version == "4.1"
 
 
 def test_failed_prepare_leaves_no_output_and_keeps_old_data(
@@ -437,6 +449,50 @@ def test_adding_a_source_moves_no_frame_to_another_split(tmp_path: Path) -> None
     sources = [("cvc-clinicdb", cvc), ("pranet", aa)]
     prepare(sources, out, 32, overwrite=True, workers=1, progress=False)
     assert {r.id: r.split for r in load_manifest(out).records} == before
+
+
+def test_joining_a_training_and_a_test_sequence_keeps_the_training_frames_in_train(
+    tmp_path: Path,
+) -> None:
+    """A new source's group holding copies of a training frame (sequence 1) and of a test
+    frame (sequence 2, three frames) joined them all: the majority, test, won and took the
+    training frame with it, and the version stayed 1.0."""
+    cvc = tmp_path / "CVC-ClinicDB"
+    for folder in ("Original", "Ground Truth"):
+        (cvc / folder).mkdir(parents=True)
+    for frame in (1, 26, 27, 28):
+        image = np.roll(IMAGE, (frame, 0), axis=(0, 1))
+        Image.fromarray(image).save(cvc / "Original" / f"{frame}.png")
+        Image.fromarray(disc()).save(cvc / "Ground Truth" / f"{frame}.png")
+    out = tmp_path / "out"
+    prepare([("cvc-clinicdb", cvc)], out, 32, workers=1, progress=False)
+    before = {Path(r.source_image).stem: r.split for r in load_manifest(out).records}
+    assert before == {"1": "train", "26": "test", "27": "test", "28": "test"}
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for frame, name in ((1, "ext-g1-a"), (26, "ext-g1-b")):
+        shutil.copy(cvc / "Original" / f"{frame}.png", extra / f"{name}.png")
+        shutil.copy(cvc / "Ground Truth" / f"{frame}.png", extra / f"{name}_mask.png")
+    sources = [("cvc-clinicdb", cvc), ("folder", extra)]
+    summary = prepare(sources, out, 32, overwrite=True, workers=1, progress=False)
+    after = {Path(r.source_image).stem: r.split for r in load_manifest(out).records}
+    assert after == dict.fromkeys(before, "train")
+    assert summary.dataset_version == "2.0"  # what the test split holds changed
+
+
+def test_a_source_inside_the_output_is_refused(tmp_path: Path) -> None:
+    """--overwrite deleted it with the old output."""
+    write_pair(tmp_path / "out" / "raw", "d-g-0", IMAGE, disc())
+    for overwrite in (False, True):
+        with pytest.raises(SiamdiffError, match="is, holds or lies inside the folder source"):
+            prepare(
+                [("folder", tmp_path / "out" / "raw")],
+                tmp_path / "out",
+                16,
+                overwrite=overwrite,
+                progress=False,
+            )
+    assert (tmp_path / "out" / "raw" / "d-g-0.png").is_file()
 
 
 def test_a_pair_turned_apart_by_exif_says_so(tmp_path: Path) -> None:

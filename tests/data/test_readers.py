@@ -470,6 +470,50 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path) -> None
     assert load_mask(tmp_path / "m.png")[:10, -10:].all()
 
 
+def test_a_tiff_orientation_tag_is_applied_like_exif(tmp_path: Path) -> None:
+    """A TIFF stored upside down (orientation 3), or sideways (6), beside an upright mask
+    was read as stored: the pair silently turned apart, or skipped without the reason."""
+    upright = np.zeros((6, 8, 3), np.uint8)
+    upright[0, :3] = 255
+    tifffile.imwrite(tmp_path / "a.tif", upright[::-1, ::-1], extratags=[(274, "H", 1, 3, True)])
+    assert np.array_equal(load_rgb(tmp_path / "a.tif"), upright)
+    sideways = np.rot90(upright, 1).copy()
+    tifffile.imwrite(tmp_path / "b.tif", sideways, extratags=[(274, "H", 1, 6, True)])
+    assert np.array_equal(load_rgb(tmp_path / "b.tif"), upright)
+    mask = upright[..., 0]
+    tifffile.imwrite(tmp_path / "m.tif", mask[::-1].copy(), extratags=[(274, "H", 1, 4, True)])
+    assert np.array_equal(load_mask(tmp_path / "m.tif"), mask > 0)
+
+
+def test_a_compressed_tiff_reads(tmp_path: Path) -> None:
+    """OpenCV writes LZW TIFFs: unreadable without imagecodecs."""
+    for compression in ("tiff_lzw", "tiff_adobe_deflate", "jpeg"):
+        Image.fromarray(RGB).save(tmp_path / f"{compression}.tif", compression=compression)
+        image = load_rgb(tmp_path / f"{compression}.tif")
+        assert image.shape == RGB.shape
+        if compression != "jpeg":
+            assert np.array_equal(image, RGB)
+
+
+def test_an_alpha_drawn_mask_without_a_lesion_is_empty(tmp_path: Path) -> None:
+    """Transparent white everywhere (a negative frame in a dataset drawn in alpha) read as
+    a lesion over the whole image."""
+    clear = np.zeros((8, 8, 4), np.uint8)
+    clear[..., :3] = 255
+    assert not load_mask(save(tmp_path / "clear.png", clear)).any()
+    clear[2:4, 2:5, 3] = 255  # the same drawn in: its alpha
+    assert load_mask(save(tmp_path / "drawn.png", clear)).sum() == 6
+
+
+def test_stems_that_sanitise_alike_keep_apart(tmp_path: Path) -> None:
+    """Two Japanese file names both became "_": prepare stopped on the duplicate name."""
+    images = {"ポリープ.png": RGB, "結腸.png": RGB[::-1], "plain.png": RGB[:, ::-1]}
+    root = pair_dirs(tmp_path / "pr", images, {n: RGB[..., 0] for n in images})
+    groups = sorted(p.group for p in read_source("pranet", root).pairs)
+    assert len(set(groups)) == 3 and "plain" in groups
+    assert all(g.startswith("__") and len(g) == 10 for g in groups if g != "plain")
+
+
 def test_a_tiff_over_the_pixel_limit_is_refused_before_decoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -284,8 +284,8 @@ def write_manifest(root: str | Path, manifest: Manifest) -> Path:
 
 
 def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
-    """Major bump when raw data changed (images added, removed or replaced; masks corrected),
-    minor when only preprocessing changed."""
+    """Major bump when raw data changed (images added, removed or replaced; masks corrected)
+    or a frame changed split, minor when only preprocessing (or the code doing it) changed."""
     if previous is None:
         return "1.0"
     major, minor = (int(x) for x in previous.dataset_version.split("."))
@@ -304,15 +304,19 @@ def next_dataset_version(previous: Manifest | None, new: Manifest) -> str:
 
     if sources(previous) != sources(new):
         return f"{major + 1}.0"
+    if {r.id: r.split for r in previous.records} != {r.id: r.split for r in new.records}:
+        return f"{major + 1}.0"  # what a split holds changed: results are not comparable
     if previous.preprocessing != new.preprocessing:
         return f"{major}.{minor + 1}"
 
     def outputs(manifest: Manifest) -> dict[str, list[tuple[str, str]]]:
         return {r.id: r.files() for r in manifest.records}
 
-    # Same images, same preprocessing, other bytes: a raw mask (or hint) was edited.
+    # Same sources, same preprocessing, other bytes: with the raw masks' and hints' hashes
+    # compared above, only the code (siamdiff, Pillow) can have changed; without them, a raw
+    # mask (or hint) may have been edited.
     if outputs(previous) != outputs(new):
-        return f"{major + 1}.0"
+        return f"{major}.{minor + 1}" if with_masks else f"{major + 1}.0"
     return previous.dataset_version
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from siamdiff.atomic import atomic_output_dir, atomic_write_json
+from siamdiff.atomic import atomic_output_dir, atomic_write_json, check_apart
 from siamdiff.data.manifest import (
     MANIFEST_NAME,
     POOLED_ROW,
@@ -260,8 +260,9 @@ def _without_duplicates(
     Identical pixels give identical prepared bytes.
 
     Against the ``previous`` manifest of the output, a copy it already held is the one kept
-    and joined groups keep the split most of their frames had: adding a source moves no
-    training sequence into the test split of a model trained on the previous version.
+    and joined groups that held a training frame stay in train (else they keep the split
+    most of their frames had): adding a source moves no training frame into the validation
+    or test split of a model trained on the previous version.
     """
     before = {} if previous is None else {r.id: r for r in previous.records}
     was_in = {(r.dataset, r.group): r.split for r in before.values()}
@@ -285,6 +286,8 @@ def _without_duplicates(
 
     def split(dataset: str, group: str) -> str:
         counts = earlier.get((dataset, group))
+        if counts and counts["train"]:
+            return "train"
         if counts:  # the most frames' previous split; ties by SPLITS order
             return max(SPLITS, key=lambda s: (counts[s], -SPLITS.index(s)))
         return split_of(dataset, group, DEFAULT_FRACTIONS)
@@ -357,6 +360,8 @@ def prepare(
         raise SiamdiffError(f"mask threshold must be in 1..255, got {mask_threshold}")
     if not sources:
         raise SiamdiffError("no source given")
+    for kind, root in sources:  # --overwrite would delete a source inside --out
+        check_apart(out, root, f"the {kind} source")
     previous = _previous_manifest(out, overwrite)
     preprocessing = {
         "size": size,

@@ -16,7 +16,8 @@ Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` rea
 folder matched by stem. A hint given for some pairs but not all is an error.
 
 Dataset, group and frame are sanitised to ``[A-Za-z0-9._]`` so that
-``{dataset}-{group}-{frame}`` is a safe, parseable output name.
+``{dataset}-{group}-{frame}`` is a safe, parseable output name; stems of one folder that
+sanitise alike (``ポリープ`` and ``結腸`` both to ``_``) keep apart by a hash of the stem.
 
 Masks: foreground = 8-bit value >= 128 for grey masks (after 16-bit input is scaled to 8
 bits and colour masks are reduced by their maximum channel); label-style masks (two values
@@ -25,6 +26,7 @@ including 0 in a lossless file, palette indices, float, alpha-only) take nonzero
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -106,6 +108,20 @@ def sanitize_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "_", name).lstrip(".") or "_"
 
 
+def sanitized_apart(stems: list[str]) -> dict[str, str]:
+    """Each stem's :func:`sanitize_name`; where several stems sanitise alike, those it changed
+    get a hash of the stem as suffix, so none of them stops prepare as a duplicate name (one
+    the sanitising left as it was keeps it: its id does not move when others join it)."""
+    names = {stem: sanitize_name(stem) for stem in stems}
+    taken = Counter(names.values())
+    return {
+        stem: name
+        if taken[name] == 1 or name == stem
+        else f"{name}_{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
+        for stem, name in names.items()
+    }
+
+
 # --- pixels -------------------------------------------------------------------------------
 
 
@@ -119,13 +135,31 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+# The array operation of each EXIF / TIFF orientation (what ImageOps.exif_transpose does).
+ORIENTED: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orientation(path: Path) -> int:
+    if _is_tiff(path):
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get(EXIF_ORIENTATION)
+            return int(tag.value) if tag is not None else 1
+    with Image.open(path) as image:
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def turned_by_exif(path: str | Path) -> bool:
-    """Whether the file's EXIF orientation turns it a quarter (width and height swap)."""
-    if _is_tiff(Path(path)):
-        return False
+    """Whether the file's EXIF (TIFF) orientation turns it a quarter (width and height swap)."""
     try:
-        with Image.open(path) as image:
-            return image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return _orientation(Path(path)) in (5, 6, 7, 8)
     except Exception:  # unreadable: its reader says why, not this hint
         return False
 
@@ -187,6 +221,13 @@ def _decode_tiff(path: Path, as_shown: bool = True) -> tuple[np.ndarray, np.ndar
             colormap = np.asarray(page.colormap).T  # N x 3, 8- or 16-bit
             colormap = colormap // 257 if colormap.max() > 255 else colormap
             colours = colormap.astype(np.uint8)[array]
+        tag = page.tags.get(EXIF_ORIENTATION)  # as a viewer shows it, like other formats
+        turn = ORIENTED.get(int(tag.value) if tag is not None else 1)
+        if turn is not None:
+            if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                array = np.moveaxis(array, 0, -1)  # rows and columns first, as turn expects
+            array = np.ascontiguousarray(turn(array))
+            colours = None if colours is None else np.ascontiguousarray(turn(colours))
     return array, colours
 
 
@@ -212,7 +253,9 @@ def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A mask's pixels as drawn: (array, whether its values are labels).
 
     Palette masks are read by :func:`_palette_mask`; a mask drawn only in its alpha
-    channel (one colour everywhere, a varying alpha) gives that alpha.
+    channel (one colour everywhere, a varying alpha) gives that alpha, and elsewhere a fully
+    transparent pixel is background whatever colour it stores (an alpha-drawn mask of a
+    frame without a lesion is transparent white, not all lesion).
     """
     if _is_tiff(path):
         array, colours = _decode_tiff(path, as_shown=False)
@@ -227,6 +270,9 @@ def _decode_mask(path: Path) -> tuple[np.ndarray, bool]:
             alpha = np.asarray(image.getchannel("A"))
             if (colour == colour[:1, :1]).all() and alpha.min() != alpha.max():
                 return alpha, False
+            drawn = _decode_pil(path)
+            clear = alpha == 0
+            return np.where(clear if drawn.ndim == 2 else clear[..., None], 0, drawn), False
     return _decode_pil(path), False
 
 
@@ -460,9 +506,10 @@ def _read_images_masks(root: Path, dataset: str) -> ReadResult:
     """``images/`` + ``masks/`` (+ ``hint-HINT/``) matched by stem; every image is its own
     group."""
     result = ReadResult()
+    matched = _match_subdirs(root, ("images",), ("masks",), result)
+    groups = sanitized_apart([stem for stem, _, _ in matched])
     pairs = [
-        (SourcePair(image, mask, dataset, sanitize_name(stem), "0"), stem)
-        for stem, image, mask in _match_subdirs(root, ("images",), ("masks",), result)
+        (SourcePair(image, mask, dataset, groups[stem], "0"), stem) for stem, image, mask in matched
     ]
     hints = {}
     for child in _list_dir(root):
@@ -577,13 +624,14 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
         result.skipped,
     )
     default = dataset or sanitize_name(root.resolve().name)
+    groups = sanitized_apart([stem for stem, _, _ in matched if not _OUTPUT_NAME.match(stem)])
     pairs = []
     for stem, image, mask in matched:
         parts = _OUTPUT_NAME.match(stem)
         if parts:
             pair = SourcePair(image, mask, dataset or parts[1], parts[2], parts[3])
         else:
-            pair = SourcePair(image, mask, default, sanitize_name(stem), "0")
+            pair = SourcePair(image, mask, default, groups[stem], "0")
         pairs.append((pair, stem))
     hints = {
         name: _by_stem(files, result.skipped, HINT_MARK + name)
