@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from siamdiff.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from siamdiff.bench import device_label
-from siamdiff.evaluate.utility import mean_std
+from siamdiff.evaluate.utility import format_mean_std, mean_std
 from siamdiff.synthesize import comparison_grid
 
 POLYP_RESULTS = Path(__file__).resolve().parents[1] / "polyp_siamese_vs_maskonly" / "results.json"
@@ -91,7 +91,7 @@ def utility_row(metrics_paths: list[Path], arm: str, setting: str) -> dict:
 def utility_table(rows: list[dict]) -> str:
     def cell(stats: dict) -> str:
         seeds = ", ".join(f"{v:.3f}" for v in stats["per_seed"])
-        return f"{stats['mean']:.3f} ± {stats['std']:.3f} ({seeds})"
+        return f"{format_mean_std(stats)} ({seeds})"
 
     lines = [
         "| arm | guidance | control scale | seeds | real mDice (per seed) "

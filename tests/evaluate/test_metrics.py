@@ -140,7 +140,9 @@ def test_evaluate_writes_every_metric(
     # The synthetic FD at the test split's size: FD grows as the image count falls.
     assert metrics["fd_seg"]["reference_images"] == 3
     assert metrics["fd_seg"]["value_at_reference_images"] > metrics["fd_seg"]["value"]
-    assert metrics["kid_seg"]["reference_real_test"].keys() == {"mean", "std"}
+    reference = metrics["kid_seg"]["reference_real_test"]
+    assert reference.keys() == {"mean", "std", "subsets", "subset_size"}
+    assert reference["subset_size"] == 3  # the test split's 3 images, not the whole sets
     assert metrics["kid_seg"]["subset_size"] == 18
     fidelity = metrics["mask_fidelity"]
     assert len(fidelity["per_image"]) == 36 and fidelity["images"] == 36
@@ -247,14 +249,14 @@ def test_format_metrics_shows_values_and_reasons(evaluated: tuple[dict[str, Any]
         "archs": {
             "unet": {
                 "real": {"mdice": {"mean": 0.5, "std": 0.01}, "miou": {"mean": 0.4, "std": 0.02}},
-                "real+syn": {"mdice": {"mean": 0.6, "std": 0.0}, "miou": {"mean": 0.5, "std": 0}},
+                "real+syn": {"mdice": {"mean": 0.6, "std": None}, "miou": {"mean": 0.5, "std": 0}},
                 "gain_mdice": 0.1,
                 "gain_miou": 0.1,
             }
         },
     }
     text = format_metrics({**metrics, "utility": utility})
-    assert "real 0.500 ± 0.010, real+syn 0.600 ± 0.000, gain +0.100" in text
+    assert "real 0.500 ± 0.010, real+syn 0.600 (1 seed, no spread), gain +0.100" in text
 
 
 def test_report_is_self_contained_and_escaped(

@@ -22,6 +22,7 @@ from siamdiff.evaluate.standard import (
     clip_embedder,
     find_inception_weights,
     hub_checkpoint,
+    inception_fid_kid,
     load_lpips,
     load_standard_models,
     lpips_backbone_file,
@@ -108,6 +109,20 @@ def test_absent_weights_are_reported_never_downloaded(
         load_standard_models(inception_weights=offline_hub / "absent.pth")
     with pytest.raises(SiamdiffError, match="nope is not a local CLIP model"):
         load_standard_models(clip_model=offline_hub / "nope")
+
+
+def test_the_fid_note_counts_the_real_images_too() -> None:
+    """2100 samples against a real training split of 1195 (under 2048) gave a biased FID
+    without the note: only the synthetic count was checked."""
+    generator = torch.Generator().manual_seed(0)
+    real, synthetic = (torch.randn(n, 1, 4, 4, generator=generator) for n in (10, 40))
+    flat = lambda images: images.reshape(len(images), -1)  # noqa: E731 (16-d features)
+    fid = inception_fid_kid(real, synthetic, flat, kid_subsets=2, kid_subset_size=5)
+    fid = fid["inception_fid"]
+    assert (fid["images"], fid["real_images"]) == (40, 10)
+    assert fid["note"].startswith("10 real and 40 synthetic images for 16-d features")
+    enough = inception_fid_kid(real.repeat(2, 1, 1, 1), synthetic, flat, kid_subsets=2)
+    assert "note" not in enough["inception_fid"]
 
 
 def test_inception_fid_kid_from_the_hub_cache_or_a_path(

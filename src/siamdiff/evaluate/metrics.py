@@ -71,6 +71,7 @@ from siamdiff.evaluate.standard import (
 from siamdiff.evaluate.utility import (
     MATCHED,
     check_utility,
+    format_mean_std,
     segmentation_utility,
 )
 from siamdiff.report import figure_png
@@ -340,7 +341,12 @@ def segmenter_metrics(
         kid_mean, kid_std = kernel_inception_distance(
             real, test_features, kid_subsets, kid_subset_size, seed
         )
-        metrics["kid_seg"]["reference_real_test"] = {"mean": kid_mean, "std": kid_std}
+        metrics["kid_seg"]["reference_real_test"] = {
+            "mean": kid_mean,
+            "std": kid_std,
+            "subsets": kid_subsets,
+            "subset_size": min(kid_subset_size, len(real), n),
+        }
     return metrics, {**test.summary(), "per_image": _per_image(test)}
 
 
@@ -595,7 +601,7 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     for arch, result in utility.get("archs", {}).items():
         for metric in ("mdice", "miou"):
             cells = [
-                f"{name} {result[name][metric]['mean']:.3f} ± {result[name][metric]['std']:.3f}"
+                f"{name} {format_mean_std(result[name][metric])}"
                 for name in ("real", "real+syn", MATCHED)
                 if name in result
             ]

@@ -104,11 +104,17 @@ def inception_fid_kid(
         for data, desc in ((real, "inception real"), (synthetic, "inception synthetic"))
     )
     mean, std = kernel_inception_distance(a, b, kid_subsets, kid_subset_size, seed)
-    fid: dict[str, Any] = {"available": True, "value": frechet_distance(a, b), "images": len(b)}
-    if len(b) < a.shape[1]:
+    fid: dict[str, Any] = {
+        "available": True,
+        "value": frechet_distance(a, b),
+        "images": len(b),
+        "real_images": len(a),
+    }
+    if min(len(a), len(b)) < a.shape[1]:
         fid["note"] = (
-            f"{len(b)} synthetic images for {a.shape[1]}-d features: the covariance is "
-            "rank-deficient and FID biased upwards; compare only at equal counts, or read KID"
+            f"{len(a)} real and {len(b)} synthetic images for {a.shape[1]}-d features: a "
+            "covariance is rank-deficient and FID biased upwards; compare only at equal "
+            "counts, or read KID"
         )
     return {
         "inception_fid": fid,

@@ -15,7 +15,7 @@ up: at least as many), and the gain over it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,18 @@ from siamdiff.evaluate.segmenter import (
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample std (ddof=1; 0 for a single value) and the values themselves."""
+    """Mean, sample std (ddof=1; None for a single value, whose 0 would claim an exact
+    value) and the values themselves."""
     array = np.asarray(values, dtype=np.float64)
-    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
     return {"mean": float(array.mean()), "std": std, "per_seed": [float(v) for v in array]}
+
+
+def format_mean_std(stats: Mapping[str, Any]) -> str:
+    """``mean ± std``, or the mean of one seed said as such."""
+    if stats["std"] is None:
+        return f"{stats['mean']:.3f} (1 seed, no spread)"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
 
 MATCHED = "real (matched steps)"
