@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -226,6 +231,94 @@ def test_a_checkpoint_of_an_older_version_without_the_image_order_resumes(
     (out / CHECKPOINT / "state.json").write_text(json.dumps(state))
     train_vae(phantom_data, out, TINY, resume=True)
     assert json.loads((out / INFO_NAME).read_text())["steps"] == TINY.steps
+
+
+def test_a_run_resumed_at_its_last_step_logs_the_row_its_stop_held_back(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped at step 3 (rows every 2 steps), resumed with --steps 3: step 3's row was lost."""
+    out = tmp_path / "vae"
+    monkeypatch.setattr(siamdiff.train_vae, "vae_losses", on_call(3, ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(phantom_data, out, TINY)
+    monkeypatch.undo()
+    train_vae(phantom_data, out, replace(TINY, steps=3), resume=True)
+    losses = json.loads((out / INFO_NAME).read_text())["losses"]
+    assert [row["step"] for row in losses] == [2, 3] and "it_per_s" not in losses[-1]
+
+
+def test_an_out_inside_the_dataset_or_a_changed_image_is_refused_up_front(
+    phantom_data: Path, tmp_path: Path
+) -> None:
+    """Inside, the model made the dataset fail verify (and train refuse it); a changed image
+    was trained on without a word."""
+    with pytest.raises(SiamdiffError, match="is, holds or lies inside the dataset"):
+        train_vae(phantom_data, phantom_data / "vae", TINY)
+    assert not (phantom_data / "vae").exists()
+    data = Path(shutil.copytree(phantom_data, tmp_path / "data"))
+    image = data / load_manifest(data).split("train")[0].image
+    image.write_bytes(image.read_bytes()[:-1] + b"x")
+    with pytest.raises(SiamdiffError, match="dataset does not verify"):
+        train_vae(data, tmp_path / "vae", TINY)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_an_error_in_a_loader_worker_ends_the_process(phantom_data: Path, tmp_path: Path) -> None:
+    """Workers ignore SIGTERM: left running after the error, the interpreter's exit waited
+    for them forever."""
+    data = Path(shutil.copytree(phantom_data, tmp_path / "data"))
+    image = data / load_manifest(data).split("train")[0].image
+    image.write_bytes(image.read_bytes()[:300])
+    script = (
+        "from siamdiff.train_vae import VAESettings, train_vae\n"
+        "from siamdiff.errors import SiamdiffError\n"
+        "settings = VAESettings(size=32, steps=40, batch_size=8, widths=(8, 8, 16, 16))\n"
+        "try:\n"
+        f"    train_vae({str(data)!r}, {str(tmp_path / 'vae')!r}, settings, workers=1,"
+        " verify=False)\n"
+        "except SiamdiffError as error:\n"
+        "    print('stopped:', error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0 and "stopped:" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_latent_scale_comes_from_crops_across_the_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first 256 of the training split were CVC-ClinicDB frames only."""
+    drawn = []
+
+    def loader(crops, items, workers):
+        drawn.extend(index for [(index, _)] in items)
+        return [torch.randn(1, 3, 8, 8)]
+
+    class Encoder:
+        def encode(self, images):
+            mode = torch.randn(1, 4, 2, 2)
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mode))
+
+    monkeypatch.setattr(siamdiff.train_vae, "_loader", loader)
+    monkeypatch.setattr(siamdiff.train_vae, "SCALE_IMAGES", 4)
+    crops = list(range(10))
+    siamdiff.train_vae.latent_normalisation(Encoder(), crops, torch.device("cpu"), 0)
+    assert drawn == [0, 3, 6, 9]
+
+
+def test_a_one_row_loss_curve_shows_its_point(tmp_path: Path) -> None:
+    """A run of log_every steps or fewer logs one row: its curve was four empty panels."""
+    from PIL import Image
+
+    from siamdiff.report import save_loss_curve
+
+    log = tmp_path / "losses.jsonl"
+    log.write_text(json.dumps({"step": 12, **dict.fromkeys(LOSS_TERMS, 0.5)}) + "\n")
+    save_loss_curve(log, tmp_path / "curve.png", LOSS_TERMS)
+    pixels = np.asarray(Image.open(tmp_path / "curve.png").convert("RGB")).astype(int)
+    line_colour = np.array([31, 119, 180])  # matplotlib's first colour
+    assert (np.abs(pixels - line_colour).sum(axis=-1) < 30).sum() > 4 * len(LOSS_TERMS)
 
 
 def test_resume_and_overwrite_together_are_refused(phantom_data: Path, tmp_path: Path) -> None:

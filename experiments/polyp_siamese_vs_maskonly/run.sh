@@ -13,7 +13,7 @@
 set -euo pipefail
 main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
 here=$(cd "$(dirname "$0")" && pwd)
-shared=${SHARED:-$(cd "$here/../../.." && pwd)/shared}
+shared=${SHARED:-${SIAMDIFF_SHARED:-$(cd "$here/../../.." && pwd)/shared}}
 work=${WORK:-$here/out}                  # git-ignored
 config=${CONFIG:-$here/cpu.yaml}
 size=${SIZE:-128}

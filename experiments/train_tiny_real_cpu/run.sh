@@ -5,7 +5,7 @@
 # Usage (from the repository root): bash experiments/train_tiny_real_cpu/run.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-shared=${SHARED:-$(cd "$here/../../.." && pwd)/shared}
+shared=${SHARED:-${SIAMDIFF_SHARED:-$(cd "$here/../../.." && pwd)/shared}}
 work=${WORK:-$here/out}            # git-ignored: data, run, cache
 steps=${STEPS:-200}
 # One intra-op thread: on 2 shared cores, OpenMP spin-waiting makes 2 threads slower.

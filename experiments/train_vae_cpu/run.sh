@@ -8,7 +8,7 @@
 # the training.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-shared=${SHARED:-$(cd "$here/../../.." && pwd)/shared}
+shared=${SHARED:-${SIAMDIFF_SHARED:-$(cd "$here/../../.." && pwd)/shared}}
 work=${WORK:-$here/out}            # git-ignored: data, the trained autoencoder
 steps=${STEPS:-800}
 widths=${WIDTHS:-16,32,64,64}

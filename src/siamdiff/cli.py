@@ -200,6 +200,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
         workers=args.workers,
         resume=args.resume,
         overwrite=args.overwrite,
+        verify=not args.no_verify,
     )
     print(
         f"autoencoder written to {out}; train on it with "
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--device", default=None, help=DEVICE_HELP)
     vae.add_argument("--workers", type=at_least(0), default=0, help="DataLoader workers")
     vae.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    no_verify(vae)
     vae.add_argument(
         "--overwrite", action="store_true", help="train again over a finished model in --out"
     )

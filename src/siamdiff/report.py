@@ -53,7 +53,7 @@ def save_loss_curve(
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes, keys, strict=False):
         values = [r[key] for r in rows]
-        ax.plot(steps, values, lw=1.2)
+        ax.plot(steps, values, lw=1.2, marker="o" if len(rows) < 2 else None)  # one row: a dot
         ax.set_title(key)
         ax.set_xlabel("step")
         if all(v > 0 for v in values):

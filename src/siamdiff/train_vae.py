@@ -48,8 +48,14 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 from siamdiff import __version__
-from siamdiff.atomic import atomic_output_dir, atomic_write_json, exclusive_writer, read_json
-from siamdiff.data.manifest import Record, load_manifest
+from siamdiff.atomic import (
+    atomic_output_dir,
+    atomic_write_json,
+    check_apart,
+    exclusive_writer,
+    read_json,
+)
+from siamdiff.data.manifest import Record, load_manifest, require_intact
 from siamdiff.data.readers import load_rgb
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.evaluate.segmenter import split_fingerprint
@@ -319,10 +325,12 @@ def latent_normalisation(
     vae: AutoencoderKL, crops: ImageCrops, device: torch.device, workers: int
 ) -> tuple[float, float]:
     """``(shift_factor, scaling_factor)``: the mean and 1 / the standard deviation of the
-    training latents (posterior modes), so that the diffusion model gets zero-mean,
-    unit-variance inputs. SD's recipe is the scale alone; with so small a KL weight the
-    latents need not be centred, and siamdiff's loader applies the shift too."""
-    items = [[(i, None)] for i in range(min(len(crops), SCALE_IMAGES))]
+    training latents (posterior modes) of up to SCALE_IMAGES crops spread evenly over the
+    split (its first ones would be one source dataset's), so that the diffusion model gets
+    zero-mean, unit-variance inputs. SD's recipe is the scale alone; with so small a KL
+    weight the latents need not be centred, and siamdiff's loader applies the shift too."""
+    chosen = np.linspace(0, len(crops) - 1, min(len(crops), SCALE_IMAGES)).round().astype(int)
+    items = [[(int(i), None)] for i in chosen]
     latents = torch.cat(
         [
             vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
@@ -362,12 +370,17 @@ def train_vae(
     workers: int = 0,
     resume: bool = False,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Train an autoencoder on ``data``'s training split and write it to ``out`` (module
-    docstring); returns ``out``."""
+    docstring); returns ``out``. ``verify``: the dataset is refused up front when its files
+    no longer match its manifest (an edited image would be trained on unnoticed)."""
     settings.check()
     data, out, device = Path(data), Path(out).absolute(), torch.device(device)
+    check_apart(out, data, "the dataset")  # its files would make the dataset fail verify
     manifest = load_manifest(data)
+    if verify:
+        require_intact(data, "pass --no-verify")
     train_split = "train" if manifest.split("train") else None  # a folder of images: all
     held_out_split = None  # no split held out of training: scored on what it trained on
     if train_split is not None:
@@ -438,11 +451,23 @@ def train_vae(
 
         if state is None:
             checkpoint()  # marks the folder as this run's at once: resumable, overwritable
-        batches = _loader(
-            crops, StepBatches(settings, len(crops), step + 1, settings.steps), workers
+        batches = iter(
+            _loader(crops, StepBatches(settings, len(crops), step + 1, settings.steps), workers)
         )
         progress = tqdm(total=settings.steps, initial=step, desc="train-vae", unit="step")
         timed, started = 0, time.perf_counter()
+
+        def log_row() -> None:
+            nonlocal sums, seen, timed, started
+            row = {"step": step, **{k: v / seen for k, v in sums.items()}}
+            if timed:  # none for the row of a run resumed at its last step
+                row["it_per_s"] = timed / (time.perf_counter() - started)
+            with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            progress.set_postfix(loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}")
+            sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
+            timed, started = 0, time.perf_counter()
+
         stop = StopRequest()  # Ctrl-C / SIGTERM: finish the step, checkpoint, exit
         stop.install()
         try:
@@ -467,13 +492,7 @@ def train_vae(
                     sums[key] += terms[key].item()
                 seen, timed = seen + 1, timed + 1
                 if step % settings.log_every == 0 or step == settings.steps:
-                    row = {"step": step, **{k: v / seen for k, v in sums.items()}}
-                    row["it_per_s"] = timed / (time.perf_counter() - started)
-                    with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(row) + "\n")
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}")
-                    sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
-                    timed, started = 0, time.perf_counter()
+                    log_row()
                 if step % settings.checkpoint_every == 0:
                     checkpoint()
                 if stop.requested and step < settings.steps:
@@ -485,6 +504,13 @@ def train_vae(
         finally:
             stop.restore()
             progress.close()
+            # Workers ignore SIGTERM (see ignore_stop_signals): after an error, whose traceback
+            # holds the loader, the interpreter's exit terminated them and waited, forever.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean stop
+            if shutdown is not None:
+                shutdown()
+        if seen:  # a run resumed at its last step: the row its interruption held back
+            log_row()
         if step % settings.checkpoint_every:  # finishing is resumable too
             checkpoint()
         vae.eval()
