@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -608,27 +610,44 @@ def at_least(smallest: int) -> Callable[[str], int]:
 
 class ProgressAsLines:
     """A stderr that is no terminal (a cluster job's log file) written as lines: progress bars
-    redraw with carriage returns, which would make a whole run one line of the log. Each
-    redraw becomes a line (blank ones dropped); other attributes are the stream's."""
+    redraw with carriage returns, which would make a whole run one line of the log. A redraw
+    becomes a line at most every ``interval`` seconds (tqdm's own pacing cannot be relied on:
+    it reads TQDM_MININTERVAL when first imported), a bar's final state always; blank lines
+    are dropped, and other attributes are the stream's."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, interval: float = 0.0) -> None:
         self.stream = stream
+        self.interval = interval
         self.pending = ""  # the unfinished line
         self.redrawn = False  # it is a bar's redraw ("\r" + the whole bar, then a flush)
+        self.held: str | None = None  # the newest redraw not yet in the log
+        self.last = -math.inf  # when a redraw was last written
+
+    def _redraw(self, line: str) -> None:
+        self.held = line
+        if time.monotonic() - self.last >= self.interval:
+            self.stream.write(line + "\n")
+            self.held, self.last = None, time.monotonic()
 
     def write(self, text: str) -> int:
         self.redrawn = self.redrawn or "\r" in text
-        lines = (self.pending + text).replace("\r", "\n").split("\n")
-        self.pending = lines.pop()
-        for line in lines:
-            if line.strip():
+        pieces = re.split(r"([\r\n])", self.pending + text)
+        self.pending = pieces.pop()
+        for line, end in zip(pieces[::2], pieces[1::2], strict=True):
+            if end == "\r" and line.strip():
+                self._redraw(line)
+            elif end == "\n" and line.strip():
                 self.stream.write(line + "\n")
+                self.held = None
+            elif end == "\n" and self.held is not None:  # a bar closed: its final state
+                self.stream.write(self.held + "\n")
+                self.held = None
         return len(text)
 
     def flush(self) -> None:
         if self.redrawn:  # in the log now, not at the next redraw (a cleared bar: dropped)
             if self.pending.strip():
-                self.stream.write(self.pending + "\n")
+                self._redraw(self.pending)
             self.pending, self.redrawn = "", False
         self.stream.flush()
 
@@ -649,16 +668,18 @@ def progress_for_logs() -> Iterator[None]:
     if sys.stderr.isatty() or isinstance(sys.stderr, ProgressAsLines):
         yield
         return
-    stderr, interval = sys.stderr, os.environ.get("TQDM_MININTERVAL")
-    sys.stderr = lines = ProgressAsLines(stderr)
-    os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))
+    stderr = sys.stderr
+    interval = os.environ.get("TQDM_MININTERVAL", str(LOG_PROGRESS_SECONDS))
+    try:
+        seconds = max(float(interval), 0.0)
+    except ValueError:
+        seconds = LOG_PROGRESS_SECONDS
+    sys.stderr = lines = ProgressAsLines(stderr, seconds)
     try:
         yield
     finally:
         lines.finish()
         sys.stderr = stderr
-        if interval is None:
-            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 # What a user does after Ctrl-C, per verb (the others wrote nothing and start again).

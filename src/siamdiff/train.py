@@ -843,7 +843,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                     postfix["mem"] = f"{means['peak_memory_gb']:.1f}G"
                     scalars["memory/peak_gb"] = means["peak_memory_gb"]
                 accelerator.log(scalars, step=step)
-                progress.set_postfix(postfix)
+                progress.set_postfix(postfix, refresh=False)  # tqdm's pace: a log line each
                 if accelerator.is_main_process:
                     with open(log_path, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": step, **means}) + "\n")

@@ -464,7 +464,10 @@ def train_vae(
                 row["it_per_s"] = timed / (time.perf_counter() - started)
             with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-            progress.set_postfix(loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}")
+            # refresh=False: drawn at tqdm's own pace (in a log, a line per redraw)
+            progress.set_postfix(
+                loss=f"{row['loss']:.4f}", ssim=f"{row['ssim']:.3f}", refresh=False
+            )
             sums, seen = dict.fromkeys(LOSS_TERMS, 0.0), 0
             timed, started = 0, time.perf_counter()
 

@@ -34,7 +34,12 @@ def test_train_segmenter_then_evaluate(
     )
     assert (seg / "model.safetensors").is_file()
     val = json.loads((seg / "segmenter.json").read_text())["val"]
-    assert f"validation mDice {val['mdice']:.3f}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"validation mDice {val['mdice']:.3f}" in captured.out
+    # In a log, progress is a line every 30 s: the loss shown each step forced one per step.
+    steps = json.loads((seg / "segmenter.json").read_text())["steps"]
+    bar_lines = [line for line in captured.err.splitlines() if "loss=" in line]
+    assert steps >= 4 and len(bar_lines) <= 2, captured.err
     out = tmp_path / "eval" / "metrics.json"
     assert (
         main(

@@ -352,7 +352,8 @@ def fit_segmenter(
                     total += loss.item()
                     seen += len(images)
                     bar.update()
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                    # refresh=False: drawn at tqdm's own pace (in a log, a line per redraw)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
                 history.append({"epoch": epoch + 1, "loss": total / len(loader)})
         elapsed = time.perf_counter() - started
     record = {

@@ -451,9 +451,17 @@ def local_weights_dir(cfg: Mapping[str, Any]) -> Path | None:
 
 
 def _hub_id_shaped(path: str) -> bool:
-    """``owner/name`` (what diffusers would fetch), not a path to a local folder."""
+    """``owner/name`` (what diffusers would fetch), not a path to a local folder: a missing
+    ``models/polyp-vae`` beside an existing ``models/`` is a mistyped path, not a Hub id (the
+    Hub would be asked, five times over half a minute, and blamed)."""
     parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and ".." not in path
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not path.startswith((".", "~"))
+        and ".." not in path
+        and not Path(parts[0]).exists()
+    )
 
 
 def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
