@@ -230,6 +230,17 @@ def test_progress_bars_in_a_log_file_are_lines_of_their_own() -> None:
     assert rows[-2] == "done"  # the cleared bar (leave=False) left no blank line
 
 
+def test_a_usage_mistake_is_one_line_pointing_at_help(capsys) -> None:
+    """argparse printed its usage block first: several lines for a forgotten option."""
+    with pytest.raises(SystemExit) as exit_status:
+        main(["evaluate", "real", "syn", "--out", "m.json"])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "siamdiff evaluate: error: the following arguments are required: --segmenter "
+        "(see siamdiff evaluate --help)"
+    ]
+
+
 def test_the_command_line_puts_stderr_back(capsys) -> None:
     before = sys.stderr
     assert main(["stats", "/nonexistent/data"]) == 2

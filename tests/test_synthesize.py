@@ -210,6 +210,21 @@ def test_a_larger_per_mask_grows_a_set_to_what_one_run_writes(
     assert files(out) == files(reference)
 
 
+def test_settings_of_a_run_that_made_no_pair_do_not_bind_the_output(
+    exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A run that failed while loading its model left its settings: the corrected command
+    was refused as other settings, though no pair was ever made."""
+    out = tmp_path / "syn"
+    monkeypatch.setattr(synth, "ddim_sample", out_of_memory_on_call(synth.ddim_sample, call=1))
+    with pytest.raises(SiamdiffError, match="out of memory"):
+        sample(exported, phantom_data, out, guidance=7.5)
+    monkeypatch.undo()
+    assert json.loads((out / synth.SETTINGS_NAME).read_text())["guidance"] == 7.5
+    assert sample(exported, phantom_data, out).manifest_written
+    assert json.loads((out / synth.SETTINGS_NAME).read_text())["guidance"] == 9.0
+
+
 def test_a_rerun_rewriting_pairs_has_no_manifest_until_it_is_done(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
 ):

@@ -381,6 +381,9 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise SiamdiffError(f"cannot read ({exc})", settings_path) from exc
+    journaled = any(path.stat().st_size for path in out.glob(".journal-*.jsonl"))
+    if previous is not None and not (journaled or recorded):
+        return  # settings of a run that failed before its first pair: nothing to keep
     if previous is not None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
@@ -416,8 +419,12 @@ def _create_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_NAME
-    if not path.is_file() or json.loads(path.read_text(encoding="utf-8")) != settings:
-        atomic_write_json(path, settings)  # new, or grown (_check_out allowed nothing else)
+    try:
+        same = json.loads(path.read_text(encoding="utf-8")) == settings
+    except (OSError, ValueError):
+        same = False
+    if not same:  # new, grown, or left by a run without a pair (all _check_out allows)
+        atomic_write_json(path, settings)
 
 
 def _wait_for_other_ranks(world_size: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,13 @@ def test_bad_inputs_are_skipped_counted_and_listed(messy: Path, tmp_path: Path) 
     assert sorted(Path(s["file"]).name for s in listed) == sorted(reasons)
     text = summary.format()
     assert "wrote 2 pairs" in text and "skipped 3 files" in text and "empty masks: 1" in text
+    # Reasons naming a file each are one reason on the line, the paths left to the file.
+    many = replace(
+        summary,
+        skipped=[(f"/d/{i}.png", f"same image as /s/{i}.png (kept once)") for i in range(900)],
+    )
+    last = many.format().splitlines()[-1]
+    assert last == f"skipped 900 files (900 same image as … (kept once)); see {SUMMARY_NAME}"
 
 
 def test_drop_empty_and_strict(messy: Path, tmp_path: Path) -> None:

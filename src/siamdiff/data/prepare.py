@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -51,6 +52,8 @@ from siamdiff.errors import SiamdiffError
 
 SUMMARY_NAME = "prepare-summary.json"
 EMPTY_MASK = "empty mask (dropped by --drop-empty)"
+SHOWN_REASONS = 4  # skip reasons on the summary line
+PATH_IN_REASON = re.compile(r"'[^']*'|[^\s()']*/[^\s()']*")  # a quoted name, or a path
 
 
 @dataclass
@@ -92,8 +95,13 @@ class PrepareSummary:
         if self.hints:
             lines.append(f"extra hints: {', '.join(self.hints)}")
         if self.skipped:
-            reasons = Counter(reason for _, reason in self.skipped)
-            detail = "; ".join(f"{n} {r}" for r, n in reasons.most_common())
+            # Reasons without the paths they name (900 duplicates were 900 reasons on one line
+            # of 100 KB), the commonest few; every file and reason is in the summary file.
+            reasons = Counter(PATH_IN_REASON.sub("…", reason) for _, reason in self.skipped)
+            shown = reasons.most_common(SHOWN_REASONS)
+            detail = "; ".join(f"{n} {r}" for r, n in shown)
+            if len(reasons) > len(shown):
+                detail += f"; {len(reasons) - len(shown)} other reasons"
             lines.append(f"skipped {len(self.skipped)} files ({detail}); see {SUMMARY_NAME}")
         return "\n".join(lines)
 
