@@ -18,6 +18,7 @@ def test_export_writes_json_csv_and_chart(study: Study) -> None:
     conn = storage.connect(study.root)
     wanted = {"real": 5, "synthetic": 2}
     codes = []
+    storage.create_rater(conn, "enrolled, never began", study.order)
     for name in ("A", "B"):
         rater = storage.create_rater(conn, name, study.order)
         codes.append(rater.code)

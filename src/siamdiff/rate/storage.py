@@ -170,4 +170,7 @@ def all_answers(study_root: str | Path) -> list[Answer]:
         ).fetchall()
     finally:
         conn.close()
-    return [Answer(f"R{rater:03d}", *rest) for rater, *rest in rows]
+    # Numbered among the raters who answered, in joining order: one who enrolled twice (a
+    # double click) or never began leaves no gap.
+    number = {rater: n for n, rater in enumerate(dict.fromkeys(r[0] for r in rows), start=1)}
+    return [Answer(f"R{number[rater]:03d}", *rest) for rater, *rest in rows]
