@@ -173,6 +173,12 @@ def test_ctrl_c_says_how_to_go_on(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err == (
         "siamdiff: interrupted; the same command again goes on (finished pairs are kept)\n"
     )
+    # Again with --overwrite, it would delete the pairs it kept.
+    assert main(["sample", "model", "--masks", "data", "--out", "syn", "--overwrite"]) == 130
+    assert capsys.readouterr().err == (
+        "siamdiff: interrupted; the same command without --overwrite goes on (finished pairs "
+        "are kept)\n"
+    )
 
 
 class _FailingInAWorker(torch.utils.data.Dataset):

@@ -284,8 +284,11 @@ def test_other_settings_on_an_existing_output_are_refused(
     with pytest.raises(SiamdiffError, match="guidance differs"):
         sample(exported, phantom_data, copied, guidance=7.5)
     assert files(copied) == before
-    sample(exported, phantom_data, copied)  # the same settings: recomputed to the same bytes
+    # The same settings: its manifest lists its finished pairs (they were all sampled again).
+    assert sample(exported, phantom_data, copied).reused == 8
     assert files(copied) == before
+    grown = sample(exported, phantom_data, copied, per_mask=3)  # its manifest goes, pairs stay
+    assert (grown.generated, grown.reused, grown.manifest_written) == (LIMIT, 8, True)
 
     # An output written before control_scale existed was sampled at scale 1: it resumes.
     settings_path = reference / synth.SETTINGS_NAME
@@ -308,6 +311,44 @@ def test_other_settings_on_an_existing_output_are_refused(
         with pytest.raises(SiamdiffError, match="not a siamdiff synthesis output"):
             sample(exported, phantom_data, foreign, overwrite=overwrite)
     assert (foreign / "holiday.jpg").read_bytes() == b"x"
+
+
+def test_an_interrupted_overwrite_never_looks_finished_and_is_overwritten_again(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
+):
+    """Deleted in place, a Ctrl-C left the old manifest over half its files; or the manifest
+    gone first, a folder that --overwrite refused as no synthesis output."""
+    import siamdiff.atomic
+
+    out = tmp_path / "syn"
+    shutil.copytree(reference, out)
+    real_rmtree = shutil.rmtree
+
+    def ctrl_c_half_way(path, *args, **kwargs):
+        for name in (MANIFEST_NAME, synth.SETTINGS_NAME, ".journal-0.jsonl"):
+            (Path(path) / name).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(siamdiff.atomic.shutil, "rmtree", ctrl_c_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        sample(exported, phantom_data, out, overwrite=True)
+    monkeypatch.setattr(siamdiff.atomic.shutil, "rmtree", real_rmtree)
+    assert not (out / MANIFEST_NAME).exists()
+    summary = sample(exported, phantom_data, out, overwrite=True)
+    assert (summary.generated, summary.manifest_written) == (8, True)
+    assert files(out) == files(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # the aside copy cleared
+
+    # Through a symbolic link: the folder it names is replaced and the link kept.
+    (tmp_path / "link").symlink_to(out)
+    summary = sample(exported, phantom_data, tmp_path / "link", overwrite=True)
+    assert summary.generated == 8 and (tmp_path / "link").is_symlink()
+    assert files(out) == files(reference)
+    # The folder it works in cannot be renamed away: refused before anything is deleted.
+    monkeypatch.chdir(out)
+    with pytest.raises(SiamdiffError, match="holds the current directory"):
+        sample(exported, phantom_data, Path("."), overwrite=True)
+    assert files(out) == files(reference)
 
 
 def test_a_real_dataset_is_never_sampled_into_or_deleted(
@@ -397,6 +438,19 @@ def test_augmented_masks_and_exports(exported: Path, phantom_data: Path, tmp_pat
     again = sample(exported, phantom_data, tmp_path / "again", batch_size=BATCH, **kwargs)
     assert again.manifest_written
     assert files(tmp_path / "again") == files(out)
+
+    # Beside a set on the real masks, its samples come with the masks they were drawn on.
+    grid_path = tmp_path / "grid.png"
+    reference = sample(exported, phantom_data, tmp_path / "plain").out
+    synth.comparison_grid(grid_path, phantom_data, [reference, out], split="train", count=LIMIT)
+    grid, tile = png(grid_path), PHANTOM_SIZE + 2
+    assert grid.shape == (LIMIT * tile + 2, 5 * tile + 2, 3)  # mask | real | set | mask | set
+    for row, record in enumerate(r for r in records if r.extra["sample_index"] == 0):
+        cells = [
+            grid[2 + row * tile : (row + 1) * tile, 2 + c * tile : (c + 1) * tile] for c in (3, 4)
+        ]
+        np.testing.assert_array_equal(cells[0][..., 0] > 127, png(out / record.mask) > 0)
+        np.testing.assert_array_equal(cells[1], png(out / record.image))
 
     ids = [r.id for r in records]
     assert set(summary.exports) == {"pranet", "nnunet", "folder"}

@@ -279,6 +279,35 @@ def _move_in(new: Path, out: Path, given: Path) -> None:
         raise _appeared(given) from exc
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be renamed away: the one this
+    process works in (or one above it), or a mount point."""
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise SiamdiffError("holds the current directory: name a new folder for the output", out)
+    if os.path.ismount(out):
+        raise SiamdiffError(
+            "is a mount point, which cannot be replaced: name a folder inside it", out
+        )
+
+
+def remove_tree(out: Path) -> None:
+    """Delete the folder ``out`` (a symlink: where it points), moved out of the way first: a
+    deletion interrupted in place would leave under its name part of its files, its manifest
+    maybe among those left, and look finished. A kill mid-way leaves a hidden sibling that
+    :func:`clear_removed` deletes."""
+    out = out.resolve()
+    doomed = out.with_name(f".{out.name}.deleting-{os.getpid()}")
+    out.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def clear_removed(out: Path) -> None:
+    """Delete what an interrupted :func:`remove_tree` of ``out`` left beside it."""
+    out = out.resolve()
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.deleting-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
@@ -288,17 +317,12 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """
     given = Path(out)
     out = given.resolve()
-    if Path.cwd().resolve().is_relative_to(out):
-        raise SiamdiffError("holds the current directory: name a new folder for the output", given)
+    check_replaceable(given)
     try:
         if out.parent.is_dir():  # first: a swap killed half-way left the previous output aside
             _clear_abandoned(out)
     except OSError as exc:
         raise SiamdiffError(f"cannot clear leftovers ({exc.strerror})", out.parent) from exc
-    if os.path.ismount(out):
-        raise SiamdiffError(
-            "is a mount point, which cannot be replaced: name a folder inside it", given
-        )
     if out.exists() and not overwrite:
         raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
     if out.exists() and not out.is_dir():

@@ -729,5 +729,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         hint = AFTER_INTERRUPT.get(args.verb)
+        if args.verb == "sample" and args.overwrite:  # it would delete the finished pairs
+            hint = "the same command without --overwrite goes on (finished pairs are kept)"
         print(f"siamdiff: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
         return 130

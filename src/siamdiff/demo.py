@@ -7,13 +7,12 @@ Nothing is downloaded; every stage writes what a real run writes.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from siamdiff.atomic import clear_removed, remove_tree
 from siamdiff.config import load_config
 from siamdiff.data.manifest import format_verify, verify
 from siamdiff.data.phantom import make_phantom_dataset
@@ -41,8 +40,7 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
         raise SiamdiffError(f"--train-steps must be at least 1, got {train_steps}")
     if out.is_symlink():
         raise SiamdiffError("is a symbolic link: name the folder itself for the demo", out)
-    for leftover in out.parent.glob(f".{out.name}.deleting-*"):  # an interrupted --overwrite
-        shutil.rmtree(leftover, ignore_errors=True)
+    clear_removed(out)  # an interrupted --overwrite's
     if out.exists() and not out.is_dir():
         raise SiamdiffError("is a file, not a folder for the demo", out)
     if out.exists() and any(out.iterdir()):
@@ -53,11 +51,7 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
                 "holds files the demo did not write; --overwrite replaces only a demo folder",
                 out,
             )
-        # Out of the way first: deleting in place, interrupted after the marker went, would
-        # leave a folder that --overwrite then refuses.
-        doomed = out.with_name(f".{out.name}.deleting-{os.getpid()}")
-        out.rename(doomed)
-        shutil.rmtree(doomed)
+        remove_tree(out)  # in place, interrupted after the marker went, --overwrite would refuse
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by siamdiff demo; --overwrite may replace this folder\n")
     # The demo's tensors are tiny: a second intra-op thread saves little and, when anything else

@@ -11,6 +11,7 @@ Output (``SYN``), the same layout and manifest as ``siamdiff prepare``, so ``ver
     export-{pranet,nnunet,folder}/  optional copies in other tools' layouts
     .settings.json                  what determines the bytes; a rerun must match it
     .journal-{rank}.jsonl           one fsync'd line per finished pair (resume)
+    .journal-manifest.jsonl         the manifest's pairs, in a copy that lost its journals
 
 Sampling is Mask-Diffusion only (method.md, "Sampling"); bf16 autocast on CUDA.
 
@@ -38,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -61,7 +61,10 @@ from siamdiff.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     check_apart,
+    check_replaceable,
+    clear_removed,
     exclusive_writer,
+    remove_tree,
 )
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, PairedDataset, generator_views
 from siamdiff.data.manifest import (
@@ -95,6 +98,7 @@ from siamdiff.sample import SCHEDULERS, ddim_sample
 MASK_AUGMENTATIONS = ("flip", "scale", "shift")
 FORMATS = ("pranet", "nnunet", "folder")
 SETTINGS_NAME = ".settings.json"
+MANIFEST_JOURNAL = ".journal-manifest.jsonl"  # a copy's manifest records, when it has no journal
 GRID_NAME = "samples.png"
 GRID_MASKS = 8
 # Mask augmentation ranges: each flip with p = 0.5, scale about the lesion centre, shift
@@ -297,12 +301,28 @@ class Journal:
                 self.handle.write(b"\n")
 
     def append(self, record: Record) -> None:
-        self.handle.write(json.dumps(asdict(record), sort_keys=True).encode("utf-8") + b"\n")
+        self.handle.write(_journal_line(record))
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _journal_line(record: Record) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _journal_from_manifest(out: Path) -> None:
+    """A copy that lost its dotfiles still lists its pairs in its manifest: they become a
+    journal again, to count as finished (the manifest goes once a rerun rewrites a pair)."""
+    if any(out.glob(".journal-*.jsonl")) or _synthetic_manifest_settings(out) is None:
+        return
+    try:
+        records = load_manifest(out).records
+    except SiamdiffError:  # unreadable: its pairs are sampled again
+        return
+    atomic_write_bytes(out / MANIFEST_JOURNAL, b"".join(map(_journal_line, records)))
 
 
 def _read_journals(out: Path) -> dict[str, list[Record]]:
@@ -373,6 +393,8 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             "exists and is not a siamdiff synthesis output; refusing to use it", out
         )
     if overwrite:
+        if out.exists():
+            check_replaceable(out)
         return
     # A copy that lost its dotfiles still names its settings in its manifest.
     previous: Any = recorded
@@ -415,9 +437,11 @@ def _grows(previous: Any, per_mask: int) -> bool:
 
 
 def _create_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    clear_removed(out)
     if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        remove_tree(out)
+    out.resolve().mkdir(parents=True, exist_ok=True)  # a symlink's target, gone if overwritten
+    _journal_from_manifest(out)
     path = out / SETTINGS_NAME
     try:
         same = json.loads(path.read_text(encoding="utf-8")) == settings
@@ -540,33 +564,38 @@ def comparison_grid(
 ) -> None:
     """A PNG of mask | real | sample 0 of each synthetic dataset, for ``count`` masks of
     ``real_root``'s ``split`` spread over it: models or sampler settings side by side on the
-    same masks (each synthetic dataset sampled from that split)."""
+    same masks (each synthetic dataset sampled from that split). A set sampled with mask
+    augmentation has its own mask column before its samples: those are what they show."""
     roots = [Path(root) for root in synthetic_roots]
-    first = load_manifest(roots[0])
+    manifests = [load_manifest(root) for root in roots]
+    first = manifests[0]
     size = min(load_rgb(roots[0] / first.records[0].image).shape[:2])
     # The masks framed as the first set's model framed them (crop or pad) when sampling.
     framing = GeneratorView.of_synthesis(first.preprocessing.get("synthesis", {})).crop
     view = generator_views(real_root, split, size, view=GeneratorView(crop=framing))
     chosen = spread_subset(sorted(range(len(view)), key=lambda i: view.records[i].id), count)
     by_source = [
-        {
-            r.extra["source_id"]: r
-            for r in load_manifest(root).records
-            if r.extra["sample_index"] == 0
-        }
-        for root in roots
+        {r.extra["source_id"]: r for r in manifest.records if r.extra["sample_index"] == 0}
+        for manifest in manifests
     ]
     columns = [
         torch.stack([view[i]["mask"] for i in chosen]),
         torch.stack([view[i]["image"] for i in chosen]),
     ]
-    for root, records in zip(roots, by_source, strict=True):
+    for root, manifest, records in zip(roots, manifests, by_source, strict=True):
         missing = [view.records[i].id for i in chosen if view.records[i].id not in records]
         if missing:
             raise SiamdiffError(
                 f"has no sample of mask {missing[0]} (sample the {split} split)", root
             )
-        images = [load_rgb(root / records[view.records[i].id].image) for i in chosen]
+        shown = [records[view.records[i].id] for i in chosen]
+        if manifest.preprocessing.get("synthesis", {}).get("mask_aug"):
+            columns.append(
+                torch.stack(
+                    [torch.from_numpy(load_mask(root / r.mask)).float()[None] for r in shown]
+                )
+            )
+        images = [load_rgb(root / record.image) for record in shown]
         columns.append(
             torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1) for im in images]).float()
             / 127.5
