@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from siamdiff.config import load_config
@@ -647,6 +648,77 @@ def test_a_nan_micro_batch_skips_its_whole_accumulation_window(
     assert calls["n"] == 7  # the skipped window's second micro-batch is not even computed
 
 
+def test_a_skipped_window_is_left_out_of_the_logged_losses(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The first micro-batch of a window skipped at its second was averaged into the row,
+    though no step was taken on it."""
+    original = SiameseDiffusion.forward
+    losses: list[float] = []
+
+    def nan_on_the_fourth(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        if len(losses) == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        losses.append(terms["loss"].item())
+        return terms
+
+    monkeypatch.setattr(SiameseDiffusion, "forward", nan_on_the_fourth)
+    run = tmp_path / "run"
+    overrides = ("optim.grad_accum=2", "train.max_steps=2", "train.log_every=2")
+    train(tiny_config(phantom_data, run, "train.sample_every=100", *overrides))
+    (row,) = read_loss_log(run / "losses.jsonl")
+    assert len(losses) == 6 and row["nonfinite_skipped"] == 1
+    stepped = [losses[i] for i in (0, 1, 4, 5)]  # the third was in the skipped window
+    assert row["loss"] == pytest.approx(sum(stepped) / 4, rel=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA fp16 is valid")
+def test_fp16_without_cuda_is_refused(phantom_data: Path, tmp_path: Path):
+    """accelerate's fp16 autocast and loss scaling run on CUDA only: it trained in fp32."""
+    cfg = tiny_config(phantom_data, tmp_path / "run", "train.mixed_precision=fp16")
+    with pytest.raises(SiamdiffError, match="fp16 needs a CUDA GPU"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp16_gradients_nan_at_every_scale_stop_the_run(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """fp16's loss scaler lowered its scale on every NaN gradient and the run went on skipping
+    forever (its scale reaching 0). CUDA's scaler is imitated by torch's CPU one."""
+    import siamdiff.train as train_module
+
+    monkeypatch.setattr(train_module, "check_mixed_precision", lambda cfg: None)
+    original_init, original_backward = Accelerator.__init__, Accelerator.backward
+
+    def with_a_scaler(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.scaler, self.native_amp = torch.amp.GradScaler("cpu"), True
+
+    calls = {"n": 0}
+
+    def nan_gradients_after_the_first(self, loss, **kwargs):
+        original_backward(self, loss, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 1:
+            grads = [p.grad for p in self._models[0].parameters() if p.grad is not None]
+            grads[0].fill_(float("nan"))
+
+    monkeypatch.setattr(Accelerator, "__init__", with_a_scaler)
+    monkeypatch.setattr(Accelerator, "backward", nan_gradients_after_the_first)
+    overrides = ("train.mixed_precision=fp16", "train.max_nonfinite=3", "train.max_steps=5")
+    cfg = tiny_config(phantom_data, tmp_path / "run", "train.sample_every=100", *overrides)
+    AcceleratorState._reset_state()  # one process's state holds one mixed precision
+    try:
+        with pytest.raises(SiamdiffError, match="NaN/Inf in 3 steps in a row at step 1"):
+            train(cfg)
+    finally:
+        AcceleratorState._reset_state()
+    # One step, 17 halvings of the scale from 2**16 to below 1, then 3 counted.
+    assert calls["n"] == 1 + 16 + 3
+
+
 def test_sample_grids_do_not_change_the_training(phantom_data: Path, tmp_path: Path):
     """With dropout, a grid drawn in train mode used dropout and the training RNG: how often
     grids are drawn (which a resume may change) changed the weights."""
@@ -671,6 +743,12 @@ def test_a_resumed_run_replaces_its_tensorboard_rows_past_the_checkpoint(
     events = EventAccumulator(str(run / "tb" / "siamdiff"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]  # step 3 once
+    for checkpoint in checkpoints(run):  # killed before its first checkpoint: from step 0
+        shutil.rmtree(checkpoint)
+    train(tiny_config(phantom_data, run, *overrides), resume=True)
+    events = EventAccumulator(str(run / "tb" / "siamdiff"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]
 
 
 def test_the_preview_grid_spreads_over_the_split() -> None:

@@ -75,6 +75,7 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS_NAME = "checksums.json"
 LOSS_KEYS = ("loss", "mask", "image", "consistency", "augment")
 LOSS_LOG = "losses.jsonl"
+MIN_LOSS_SCALE = 1.0  # fp16: gradients overflowing even at this scale count as NaN/Inf
 # How long a rank waits for the others: rank 0 builds the latent cache alone (a large dataset
 # takes longer than NCCL's default 10 minutes, which would end the run).
 RANK_WAIT = timedelta(hours=12)
@@ -195,12 +196,24 @@ class LossWindow:
         self.seen: int = saved["seen"]  # micro-batches summed
         self.skipped: int = saved["skipped"]  # optimiser steps skipped on NaN/Inf
         self.timed, self.started = 0, time.perf_counter()  # for it/s: this process's only
+        self.pending: list[dict[str, float]] = []  # this accumulation window's, until it steps
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
-        for key in LOSS_KEYS:
-            self.sums[key] += terms[key].detach().float().item()
-        self.seen += 1
+        self.pending.append({key: terms[key].detach().float().item() for key in LOSS_KEYS})
         self.timed += 1
+
+    def stepped(self) -> None:
+        """The window's micro-batches count: the optimiser stepped on them."""
+        for terms in self.pending:
+            for key in LOSS_KEYS:
+                self.sums[key] += terms[key]
+        self.seen += len(self.pending)
+        self.pending = []
+
+    def skip(self) -> None:
+        """The window was skipped (NaN/Inf): its micro-batches trained nothing."""
+        self.pending = []
+        self.skipped += 1
 
     def state(self, accelerator: Accelerator) -> dict[str, Any]:
         """The window so far, its sums averaged over the ranks. Every rank must call it."""
@@ -513,6 +526,16 @@ def build_optimizer(
     return bitsandbytes.optim.AdamW8bit(trainable, **settings)
 
 
+def check_mixed_precision(cfg: DictConfig) -> None:
+    """accelerate runs fp16 autocast and loss scaling on CUDA only: elsewhere an fp16 run
+    trained in fp32 while its config.yaml said fp16."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SiamdiffError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (accelerate's fp16 autocast and loss "
+            "scaling run on CUDA only; here it would train in fp32): use bf16 or no"
+        )
+
+
 def configure_deepspeed(ds_config: dict, cfg: DictConfig, num_processes: int) -> None:
     """Make ``cfg`` what DeepSpeed reads, before ``accelerator.prepare``: the batch (accelerate
     would take it from a prepared DataLoader; ours is our own), gradient accumulation and
@@ -607,6 +630,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             "a DeepSpeed launch needs CUDA GPUs (accelerate runs DeepSpeed on CUDA only); "
             "on CPUs launch with examples/accelerate/ddp.yaml"
         )
+    check_mixed_precision(cfg)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -705,7 +729,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         # A resumed run logs its steps again: TensorBoard drops the killed run's rows past the
         # checkpoint (losses.jsonl is truncated the same way below).
-        purge = {"purge_step": step + 1} if step else {}
+        # From step 0 too: a run killed before its first checkpoint logged rows.
+        purge = {"purge_step": step + 1}
         accelerator.init_trackers("siamdiff", init_kwargs={"tensorboard": purge})
     log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
@@ -808,13 +833,15 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                 # The raw optimizer: accelerate's wrapper keeps gradients between windows.
                 getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
                 window_bad = False
-                window.skipped += 1
+                window.skip()
                 if overflow and accelerator.scaler is not None:
                     # fp16: the scaler unscaled these gradients; overflowing is how it finds
                     # its scale (its first steps do), so it lowers the scale, the run goes on.
+                    # Below MIN_LOSS_SCALE no scale overflows: the gradients are NaN/Inf.
                     accelerator.scaler.update()
                     overflow = False
-                    continue
+                    if accelerator.scaler.get_scale() >= MIN_LOSS_SCALE:
+                        continue
                 overflow = False
                 nonfinite += 1
                 if nonfinite >= cfg.train.max_nonfinite:
@@ -827,6 +854,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             window.add(terms)
             if not accelerator.sync_gradients:
                 continue
+            window.stepped()
             nonfinite = 0
             lr = lr_schedule.get_last_lr()[0]  # the rate this step was taken with
             lr_schedule.step()
