@@ -422,6 +422,7 @@ def test_two_ddp_processes_keep_identical_weights(phantom_data: Path, tmp_path: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights identical on all 2 ranks" in done.stdout + done.stderr
     assert checkpoints(run)[-1].name == "step-00000003"
+    assert done.stdout.count("run written to") == 1
 
 
 def test_logged_losses_are_the_mean_over_every_rank(tmp_path: Path) -> None:

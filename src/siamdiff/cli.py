@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     with exclusive_writer(Path(cfg.run_dir).resolve(), rank, "siamdiff train"):
         run_dir = train(cfg, resume=args.resume)
-    print(f"run written to {run_dir}")
+    if rank == 0:  # a launch's every process would say it
+        print(f"run written to {run_dir}")
     return 0
 
 
