@@ -233,12 +233,28 @@ def test_a_file_in_the_way_of_a_folder_output_is_refused(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path: Path) -> None:
-    (tmp_path / "report.html").mkdir()
+def test_a_failed_write_names_the_output_not_its_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")  # fsync's error names no file
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
     with pytest.raises(OSError) as failure:
         atomic_write_text(tmp_path / "report.html", "<html>")
     assert failure.value.filename == str(tmp_path / "report.html")
-    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_is_not_a_file_is_never_replaced_by_one(tmp_path: Path) -> None:
+    """Renamed over, a device (`--png /dev/null` as root) or a folder was replaced."""
+    (tmp_path / "report.html").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    for path in (tmp_path / "report.html", tmp_path / "pipe"):
+        with pytest.raises(SiamdiffError, match=f"^{path}: exists and is not a file"):
+            atomic_write_text(path, "<html>")
+    assert (tmp_path / "report.html").is_dir() and (tmp_path / "pipe").is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "report.html"]
 
 
 def test_the_writers_lock_refuses_a_second_job_and_leaves_nothing_behind(tmp_path: Path):

@@ -97,7 +97,17 @@ def test_a_bare_no_is_the_mixed_precision_no_not_false(tmp_path: Path) -> None:
         ("backbone.prompt=null", "backbone.prompt must be a string, got None"),
         ("backbone.prompt=[a,b]", "backbone.prompt must be a string"),
         ("data.latent_cache=''", "data.latent_cache must be null or a path, got ''"),
-        ("data.latent_cache=123", "data.latent_cache must be null or a path, got 123"),
+        ("data.latent_cache=1.5", "data.latent_cache must be null or a path, got 1.5"),
+        ("run_dir=2024.10", """run_dir must be a path, got 2024.1 (quote a path that reads as"""),
+        ("backbone.prompt=", "a string, got None (the empty prompt: backbone.prompt=\"''\")"),
+        # A list where a mapping stands, or the reverse: a TypeError traceback before.
+        ("optim.betas[0]=0.8", "(in 'optim.betas[0]=0.8')"),
+        ("optim.betas.0=0.8", "(in 'optim.betas.0=0.8')"),
+        ("data.hints.0=a", "(in 'data.hints.0=a')"),
+        ("data.transforms=[1]", "(in 'data.transforms=[1]')"),
+        ("optim.betas={a:1}", "(in 'optim.betas={a:1}')"),
+        # Settings the chosen kinds never read, saved as if they had run.
+        ("autoencoder.path=/weights", "autoencoder.path is not read by autoencoder.kind=dct"),
     ],
 )
 def test_values_the_loop_would_trip_on_are_one_line_errors(override: str, expected: str) -> None:
@@ -194,6 +204,7 @@ def test_every_local_path_a_run_reads_is_made_absolute(
             "backbone.path=sd",
             "backbone.text_path=clip",
             "autoencoder.path=vae",
+            "autoencoder.kind=taef2",
             "run_dir=runs/x",
             "data.latent_cache=cache.lmdb",
         ],
@@ -202,3 +213,42 @@ def test_every_local_path_a_run_reads_is_made_absolute(
     for key in PATH_KEYS:
         assert Path(OmegaConf.select(absolute, key)).is_absolute(), key
     assert absolute.backbone.text_path == str(tmp_path / "clip")
+    # The shell expands run_dir=~/x, not data.root=~/x (a dotted name is no shell variable).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("tiny", ["data.root=~/data", "data.latent_cache=~/cache.lmdb"])
+    absolute = with_absolute_paths(cfg)
+    assert absolute.data.root == str(tmp_path / "data")
+    assert absolute.data.latent_cache == str(tmp_path / "cache.lmdb")
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_path_that_reads_as_a_number_is_a_path() -> None:
+    assert load_config("tiny", ["run_dir=2024", "data.root=7"]).run_dir == "2024"
+
+
+def test_a_config_file_mixing_lists_and_mappings_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  betas: {a: 1}\n")
+    with pytest.raises(SiamdiffError, match=rf"^{path}: invalid setting"):
+        load_config(path)
+
+
+def test_sd15_refuses_unet_settings_it_never_reads() -> None:
+    """sd15 loads its UNet: block_out_channels=[999,999] was saved in config.yaml, unused."""
+    with pytest.raises(SiamdiffError, match=r"backbone\.unet builds a UNet from config"):
+        load_config("sd15", ["backbone.path=/sd", "backbone.unet.block_out_channels=[8,8]"])
+
+
+def test_a_moved_run_s_config_names_the_folder_it_is_in(tmp_path: Path) -> None:
+    """Resumed as `train MOVED/config.yaml --resume`, it started again at its old path."""
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    saved = load_config("tiny", ["data.root=/d", f"run_dir={tmp_path / 'old'}"])
+    (moved / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert load_config(moved / "config.yaml").run_dir == str(moved)
+    elsewhere = str(tmp_path / "fork")
+    assert load_config(moved / "config.yaml", [f"run_dir={elsewhere}"]).run_dir == elsewhere
+    template = tmp_path / "template"  # a config.yaml without its run: a file like any other
+    template.mkdir()
+    (template / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert load_config(template / "config.yaml").run_dir == str(tmp_path / "old")

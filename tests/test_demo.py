@@ -94,3 +94,7 @@ def test_an_interrupted_overwrite_can_be_overwritten_again(tmp_path: Path, monke
     (tmp_path / "link").symlink_to(out)
     with pytest.raises(demo.SiamdiffError, match="link: is a symbolic link"):
         demo.run_demo(tmp_path / "link", overwrite=True)
+    monkeypatch.chdir(out)  # `--out .`: a ValueError traceback, or the cwd deleted under it
+    with pytest.raises(demo.SiamdiffError, match="holds the current directory"):
+        demo.run_demo(Path("."), overwrite=True)
+    assert (out / demo.MARKER).is_file()

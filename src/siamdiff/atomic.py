@@ -74,6 +74,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
+    if path.exists() and not path.is_file():  # as root, a device (/dev/null) would be replaced
+        raise SiamdiffError(
+            "exists and is not a file (a folder, device or pipe): name a file", path
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_file(path.parent, f".{path.name}.", ".tmp")
     try:

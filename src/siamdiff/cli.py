@@ -295,7 +295,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 class OneLineParser(argparse.ArgumentParser):
     """A usage mistake is one line, like every other error, pointing at --help (argparse
-    prints its usage block first)."""
+    prints its usage block first). Options are never abbreviated: a typo such as `--resum`
+    is an error, not silently an option it begins, whose meaning a new option would change."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from siamdiff.atomic import clear_removed, remove_tree
+from siamdiff.atomic import check_replaceable, clear_removed, remove_tree
 from siamdiff.config import load_config
 from siamdiff.data.manifest import format_verify, verify
 from siamdiff.data.phantom import make_phantom_dataset
@@ -51,6 +51,7 @@ def run_demo(out: Path, train_steps: int = 400, overwrite: bool = False) -> Path
                 "holds files the demo did not write; --overwrite replaces only a demo folder",
                 out,
             )
+        check_replaceable(out)
         remove_tree(out)  # in place, interrupted after the marker went, --overwrite would refuse
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by siamdiff demo; --overwrite may replace this folder\n")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, check_apart, read_json
-from siamdiff.config import load_config
+from siamdiff.config import RUN_CONFIG, load_config
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder, local_weights_dir
 from siamdiff.models.backbone import (
@@ -293,7 +293,7 @@ def export_run(
         problem = checkpoint_problem(chosen)
         if problem:
             raise SiamdiffError(f"damaged checkpoint: {problem}", chosen)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / RUN_CONFIG)
     model, autoencoder, _ = build_model(cfg)
     weights = load_file(chosen / "model.safetensors")
     try:

@@ -204,7 +204,7 @@ class ModelSource:
 def resolve_model(path: str | Path) -> ModelSource:
     """An export directory (has siamdiff.json) or a training run (its newest checkpoint that
     passes its checksums)."""
-    from siamdiff.config import load_config
+    from siamdiff.config import RUN_CONFIG, load_config
     from siamdiff.train import checkpoints, last_valid_checkpoint  # the run layout's owner
 
     path = Path(path).resolve()
@@ -225,7 +225,7 @@ def resolve_model(path: str | Path) -> ModelSource:
         raise SiamdiffError(
             f"neither an export ({META_NAME}) nor a training run with checkpoints", path
         )
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(path / RUN_CONFIG)
     chosen = last_valid_checkpoint(path)  # a damaged newest one is skipped, as on resume
     return ModelSource(
         None,

@@ -55,7 +55,7 @@ from siamdiff.atomic import (
     fsync_dir,
     fsync_tree,
 )
-from siamdiff.config import check_resume_config, with_absolute_paths
+from siamdiff.config import RUN_CONFIG, check_resume_config, with_absolute_paths
 from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cache
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import load_manifest, require_intact, sha256_file
@@ -613,13 +613,13 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         not existing
         and run_dir.is_dir()
         and any(run_dir.iterdir())
-        and not (run_dir / "config.yaml").is_file()
+        and not (run_dir / RUN_CONFIG).is_file()
     ):
         raise SiamdiffError("exists and is not a siamdiff run: choose another run_dir", run_dir)
     if not resume and existing:
         raise SiamdiffError("already holds checkpoints: pass --resume or another run_dir=", run_dir)
     if resume and existing:
-        check_resume_config(run_dir / "config.yaml", cfg)
+        check_resume_config(run_dir / RUN_CONFIG, cfg)
     elif resume:  # a requeued job's first start, or a mistyped run_dir
         print(f"--resume: no checkpoint in {run_dir}, starting at step 0", file=sys.stderr)
 
@@ -726,7 +726,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         for partial in (run_dir / "checkpoints").glob("step-*.partial"):  # a killed save's
             shutil.rmtree(partial, ignore_errors=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg))
         # A resumed run logs its steps again: TensorBoard drops the killed run's rows past the
         # checkpoint (losses.jsonl is truncated the same way below).
         # From step 0 too: a run killed before its first checkpoint logged rows.

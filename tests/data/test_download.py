@@ -121,6 +121,20 @@ def test_a_local_archive_path_works_and_a_wrong_one_is_one_line(dest: Path, tmp_
     _fails(other, str(tmp_path / "missing.zip"), "is neither a URL nor an existing file")
     _fails(other, "gopher://example.org/kvasir-seg.zip", "download failed")
     _fails(other, "://kvasir-seg.zip", "not a URL urllib can open")
+    page = tmp_path / "downloads" / "kvasir-seg.html"  # a browser saved the page, not the zip
+    page.write_text("<html>")
+    _fails(other, str(page), f"^{page}: is not a valid zip archive")
+
+
+def test_an_entry_clashing_with_another_names_it(dest: Path, tmp_path: Path):
+    """A file `masks` beside `masks/b.jpg`: the error named a temporary file, gone since."""
+    archive = tmp_path / "kvasir-seg.zip"
+    _write_zip(archive, {"Kvasir-SEG/masks": b"x", **_kvasir_entries()})
+    final = dest / KVASIR_FOLDER / "masks"
+    match = rf"^{final}/a\.jpg: cannot write archive entry 'Kvasir-SEG/masks/a\.jpg' \("
+    with pytest.raises(SiamdiffError, match=match):
+        download_kvasir(dest, url=str(archive), progress=False)
+    assert list(dest.iterdir()) == []
 
 
 def test_existing_destination_needs_overwrite(served, dest: Path):
@@ -241,7 +255,9 @@ def test_a_failed_write_names_the_file(served, dest: Path, monkeypatch: pytest.M
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(download_module.os, "fsync", disk_full)
-    with pytest.raises(SiamdiffError, match=r"\.jpg: cannot write \(No space left on device\)"):
+    with pytest.raises(
+        SiamdiffError, match=r"\.jpg: cannot write archive entry '[^']+\.jpg' \(No space"
+    ):
         download_kvasir(dest, url=f"{base}/kvasir-seg.zip", progress=False)
     assert list(dest.iterdir()) == []
 

@@ -21,6 +21,7 @@ from siamdiff.models.autoencoder import (
     TAEF2_ENCODER_FILE,
     LatentAutoencoder,
     load_autoencoder,
+    local_weights_dir,
     random_kl_vae,
 )
 
@@ -316,3 +317,15 @@ def test_dct_autoencoder_on_real_frames(shared_data: Path) -> None:
     assert 0.5 < latents.std().item() < 1.5  # standardised coefficients
     mse = ((autoencoder.decode(latents) - images) ** 2).mean(dim=(1, 2, 3))
     assert (10 * torch.log10(4 / mse)).mean() > 26  # a blurry but faithful JPEG-like copy
+
+
+def test_the_weights_folder_is_the_one_loading_reads(tmp_path: Path) -> None:
+    """taef2 loads from its path whatever subfolder says; export looked in the subfolder."""
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    (tmp_path / "sd" / "vae" / "config.json").write_text("{}")
+    taef2 = {"kind": "taef2", "path": str(tmp_path), "subfolder": "bogus"}
+    assert local_weights_dir(taef2) == tmp_path
+    kl = {"kind": "diffusers-kl", "path": str(tmp_path / "sd"), "subfolder": None}
+    assert local_weights_dir(kl) == tmp_path / "sd" / "vae"  # a pipeline folder's VAE
+    assert local_weights_dir(kl | {"subfolder": "vae"}) == tmp_path / "sd" / "vae"
+    assert local_weights_dir({"kind": "dct", "path": None}) is None

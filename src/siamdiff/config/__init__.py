@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from siamdiff.errors import SiamdiffError, first_line
 
 CONFIG_DIR = Path(__file__).parent
+RUN_CONFIG = "config.yaml"  # the resolved config a training run saves in its folder
 BUILTIN = ("tiny", "scratch", "sd15")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -203,14 +204,51 @@ def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]
             )
     if cfg.train.mixed_precision is False:  # YAML reads a bare `no` as false
         cfg.train.mixed_precision = "no"
+    for key in PATH_KEYS:  # YAML reads run_dir=2024 as a number
+        value = OmegaConf.select(cfg, key, default=MISSING)
+        if isinstance(value, int) and not isinstance(value, bool):
+            OmegaConf.update(cfg, key, str(value))
     checks = {"train.mixed_precision": _one_of(MIXED_PRECISION), **VALUE_CHECKS}
     for key, (ok, expected) in checks.items():
         value = OmegaConf.select(cfg, key, default=MISSING)
         if value is not MISSING and not ok(value):  # a missing (???) one is asked for by name
-            raise SiamdiffError(f"{key} must be {expected}, got {value!r}", source(key))
+            raise SiamdiffError(
+                f"{key} must be {expected}, got {value!r}{_quoting_hint(key, value)}", source(key)
+            )
+    _refuse_unread(cfg, source)
 
 
-def _invalid(exc: OmegaConfBaseException) -> str:
+def _quoting_hint(key: str, value: Any) -> str:
+    """How to write what YAML read as something else: a number, or an empty value as null."""
+    if key in PATH_KEYS and isinstance(value, float):
+        return f" (quote a path that reads as a number: {key}=\"'PATH'\")"
+    if key == "backbone.prompt" and value is None:
+        return " (the empty prompt: backbone.prompt=\"''\")"
+    return ""
+
+
+def _refuse_unread(cfg: DictConfig, source: Callable[[str], str | Path]) -> None:
+    """Settings the chosen kinds never read: given, they would be saved as if they ran."""
+    if cfg.backbone.kind == "sd15" and cfg.backbone.unet:
+        raise SiamdiffError(
+            "backbone.unet builds a UNet from config (tiny, scratch); sd15 loads its UNet from "
+            "backbone.path: leave it out",
+            source("backbone.unet"),
+        )
+    kind = cfg.autoencoder.kind
+    if kind in ("dct", "random") and OmegaConf.select(cfg, "autoencoder.path") is not None:
+        raise SiamdiffError(
+            f"autoencoder.path is not read by autoencoder.kind={kind} (no weights): set "
+            "autoencoder.kind to the kind of those weights (taef2, diffusers-kl, diffusers-tiny)",
+            source("autoencoder.path"),
+        )
+
+
+# A list set where a mapping stands (or the reverse) fails as a plain TypeError or ValueError.
+MERGE_ERRORS = (OmegaConfBaseException, TypeError, ValueError)
+
+
+def _invalid(exc: Exception) -> str:
     key = getattr(exc, "full_key", None)
     return (
         f"invalid setting {key}: {first_line(exc)}"
@@ -255,15 +293,30 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         raise SiamdiffError(f"override {bad!r} is not key=value")
     try:
         cfg = OmegaConf.merge(base, _read_yaml(path))
-    except OmegaConfBaseException as exc:
+    except MERGE_ERRORS as exc:
         raise SiamdiffError(_invalid(exc), path) from exc
+    for override in overrides:  # one at a time, to name the one that fails
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except MERGE_ERRORS as exc:
+            raise SiamdiffError(f"command line: {_invalid(exc)} (in {override!r})") from exc
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
-    _check_values(cfg, base, path, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    _check_values(cfg, base, path, given)
+    if "run_dir" not in given:
+        _follow_moved_run(cfg, path)
     return cfg
+
+
+def _follow_moved_run(cfg: DictConfig, path: Path) -> None:
+    """A run's own config.yaml names the folder the run was written in: moved (or copied)
+    with its run, it means the folder it is in now (not a fresh run at the old place)."""
+    here = path.resolve().parent
+    if path.name == RUN_CONFIG and (here / "checkpoints").is_dir():
+        cfg.run_dir = str(here)
 
 
 # Local paths a run reads; relative ones would mean another file from another directory.
@@ -303,7 +356,12 @@ def with_absolute_paths(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, str) and (key in WRITTEN_PATHS or Path(value).exists()):
+        if not isinstance(value, str):
+            continue
+        if value.startswith("~"):  # the shell expands ~ in run_dir=~/x, not in data.root=~/x
+            value = str(Path(value).expanduser())
+            OmegaConf.update(cfg, key, value)
+        if key in WRITTEN_PATHS or Path(value).exists():
             OmegaConf.update(cfg, key, str(Path(value).resolve()))
     return cfg
 

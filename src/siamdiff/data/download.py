@@ -111,9 +111,10 @@ def _read_member(src: IO[bytes]) -> bytes:
         raise _ArchiveReadError(exc) from exc
 
 
-def _unpack_member(src: IO[bytes], target: Path) -> None:
-    """Copy one archive member to ``target``, fsync'd; a failed write (a full disk, a file-size
-    limit) names ``target``, a failed read propagates to the caller."""
+def _unpack_member(src: IO[bytes], target: Path, name: str, shown: Path) -> None:
+    """Copy the archive member ``name`` to ``target``, fsync'd; a failed write (a full disk, a
+    file-size limit, an entry clashing with another) names it and ``shown``, where it was
+    going (``target`` lies in a temporary folder, gone by then); a failed read propagates."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as dst:
@@ -122,10 +123,13 @@ def _unpack_member(src: IO[bytes], target: Path) -> None:
             dst.flush()
             os.fsync(dst.fileno())
     except OSError as exc:
-        raise SiamdiffError(f"cannot write ({exc.strerror or exc})", target) from exc
+        raise SiamdiffError(
+            f"cannot write archive entry {name!r} ({exc.strerror or exc})", shown
+        ) from exc
 
 
-def _extract(archive: Path, out: Path, url: str) -> None:
+def _extract(archive: Path, out: Path, url: str, final: Path) -> None:
+    """Unpack ``archive`` (from ``url``) into ``out``, the temporary folder of ``final``."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.filename.startswith("__MACOSX/")]
@@ -135,13 +139,14 @@ def _extract(archive: Path, out: Path, url: str) -> None:
             for member in members:
                 if member.is_dir() or not member.filename.startswith(prefix):
                     continue
+                relative = member.filename[len(prefix) :]
                 with zf.open(member) as src:
-                    _unpack_member(src, out / member.filename[len(prefix) :])
+                    _unpack_member(src, out / relative, member.filename, final / relative)
     except _ArchiveReadError as exc:
         reason = exc.__cause__
         raise SiamdiffError(f"cannot unpack the archive ({reason})", url) from reason
     except _ARCHIVE_ERRORS as exc:
-        raise SiamdiffError(f"downloaded file is not a valid zip archive ({exc})", url) from exc
+        raise SiamdiffError(f"is not a valid zip archive ({exc})", url) from exc
 
 
 def checked_sha256(text: str) -> str:
@@ -169,9 +174,11 @@ def download_kvasir(
     URL and leaves nothing new inside ``dest``.
     """
     expected = None if expected_sha256 is None else checked_sha256(expected_sha256)
+    source = url  # what errors name: the URL, or the archive's path
     if "://" not in url:  # an archive already on disk (a browser download, a lab mirror)
         if not Path(url).is_file():
             raise SiamdiffError("is neither a URL nor an existing file", url)
+        source = str(Path(url).resolve())
         url = Path(url).resolve().as_uri()
     target = Path(dest) / KVASIR_FOLDER
     # The archive lies inside the output's temporary folder: a killed download is cleared
@@ -180,7 +187,7 @@ def download_kvasir(
         archive = out / ".kvasir-seg.zip"
         sha256 = _fetch(url, archive, progress, timeout)
         if expected is not None and sha256 != expected:
-            raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", url)
-        _extract(archive, out, url)
+            raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", source)
+        _extract(archive, out, source, target)
         archive.unlink()
     return target

@@ -444,10 +444,10 @@ def local_weights_dir(cfg: Mapping[str, Any]) -> Path | None:
     path, subfolder = cfg.get("path"), cfg.get("subfolder")
     if cfg.get("kind") in ("dct", "random") or not path or not Path(path).is_dir():
         return None
+    if cfg.get("kind") == "taef2":  # loaded from path itself, as load_autoencoder does
+        return Path(path)
     local = Path(path, subfolder or "")
-    if cfg.get("kind") != "taef2" and not subfolder and _pipeline_vae(local):
-        return local / "vae"
-    return local
+    return local / "vae" if not subfolder and _pipeline_vae(local) else local
 
 
 def _hub_id_shaped(path: str) -> bool:
