@@ -245,6 +245,12 @@ def test_a_usage_mistake_is_one_line_pointing_at_help(capsys) -> None:
         "siamdiff evaluate: error: the following arguments are required: --segmenter "
         "(see siamdiff evaluate --help)"
     ]
+    # A typo is no abbreviation: `--resum` trained as `--resume`, `--overw` replaced outputs.
+    for typo in (["train", "tiny", "--resum"], ["demo", "--overw"]):
+        with pytest.raises(SystemExit) as exit_status:
+            main(typo)
+        assert exit_status.value.code == 2
+        assert f"unrecognized arguments: {typo[-1]}" in capsys.readouterr().err
 
 
 def test_the_command_line_puts_stderr_back(capsys) -> None:
