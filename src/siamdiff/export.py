@@ -327,9 +327,16 @@ def export_run(
             "source_run": str(run.resolve()),
             "step": state["step"],
             "weights_sha256": weights_digest(chosen),
+            "trained_on": trained_on(cfg),
         },
         copy_autoencoder=copy_autoencoder,
     )
+
+
+def trained_on(cfg: Any) -> dict[str, Any]:
+    """Which images a run learned from: a segmentation utility must never score a generator
+    on test images it was trained on."""
+    return {"data": str(cfg.data.root), "split": cfg.data.split}
 
 
 def weights_digest(checkpoint: Path) -> str | None:

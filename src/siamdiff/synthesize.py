@@ -87,6 +87,7 @@ from siamdiff.export import (
     export_hints,
     export_run,
     load_export,
+    trained_on,
     weights_digest,
 )
 from siamdiff.models.backbone import TRAIN_TIMESTEPS
@@ -184,6 +185,7 @@ class ModelSource:
     hints: tuple[str, ...] = ()
     crop: str = "crop"  # data.transforms.crop of its training: how its masks are framed
     weights: str | None = None  # SHA-256 of its model.safetensors (None: an older export)
+    trained_on: dict[str, Any] | None = None  # export.trained_on (None: an older export)
 
     @property
     def label(self) -> str:
@@ -218,8 +220,8 @@ def resolve_model(path: str | Path) -> ModelSource:
             raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
         hints = export_hints(meta, meta_path)
-        weights = meta.get("weights_sha256")
-        return ModelSource(path, None, None, resolution, identity, hints, crop, weights)
+        weights, data = meta.get("weights_sha256"), meta.get("trained_on")
+        return ModelSource(path, None, None, resolution, identity, hints, crop, weights, data)
     found = checkpoints(path) if path.is_dir() else []
     if not found:
         raise SiamdiffError(
@@ -236,6 +238,7 @@ def resolve_model(path: str | Path) -> ModelSource:
         tuple(cfg.data.hints),
         str(cfg.data.transforms.crop),
         weights_digest(chosen),
+        trained_on(cfg),
     )
 
 
@@ -410,7 +413,7 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
         previous = LATER_SETTINGS | previous
-        for later in ("precision", "model_weights"):  # older outputs lack them
+        for later in ("precision", "model_weights", "model_trained_on"):  # older lack them
             previous.setdefault(later, settings[later])
         if previous != settings:
             changed = sorted(
@@ -812,6 +815,7 @@ def synthesize(
         "model_identity": source.identity,
         # A run trained again at the same path, or re-exported over: other weights, same names.
         "model_weights": source.weights,
+        "model_trained_on": source.trained_on,
         "masks": str(masks_root),
         "split": split,
         "limit": limit,

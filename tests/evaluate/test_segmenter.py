@@ -163,3 +163,25 @@ def test_bad_settings_and_files_are_one_line_errors(
     (broken / WEIGHTS_NAME).write_bytes((segmenter_dir / WEIGHTS_NAME).read_bytes())
     with pytest.raises(SiamdiffError, match="do not fit a fpn/resnet18 segmenter"):
         load_segmenter(broken)
+
+
+def test_a_segmenter_with_nan_weights_is_refused_not_scored_zero(
+    segmenter_dir: Path, real_root: Path, tmp_path: Path
+) -> None:
+    """A NaN head predicted no lesion anywhere: mask fidelity read 0.000, as if measured."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(segmenter_dir / WEIGHTS_NAME)
+    head = next(name for name in state if name.startswith("segmentation_head"))
+    state[head] = torch.full_like(state[head], float("nan"))
+    broken = tmp_path / "nan"
+    broken.mkdir()
+    (broken / CONFIG_NAME).write_bytes((segmenter_dir / CONFIG_NAME).read_bytes())
+    save_file(state, broken / WEIGHTS_NAME)
+    with pytest.raises(SiamdiffError, match=rf"^{broken / WEIGHTS_NAME}: 1 weight tensors hold"):
+        load_segmenter(broken)
+    segmenter = load_segmenter(segmenter_dir)  # diverged in memory, as a model mid-training
+    with torch.no_grad():
+        segmenter.model.segmentation_head[0].weight.fill_(float("nan"))
+    with pytest.raises(SiamdiffError, match="segmenter predictions are not finite"):
+        score_segmenter(segmenter, frames(real_root, "val", SIZE))

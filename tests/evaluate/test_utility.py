@@ -12,6 +12,7 @@ import pytest
 from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.metrics import evaluate, summary_rows
+from siamdiff.evaluate.segmenter import training_set
 from siamdiff.evaluate.utility import MATCHED, mean_std, segmentation_utility
 
 
@@ -105,6 +106,19 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
     out = tmp_path / "metrics.json"
     with pytest.raises(SiamdiffError, match=expected):
         evaluate(real_root, leaking, out, segmenter_dir=segmenter_dir, utility=True, progress=False)
+    # Sampled from training masks, by a model that learned from every split (test included).
+    manifest["records"][0]["split"] = "train"
+    generator = {"data": str(real_root), "split": None}
+    manifest["preprocessing"]["synthesis"] = {"model_trained_on": generator}
+    (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
+    expected = "was sampled by a model trained on every split of .*: a segmenter trained on"
+    with pytest.raises(SiamdiffError, match=expected):
+        evaluate(real_root, leaking, out, segmenter_dir=segmenter_dir, utility=True, progress=False)
+    with pytest.raises(SiamdiffError, match=expected):  # `train-segmenter --extra` too
+        training_set(real_root, (leaking,), 32)
+    generator["split"] = "train"
+    (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert len(training_set(real_root, (leaking,), 32)[0]) == 36
     with pytest.raises(SiamdiffError, match="at least one architecture and one seed"):
         evaluate(
             real_root,

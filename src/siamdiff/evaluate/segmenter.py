@@ -106,6 +106,15 @@ def training_split(manifest: Manifest, root: str | Path) -> str | None:
             "(sample with --masks DATA:train)",
             root,
         )
+    generator = manifest.preprocessing.get("synthesis", {}).get("model_trained_on") or {}
+    if generator.get("split", "train") != "train":  # sets of older versions recorded none
+        learned = "every split" if generator["split"] is None else f"the {generator['split']} split"
+        raise SiamdiffError(
+            f"was sampled by a model trained on {learned} of {generator.get('data')}: a "
+            "segmenter trained on its images would learn the test images it is scored on "
+            "(train the generator with data.split=train)",
+            root,
+        )
     return None
 
 
@@ -224,6 +233,11 @@ class Segmenter:
             logits = self.model.segmentation_head(self.model.decoder(stages))
             if logits.shape[-2:] != images.shape[-2:]:
                 logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear")
+            if not torch.isfinite(logits).all():
+                raise SiamdiffError(
+                    "segmenter predictions are not finite (it diverged?): its Dice would read "
+                    "as no lesion found; retrain it"
+                )
             return torch.sigmoid(logits).float().cpu(), self._pool(stages)
 
 
@@ -469,4 +483,11 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
         raise SiamdiffError(
             f"weights do not fit a {spec.arch}/{spec.encoder} segmenter", weights
         ) from exc
+    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if broken:  # a NaN head predicts no lesion anywhere, scored as a measured Dice of 0
+        raise SiamdiffError(
+            f"{len(broken)} weight tensors hold NaN/Inf ({broken[0]}, ...): the segmenter "
+            "diverged or the file is damaged; retrain it",
+            weights,
+        )
     return Segmenter(model, spec, device)
