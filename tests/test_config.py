@@ -252,3 +252,26 @@ def test_a_moved_run_s_config_names_the_folder_it_is_in(tmp_path: Path) -> None:
     template.mkdir()
     (template / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     assert load_config(template / "config.yaml").run_dir == str(tmp_path / "old")
+
+
+@pytest.mark.parametrize(
+    ("saved", "meant"),
+    [(None, "epsilon"), ("auto", "v_prediction"), ("epsilon", "epsilon")],
+)
+def test_a_run_keeps_the_target_it_was_trained_on(
+    tmp_path: Path, saved: str | None, meant: str
+) -> None:
+    """Runs from before backbone.prediction_type existed trained on epsilon; `auto` saved by
+    later ones meant v_prediction. Read with today's default, both would be retargeted."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    written = OmegaConf.to_container(load_config("tiny", ["data.root=/d"]))
+    if saved is None:
+        del written["backbone"]["prediction_type"]
+    else:
+        written["backbone"]["prediction_type"] = saved
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(written))
+    assert load_config(run / "config.yaml").backbone.prediction_type == meant
+    (run / "checkpoints").rmdir()  # a config file like any other: auto is today's auto
+    expected = "auto" if saved in (None, "auto") else saved
+    assert load_config(run / "config.yaml").backbone.prediction_type == expected

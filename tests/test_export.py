@@ -129,6 +129,12 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
     save_file({k: v for k, v in state.items() if not k.startswith("conv_out.")}, weights)
     with pytest.raises(SiamdiffError, match="UNet weights are incomplete"):
         load_export(out)
+    export_run(trained_run, out, overwrite=True)
+    scheduler = out / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "x"}))
+    with pytest.raises(SiamdiffError, match=r"scheduler: prediction_type 'x' is not supported"):
+        load_export(out)
+    assert json.loads((out / "siamdiff.json").read_text())["trained_on"]["split"] == "train"
 
 
 def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(

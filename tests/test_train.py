@@ -70,6 +70,8 @@ def test_run_directory_holds_everything_a_user_looks_at(phantom_data: Path, tmp_
     assert state["loss_window"]["seen"] == 0  # logged at step 4: a new window
     assert state["data_pairs"] == len(PairedDataset(phantom_data))
     assert load_config(run / "config.yaml").train.max_steps == 4
+    written = (run / "config.yaml").read_text()
+    assert "prediction_type: v_prediction" in written  # `auto`, saved as what it trained on
     rows = read_loss_log(run / "losses.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) >= {"loss", "mask", "image", "consistency", "augment", "lr"}

@@ -43,6 +43,7 @@ from siamdiff.models.backbone import (
     LearnedTextConditioner,
     TextConditioner,
     build_backbone,
+    check_prediction_type,
 )
 from siamdiff.models.dhi import BASE_HINT_CHANNELS
 from siamdiff.models.loading import load_complete
@@ -221,8 +222,9 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
             text=_load_text(path / "text", meta["text"]),
             noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler", **local),
         )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise SiamdiffError(f"incomplete export ({first_line(exc)})", path) from exc
+    check_prediction_type(backbone.noise_scheduler, path / "scheduler")
     hints = export_hints(meta, meta_path)
     if backbone.controlnet.config.conditioning_channels != BASE_HINT_CHANNELS + len(hints):
         raise SiamdiffError(

@@ -64,7 +64,12 @@ from siamdiff.data.transforms import VIEW_VERSION, TransformConfig, build_transf
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
-from siamdiff.models.backbone import drop_prompts, freeze_for_training
+from siamdiff.models.backbone import (
+    FROM_SCRATCH_PREDICTION_TYPE,
+    drop_prompts,
+    freeze_for_training,
+    requested_prediction_type,
+)
 from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.models.speed import apply_levers, parse_levers
@@ -597,6 +602,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             "data.root is not set: pass data.root=DIR (a `siamdiff prepare` output)"
         )
     cfg = with_absolute_paths(cfg)  # config.yaml then means the same files from anywhere
+    auto = requested_prediction_type(cfg.backbone.prediction_type) is None
+    if auto and cfg.backbone.kind != "sd15":
+        # Saved as trained: a later default for `auto` must not retarget this network.
+        cfg.backbone.prediction_type = FROM_SCRATCH_PREDICTION_TYPE
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise SiamdiffError("is a file: run_dir names a folder", run_dir)

@@ -275,3 +275,31 @@ def test_damaged_text_encoder_or_tokenizer_is_one_line(tmp_path: Path) -> None:
     (root / "tokenizer").mkdir()  # loaded, then failed at the first prompt
     with pytest.raises(SiamdiffError, match="tokenizer: holds no tokenizer vocabulary"):
         build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+
+
+def test_fp16_variant_weights_alone_are_found(tmp_path: Path) -> None:
+    """A folder saved with variant="fp16" (or a download of only *.fp16.* files): "no file
+    named model.safetensors", though the weights were there."""
+    root = write_fake_sd15(tmp_path)
+    reference = build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    for folder, model in (("unet", reference.unet), ("text_encoder", reference.text.text_encoder)):
+        for weights in (root / folder).glob("*.safetensors"):
+            weights.unlink()
+        model.half().save_pretrained(root / folder, variant="fp16")
+    backbone = build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    assert backbone.text([PROMPT]).dtype == torch.float32
+    weight = backbone.unet.conv_in.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, reference.unet.conv_in.weight.float())
+
+
+def test_a_text_encoder_of_another_size_is_one_line(tmp_path: Path) -> None:
+    """transformers raises a RuntimeError for mismatched sizes: a traceback, exit status 1."""
+    root = write_fake_sd15(tmp_path)
+    config_path = root / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vocab_size"] = 20
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SiamdiffError, match="cannot load the CLIP text encoder") as error:
+        build_backbone({"kind": "sd15", "path": str(root), "text": "clip"}, 4)
+    assert "\n" not in str(error.value)

@@ -292,7 +292,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     for bad in (o for o in overrides if "=" not in o):
         raise SiamdiffError(f"override {bad!r} is not key=value")
     try:
-        cfg = OmegaConf.merge(base, _read_yaml(path))
+        cfg = OmegaConf.merge(base, _saved_targets(_read_yaml(path), path))
     except MERGE_ERRORS as exc:
         raise SiamdiffError(_invalid(exc), path) from exc
     for override in overrides:  # one at a time, to name the one that fails
@@ -306,17 +306,36 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     _check_values(cfg, base, path, given)
-    if "run_dir" not in given:
-        _follow_moved_run(cfg, path)
+    if "run_dir" not in given and _is_run_config(path):
+        # Moved (or copied) with its run, it means the folder it is in now, not a fresh run
+        # at the place it was written in.
+        cfg.run_dir = str(path.resolve().parent)
     return cfg
 
 
-def _follow_moved_run(cfg: DictConfig, path: Path) -> None:
-    """A run's own config.yaml names the folder the run was written in: moved (or copied)
-    with its run, it means the folder it is in now (not a fresh run at the old place)."""
-    here = path.resolve().parent
-    if path.name == RUN_CONFIG and (here / "checkpoints").is_dir():
-        cfg.run_dir = str(here)
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the config.yaml a training run saved beside its checkpoints."""
+    return path.name == RUN_CONFIG and (path.resolve().parent / "checkpoints").is_dir()
+
+
+# What a from-scratch run's saved backbone.prediction_type meant when siamdiff saved it: absent
+# (before the setting existed) the network predicted epsilon; `auto` (before runs saved the
+# target itself) meant v_prediction. A later default must not retarget a trained network.
+SAVED_AUTO_TARGETS = {"absent": "epsilon", "auto": "v_prediction"}
+
+
+def _saved_targets(saved: DictConfig, path: Path) -> DictConfig:
+    """A run's own config with the target its network was trained on (see above)."""
+    backbone = saved.get("backbone")
+    if not _is_run_config(path) or not isinstance(backbone, DictConfig):
+        return saved
+    if backbone.get("kind", "tiny") == "sd15":  # auto: its scheduler config's, as it was
+        return saved
+    stated = backbone.get("prediction_type", "absent")
+    if stated in (None, "auto"):
+        stated = "auto"
+    backbone.prediction_type = SAVED_AUTO_TARGETS.get(stated, stated)
+    return saved
 
 
 # Local paths a run reads; relative ones would mean another file from another directory.

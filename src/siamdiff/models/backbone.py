@@ -237,7 +237,7 @@ class ClipTextConditioner(TextConditioner):
             # text context would meet the fp32 UNet in training and CPU sampling.
             text_encoder = text_encoder.float()
             tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        except (OSError, ValueError, SafetensorError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # Runtime: sizes
             raise SiamdiffError(
                 f"cannot load the CLIP text encoder ({_first_line(exc)})", path
             ) from exc
@@ -431,10 +431,14 @@ def _load_sd15(
             f"gives {latent_channels}",
             path / "unet",
         )
+    check_prediction_type(scheduler, path / "scheduler")
+    return unet, scheduler
+
+
+def check_prediction_type(scheduler: DDPMScheduler, where: Path) -> None:
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise SiamdiffError(
             f"prediction_type {scheduler.config.prediction_type!r} is not supported "
             f"({' or '.join(PREDICTION_TYPES)})",
-            path / "scheduler",
+            where,
         )
-    return unet, scheduler
