@@ -367,7 +367,7 @@ def test_hints_reach_the_sampler_in_the_order_the_model_was_trained_on(
         return real(model, mask_hint, *args, **kwargs)
 
     monkeypatch.setattr(synth, "ddim_sample", capture)
-    synthesize(run, hinted_data, tmp_path / "syn", steps=1, limit=2, progress=False)
+    synthesize(run, hinted_data, tmp_path / "syn", steps=2, limit=2, progress=False)
     mask_hint = torch.cat(seen)
     view = generator_views(hinted_data, "train", PHANTOM_SIZE, trained)
     records = load_manifest(tmp_path / "syn").records

@@ -13,7 +13,7 @@ from torch import Tensor
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.backbone import method_noise_scheduler
 from siamdiff.models.siamese import SiameseDiffusion
-from siamdiff.sample import SCHEDULERS, ddim_sample
+from siamdiff.sample import SCHEDULERS, ddim_sample, make_scheduler, step_range
 from tests.models.test_siamese import PROMPT, tiny_model
 
 
@@ -237,3 +237,29 @@ def test_hint_embedding_is_computed_once_per_sampling_run(
             eps = eps_u + 9.0 * (eps_c - eps_u)
             recomputed = scheduler.step(eps, t, recomputed, generator=generators).prev_sample
     torch.testing.assert_close(latents, recomputed, rtol=1e-4, atol=1e-5)
+
+
+def test_schedules_survive_an_export_and_ddim_ends_on_x0(tmp_path) -> None:
+    """A saved noise schedule states "leading": the solvers, reloaded, started at t=941 (20
+    steps) or 501 (1 step) and sampled other images than the model before its export."""
+    from diffusers import DDPMScheduler
+
+    method_noise_scheduler().save_pretrained(tmp_path)
+    before = SimpleNamespace(noise_scheduler=method_noise_scheduler())
+    after = SimpleNamespace(noise_scheduler=DDPMScheduler.from_pretrained(tmp_path))
+    for name in SCHEDULERS:
+        lowest, highest = step_range(name, 1000)
+        for steps in (lowest, 20, 50, highest):
+            schedules = []
+            for model in (before, after):
+                scheduler = make_scheduler(name, model)
+                scheduler.set_timesteps(steps)
+                schedules.append(scheduler.timesteps.tolist())
+            assert schedules[0] == schedules[1], (name, steps)
+            if name != "ddim":
+                assert schedules[0][0] == 999, (name, steps)
+            else:  # the step after the last lands below t=0: its output is x0
+                assert schedules[0][-1] - 1000 // steps < 0 and len(schedules[0]) == steps
+    with pytest.raises(SiamdiffError, match=r"ddim samples in 2\.\.500 steps, got 1"):
+        model = tiny_model()
+        ddim_sample(model, torch.zeros(1, 3, 16, 16), *([torch.zeros(1, 8, 32)] * 2), steps=1)

@@ -24,6 +24,18 @@ from siamdiff.models.dhi import DenseHintInput
 from siamdiff.models.siamese import SiameseDiffusion
 
 SCHEDULERS = ("ddim", "dpmsolver++", "unipc")
+# The solvers' timesteps span T-1..0 at any count. Named, not left to their default: a saved
+# and reloaded noise schedule (every export) states "leading", and the solvers then started
+# as low as t=501 and sampled other images than the same model before export.
+SOLVER_SPACING = "linspace"
+
+
+def step_range(scheduler: str, timesteps: int) -> tuple[int, int]:
+    """The step counts ``scheduler`` samples whole over ``timesteps`` training timesteps.
+    DDIM's leading spacing (Stable Diffusion's; method.md's 50 steps run 981..1) is
+    ``timesteps // steps`` apart: 1 step is t=1 alone, and past T/2 the schedule starts at
+    t=steps and its last step stops short of x0."""
+    return (2, timesteps // 2) if scheduler == "ddim" else (1, timesteps - 1)
 
 
 def make_scheduler(name: str, model: SiameseDiffusion) -> SchedulerMixin:
@@ -32,9 +44,11 @@ def make_scheduler(name: str, model: SiameseDiffusion) -> SchedulerMixin:
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", timestep_spacing=SOLVER_SPACING
+        )
     if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
+        return UniPCMultistepScheduler.from_config(config, timestep_spacing=SOLVER_SPACING)
     raise SiamdiffError(
         f"unknown sampling scheduler {name!r} (choose one of {', '.join(SCHEDULERS)})"
     )
@@ -69,9 +83,9 @@ def ddim_sample(
     if eta and scheduler != "ddim":
         raise SiamdiffError(f"eta applies to the ddim scheduler only, not {scheduler!r}")
     noise_scheduler = make_scheduler(scheduler, model)
-    timesteps = noise_scheduler.config.num_train_timesteps
-    if not 1 <= steps < timesteps:  # the spaced schedule would ask for timestep T itself
-        raise SiamdiffError(f"steps must be 1..{timesteps - 1}, got {steps}")
+    lowest, highest = step_range(scheduler, noise_scheduler.config.num_train_timesteps)
+    if not lowest <= steps <= highest:
+        raise SiamdiffError(f"{scheduler} samples in {lowest}..{highest} steps, got {steps}")
     noise_scheduler.set_timesteps(steps, device=mask_hint.device)
     batch = mask_hint.shape[0]
     if latent_shape is None:

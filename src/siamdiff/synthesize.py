@@ -94,7 +94,7 @@ from siamdiff.models.backbone import TRAIN_TIMESTEPS
 from siamdiff.models.dhi import BASE_HINT_CHANNELS, mask_to_hint
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_sample_grid, to_uint8_rgb
-from siamdiff.sample import SCHEDULERS, ddim_sample
+from siamdiff.sample import SCHEDULERS, SOLVER_SPACING, ddim_sample, step_range
 
 MASK_AUGMENTATIONS = ("flip", "scale", "shift")
 FORMATS = ("pranet", "nnunet", "folder")
@@ -701,12 +701,17 @@ def _check_arguments(
     world_size: int,
     limit: int | None,
 ) -> None:
+    lowest, highest = step_range(scheduler, TRAIN_TIMESTEPS)
     problems = [
         (per_mask < 1, f"--per-mask must be at least 1, got {per_mask}"),
         (
-            not 1 <= steps < TRAIN_TIMESTEPS,
-            f"--steps must be 1..{TRAIN_TIMESTEPS - 1} (the schedule has {TRAIN_TIMESTEPS} "
-            f"timesteps), got {steps}",
+            not lowest <= steps <= highest,
+            f"--steps must be {lowest}..{highest} for {scheduler}, got {steps}"
+            + (
+                f" (dpmsolver++ and unipc take 1..{TRAIN_TIMESTEPS - 1})"
+                if scheduler == "ddim"
+                else ""
+            ),
         ),
         (
             not 0 <= guidance < float("inf"),
@@ -831,6 +836,8 @@ def synthesize(
         # bf16 autocast on CUDA, fp32 elsewhere: a job resumed on the other must not mix them.
         "precision": "bf16" if device.type == "cuda" else "fp32",
     }
+    if scheduler != "ddim":  # sets of older versions sampled exports "leading": not resumed
+        settings["timestep_spacing"] = SOLVER_SPACING
     view = GeneratorView(crop=source.crop)
     if view.crop != DEFAULT_VIEW.crop:  # absent = crop: outputs made before stay resumable
         settings["crop"] = view.crop

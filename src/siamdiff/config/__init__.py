@@ -130,7 +130,7 @@ VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.name": _one_of(OPTIMIZERS),
     **{key: _one_of(choices) for key, choices in CHOICES.items()},
     "backbone.prediction_type": _optional(_one_of(CHOICES["backbone.prediction_type"])),
-    "train.sample_steps": _integer(1, 999),  # the spaced schedule never reaches timestep T
+    "train.sample_steps": _integer(2, 500),  # DDIM's whole schedules (sample.step_range)
     "data.balanced.fg_ratio": _ratio(),
     "model.train_unet_encoder": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "seed": _integer(0, 2**31 - 1),  # numpy's seeds stop at 2**32 - 1; ranks add their index
