@@ -75,8 +75,10 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
 def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):
     with pytest.raises(SiamdiffError, match="no checkpoints"):
         export_run(tmp_path, tmp_path / "x")
-    with pytest.raises(SiamdiffError, match="no complete checkpoint"):
-        export_run(trained_run, tmp_path / "x", checkpoint="step-00000099")
+    with pytest.raises(SiamdiffError, match=r"no complete checkpoint '99' \(the newest: step-0"):
+        export_run(trained_run, tmp_path / "x", checkpoint="99")
+    by_step = export_run(trained_run, tmp_path / "by-step", checkpoint="2")  # step-00000002
+    assert json.loads((by_step / "siamdiff.json").read_text())["step"] == 2
     out = export_run(trained_run, tmp_path / "export")
     with pytest.raises(SiamdiffError, match="already exists"):
         export_run(trained_run, out)

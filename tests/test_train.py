@@ -130,7 +130,9 @@ def test_resume_refuses_settings_the_run_was_not_trained_with(
             train(tiny_config(phantom_data, run, *done, other), resume=True)
     # Reporting and where the data lives may change; the saved config resumes as it is.
     train(tiny_config(phantom_data, run, *done, "train.log_every=5"), resume=True)
-    assert "at train.max_steps (1) already: nothing to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "at train.max_steps (1) already: nothing to train" in out and "training" not in out
+    assert load_config(run / "config.yaml").train.log_every != 5  # a no-op rewrites nothing
     train(load_config(run / "config.yaml"), resume=True)
     # Training longer is allowed, and what it changes is said.
     train(tiny_config(phantom_data, run, "train.max_steps=2", "train.sample_every=100"), True)

@@ -573,9 +573,11 @@ def format_results(results: dict[str, Any]) -> str:
         f"matmul peak {results['matmul_peak_tflops']:.2f} TFLOP/s"
     ]
     width = max(len(variant) for variant in results["variants"])
+    whole_run = (
+        "; the SD1.5 FLOP count below has the whole run" if "sd15_meta_flops" in results else ""
+    )
     lines.append(
-        "training step (a step after 1/3 of training: the augmentation term on; the SD1.5 "
-        "FLOP count below has the whole run)"
+        f"training step (a step after 1/3 of training: the augmentation term on{whole_run})"
     )
     lines.append(
         f"{'':15}batch  {'variant':<{width}}  img/s     speedup  MFU    peak GiB"

@@ -548,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = verb("export", cmd_export, "Write a diffusers-style model directory from a run.")
     export.add_argument("run", type=Path)
     export.add_argument("out", type=Path)
-    export.add_argument("--checkpoint", default=None, help="checkpoint name (default: latest)")
+    export.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint: step-00000040 or 40 (default: the newest intact one)",
+    )
     export.add_argument("--overwrite", action="store_true")
     for sub in verbs.choices.values():
         show_defaults(sub)

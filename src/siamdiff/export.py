@@ -279,7 +279,12 @@ def export_run(
     """Export one checkpoint (default: the newest) of a training run (``copy_autoencoder``:
     see :func:`save_model`)."""
     # The run layout belongs to train.py.
-    from siamdiff.train import checkpoint_problem, checkpoints, last_valid_checkpoint
+    from siamdiff.train import (
+        checkpoint_dir,
+        checkpoint_problem,
+        checkpoints,
+        last_valid_checkpoint,
+    )
 
     run, out = Path(run), Path(out)
     found = checkpoints(run)
@@ -288,10 +293,15 @@ def export_run(
     check_apart(out, run, "the run")
     if checkpoint is None:
         chosen = last_valid_checkpoint(run)
-    else:
+    else:  # a folder name, or its step number alone
         chosen = run / "checkpoints" / checkpoint
+        if checkpoint.isdigit():
+            chosen = checkpoint_dir(run, int(checkpoint))
         if chosen not in found:
-            raise SiamdiffError(f"no complete checkpoint {checkpoint!r}", run / "checkpoints")
+            names = ", ".join(c.name for c in found[-5:])
+            raise SiamdiffError(
+                f"no complete checkpoint {checkpoint!r} (the newest: {names})", run / "checkpoints"
+            )
         problem = checkpoint_problem(chosen)
         if problem:
             raise SiamdiffError(f"damaged checkpoint: {problem}", chosen)
@@ -316,7 +326,7 @@ def export_run(
     if autoencoder.identity != trained_with:
         raise SiamdiffError(
             "is not the autoencoder the run was trained with (other weights or scaling: its "
-            "samples would decode other latents); put that one back to export",
+            "samples would decode other latents); put that one back to use this run",
             cfg.autoencoder.path or f"autoencoder.kind={cfg.autoencoder.kind}",
         )
     return save_model(

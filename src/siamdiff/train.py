@@ -731,6 +731,12 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
             # Damaged ones past it: recomputed now, and never to count among the keep-last.
             for damaged in existing[existing.index(last) + 1 :]:
                 accelerator.print(f"{damaged}: damaged, set aside as {set_aside(damaged).name}")
+        if step == cfg.train.max_steps:  # its config, logs and curve stay as they are
+            accelerator.print(
+                f"the run is at train.max_steps ({step}) already: nothing to train (resume "
+                "with a higher train.max_steps to train longer)"
+            )
+            return run_dir
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         for partial in (run_dir / "checkpoints").glob("step-*.partial"):  # a killed save's
@@ -744,11 +750,6 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     log_path = run_dir / LOSS_LOG
     if accelerator.is_main_process:
         truncate_loss_log(log_path, step)
-    if step == cfg.train.max_steps:
-        accelerator.print(
-            f"the run is at train.max_steps ({step}) already: nothing to train (resume with a "
-            "higher train.max_steps to train longer)"
-        )
     accelerator.print(
         f"training {cfg.model.mode} ({cfg.backbone.kind}, "
         f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters) on "

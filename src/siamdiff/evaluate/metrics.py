@@ -25,7 +25,7 @@ import base64
 import html
 import itertools
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from siamdiff.evaluate.features import (
 from siamdiff.evaluate.segmenter import (
     SegmentationScores,
     Segmenter,
+    dice_iou,
     frames,
     load_segmenter,
     read_segmenter_config,
@@ -298,7 +299,8 @@ def segmenter_metrics(
         )
 
     real = features("train")
-    synthetic = score_segmenter(segmenter, frames(syn_root, None, size), desc="segment syn", **scan)
+    synthetic_frames = frames(syn_root, None, size)
+    synthetic = score_segmenter(segmenter, synthetic_frames, desc="segment syn", **scan)
     kid_mean, kid_std = kernel_inception_distance(
         real, synthetic.features, kid_subsets, kid_subset_size, seed
     )
@@ -319,6 +321,7 @@ def segmenter_metrics(
             "available": True,
             **synthetic.summary(),
             "median_dice": float(np.median(synthetic.dice)),
+            "mask_blind_floor": mask_blind_floor(synthetic_frames, batch_size),
             "per_image": _per_image(synthetic),
         },
     }
@@ -578,6 +581,12 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("  reference: segmenter on real test", _value(real_test, "{mdice:.3f} / {miou:.3f}")),
         (
+            "  floor: one mask-blind guess",
+            _value(
+                metrics.get("mask_fidelity", {}).get("mask_blind_floor"), "{mdice:.3f} / {miou:.3f}"
+            ),
+        ),
+        (
             "MS-SSIM same mask (lower = more diverse)",
             _value(diversity_.get("ms_ssim"), "{mean:.3f} ({pairs} pairs)"),
         ),
@@ -606,9 +615,11 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
                 if name in result
             ]
             if f"gain_{metric}" in result:
-                cells.append(f"gain {result[f'gain_{metric}']:+.3f}")
+                cells.append(f"gain {_signed(result[f'gain_{metric}'])}")
             if f"gain_matched_steps_{metric}" in result:
-                cells.append(f"over matched steps {result[f'gain_matched_steps_{metric}']:+.3f}")
+                cells.append(
+                    f"over matched steps {_signed(result[f'gain_matched_steps_{metric}'])}"
+                )
             rows.append((f"Utility {arch} {metric}", ", ".join(cells)))
     return rows
 
@@ -620,6 +631,36 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines += [f"warning: {w}" for w in metrics.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _masks(dataset: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        yield batch["mask"][:, 0] >= 0.5
+
+
+def mask_blind_floor(dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
+    """mDice / mIoU against ``dataset``'s masks of one guess made without looking: the
+    pixels most often lesion among those masks, as many as a mask's mean area. A generator
+    that ignores its mask (or draws noise) scores about this much: framed around their
+    lesions, masks agree with a centred blob by themselves. Mask fidelity means something
+    only above it."""
+    total, count = None, 0
+    for masks in _masks(dataset, batch_size):
+        summed = masks.sum(0, dtype=torch.float64)
+        total = summed if total is None else total + summed
+        count += len(masks)
+    frequency = total.flatten() / count
+    guess = torch.zeros_like(frequency, dtype=torch.bool)
+    guess[frequency.topk(round(float(frequency.sum()))).indices] = True
+    guess = guess.reshape(total.shape)
+    scores = [dice_iou(guess.expand_as(masks), masks) for masks in _masks(dataset, batch_size)]
+    dice, iou = (torch.cat([score[k] for score in scores]) for k in (0, 1))
+    return {"mdice": float(dice.mean()), "miou": float(iou.mean())}
+
+
+def _signed(value: float) -> str:
+    """``+0.012``; a gain that rounds to nothing is ``+0.000``, never ``-0.000``."""
+    return f"{round(value, 3) + 0.0:+.3f}"
 
 
 def mask_fidelity_histogram(metrics: Mapping[str, Any]) -> bytes:
