@@ -459,6 +459,30 @@ def test_adding_a_source_moves_no_frame_to_another_split(tmp_path: Path) -> None
     assert {r.id: r.split for r in load_manifest(out).records} == before
 
 
+def test_a_frame_renamed_by_a_colliding_new_file_keeps_its_split(tmp_path: Path) -> None:
+    """`polyp 5` became `polyp_5_<hash>` once `polyp-5` arrived (both sanitise to `polyp_5`):
+    its id and group were new, and the split drawn for them could be test."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    images = {f"x{i}": np.roll(IMAGE, (i, 0), axis=(0, 1)) for i in range(12)}
+    for name, image in images.items():
+        Image.fromarray(image).save(raw / f"{name}.png")
+        Image.fromarray(disc()).save(raw / f"{name}_mask.png")
+    out = tmp_path / "out"
+    prepare([("folder", raw)], out, 32, workers=1, progress=False)
+    before = {r.image_sha256: r.split for r in load_manifest(out).records}
+    for i, name in enumerate(images):  # each frame's new name: `x 3` next to a new `x-3`
+        for suffix in ("", "_mask"):
+            (raw / f"{name}{suffix}.png").rename(raw / f"x {i}{suffix}.png")
+            Image.fromarray(255 - images[name] if not suffix else disc()).save(
+                raw / f"x-{i}{suffix}.png"
+            )
+    prepare([("folder", raw)], out, 32, overwrite=True, workers=1, progress=False)
+    after = load_manifest(out).records
+    assert len(after) == 24
+    assert {r.image_sha256: r.split for r in after if r.image_sha256 in before} == before
+
+
 def test_joining_a_training_and_a_test_sequence_keeps_the_training_frames_in_train(
     tmp_path: Path,
 ) -> None:

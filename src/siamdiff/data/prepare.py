@@ -274,6 +274,9 @@ def _without_duplicates(
     """
     before = {} if previous is None else {r.id: r for r in previous.records}
     was_in = {(r.dataset, r.group): r.split for r in before.values()}
+    # A frame renamed since (a new file sanitising to its name gave it a hash suffix) is
+    # found by its bytes, or it would be split anew and a training frame could go to test.
+    image_was_in = {r.image_sha256: r.split for r in before.values()}
     parent: dict[tuple[str, str], tuple[str, str]] = {}
 
     def root_of(key: tuple[str, str]) -> tuple[str, str]:
@@ -289,8 +292,9 @@ def _without_duplicates(
     earlier: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for record in records:
         key = (record.dataset, record.group)
-        if key in was_in:
-            earlier[root_of(key)][was_in[key]] += 1
+        previous_split = was_in.get(key) or image_was_in.get(record.image_sha256)
+        if previous_split:
+            earlier[root_of(key)][previous_split] += 1
 
     def split(dataset: str, group: str) -> str:
         counts = earlier.get((dataset, group))
