@@ -1,9 +1,17 @@
+import shutil
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from siamdiff.config import BUILTIN, CHOICES, PATH_KEYS, load_config, with_absolute_paths
+from siamdiff.config import (
+    BUILTIN,
+    CHOICES,
+    PATH_KEYS,
+    check_resume_config,
+    load_config,
+    with_absolute_paths,
+)
 from siamdiff.errors import SiamdiffError
 from siamdiff.models.autoencoder import load_autoencoder
 
@@ -243,14 +251,14 @@ def test_sd15_refuses_unet_settings_it_never_reads() -> None:
 def test_a_moved_run_s_config_names_the_folder_it_is_in(tmp_path: Path) -> None:
     """Resumed as `train MOVED/config.yaml --resume`, it started again at its old path."""
     moved = tmp_path / "moved"
-    (moved / "checkpoints").mkdir(parents=True)
+    (moved / "checkpoints" / "step-00000002").mkdir(parents=True)
     saved = load_config("tiny", ["data.root=/d", f"run_dir={tmp_path / 'old'}"])
     (moved / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     assert load_config(moved / "config.yaml").run_dir == str(moved)
     elsewhere = str(tmp_path / "fork")
     assert load_config(moved / "config.yaml", [f"run_dir={elsewhere}"]).run_dir == elsewhere
-    template = tmp_path / "template"  # a config.yaml without its run: a file like any other
-    template.mkdir()
+    template = tmp_path / "template"  # beside no checkpoint of a run: a file like any other
+    (template / "checkpoints" / "notes").mkdir(parents=True)
     (template / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     assert load_config(template / "config.yaml").run_dir == str(tmp_path / "old")
 
@@ -265,7 +273,7 @@ def test_a_run_keeps_the_target_it_was_trained_on(
     """Runs from before backbone.prediction_type existed trained on epsilon; `auto` saved by
     later ones meant v_prediction. Read with today's default, both would be retargeted."""
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000001").mkdir(parents=True)
     written = OmegaConf.to_container(load_config("tiny", ["data.root=/d"]))
     if saved is None:
         del written["backbone"]["prediction_type"]
@@ -273,6 +281,27 @@ def test_a_run_keeps_the_target_it_was_trained_on(
         written["backbone"]["prediction_type"] = saved
     (run / "config.yaml").write_text(OmegaConf.to_yaml(written))
     assert load_config(run / "config.yaml").backbone.prediction_type == meant
-    (run / "checkpoints").rmdir()  # a config file like any other: auto is today's auto
+    shutil.rmtree(run / "checkpoints")  # a config file like any other: auto is today's auto
     expected = "auto" if saved in (None, "auto") else saved
     assert load_config(run / "config.yaml").backbone.prediction_type == expected
+
+
+def test_a_run_saved_by_an_older_siamdiff_stays_usable(tmp_path: Path) -> None:
+    """Settings it accepted and a newer one refuses (a preview of 1 DDIM step, an autoencoder
+    path the dct kind never read) made the run unexportable and unresumable."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000001").mkdir(parents=True)
+    written = OmegaConf.to_container(load_config("tiny", ["data.root=/d"]))
+    written["train"]["sample_steps"] = 1
+    written["autoencoder"]["path"] = "/weights/taef2"
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(written))
+    cfg = load_config(run / "config.yaml")
+    assert cfg.train.sample_steps == 2 and cfg.autoencoder.path == "/weights/taef2"
+    with pytest.raises(SiamdiffError, match=r"^command line: train\.sample_steps must be"):
+        load_config(run / "config.yaml", ["train.sample_steps=1"])  # given now: refused
+    # fp16 ran in fp32 on a CPU: a resume without CUDA goes on as `no`.
+    written["train"]["mixed_precision"] = "fp16"
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(written))
+    check_resume_config(
+        run / "config.yaml", load_config(run / "config.yaml", ["train.mixed_precision=no"])
+    )

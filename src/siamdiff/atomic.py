@@ -288,7 +288,7 @@ def check_replaceable(out: Path) -> None:
     process works in (or one above it), or a mount point."""
     if Path.cwd().resolve().is_relative_to(out.resolve()):
         raise SiamdiffError("holds the current directory: name a new folder for the output", out)
-    if os.path.ismount(out):
+    if os.path.ismount(out.resolve()):  # a symlink to one is no mount point by itself
         raise SiamdiffError(
             "is a mount point, which cannot be replaced: name a folder inside it", out
         )

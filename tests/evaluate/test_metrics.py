@@ -380,7 +380,8 @@ def test_the_mask_blind_floor_is_the_most_frequent_pixels_against_every_mask() -
         mask[0, row : row + 2, col : col + 2] = 1
         return {"mask": mask}
 
-    masks = [square(0, 0), square(1, 1), square(1, 1)]  # the guess: the square at (1, 1)
-    floor = mask_blind_floor(masks, batch_size=2)
-    assert floor["mdice"] == pytest.approx((2 * 1 / 8 + 1 + 1) / 3)
-    assert floor["miou"] == pytest.approx((1 / 7 + 1 + 1) / 3)
+    real = [square(0, 0), square(1, 1), square(1, 1)]  # the guess: the square at (1, 1)
+    synthetic = [square(0, 0), square(1, 1), square(2, 2)]  # not what the guess is fitted to
+    floor = mask_blind_floor(real, synthetic, batch_size=2)
+    assert floor["mdice"] == pytest.approx((2 * 1 / 8 + 1 + 2 * 1 / 8) / 3)
+    assert floor["miou"] == pytest.approx((1 / 7 + 1 + 1 / 7) / 3)

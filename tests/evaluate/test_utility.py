@@ -12,7 +12,7 @@ import pytest
 from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.metrics import evaluate, summary_rows
-from siamdiff.evaluate.segmenter import training_set
+from siamdiff.evaluate.segmenter import _learned_scored_images, training_set
 from siamdiff.evaluate.utility import MATCHED, mean_std, segmentation_utility
 
 
@@ -116,9 +116,14 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
         evaluate(real_root, leaking, out, segmenter_dir=segmenter_dir, utility=True, progress=False)
     with pytest.raises(SiamdiffError, match=expected):  # `train-segmenter --extra` too
         training_set(real_root, (leaking,), 32)
-    generator["split"] = "train"
-    (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert len(training_set(real_root, (leaking,), 32)[0]) == 36
+    # Trained on every split of other data (none of REAL's test images), or on train: fine.
+    for generator["data"], generator["split"] in ((str(copies), None), (str(real_root), "train")):
+        (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
+        assert len(training_set(real_root, (leaking,), 32)[0]) == 36
+    # Its data gone: judged by its path.
+    gone = {"data": str(tmp_path / "gone"), "split": None}
+    assert _learned_scored_images(gone, tmp_path / "gone")
+    assert not _learned_scored_images(gone, real_root)
     with pytest.raises(SiamdiffError, match="at least one architecture and one seed"):
         evaluate(
             real_root,

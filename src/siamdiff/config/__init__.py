@@ -188,13 +188,22 @@ def _sections(tree: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]) -> None:
+def _check_values(
+    cfg: DictConfig, base: DictConfig, path: Path, given: set[str], saved_run: bool
+) -> None:
     """One-line errors naming where the bad value came from: the command line (``given``, the
-    keys of its overrides) or the config file."""
+    keys of its overrides) or the config file. A run's saved config (``saved_run``) keeps
+    what an older siamdiff accepted and a newer one refuses, where it changes no training:
+    the run must stay exportable and resumable."""
 
     def source(key: str) -> str | Path:
         on_command_line = any(key == g or key.startswith(f"{g}.") for g in given)
         return "command line" if on_command_line else path
+
+    if saved_run and source("train.sample_steps") == path:  # older: 1..999, a preview setting
+        steps = cfg.train.sample_steps
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            cfg.train.sample_steps = min(max(steps, 2), 500)
 
     for section in _sections(OmegaConf.to_container(base, throw_on_missing=False)):
         value = OmegaConf.select(cfg, section)
@@ -215,7 +224,8 @@ def _check_values(cfg: DictConfig, base: DictConfig, path: Path, given: set[str]
             raise SiamdiffError(
                 f"{key} must be {expected}, got {value!r}{_quoting_hint(key, value)}", source(key)
             )
-    _refuse_unread(cfg, source)
+    if not saved_run:  # a run saved them (older siamdiff accepted them): they ran unread
+        _refuse_unread(cfg, source)
 
 
 def _quoting_hint(key: str, value: Any) -> str:
@@ -305,7 +315,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    _check_values(cfg, base, path, given)
+    _check_values(cfg, base, path, given, _is_run_config(path))
     if "run_dir" not in given and _is_run_config(path):
         # Moved (or copied) with its run, it means the folder it is in now, not a fresh run
         # at the place it was written in.
@@ -314,8 +324,11 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
 
 
 def _is_run_config(path: Path) -> bool:
-    """Whether ``path`` is the config.yaml a training run saved beside its checkpoints."""
-    return path.name == RUN_CONFIG and (path.resolve().parent / "checkpoints").is_dir()
+    """Whether ``path`` is the config.yaml a training run saved beside its checkpoints (a
+    template beside an empty or foreign checkpoints/ folder is not)."""
+    from siamdiff.train import checkpoints  # the run layout's owner
+
+    return path.name == RUN_CONFIG and bool(checkpoints(path.resolve().parent))
 
 
 # What a from-scratch run's saved backbone.prediction_type meant when siamdiff saved it: absent
@@ -408,6 +421,8 @@ def check_resume_config(saved_path: Path, cfg: DictConfig) -> None:
             # a cache may move, not appear or vanish: the augmentations depend on it
             or (key == "data.latent_cache" and None in (saved[key], now[key]))
         )
+        # fp16 runs only on CUDA (a CPU one trained in fp32): without one it resumes as `no`
+        and not (key == "train.mixed_precision" and (saved[key], now[key]) == ("fp16", "no"))
     ]
     if changed:
 

@@ -321,7 +321,9 @@ def segmenter_metrics(
             "available": True,
             **synthetic.summary(),
             "median_dice": float(np.median(synthetic.dice)),
-            "mask_blind_floor": mask_blind_floor(synthetic_frames, batch_size),
+            "mask_blind_floor": mask_blind_floor(
+                generator_views(real_root, "train", size, view=view), synthetic_frames, batch_size
+            ),
             "per_image": _per_image(synthetic),
         },
     }
@@ -638,14 +640,14 @@ def _masks(dataset: Dataset, batch_size: int) -> Iterator[torch.Tensor]:
         yield batch["mask"][:, 0] >= 0.5
 
 
-def mask_blind_floor(dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
-    """mDice / mIoU against ``dataset``'s masks of one guess made without looking: the
-    pixels most often lesion among those masks, as many as a mask's mean area. A generator
-    that ignores its mask (or draws noise) scores about this much: framed around their
-    lesions, masks agree with a centred blob by themselves. Mask fidelity means something
-    only above it."""
+def mask_blind_floor(fit: Dataset, scored: Dataset, batch_size: int = 16) -> dict[str, float]:
+    """mDice / mIoU against ``scored``'s masks of one guess made without looking: the pixels
+    most often lesion among ``fit``'s masks (the real training masks, framed as the generator
+    frames them), as many as their mean area. A generator that ignores its mask (or draws
+    noise) scores about this much: framed around their lesions, masks agree with a centred
+    blob by themselves. Mask fidelity means something only above it."""
     total, count = None, 0
-    for masks in _masks(dataset, batch_size):
+    for masks in _masks(fit, batch_size):
         summed = masks.sum(0, dtype=torch.float64)
         total = summed if total is None else total + summed
         count += len(masks)
@@ -653,7 +655,7 @@ def mask_blind_floor(dataset: Dataset, batch_size: int = 16) -> dict[str, float]
     guess = torch.zeros_like(frequency, dtype=torch.bool)
     guess[frequency.topk(round(float(frequency.sum()))).indices] = True
     guess = guess.reshape(total.shape)
-    scores = [dice_iou(guess.expand_as(masks), masks) for masks in _masks(dataset, batch_size)]
+    scores = [dice_iou(guess.expand_as(masks), masks) for masks in _masks(scored, batch_size)]
     dice, iou = (torch.cat([score[k] for score in scores]) for k in (0, 1))
     return {"mdice": float(dice.mean()), "miou": float(iou.mean())}
 

@@ -92,10 +92,11 @@ def split_fingerprint(manifest: Manifest, split: str | None) -> str:
     return hashlib.sha256("\n".join(sorted(r.image_sha256 for r in records)).encode()).hexdigest()
 
 
-def training_split(manifest: Manifest, root: str | Path) -> str | None:
+def training_split(manifest: Manifest, root: str | Path, real_root: str | Path) -> str | None:
     """What of a dataset a segmenter trains on: a real one's train split; a synthetic set
     whole, if every pair in it was sampled from a training mask (a pair sampled from a val or
-    test mask would show the segmenter the very masks it is scored on)."""
+    test mask would show the segmenter the very masks it is scored on), by a model that never
+    learned from ``real_root``'s val or test images."""
     if manifest.kind != "synthetic":
         return "train"
     leaking = sum(record.split != "train" for record in manifest.records)
@@ -107,7 +108,7 @@ def training_split(manifest: Manifest, root: str | Path) -> str | None:
             root,
         )
     generator = manifest.preprocessing.get("synthesis", {}).get("model_trained_on") or {}
-    if generator.get("split", "train") != "train":  # sets of older versions recorded none
+    if _learned_scored_images(generator, real_root):
         learned = "every split" if generator["split"] is None else f"the {generator['split']} split"
         raise SiamdiffError(
             f"was sampled by a model trained on {learned} of {generator.get('data')}: a "
@@ -116,6 +117,21 @@ def training_split(manifest: Manifest, root: str | Path) -> str | None:
             root,
         )
     return None
+
+
+def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> bool:
+    """Whether a generator trained on ``generator`` (export.trained_on; empty for sets of
+    older versions) learned from images of ``real_root``'s val or test split: by their hashes
+    while its data is there, else by its path."""
+    if generator.get("split", "train") == "train":
+        return False
+    data, split = Path(generator["data"]), generator["split"]
+    try:
+        learned = load_manifest(data).split(split)
+    except SiamdiffError:  # moved or gone
+        return data.resolve() == Path(real_root).resolve()
+    scored = {r.image_sha256 for r in load_manifest(real_root).records if r.split != "train"}
+    return any(record.image_sha256 in scored for record in learned)
 
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +308,7 @@ def training_set(
     parts, described = [], []
     for root in (data_root, *extra_roots):
         manifest = load_manifest(root)
-        split = training_split(manifest, root)
+        split = training_split(manifest, root, data_root)
         dataset = PairedDataset(root, split=split, transform=frame_transforms(size, train=True))
         parts.append(dataset)
         described.append(

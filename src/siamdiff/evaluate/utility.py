@@ -80,7 +80,7 @@ def check_utility(
     if not load_manifest(real_root).split("test"):
         raise SiamdiffError("has no test split to measure segmentation utility on", real_root)
     if syn_root is not None:
-        training_split(load_manifest(syn_root), syn_root)
+        training_split(load_manifest(syn_root), syn_root, real_root)
 
 
 def segmentation_utility(
