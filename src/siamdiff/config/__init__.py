@@ -299,10 +299,12 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     # Open-ended on purpose: diffusers' constructors check these arguments themselves.
     OmegaConf.set_struct(base.backbone.unet, False)  # diffusers' UNet arguments
     path = config_path(name_or_path)
+    saved_run = _is_run_config(path)
     for bad in (o for o in overrides if "=" not in o):
         raise SiamdiffError(f"override {bad!r} is not key=value")
     try:
-        cfg = OmegaConf.merge(base, _saved_targets(_read_yaml(path), path))
+        file = _read_yaml(path)
+        cfg = OmegaConf.merge(base, _saved_targets(file) if saved_run else file)
     except MERGE_ERRORS as exc:
         raise SiamdiffError(_invalid(exc), path) from exc
     for override in overrides:  # one at a time, to name the one that fails
@@ -315,8 +317,8 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Dict
     except OmegaConfBaseException as exc:
         raise SiamdiffError(f"command line: {_invalid(exc)}") from exc
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    _check_values(cfg, base, path, given, _is_run_config(path))
-    if "run_dir" not in given and _is_run_config(path):
+    _check_values(cfg, base, path, given, saved_run)
+    if "run_dir" not in given and saved_run:
         # Moved (or copied) with its run, it means the folder it is in now, not a fresh run
         # at the place it was written in.
         cfg.run_dir = str(path.resolve().parent)
@@ -337,10 +339,10 @@ def _is_run_config(path: Path) -> bool:
 SAVED_AUTO_TARGETS = {"absent": "epsilon", "auto": "v_prediction"}
 
 
-def _saved_targets(saved: DictConfig, path: Path) -> DictConfig:
+def _saved_targets(saved: DictConfig) -> DictConfig:
     """A run's own config with the target its network was trained on (see above)."""
     backbone = saved.get("backbone")
-    if not _is_run_config(path) or not isinstance(backbone, DictConfig):
+    if not isinstance(backbone, DictConfig):
         return saved
     if backbone.get("kind", "tiny") == "sd15":  # auto: its scheduler config's, as it was
         return saved
