@@ -97,6 +97,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_line(entry: Mapping[str, Any]) -> bytes:
+    """``entry`` as one line of JSON (keys sorted: the same entry, the same bytes)."""
+    return json.dumps(entry, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class JsonLinesJournal:
+    """An append-only log of JSON lines, each fsync'd as it is written: what a long job has
+    finished survives a crash or Ctrl-C, and a rerun skips it."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "a+b")  # noqa: SIM115 (held across entries; see close())
+        # A crash mid-line leaves a torn last line; start on a fresh one so it stays alone.
+        if self.handle.seek(0, os.SEEK_END) > 0:
+            self.handle.seek(-1, os.SEEK_END)
+            if self.handle.read(1) != b"\n":
+                self.handle.write(b"\n")
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        self.handle.write(json_line(entry))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def check_writable_file(
     path: str | Path, inputs: Mapping[str, str | Path | None] | None = None
 ) -> None:

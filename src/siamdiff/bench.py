@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import platform
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from siamdiff import __version__
 from siamdiff.atomic import atomic_write_json, atomic_write_text, check_writable_file
 from siamdiff.cli import at_least
 from siamdiff.errors import SiamdiffError
+from siamdiff.hardware import device_label
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
     Backbone,
@@ -457,12 +457,6 @@ def meta_flops(batch: int = 8) -> dict[str, Any]:
 
 
 # ---- the command -----------------------------------------------------------------------------
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
 # Memory, not speed: the last training variant when asked for (sampling keeps no activations).

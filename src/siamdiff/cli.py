@@ -238,10 +238,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SiamdiffError("is a file: --report names a folder", args.report)
     inputs = {"the real dataset": args.real, "the synthetic set": args.syn}
     inputs |= {"the segmenter": args.segmenter, "the run": args.run}
-    for path in (args.out, *report_paths(args.out, args.report)):
+    reports = report_paths(args.out, args.report)
+    for path in (args.out, *reports):
         check_writable_file(path, inputs)
     if args.out.is_file() and not args.overwrite:  # an earlier evaluation may have taken hours
         raise SiamdiffError("exists: pass --overwrite to replace this evaluation", args.out)
+    for path in reports if not args.overwrite else ():
+        if path.exists():  # another evaluation's, named after an --out of the same name
+            raise SiamdiffError(
+                "exists: name --out or --report otherwise, or pass --overwrite to replace it",
+                path,
+            )
     metrics = evaluate(
         args.real,
         args.syn,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tempfile
 import time
 from collections import defaultdict
@@ -56,6 +55,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import (
+    JsonLinesJournal,
     atomic_output_dir,
     atomic_save_png,
     atomic_write_bytes,
@@ -64,6 +64,7 @@ from siamdiff.atomic import (
     check_replaceable,
     clear_removed,
     exclusive_writer,
+    json_line,
     remove_tree,
 )
 from siamdiff.data.dataset import DEFAULT_VIEW, GeneratorView, PairedDataset, generator_views
@@ -292,28 +293,8 @@ class SynthesisSummary:
         return "\n".join(lines)
 
 
-class Journal:
-    """This rank's progress journal: one JSON line per finished pair, fsync'd."""
-
-    def __init__(self, path: Path) -> None:
-        self.handle = open(path, "a+b")  # noqa: SIM115 (held across pairs; see close())
-        # A crash mid-line leaves a torn last line; start on a fresh one so it stays alone.
-        if self.handle.seek(0, os.SEEK_END) > 0:
-            self.handle.seek(-1, os.SEEK_END)
-            if self.handle.read(1) != b"\n":
-                self.handle.write(b"\n")
-
-    def append(self, record: Record) -> None:
-        self.handle.write(_journal_line(record))
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
-
-
 def _journal_line(record: Record) -> bytes:
-    return json.dumps(asdict(record), sort_keys=True).encode("utf-8") + b"\n"
+    return json_line(asdict(record))
 
 
 def _journal_from_manifest(out: Path) -> None:
@@ -486,7 +467,7 @@ def _generate(
     done: set[str],
     masks: PairedDataset,
     out: Path,
-    journal: Journal,
+    journal: JsonLinesJournal,
     settings: dict[str, Any],
     sampler: dict[str, Any],
     device: torch.device,
@@ -552,7 +533,7 @@ def _generate(
                     dict(zip(masks.hints, maps, strict=True)),
                     **fields,
                 )
-                journal.append(record)
+                journal.append(asdict(record))
                 bar.update()
     return todo
 
@@ -872,7 +853,7 @@ def synthesize(
             (out / MANIFEST_NAME).unlink(missing_ok=True)
             loaded = source.load(device)
             apply_levers(loaded.model, levers, loaded.autoencoder)
-            with contextlib.closing(Journal(out / f".journal-{rank}.jsonl")) as journal:
+            with contextlib.closing(JsonLinesJournal(out / f".journal-{rank}.jsonl")) as journal:
                 sampler = {key: settings[key] for key in SAMPLER_KEYS} | {
                     "batch_size": batch_size,
                     "speed": list(levers),

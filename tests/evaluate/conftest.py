@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from siamdiff.data.dataset import generator_views
-from siamdiff.data.manifest import Manifest, load_manifest, save_pair, write_manifest
+from siamdiff.data.manifest import MANIFEST_NAME, Manifest, load_manifest, save_pair, write_manifest
 from siamdiff.data.phantom import make_phantom_dataset
 from siamdiff.data.prepare import prepare
 from siamdiff.data.readers import load_mask, load_rgb
@@ -80,6 +82,17 @@ def synthetic_root(real_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def copies(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One exact copy of every real training frame."""
     return make_synthetic(real_root, tmp_path_factory.mktemp("copies") / "syn", per_mask=1)
+
+
+@pytest.fixture(scope="session")
+def resplit(real_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real dataset prepared otherwise: every frame, REAL's test frames too, in train."""
+    other = Path(shutil.copytree(real_root, tmp_path_factory.mktemp("resplit") / "data"))
+    manifest = json.loads((other / MANIFEST_NAME).read_text())
+    for record in manifest["records"]:
+        record["split"] = "train"
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return other
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,18 @@ def test_train_segmenter_then_evaluate(
     assert out.read_text() == "earlier"
     assert main([*again, "--overwrite"]) == 0
     assert json.loads(out.read_text()) == metrics
+    # Another evaluation whose report would land on this one's: refused, not overwritten.
+    report = out.parent / f"{out.stem}.html"
+    html = report.read_bytes()
+    capsys.readouterr()
+    other = ["evaluate", str(real_root), str(synthetic_root), "--out", str(tmp_path / out.name)]
+    assert main([*other, "--segmenter", str(seg), "--report", str(out.parent)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"siamdiff: error: {report}: exists: name --out or --report otherwise, or pass "
+        "--overwrite to replace it"
+    ]
+    assert report.read_bytes() == html and not (tmp_path / out.name).exists()
 
 
 def test_evaluate_with_swapped_sets_is_a_one_line_error(

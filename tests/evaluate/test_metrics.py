@@ -31,6 +31,7 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.features import extract_features, frechet_distance
 from siamdiff.evaluate.metrics import (
     _fd_at_size,
+    _segmenter_section,
     colour_statistics,
     evaluate,
     format_metrics,
@@ -189,7 +190,7 @@ def test_mask_fidelity_of_exact_copies_is_the_segmenters_score_on_the_originals(
 
 
 def test_evaluate_refuses_bad_inputs(
-    real_root: Path, synthetic_root: Path, segmenter_dir: Path, tmp_path: Path
+    real_root: Path, synthetic_root: Path, resplit: Path, segmenter_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "metrics.json"
     with pytest.raises(SiamdiffError, match="REAL must be a real dataset"):
@@ -201,6 +202,19 @@ def test_evaluate_refuses_bad_inputs(
     (mixed / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(SiamdiffError, match="trained on the real training split only"):
         evaluate(real_root, synthetic_root, out, segmenter_dir=mixed, progress=False)
+    # Trained on the train split of the same images prepared otherwise: REAL's test included.
+    config["data"] = [{**config["data"][0], "root": str(resplit), "fingerprint": "other"}]
+    (mixed / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SiamdiffError, match="trained on 6 of the val and test images of"):
+        evaluate(real_root, synthetic_root, out, segmenter_dir=mixed, progress=False)
+    warned: list[str] = []
+    config["data"][0]["root"] = str(tmp_path / "gone")
+    (mixed / CONFIG_NAME).write_text(json.dumps(config))
+    assert _segmenter_section(mixed, real_root, warned)["dir"] == str(mixed.resolve())
+    assert warned == [
+        f"segmenter {mixed} was trained on other images than the training split of {real_root} "
+        "(its data is gone: not checked against the test images)"
+    ]
     # Sampled from another dataset's masks: CLIP-I pairs and utility splits would be wrong.
     other = tmp_path / "other"
     shutil.copytree(synthetic_root, other)
@@ -284,6 +298,9 @@ def test_report_is_self_contained_and_escaped(
     assert embedded[0].startswith(PNG)
     assert embedded[1:] == [PNG + b"loss_curve.png", PNG + b"samples/step-00000200.png"]
     assert "Samples (step-00000200.png)" in page
+    # A row under a metric stays visibly under it: HTML collapses the text table's spaces.
+    assert '<tr><td class="sub">at the real test split&#x27;s size</td>' in page
+    assert "<tr><td>FD-seg (lower is better)</td>" in page
     # A second evaluation into the folder keeps the first one's report; --report moves it.
     second = write_evaluation_report(metrics, tmp_path / "eval" / "second.json")
     assert second.name == "second.html" and report.read_text() == page

@@ -163,6 +163,13 @@ def test_bad_settings_and_files_are_one_line_errors(
     (broken / WEIGHTS_NAME).write_bytes((segmenter_dir / WEIGHTS_NAME).read_bytes())
     with pytest.raises(SiamdiffError, match="do not fit a fpn/resnet18 segmenter"):
         load_segmenter(broken)
+    # A hand-edited spec: a one-line error naming the file, never a TypeError traceback.
+    for size, message in (("64", "spec.size must be an integer, got '64'"), (70, "multiple of 32")):
+        config["spec"]["size"] = size
+        (broken / CONFIG_NAME).write_text(json.dumps(config))
+        with pytest.raises(SiamdiffError, match=message) as error:
+            load_segmenter(broken)
+        assert str(error.value).startswith(str(broken / CONFIG_NAME))
 
 
 def test_a_segmenter_with_nan_weights_is_refused_not_scored_zero(

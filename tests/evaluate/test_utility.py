@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.errors import SiamdiffError
-from siamdiff.evaluate.metrics import evaluate, summary_rows
+from siamdiff.evaluate.metrics import evaluate, summary_rows, utility_journal
 from siamdiff.evaluate.segmenter import _learned_scored_images, training_set
 from siamdiff.evaluate.utility import MATCHED, mean_std, segmentation_utility
 
@@ -94,7 +95,7 @@ def test_utility_needs_a_test_split(synthetic_root: Path) -> None:
 
 
 def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
-    real_root: Path, copies: Path, segmenter_dir: Path, tmp_path: Path
+    real_root: Path, copies: Path, resplit: Path, segmenter_dir: Path, tmp_path: Path
 ) -> None:
     leaking = Path(shutil.copytree(copies, tmp_path / "syn"))
     manifest = json.loads((leaking / MANIFEST_NAME).read_text())
@@ -116,6 +117,11 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
         evaluate(real_root, leaking, out, segmenter_dir=segmenter_dir, utility=True, progress=False)
     with pytest.raises(SiamdiffError, match=expected):  # `train-segmenter --extra` too
         training_set(real_root, (leaking,), 32)
+    # Trained on the train split of data prepared otherwise, where REAL's test images are.
+    generator["data"], generator["split"] = str(resplit), "train"
+    (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(SiamdiffError, match="model trained on the train split of"):
+        training_set(real_root, (leaking,), 32)
     # Trained on every split of other data (none of REAL's test images), or on train: fine.
     for generator["data"], generator["split"] in ((str(copies), None), (str(real_root), "train")):
         (leaking / MANIFEST_NAME).write_text(json.dumps(manifest))
@@ -135,3 +141,60 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
             progress=False,
         )
     assert not out.exists()
+
+
+def test_an_interrupted_utility_resumes_with_the_numbers_of_an_uninterrupted_one(
+    real_root: Path, copies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siamdiff.evaluate.utility as utility
+
+    fits: list[tuple[str, int]] = []
+    fit = utility.fit_segmenter
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fits.append((kwargs["desc"], kwargs["seed"]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(utility, "fit_segmenter", counted)
+    journal = tmp_path / "utility.jsonl"
+    options = {"archs": ("unet",), "seeds": (0, 1), "epochs": 1, "size": 32, "progress": False}
+    whole = segmentation_utility(real_root, copies, journal=journal, **options)
+    assert len(fits) == 4 and len(journal.read_bytes().splitlines()) == 1 + 4
+    # Killed during the third training: two finished, and a line torn mid-write.
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:3]) + lines[3][:20])
+    fits.clear()
+    assert segmentation_utility(real_root, copies, journal=journal, **options) == whole
+    assert fits == [("utility unet real+syn seed 0", 0), ("utility unet real+syn seed 1", 1)]
+    # A seed more reuses all four; other settings start afresh.
+    fits.clear()
+    more = segmentation_utility(
+        real_root, copies, journal=journal, **options | {"seeds": (0, 1, 2)}
+    )
+    assert [seed for _, seed in fits] == [2, 2]
+    assert (
+        more["archs"]["unet"]["real"]["mdice"]["per_seed"][:2]
+        == (whole["archs"]["unet"]["real"]["mdice"]["per_seed"])
+    )
+    fits.clear()
+    segmentation_utility(real_root, copies, journal=journal, **options | {"lr": 5e-4})
+    assert len(fits) == 4
+
+
+def test_evaluate_keeps_the_utility_journal_only_until_its_metrics_are_written(
+    real_root: Path, copies: Path, segmenter_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "metrics.json"
+    options = {"archs": ("unet",), "seeds": (0,), "epochs": 1, "size": 32}
+    metrics = evaluate(
+        real_root,
+        copies,
+        out,
+        segmenter_dir=segmenter_dir,
+        utility=True,
+        utility_options=options,
+        kid_subsets=2,
+        progress=False,
+    )
+    assert metrics["utility"]["protocol"]["device"].startswith("cpu-")
+    assert out.is_file() and not utility_journal(out).exists()

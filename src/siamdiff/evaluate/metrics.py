@@ -60,6 +60,7 @@ from siamdiff.evaluate.segmenter import (
     load_segmenter,
     read_segmenter_config,
     score_segmenter,
+    scored_images_learned,
     split_fingerprint,
 )
 from siamdiff.evaluate.standard import (
@@ -258,12 +259,21 @@ def _segmenter_section(segmenter_dir: Path, real_root: Path, warnings: list[str]
         )
     same_split = data[0].get("fingerprint") == split_fingerprint(load_manifest(real_root), "train")
     if not same_split:
+        learned = scored_images_learned(data[0].get("root", ""), data[0].get("split"), real_root)
+        if learned:
+            raise SiamdiffError(
+                f"this segmenter was trained on {learned} of the val and test images of "
+                f"{real_root}: its scores there, the scale mask fidelity is read against, "
+                "would be inflated (train-segmenter on its training split)",
+                segmenter_dir,
+            )
+        unchecked = " (its data is gone: not checked against the test images)"
         warnings.append(
             f"segmenter {segmenter_dir} was trained on other images than the training split "
-            f"of {real_root}"
+            f"of {real_root}{unchecked if learned is None else ''}"
         )
     return {
-        "dir": str(segmenter_dir),
+        "dir": str(segmenter_dir.resolve()),
         **config["spec"],
         "training": config.get("training", {}),
         "trained_on_this_real_train_split": same_split,
@@ -516,6 +526,7 @@ def evaluate(
         progress=progress,
     )
     del standard_models  # Inception and CLIP, not kept through --utility's training
+    journal = utility_journal(out_json)
     metrics["utility"] = (
         segmentation_utility(
             real_root,
@@ -523,6 +534,7 @@ def evaluate(
             device=device,
             workers=workers,
             progress=progress,
+            journal=journal,
             **(utility_options or {}),
         )
         if utility
@@ -530,7 +542,15 @@ def evaluate(
     )
     metrics["warnings"] = warnings
     atomic_write_json(out_json, metrics)
+    journal.unlink(missing_ok=True)  # its numbers are in out_json now
     return metrics
+
+
+def utility_journal(out_json: str | Path) -> Path:
+    """Where ``evaluate --utility`` keeps its finished trainings until ``out_json`` is written:
+    an interrupted evaluation resumes from them."""
+    out_json = Path(out_json)
+    return out_json.with_name(f".{out_json.name}.utility.jsonl")
 
 
 def _value(entry: Mapping[str, Any] | None, text: str) -> str:
@@ -693,6 +713,17 @@ def _img(title: str, png: bytes) -> str:
     return f'<h2>{title}</h2>\n<img alt="{title}" src="data:image/png;base64,{data}">'
 
 
+def _table_row(name: str, value: str) -> str:
+    """A metric's row; one indented under it in the text table (a reference, a floor) is
+    indented here by its class, as HTML collapses leading spaces."""
+    label = (
+        f'<td class="sub">{html.escape(name.strip())}</td>'
+        if name.startswith(" ")
+        else (f"<td>{html.escape(name)}</td>")
+    )
+    return f"<tr>{label}<td>{html.escape(value)}</td></tr>"
+
+
 def write_evaluation_report(
     metrics: Mapping[str, Any],
     out_json: str | Path,
@@ -705,10 +736,7 @@ def write_evaluation_report(
     report, histogram_path = report_paths(out_json, out_dir)
     histogram = mask_fidelity_histogram(metrics)
     atomic_write_bytes(histogram_path, histogram)
-    table = "\n".join(
-        f"<tr><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
-        for name, value in summary_rows(metrics)
-    )
+    table = "\n".join(_table_row(name, value) for name, value in summary_rows(metrics))
     sections = [_img("Mask fidelity per image", histogram)]
     synthetic_grid = Path(str(metrics.get("synthetic", {}).get("root", ""))) / "samples.png"
     if synthetic_grid.is_file():  # written by `siamdiff sample`: mask | real | synthetic
@@ -737,7 +765,8 @@ def write_evaluation_report(
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>siamdiff evaluation</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
-td{{padding:2px 12px;border-bottom:1px solid #ddd}}img{{max-width:100%}}</style></head>
+td{{padding:2px 12px;border-bottom:1px solid #ddd}}td.sub{{padding-left:2.5em;color:#555}}
+img{{max-width:100%}}</style></head>
 <body><h1>siamdiff evaluation</h1>
 <p>Real: {text(real.get("root"))} ({text(real.get("train_images"))} training images)<br>
 Synthetic: {text(synthetic.get("root"))} ({text(synthetic.get("images"))} images,

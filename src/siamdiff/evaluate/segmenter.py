@@ -57,6 +57,7 @@ from siamdiff.data.transforms import (
     to_tv_tensors,
 )
 from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.hardware import device_label
 from siamdiff.rng import all_seeded, cpu_seeded
 
 CONFIG_NAME = "segmenter.json"
@@ -123,15 +124,26 @@ def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> 
     """Whether a generator trained on ``generator`` (export.trained_on; empty for sets of
     older versions) learned from images of ``real_root``'s val or test split: by their hashes
     while its data is there, else by its path."""
-    if generator.get("split", "train") == "train":
+    if not generator:
         return False
     data, split = Path(generator["data"]), generator["split"]
+    if split == "train" and data.resolve() == Path(real_root).resolve():
+        return False
+    scored = scored_images_learned(data, split, real_root)
+    if scored is None:  # moved or gone
+        return split != "train" and data.resolve() == Path(real_root).resolve()
+    return scored > 0
+
+
+def scored_images_learned(data: str | Path, split: str | None, real_root: str | Path) -> int | None:
+    """How many of ``real_root``'s val and test images (by hash) are in ``split`` of the
+    dataset at ``data`` (every split for None); None when that dataset cannot be read."""
     try:
         learned = load_manifest(data).split(split)
-    except SiamdiffError:  # moved or gone
-        return data.resolve() == Path(real_root).resolve()
+    except SiamdiffError:
+        return None
     scored = {r.image_sha256 for r in load_manifest(real_root).records if r.split != "train"}
-    return any(record.image_sha256 in scored for record in learned)
+    return sum(record.image_sha256 in scored for record in learned)
 
 
 def dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,6 +399,7 @@ def fit_segmenter(
                 history.append({"epoch": epoch + 1, "loss": total / len(loader)})
         elapsed = time.perf_counter() - started
     record = {
+        "device": device_label(device),
         "history": history,
         "steps": epochs * len(loader),
         "images_per_second": seen / elapsed,
@@ -487,7 +500,15 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
         spec = SegmenterSpec(**config["spec"])
     except (KeyError, TypeError) as exc:
         raise SiamdiffError(f"bad segmenter spec ({exc})", config_path) from exc
-    model = spec.build()
+    kinds = {"arch": "a string", "encoder": "a string", "size": "an integer"}
+    for field, kind in kinds.items():
+        value = getattr(spec, field)
+        if type(value) is not (int if field == "size" else str):
+            raise SiamdiffError(f"spec.{field} must be {kind}, got {value!r}", config_path)
+    try:
+        model = spec.build()
+    except SiamdiffError as exc:
+        raise SiamdiffError(str(exc), config_path) from exc
     weights = Path(directory) / WEIGHTS_NAME
     try:
         state = load_safetensors(weights.read_bytes())

@@ -10,11 +10,20 @@ Same epochs means the real + synthetic segmenter also takes more optimiser steps
 many with one synthetic pair per real one). ``matched_steps`` adds a control that tells the
 two apart: real only, trained for as many steps as real + synthetic (more epochs, rounded
 up: at least as many), and the gain over it.
+
+Each finished training is journaled (``journal``): a measurement interrupted after hours
+resumes at the first training it had not finished, and gives the numbers an uninterrupted one
+gives (each training is seeded on its own). The journal is kept only for identical settings,
+data, device and siamdiff version; seeds or architectures added later reuse the ones done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from siamdiff import __version__
+from siamdiff.atomic import JsonLinesJournal, atomic_write_bytes, json_line
 from siamdiff.data.manifest import load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.segmenter import (
@@ -34,6 +45,7 @@ from siamdiff.evaluate.segmenter import (
     training_set,
     training_split,
 )
+from siamdiff.hardware import device_label
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -83,6 +95,31 @@ def check_utility(
         training_split(load_manifest(syn_root), syn_root, real_root)
 
 
+def _data_digest(real_root: str | Path, syn_root: str | Path | None) -> str:
+    """SHA-256 naming every pair of both datasets (split, image and mask), for the journal."""
+    pairs = [
+        (root_name, r.id, r.split, r.image_sha256, r.mask_sha256)
+        for root_name, root in (("real", real_root), ("syn", syn_root))
+        if root is not None
+        for r in load_manifest(root).records
+    ]
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def _journaled(path: Path, header: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The trainings ``path`` journaled under ``header``; a journal of other settings (or none)
+    is started afresh with it."""
+    lines = path.read_bytes().splitlines() if path.is_file() else []
+    entries = []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a line torn by a crash
+            entries.append(json.loads(line))
+    if not entries or entries[0] != header:
+        atomic_write_bytes(path, json_line(header))
+        return {}
+    return {(e["arch"], e["set"], e["seed"]): e for e in entries[1:] if "arch" in e}
+
+
 def segmentation_utility(
     real_root: str | Path,
     syn_root: str | Path | None,
@@ -98,10 +135,12 @@ def segmentation_utility(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    journal: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``len(archs) x len(seeds)`` segmenters per training set and score them on the
     real test split. ``syn_root=None`` trains on real data only (a baseline);
-    ``matched_steps`` adds real only at real + synthetic's step count (module docstring)."""
+    ``matched_steps`` adds real only at real + synthetic's step count; ``journal``: the file
+    that keeps finished trainings for a rerun (module docstring)."""
     check_utility(
         real_root,
         syn_root,
@@ -121,53 +160,80 @@ def segmentation_utility(
         if matched_steps:
             with_syn = steps_per_epoch(len(sets["real+syn"][0]), batch_size) * epochs
             sets[MATCHED] = (real, math.ceil(with_syn / steps_per_epoch(len(real), batch_size)))
-    results: dict[str, Any] = {}
-    for arch in archs:
-        spec = SegmenterSpec(arch, encoder, size)
-        per_setting: dict[str, Any] = {}
-        for name, (dataset, setting_epochs) in sets.items():
-            dice, iou = [], []
-            for seed in seeds:
-                segmenter, record = fit_segmenter(
-                    dataset,
-                    spec,
-                    epochs=setting_epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    seed=seed,
-                    device=device,
-                    workers=workers,
-                    progress=progress,
-                    desc=f"utility {arch} {name} seed {seed}",
-                )
-                summary = score_segmenter(segmenter, test, batch_size).summary()
-                dice.append(summary["mdice"])
-                iou.append(summary["miou"])
-            per_setting[name] = {
-                "train_images": len(dataset),
-                "epochs": setting_epochs,
-                "steps": record["steps"],
-                "mdice": mean_std(dice),
-                "miou": mean_std(iou),
-            }
-        for metric in ("mdice", "miou") if syn_root is not None else ():
-            with_syn = per_setting["real+syn"][metric]["mean"]
-            per_setting[f"gain_{metric}"] = with_syn - per_setting["real"][metric]["mean"]
-            if MATCHED in per_setting:
-                matched_gain = with_syn - per_setting[MATCHED][metric]["mean"]
-                per_setting[f"gain_matched_steps_{metric}"] = matched_gain
-        results[arch] = per_setting
-    return {
-        "available": True,
-        "protocol": {
-            "encoder": encoder,
-            "encoder_weights": None,
-            "epochs": epochs,
-            "size": size,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seeds": list(seeds),
-            "test_images": len(test),
-        },
-        "archs": results,
+    protocol = {
+        "encoder": encoder,
+        "encoder_weights": None,
+        "epochs": epochs,
+        "size": size,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seeds": list(seeds),
+        "test_images": len(test),
+        "device": device_label(device),
     }
+    header = {
+        "utility_journal": 1,
+        "created_by": f"siamdiff {__version__}",
+        "data": _data_digest(real_root, syn_root),
+        **{k: v for k, v in protocol.items() if k not in ("seeds", "test_images")},
+    }
+    done = _journaled(Path(journal), header) if journal is not None else {}
+    if done and progress:
+        print(f"utility: {len(done)} trainings already done, in {journal}", file=sys.stderr)
+
+    def fit_and_score(arch: str, name: str, seed: int) -> dict[str, Any]:
+        dataset, setting_epochs = sets[name]
+        segmenter, record = fit_segmenter(
+            dataset,
+            SegmenterSpec(arch, encoder, size),
+            epochs=setting_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            workers=workers,
+            progress=progress,
+            desc=f"utility {arch} {name} seed {seed}",
+        )
+        summary = score_segmenter(segmenter, test, batch_size).summary()
+        score = {"arch": arch, "set": name, "seed": seed, "steps": record["steps"]}
+        return score | {"mdice": summary["mdice"], "miou": summary["miou"]}
+
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        log = (
+            stack.enter_context(contextlib.closing(JsonLinesJournal(Path(journal))))
+            if journal is not None
+            else None
+        )
+        for arch in archs:
+            per_setting: dict[str, Any] = {}
+            for name, (dataset, setting_epochs) in sets.items():
+                scores = []
+                for seed in seeds:
+                    score = done.get((arch, name, seed))
+                    if score is None:
+                        score = fit_and_score(arch, name, seed)
+                        if log is not None:
+                            log.append(score)
+                    scores.append(score)
+                per_setting[name] = {
+                    "train_images": len(dataset),
+                    "epochs": setting_epochs,
+                    "steps": scores[-1]["steps"],
+                    "mdice": mean_std([score["mdice"] for score in scores]),
+                    "miou": mean_std([score["miou"] for score in scores]),
+                }
+            results[arch] = per_setting | _gains(per_setting)
+    return {"available": True, "protocol": protocol, "archs": results}
+
+
+def _gains(per_setting: Mapping[str, Any]) -> dict[str, float]:
+    """Real + synthetic's mean gains over real only (and over the matched-steps control)."""
+    gains = {}
+    for metric in ("mdice", "miou") if "real+syn" in per_setting else ():
+        with_syn = per_setting["real+syn"][metric]["mean"]
+        gains[f"gain_{metric}"] = with_syn - per_setting["real"][metric]["mean"]
+        if MATCHED in per_setting:
+            gains[f"gain_matched_steps_{metric}"] = with_syn - per_setting[MATCHED][metric]["mean"]
+    return gains
