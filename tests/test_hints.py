@@ -101,7 +101,10 @@ def test_hint_maps_read_as_drawn_at_any_storage(tmp_path: Path):
     }
     palette = Image.fromarray(binary, mode="L").convert("P")
     palette.putpalette([0, 0, 0, 90, 0, 0] + [0] * 762)  # class 1 drawn dark red
-    cases["palette.png"] = (palette, binary * 255)
+    cases["palette.png"] = (palette, binary * 90)
+    # Two grey levels are a grey map, read as drawn: level 100 is 100 in every map of a
+    # source, whether or not a map also has other levels.
+    cases["two_levels.png"] = (Image.fromarray(binary * 100), binary * 100)
     for name, (image, expected) in cases.items():
         image.save(tmp_path / name)
         read = load_hint(tmp_path / name)

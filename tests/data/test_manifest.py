@@ -90,6 +90,12 @@ def corrupt(root: Path, change: Any) -> None:
         (lambda o: o["records"][0].update(coverage=1.5), "coverage 1.5 is not in 0..1"),
         (lambda o: o["records"][0].update(dataset=5), "dataset is 5, not a str"),
         (lambda o: o["records"][0].update(id=["x"]), r"id is \['x'\], not a str"),
+        # The extra keys siamdiff reads (a synthetic pair's source, its seed): typed too.
+        (
+            lambda o: o["records"][0]["extra"].update(source_id=["p"]),
+            r"extra.source_id is \['p'\], not a str",
+        ),
+        (lambda o: o["records"][0]["extra"].update(seed=True), "extra.seed is True, not an int"),
     ],
 )
 def test_invalid_manifests_are_one_line_errors(tmp_path: Path, change: Any, message: str) -> None:
@@ -131,6 +137,9 @@ def test_verify_reports_each_problem(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "sub" / "extra.png").write_bytes(b"")
     (tmp_path / ".hidden").write_bytes(b"")  # editors' and OS droppings are not reported
     (tmp_path / "stats.json").write_text("{}")  # siamdiff's own ancillary file
+    (tmp_path / "export-pranet" / "images").mkdir(parents=True)  # `sample --format` copies
+    (tmp_path / "export-pranet" / "images" / "d-g0-0.png").write_bytes(b"")
+    (tmp_path / "export-d-g0-0.png").write_bytes(b"")  # a stray file, named like one
 
     real_hash = manifest_module.sha256_file
 
@@ -144,12 +153,13 @@ def test_verify_reports_each_problem(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert report.changed == ["d-g0-0.png"]
     assert report.missing == ["d-g1-0_mask.png"]
     assert report.unreadable == ["d-g2-0.png"]
-    assert report.extra == ["sub/extra.png"]
+    assert report.extra == ["export-d-g0-0.png", "sub/extra.png"]
     assert report.checked == 5 and not report.ok
     assert format_verify(report).splitlines() == [
         "changed: d-g0-0.png",
         "missing: d-g1-0_mask.png",
         "unreadable: d-g2-0.png",
+        "extra: export-d-g0-0.png",
         "extra: sub/extra.png",
-        "FAILED: 4 problems (5 files checked)",
+        "FAILED: 5 problems (5 files checked)",
     ]

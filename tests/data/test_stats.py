@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from siamdiff.data.manifest import Manifest, Record, verify, write_manifest
-from siamdiff.data.stats import dataset_stats, format_stats, write_stats
+from siamdiff.data.stats import coverage_histogram, dataset_stats, format_stats, write_stats
 from siamdiff.errors import SiamdiffError
 
 
@@ -112,3 +113,11 @@ def test_empty_manifest_and_unwritable_png_are_errors(root: Path, tmp_path: Path
     write_manifest(empty, Manifest(records=[], preprocessing={}))
     with pytest.raises(SiamdiffError, match="no records"):
         dataset_stats(empty)
+
+
+@pytest.mark.parametrize("names", [["_lab"], ["_lab", "kvasir"]])
+def test_every_dataset_is_named_in_the_histogram_legend(names: list[str]) -> None:
+    """Matplotlib drops labels starting with "_" from a legend it builds itself."""
+    coverage = {name: np.linspace(0.1, 0.5, 5) for name in names}
+    legend = coverage_histogram(coverage).axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == names

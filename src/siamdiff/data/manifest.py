@@ -43,6 +43,12 @@ ANCILLARY_FILES = frozenset({"stats.json", "stats.png", "prepare-summary.json", 
 EXPORT_PREFIX = "export-"
 
 
+def _in_export_folder(relative: str) -> bool:
+    """Whether a file lies in a top-level ``export-*`` folder (a file so named does not)."""
+    parts = Path(relative).parts
+    return len(parts) > 1 and parts[0].startswith(EXPORT_PREFIX)
+
+
 @dataclass(frozen=True)
 class Record:
     """One image-mask pair, as written to disk. Paths are relative to the dataset root."""
@@ -196,8 +202,18 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "height": int,
     "extra": dict,
 }
+# The keys of ``extra`` that siamdiff reads (prepare and sample write them), when present.
+_EXTRA_TYPES: dict[str, type] = {
+    **dict.fromkeys(("source_id", "source_mask_sha256"), str),
+    **dict.fromkeys(("seed", "sample_index"), int),
+    **dict.fromkeys(("source_hints", "source_hints_sha256"), dict),
+}
 # Ids name files (export, folder copies): no separators, no leading dot.
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _a(type_name: str) -> str:
+    return f"an {type_name}" if type_name == "int" else f"a {type_name}"
 
 
 def _check_fields(raw: dict[str, Any], manifest_path: Path) -> None:
@@ -208,7 +224,14 @@ def _check_fields(raw: dict[str, Any], manifest_path: Path) -> None:
         if not isinstance(value, kind) or isinstance(value, bool):
             expected = getattr(kind, "__name__", "number")
             raise SiamdiffError(
-                f"record {raw['id']!r}: {name} is {value!r}, not a {expected}", manifest_path
+                f"record {raw['id']!r}: {name} is {value!r}, not {_a(expected)}", manifest_path
+            )
+    for name, kind in _EXTRA_TYPES.items():
+        value = raw.get("extra", {}).get(name, kind())
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SiamdiffError(
+                f"record {raw['id']!r}: extra.{name} is {value!r}, not {_a(kind.__name__)}",
+                manifest_path,
             )
     if not _ID.fullmatch(raw["id"]):
         raise SiamdiffError(f"record id {raw['id']!r} is not a plain file name", manifest_path)
@@ -359,9 +382,7 @@ def verify(root: str | Path) -> VerifyReport:
                 changed.append(name)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     extra = sorted(
-        n
-        for n in present - listed
-        if not Path(n).name.startswith(".") and not n.startswith(EXPORT_PREFIX)
+        n for n in present - listed if not Path(n).name.startswith(".") and not _in_export_folder(n)
     )
     return VerifyReport(
         checked=checked,

@@ -350,9 +350,11 @@ def load_hint(path: str | Path) -> np.ndarray:
     """The source hint map at ``path`` as uint8 HxW: grey levels kept, colour reduced by the
     maximum channel (as masks are), 16-bit scaled to 8 bits unless no value exceeds 255.
 
-    A map of two values, one of them 0, is a binary map (one class of a label map, 0/1 as
-    nnU-Net writes them): it reads 0/255, not near-black 0/1. JPEG excepted, as for masks.
-    Prepared hint maps are read as stored (:func:`load_prepared_hint`).
+    A map of the values 0 and 1 only (one class of a label map, as nnU-Net writes them) reads
+    0/255, not near-black 0/1; every other map reads as drawn, so that a grey level means the
+    same in every map of a source (a map that only some images draw in two values would
+    otherwise read 255 there and its own level elsewhere). Prepared hint maps are read as
+    stored (:func:`load_prepared_hint`).
     """
     path = Path(path)
     decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
@@ -361,8 +363,8 @@ def load_hint(path: str | Path) -> np.ndarray:
         array = array.max(axis=-1)
     if array.dtype.kind == "f":
         raise UnreadableImageError(f"unsupported pixel type {array.dtype}", path)
-    if path.suffix.lower() not in JPEG_SUFFIXES and _zero_and_one_value(array):
-        return ((array > 0) * 255).astype(np.uint8)
+    if np.isin(array, (0, 1)).all() and array.any():
+        return (array.astype(bool) * 255).astype(np.uint8)
     if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 255:
         return array.astype(np.uint8)  # 8-bit values, whatever the storage
     return _to_uint8(array, path)

@@ -67,20 +67,17 @@ def dataset_stats(root: str | Path) -> dict[str, Any]:
     return _stats_and_coverage(Path(root))[0]
 
 
-def _histogram_png(coverage: dict[str, np.ndarray]) -> bytes:
+def coverage_histogram(coverage: dict[str, np.ndarray]) -> Figure:
+    """Mask coverage per pair, stacked bars coloured by dataset."""
     figure = Figure(figsize=(6, 4))
     axes = figure.add_subplot()
-    axes.hist(
-        list(coverage.values()),
-        bins=np.linspace(0, 1, 41),
-        stacked=True,
-        label=list(coverage),
-    )
+    *_, bars = axes.hist(list(coverage.values()), bins=np.linspace(0, 1, 41), stacked=True)
+    # Handles and names given, not label=: matplotlib leaves out labels starting with "_".
+    axes.legend(bars if len(coverage) > 1 else [bars], list(coverage))
     axes.set_xlabel("mask coverage (foreground fraction)")
     axes.set_ylabel("pairs")
-    axes.legend()
     figure.tight_layout()
-    return figure_png(figure)
+    return figure
 
 
 @contextlib.contextmanager
@@ -108,7 +105,7 @@ def write_stats(root: str | Path, png: str | Path | None = None) -> dict[str, An
     stats, coverage = _stats_and_coverage(root)
     # The picture first: a failed PNG must not leave a new stats.json beside an old picture.
     with _writing(png):
-        atomic_write_bytes(png, _histogram_png(coverage))
+        atomic_write_bytes(png, figure_png(coverage_histogram(coverage)))
     with _writing(root / STATS_JSON):
         atomic_write_json(root / STATS_JSON, stats)
     return stats
