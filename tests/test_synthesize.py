@@ -475,6 +475,15 @@ def test_augmented_masks_and_exports(exported: Path, phantom_data: Path, tmp_pat
         "numTraining": len(ids),
         "file_ending": ".png",
     }
+    # The nnU-Net copy reads back with `prepare --source nnunet=`: the same pairs.
+    back = tmp_path / "back"
+    prepare([("nnunet", nnunet)], back, size=PHANTOM_SIZE, workers=1, progress=False)
+    read_back = {Path(r.source_mask).stem: r for r in load_manifest(back).records}
+    assert sorted(read_back) == sorted(ids)
+    for record in records:
+        again = read_back[record.id]
+        np.testing.assert_array_equal(png(back / again.mask), png(out / record.mask))
+        np.testing.assert_array_equal(png(back / again.image), png(out / record.image))
 
 
 def test_rank_split_union_equals_a_single_run(

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TextIO
 from siamdiff import __version__
 from siamdiff.errors import SiamdiffError, first_line
 
-SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder")
+SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder", "nnunet")
 LOG_PROGRESS_SECONDS = 30  # a progress line this often when stderr is a log file
 
 

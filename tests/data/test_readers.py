@@ -15,6 +15,7 @@ from PIL import Image
 from siamdiff.data.readers import (
     CVC_SEQUENCES,
     UnreadableImageError,
+    load_label_map,
     load_mask,
     load_rgb,
     parse_cvc_sequences,
@@ -528,3 +529,75 @@ def test_a_min_is_white_tiff_image_is_read_as_shown(tmp_path: Path) -> None:
     grey = np.array([[0, 255]], np.uint8)
     tifffile.imwrite(tmp_path / "i.tif", grey, photometric="miniswhite")
     np.testing.assert_array_equal(load_rgb(tmp_path / "i.tif")[0, :, 0], [255, 0])
+
+
+# --- nnU-Net v2 raw ------------------------------------------------------------------------
+
+
+def nnunet_dataset(root: Path, labels: dict, ending: str = ".png") -> Path:
+    root.mkdir(parents=True)
+    settings = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": labels}
+    (root / "dataset.json").write_text(json.dumps(settings | {"file_ending": ending}))
+    return root
+
+
+def test_nnunet_cases_read_every_label_but_background_and_ignore(tmp_path: Path) -> None:
+    labels = {"background": 0, "polyp": 1, "adenoma": [1, 2], "ignore": 3}
+    root = nnunet_dataset(tmp_path / "Dataset501_Polyps", labels)
+    ids = np.array([[0, 1, 2, 3, 0, 0, 1, 2]] * 6, dtype=np.uint8)
+    save(root / "imagesTr" / "case_a_0000.png", RGB)
+    save(root / "imagesTr" / "case_b_0000.png", RGB[..., 0])  # grey: repeated to RGB
+    save(root / "imagesTr" / "notes.txt.png", RGB)  # no _NNNN channel: not a case
+    save(root / "labelsTr" / "case_a.png", ids)
+    save(root / "labelsTr" / "case_b.png", ids.astype(np.uint16))  # 16-bit ids are ids
+    save(root / "labelsTr" / "case_c.png", ids)  # no image
+    result = read_source("nnunet", root)
+    assert [(p.dataset, p.group, p.image.name) for p in result.pairs] == [
+        ("Polyps", "case_a", "case_a_0000.png"),
+        ("Polyps", "case_b", "case_b_0000.png"),
+    ]
+    assert sorted((p.name, why) for p, why in result.skipped) == [
+        ("case_c.png", "mask without image"),
+        ("notes.txt.png", "not CASE_0000.png"),
+    ]
+    for pair in result.pairs:
+        mask = load_label_map(pair.mask, *pair.labels)
+        np.testing.assert_array_equal(mask, (ids == 1) | (ids == 2))  # 3 is ignore, 0 background
+    # An id dataset.json does not name, or a colour map: that case is skipped, saying why.
+    save(root / "labelsTr" / "case_a.png", np.where(ids == 3, 7, ids).astype(np.uint8))
+    with pytest.raises(UnreadableImageError, match=r"label 7 is not in dataset\.json"):
+        load_label_map(root / "labelsTr" / "case_a.png", *result.pairs[0].labels)
+    save(root / "labelsTr" / "case_a.png", RGB)
+    with pytest.raises(UnreadableImageError, match=r"not a label map .*uint8 colour"):
+        load_label_map(root / "labelsTr" / "case_a.png", *result.pairs[0].labels)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda root: (root / "dataset.json").unlink(), "no dataset.json: not an nnU-Net v2"),
+        (lambda root: (root / "dataset.json").write_text("{"), "dataset.json: cannot read"),
+        (
+            lambda root: nnunet_dataset(root / "vol", {"background": 0, "tumour": 1}, ".nii.gz"),
+            "file_ending '.nii.gz': siamdiff reads 2D images",
+        ),
+        (
+            lambda root: nnunet_dataset(root / "bg", {"background": 0, "ignore": 1}),
+            "labels name no class besides background and ignore",
+        ),
+        (
+            lambda root: save(root / "imagesTr" / "case_a_0001.png", RGB),
+            "case_a_0001.png: channel file 0001 of case 'case_a': siamdiff reads one image",
+        ),
+    ],
+)
+def test_nnunet_datasets_it_cannot_read_are_one_line_errors(
+    tmp_path: Path, change, message: str
+) -> None:
+    root = nnunet_dataset(tmp_path / "Dataset1_X", {"background": 0, "polyp": 1})
+    save(root / "imagesTr" / "case_a_0000.png", RGB)
+    save(root / "labelsTr" / "case_a.png", np.zeros((6, 8), np.uint8))
+    made = change(root)
+    with pytest.raises(SiamdiffError, match=message) as exc:
+        read_source("nnunet", made if isinstance(made, Path) and made.is_dir() else root)
+    assert "\n" not in str(exc.value)

@@ -42,6 +42,7 @@ from siamdiff.data.readers import (
     SourcePair,
     UnreadableImageError,
     load_hint,
+    load_label_map,
     load_mask,
     load_rgb,
     read_source,
@@ -134,7 +135,11 @@ def _process_pair(
     """Write one resized pair into ``out``; a (file, reason) tuple when it has to be skipped."""
     try:
         image = load_rgb(pair.image)
-        mask = load_mask(pair.mask, threshold)
+        mask = (
+            load_mask(pair.mask, threshold)
+            if pair.labels is None
+            else (load_label_map(pair.mask, *pair.labels))
+        )
         hints = {name: load_hint(path) for name, path in pair.hints}
     except UnreadableImageError as exc:
         return str(exc.path), exc.reason

@@ -1,6 +1,6 @@
 """Readers for the public polyp layouts: each turns a directory into image-mask pairs.
 
-Four layouts (the ``kind`` of a source):
+Five layouts (the ``kind`` of a source):
 
 - ``kvasir-seg``: ``images/`` + ``masks/`` (JPEG masks), ``kavsir_bboxes.json`` used only
   to cross-check image sizes; no patient ids, so every image is its own group.
@@ -10,6 +10,9 @@ Four layouts (the ``kind`` of a source):
 - ``folder``: ``NAME.ext`` + ``NAME_mask.ext``; ``NAME = {dataset}-{group}-{frame}`` when it
   has that shape (the phantom demo data and siamdiff's own output do; a synthetic pair's
   ``-sNN`` stays in its frame, so it keeps its source's group).
+- ``nnunet``: an nnU-Net v2 raw dataset, ``imagesTr/CASE_0000.EXT`` + ``labelsTr/CASE.EXT``
+  with ``dataset.json``; each case is its own group, every label but background and
+  ``ignore`` is lesion.
 
 Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
 ``NAME_hint-HINT.ext`` beside ``NAME.ext``, ``pranet`` (and ``kvasir-seg``) a ``hint-HINT/``
@@ -31,7 +34,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageOps
 
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, first_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -74,6 +77,9 @@ class SourcePair:
     group: str
     frame: str
     hints: tuple[tuple[str, Path], ...] = ()  # (hint name, file), sorted by name
+    # A mask that is a label map of class ids (nnU-Net): the ids that are lesion, and every id
+    # the map may hold. None: a drawn mask, thresholded (load_mask).
+    labels: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def id(self) -> str:
@@ -344,6 +350,25 @@ def load_mask(path: str | Path, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 255:
         return array >= threshold  # 8-bit values, whatever the storage (OpenCV's uint16 writes)
     return _to_uint8(array, path) >= threshold
+
+
+def load_label_map(path: str | Path, lesion: Sequence[int], known: Sequence[int]) -> np.ndarray:
+    """The label map at ``path`` (class ids, as nnU-Net stores them) as bool HxW: True where
+    the id is one of ``lesion``. An id outside ``known``, a colour or a float map is an
+    :class:`UnreadableImageError`: class ids are one integer channel."""
+    path = Path(path)
+    decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
+    array = _to_hw_or_hwc(_pixels(_read(path, decode), path), path)
+    if array.ndim == 3 or array.dtype.kind not in "biu":
+        raise UnreadableImageError(
+            f"not a label map (class ids are one integer channel; this is {array.dtype} "
+            f"{'colour' if array.ndim == 3 else 'grey'})",
+            path,
+        )
+    unknown = np.setdiff1d(np.unique(array), np.asarray(known))
+    if unknown.size:
+        raise UnreadableImageError(f"label {int(unknown[0])} is not in dataset.json", path)
+    return np.isin(array, np.asarray(lesion))
 
 
 def load_hint(path: str | Path) -> np.ndarray:
@@ -643,11 +668,80 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
     return result
 
 
+def _nnunet_settings(root: Path) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(file ending, lesion ids, every id) from an nnU-Net v2 raw dataset's dataset.json:
+    every label but background (0) and ``ignore`` is lesion (a region label lists its ids)."""
+    path = root / "dataset.json"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        ending, labels = settings["file_ending"], settings["labels"]
+        ids = {
+            name: [value] if isinstance(value, int) else list(value)
+            for name, value in labels.items()
+        }
+        if not isinstance(ending, str) or not all(
+            type(i) is int for values in ids.values() for i in values
+        ):
+            raise TypeError("file_ending must be a string and labels integer ids")
+    except FileNotFoundError as exc:
+        raise SiamdiffError("no dataset.json: not an nnU-Net v2 raw dataset", root) from exc
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SiamdiffError(f"cannot read ({first_line(exc)})", path) from exc
+    if ending.lower() not in IMAGE_SUFFIXES:
+        raise SiamdiffError(
+            f"file_ending {ending!r}: siamdiff reads 2D images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}), not volumes",
+            path,
+        )
+    known = {i for values in ids.values() for i in values} | {0}
+    lesion = known - {0, *ids.get("ignore", [])}
+    if not lesion:
+        raise SiamdiffError("labels name no class besides background and ignore", path)
+    return ending, tuple(sorted(lesion)), tuple(sorted(known))
+
+
+def read_nnunet(root: Path, dataset: str | None = None) -> ReadResult:
+    """An nnU-Net v2 raw dataset: ``imagesTr/CASE_0000.EXT`` (grey or RGB) and
+    ``labelsTr/CASE.EXT``; every case is its own group, every label but background and
+    ignore is lesion. A case with more channel files (``CASE_0001``) is refused: its image
+    is not one file."""
+    ending, lesion, known = _nnunet_settings(root)
+    result = ReadResult()
+    images: dict[str, Path] = {}
+    for path in _list_dir(_subdir(root, "imagesTr")):
+        case, _, channel = path.name.removesuffix(ending).rpartition("_")
+        if not path.name.endswith(ending) or not (case and channel.isdigit()):
+            result.skipped.append((path, f"not CASE_0000{ending}"))
+        elif channel != "0000":
+            raise SiamdiffError(
+                f"channel file {channel} of case {case!r}: siamdiff reads one image file per "
+                "case (_0000, grey or RGB)",
+                path,
+            )
+        else:
+            images[case] = path
+    labels = {}
+    for path in _list_dir(_subdir(root, "labelsTr")):
+        if path.name.endswith(ending):
+            labels[path.name.removesuffix(ending)] = path
+        else:
+            result.skipped.append((path, f"not CASE{ending}"))
+    matched = _match(images, labels, result.skipped)
+    name = dataset or sanitize_name(re.sub(r"^Dataset\d+_", "", root.resolve().name))
+    groups = sanitized_apart([case for case, _, _ in matched])
+    result.pairs = [
+        SourcePair(image, mask, name, groups[case], "0", labels=(lesion, known))
+        for case, image, mask in matched
+    ]
+    return result
+
+
 READERS: dict[str, Callable[..., ReadResult]] = {
     "kvasir-seg": read_kvasir_seg,
     "cvc-clinicdb": read_cvc_clinicdb,
     "pranet": read_pranet,
     "folder": read_folder,
+    "nnunet": read_nnunet,
 }
 
 
