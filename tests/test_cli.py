@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from siamdiff.cli import SOURCE_KINDS, ProgressAsLines, main
+from siamdiff.cli import SOURCE_KINDS, ProgressAsLines, main, peer_failed
 from siamdiff.data.readers import READERS, load_rgb
 from siamdiff.errors import SiamdiffError
 
@@ -270,3 +270,8 @@ def test_help_shows_every_telling_default(capsys) -> None:
         text = capsys.readouterr().out
         assert all(default in text for default in shown), verb
         assert "(default: False)" not in text and "(default: None)" not in text
+
+
+def test_only_a_lost_peer_of_a_launch_is_told_in_one_line() -> None:
+    """A gloo or NCCL error outside a multi-process launch is a bug: its traceback stays."""
+    assert not peer_failed(RuntimeError("[gloo/pair.cc:561] Connection closed by peer"))

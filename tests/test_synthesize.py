@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import siamdiff.data.manifest as manifest_module
 import siamdiff.synthesize as synth
+from siamdiff.cli import PEER_STOPPED
 from siamdiff.data.dataset import GeneratorView, generator_views
 from siamdiff.data.manifest import MANIFEST_NAME, load_manifest, verify
 from siamdiff.data.phantom import make_phantom_dataset
@@ -531,6 +532,35 @@ def test_two_launched_processes_write_what_one_process_writes(
     assert files(out) == files(reference)
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_leaves_one_error_line_not_its_peers_traceback(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    data = Path(shutil.copytree(phantom_data, tmp_path / "data"))
+    masks = load_manifest(data).split("train")
+    damaged = data / masks[-1].mask  # in the second half of the masks: rank 1's batch
+    damaged.write_bytes(b"broken")
+    done = launch_two_processes(
+        "sample",
+        str(exported),
+        "--masks",
+        f"{data}:train",
+        "--out",
+        str(tmp_path / "syn"),
+        "--steps=2",
+        "--per-mask=1",
+        f"--batch-size={len(masks) // 2}",
+        "--device=cpu",
+        "--no-verify",
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("siamdiff: error:")]
+    assert errors[0].startswith(f"siamdiff: error: {damaged}: cannot read image")
+    # Rank 0 waited for rank 1 in a collective: one line (or killed first by the launcher).
+    assert errors[1:] in ([], [f"siamdiff: error: {PEER_STOPPED}"]), done.stderr[-3000:]
+    assert "Connection closed by peer" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_run_directory_samples_its_newest_checkpoint(
     reference: Path, trained_run: Path, phantom_data: Path, tmp_path: Path
 ):
@@ -568,15 +598,15 @@ def test_a_run_trained_again_at_the_same_path_is_not_resumed_into(
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
-    reference: Path, trained_run: Path, phantom_data: Path, tmp_path: Path
+    reference: Path, trained_run: Path, phantom_data: Path, tmp_path: Path, capsys
 ):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     newer = Path(shutil.copytree(checkpoints(run)[-1], run / "checkpoints" / "step-00000003"))
     with open(newer / "model.safetensors", "r+b") as weights:
         weights.seek(-1, 2)
         weights.write(b"\x00" if weights.read(1) != b"\x00" else b"\x01")
-    with pytest.warns(UserWarning, match="step-00000003: skipped, damaged: checksum mismatch"):
-        sample(run, phantom_data, tmp_path / "syn")
+    sample(run, phantom_data, tmp_path / "syn")
+    assert "step-00000003: skipped, damaged: checksum mismatch" in capsys.readouterr().err
     records = load_manifest(tmp_path / "syn").records
     assert records[0].extra["model"] == str(run.resolve() / "checkpoints/step-00000002")
     assert all(

@@ -34,6 +34,7 @@ from siamdiff.train import (
     checkpoints,
     configure_deepspeed,
     last_valid_checkpoint,
+    launcher_grace_too_short,
     preview_pairs,
     resumed_batches,
     train,
@@ -173,7 +174,7 @@ def test_interrupted_run_resumes_to_bit_identical_weights(
     phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, kept: list[str]
 ):
     # One loss row for the 4 steps: the resumed run's averages the steps before the stop too.
-    overrides = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=100")
+    overrides = ("train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=3")
     overrides += ("train.log_every=4",)
     straight = tmp_path / "straight"
     train(tiny_config(phantom_data, straight, *overrides))
@@ -198,6 +199,8 @@ def test_interrupted_run_resumes_to_bit_identical_weights(
         train(tiny_config(phantom_data, broken, *overrides))
     monkeypatch.setattr(SeededAugmentation, "__getitem__", original)
     assert [p.name for p in checkpoints(broken)] == kept
+    # A stop skips the step's preview grid: a launcher's grace after the signal is short.
+    assert not (broken / "samples" / "step-00000003.png").exists()
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
     train(tiny_config(phantom_data, broken, *overrides), resume=True)
 
@@ -779,3 +782,15 @@ def test_a_run_resumed_on_other_ranks_goes_on_at_the_same_epoch_and_global_batch
     assert resumed_batches(state(24, 1), 1, sampler(2)) == 12
     assert resumed_batches(state(7, 2), 1, sampler(2)) == 7
     assert resumed_batches({"step": 6}, 2, sampler(3)) == 12  # older checkpoints: step x accum
+
+
+def test_a_torchrun_launch_is_told_to_allow_a_checkpoint_time_after_a_stop(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not launcher_grace_too_short(2)  # not launched by torchrun: no launcher kills it
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert launcher_grace_too_short(2) and not launcher_grace_too_short(1)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    assert not launcher_grace_too_short(2)

@@ -46,7 +46,6 @@ from siamdiff import __version__
 from siamdiff.atomic import atomic_write_json, atomic_write_text, check_writable_file
 from siamdiff.cli import at_least
 from siamdiff.errors import SiamdiffError
-from siamdiff.hardware import device_label
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
     Backbone,
@@ -65,6 +64,7 @@ from siamdiff.models.siamese import (
 )
 from siamdiff.models.speed import LEVERS, apply_levers, parse_levers
 from siamdiff.models.unet_parts import encode
+from siamdiff.runtime import device_label
 from siamdiff.sample import ddim_sample, make_scheduler
 
 AUG_PROGRESS = 0.5  # a step after 1/3 of training: every loss term is active

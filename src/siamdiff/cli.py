@@ -727,6 +727,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
+PEER_STOPPED = (
+    "another process of this launch stopped; its own error says why (this one lost its "
+    "connection to it)"
+)
+# What gloo and NCCL raise in a collective whose peer process has gone.
+PEER_GONE = re.compile(r"gloo|nccl|closed by peer|connection reset|broken pipe", re.IGNORECASE)
+
+
+def peer_failed(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective failing because another rank of a launch stopped."""
+    import torch.distributed as dist
+
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+        and (isinstance(exc, dist.DistError) or bool(PEER_GONE.search(str(exc))))
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "device", None) is not None:
@@ -742,6 +762,12 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"siamdiff: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not peer_failed(exc):
+            raise
+        # The failed rank printed its own one-line error; this one only lost its peer.
+        print(f"siamdiff: error: {PEER_STOPPED}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = AFTER_INTERRUPT.get(args.verb)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -23,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import timedelta
@@ -74,6 +74,7 @@ from siamdiff.models.dhi import image_to_hint, mask_to_hint
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.models.speed import apply_levers, parse_levers
 from siamdiff.report import save_loss_curve, save_sample_grid, truncate_loss_log
+from siamdiff.runtime import notice
 from siamdiff.sample import ddim_sample
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -129,7 +130,7 @@ def last_valid_checkpoint(run_dir: Path) -> Path:
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
-        warnings.warn(f"{candidate}: skipped, damaged: {problem}", stacklevel=2)
+        notice(f"warning: {candidate}: skipped, damaged: {problem}")
     raise SiamdiffError("no checkpoint passes its checksums", run_dir / "checkpoints")
 
 
@@ -163,6 +164,23 @@ class StopRequest:
     def restore(self) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+LAUNCHER_GRACE_NOTE = (
+    "note: on Ctrl-C or SIGTERM, torchrun (under accelerate launch too) kills every process "
+    "30 s later, maybe before the checkpoint is written: launch with "
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 in the environment (or torchrun --shutdown-timeout 600)"
+)
+
+
+def launcher_grace_too_short(processes: int) -> bool:
+    """Whether a torchrun launch of several processes keeps torchrun's 30 s grace between
+    passing on a stop signal and killing its processes: a large checkpoint takes longer."""
+    return (
+        processes > 1
+        and "TORCHELASTIC_RUN_ID" in os.environ
+        and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ
+    )
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -630,7 +648,7 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if resume and existing:
         check_resume_config(run_dir / RUN_CONFIG, cfg)
     elif resume:  # a requeued job's first start, or a mistyped run_dir
-        print(f"--resume: no checkpoint in {run_dir}, starting at step 0", file=sys.stderr)
+        notice(f"--resume: no checkpoint in {run_dir}, starting at step 0")
 
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
         # Without CUDA, accelerate makes every DeepSpeed process rank 0 of 1: each would train
@@ -653,6 +671,8 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     )
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
+    if launcher_grace_too_short(accelerator.num_processes):
+        accelerator.print(LAUNCHER_GRACE_NOTE)
 
     # ---- model ------------------------------------------------------------------------
     model, autoencoder, backbone = build_model(cfg)
@@ -887,14 +907,18 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
                         handle.write(json.dumps({"step": step, **means}) + "\n")
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
                 save_checkpoint(accelerator, model, run_dir, cfg.train.keep_last, trainer_state())
-            if accelerator.is_main_process and (
-                step % cfg.train.sample_every == 0 or step == cfg.train.max_steps
+            # Every rank stops at the same step; one asked to stop at the last simply ends.
+            stopping = step < cfg.train.max_steps and stop_requested(stop, accelerator)
+            # A stopping run saves first: a launcher kills it a grace period after the signal.
+            if (
+                accelerator.is_main_process
+                and not stopping
+                and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps)
             ):
                 grid = run_dir / "samples" / f"step-{step:08d}.png"
                 with training_autocast(accelerator):  # the precision the model trains in
                     write_samples(core, autoencoder, preview, cfg, grid)
-            # Every rank stops at the same step; one asked to stop at the last simply ends.
-            if step < cfg.train.max_steps and stop_requested(stop, accelerator):
+            if stopping:
                 if not checkpoint_dir(run_dir, step).is_dir():
                     accelerator.print(f"saving a checkpoint at step {step}")
                     save_checkpoint(

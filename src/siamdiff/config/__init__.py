@@ -7,7 +7,6 @@ line is an error instead of a silently ignored setting.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.runtime import notice
 
 CONFIG_DIR = Path(__file__).parent
 RUN_CONFIG = "config.yaml"  # the resolved config a training run saves in its folder
@@ -439,9 +439,8 @@ def check_resume_config(saved_path: Path, cfg: DictConfig) -> None:
             saved_path,
         )
     if saved["train.max_steps"] != now["train.max_steps"]:
-        print(
+        notice(
             f"--resume: train.max_steps {saved['train.max_steps']} -> {now['train.max_steps']}: "
             "the learning-rate schedule, the image weight ramp and the augmentation term's "
-            "start follow the new length from here",
-            file=sys.stderr,
+            "start follow the new length from here"
         )

@@ -57,8 +57,8 @@ from siamdiff.data.transforms import (
     to_tv_tensors,
 )
 from siamdiff.errors import SiamdiffError, first_line
-from siamdiff.hardware import device_label
 from siamdiff.rng import all_seeded, cpu_seeded
+from siamdiff.runtime import device_label
 
 CONFIG_NAME = "segmenter.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -45,7 +45,7 @@ from siamdiff.evaluate.segmenter import (
     training_set,
     training_split,
 )
-from siamdiff.hardware import device_label
+from siamdiff.runtime import device_label
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
