@@ -181,19 +181,14 @@ def segmentation_utility(
     if done and progress:
         print(f"utility: {len(done)} trainings already done, in {journal}", file=sys.stderr)
 
+    shared = {"batch_size": batch_size, "lr": lr, "device": device, "workers": workers}
+
     def fit_and_score(arch: str, name: str, seed: int) -> dict[str, Any]:
         dataset, setting_epochs = sets[name]
+        spec = SegmenterSpec(arch, encoder, size)
+        desc = f"utility {arch} {name} seed {seed}"
         segmenter, record = fit_segmenter(
-            dataset,
-            SegmenterSpec(arch, encoder, size),
-            epochs=setting_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-            workers=workers,
-            progress=progress,
-            desc=f"utility {arch} {name} seed {seed}",
+            dataset, spec, epochs=setting_epochs, seed=seed, progress=progress, desc=desc, **shared
         )
         summary = score_segmenter(segmenter, test, batch_size).summary()
         score = {"arch": arch, "set": name, "seed": seed, "steps": record["steps"]}
