@@ -275,3 +275,20 @@ def test_help_shows_every_telling_default(capsys) -> None:
 def test_only_a_lost_peer_of_a_launch_is_told_in_one_line() -> None:
     """A gloo or NCCL error outside a multi-process launch is a bug: its traceback stays."""
     assert not peer_failed(RuntimeError("[gloo/pair.cc:561] Connection closed by peer"))
+
+
+def test_a_notice_is_printed_once_per_launch_and_always_by_a_lone_process(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from siamdiff.runtime import notice
+
+    for world, rank, shown in (
+        ("", "", True),
+        ("1", "3", True),
+        ("2", "0", True),
+        ("2", "1", False),
+    ):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", rank)
+        notice("warning: a checkpoint was skipped")
+        assert (capsys.readouterr().err != "") is shown, (world, rank)

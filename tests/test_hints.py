@@ -109,11 +109,35 @@ def test_hint_maps_read_as_drawn_at_any_storage(tmp_path: Path):
         image.save(tmp_path / name)
         read = load_hint(tmp_path / name)
         assert read.dtype == np.uint8 and np.array_equal(read, expected), name
+    # A JPEG's 0 and 1 are compression noise of a dark map, no class map (as for masks).
+    Image.fromarray(binary).save(tmp_path / "dark.jpg")
+    assert load_hint(tmp_path / "dark.jpg").max() < 8
     # A dataset prepared before this rule stored 0/1: its models were trained on that.
     assert np.array_equal(load_prepared_hint(tmp_path / "labels01.png"), binary)
     tifffile.imwrite(tmp_path / "depth.tif", (grey >= 128).astype(np.float32))
     with pytest.raises(UnreadableImageError, match="unsupported pixel type float32"):
         load_hint(tmp_path / "depth.tif")
+
+
+def test_a_class_map_beside_maps_of_more_levels_of_the_same_hint_is_refused(tmp_path: Path):
+    """Level 1 of a map holding only 0 and 1 reads 255; in a map of more levels, 1."""
+    raw = make_phantom_dataset(tmp_path / "raw", n=4, size=16, groups=1, seed=0)
+    stems = sorted(p.name.removesuffix("_mask.png") for p in raw.glob("*_mask.png"))
+    organ = np.zeros((16, 16), np.uint8)
+    organ[4:12, 4:12] = 1
+    for index, stem in enumerate(stems):  # the first map shows class 1 alone
+        levels = organ * (1 if index == 0 else 1 + (np.arange(16) > 8))
+        Image.fromarray(levels.astype(np.uint8)).save(raw / f"{stem}_hint-organ.png")
+    with pytest.raises(SiamdiffError, match="hint 'organ' holds only 0 and 1 in the map of") as e:
+        prepare([("folder", raw)], tmp_path / "out", size=16, workers=1, progress=False)
+    assert "give the maps one scale" in str(e.value) and not (tmp_path / "out").exists()
+    # Maps of one scale, 0/1 class maps or 0/255 ones, prepare; the reading is not stored.
+    for index, stem in enumerate(stems):
+        Image.fromarray(organ * (1 if index % 2 else 255)).save(raw / f"{stem}_hint-organ.png")
+    prepare([("folder", raw)], tmp_path / "out", size=16, workers=1, progress=False)
+    for record in load_manifest(tmp_path / "out").records:
+        assert "hint_reading" not in record.extra
+        assert set(np.unique(png(tmp_path / "out" / record.hints["organ"]["file"]))) <= {0, 255}
 
 
 def test_a_hint_for_some_pairs_only_is_an_error_and_other_names_keep_their_meaning(

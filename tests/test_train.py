@@ -34,7 +34,7 @@ from siamdiff.train import (
     checkpoints,
     configure_deepspeed,
     last_valid_checkpoint,
-    launcher_grace_too_short,
+    launcher_grace_note,
     preview_pairs,
     resumed_batches,
     train,
@@ -787,10 +787,19 @@ def test_a_run_resumed_on_other_ranks_goes_on_at_the_same_epoch_and_global_batch
 def test_a_torchrun_launch_is_told_to_allow_a_checkpoint_time_after_a_stop(
     monkeypatch: pytest.MonkeyPatch,
 ):
+    from torch.distributed.launcher.api import LaunchConfig
+
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert not launcher_grace_too_short(2)  # not launched by torchrun: no launcher kills it
+    assert launcher_grace_note(2) is None  # not launched by torchrun: no launcher kills it
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    assert launcher_grace_too_short(2) and not launcher_grace_too_short(1)
+    assert launcher_grace_note(1) is None
+    assert launcher_grace_note(2).endswith(
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 in the environment (or torchrun --shutdown-timeout 600)"
+    )
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
-    assert not launcher_grace_too_short(2)
+    assert launcher_grace_note(2) is None
+    # A torch whose launcher has its grace fixed at 30 s: nothing to set, said so.
+    fields = {k: v for k, v in LaunchConfig.__dataclass_fields__.items() if k != "shutdown_timeout"}
+    monkeypatch.setattr(LaunchConfig, "__dataclass_fields__", fields)
+    assert "this torch cannot be told to wait longer" in launcher_grace_note(2)

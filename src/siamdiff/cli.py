@@ -731,8 +731,11 @@ PEER_STOPPED = (
     "another process of this launch stopped; its own error says why (this one lost its "
     "connection to it)"
 )
-# What gloo and NCCL raise in a collective whose peer process has gone.
-PEER_GONE = re.compile(r"gloo|nccl|closed by peer|connection reset|broken pipe", re.IGNORECASE)
+# What gloo and NCCL say when a collective's peer process has gone (not a timeout or an
+# internal error, which every rank would meet and must show as they are).
+PEER_GONE = re.compile(
+    r"closed by peer|connection reset by peer|broken pipe|remote process exited", re.IGNORECASE
+)
 
 
 def peer_failed(exc: RuntimeError) -> bool:
@@ -743,7 +746,7 @@ def peer_failed(exc: RuntimeError) -> bool:
         dist.is_available()
         and dist.is_initialized()
         and dist.get_world_size() > 1
-        and (isinstance(exc, dist.DistError) or bool(PEER_GONE.search(str(exc))))
+        and bool(PEER_GONE.search(str(exc)))
     )
 
 

@@ -18,7 +18,9 @@ def device_label(device: str | torch.device) -> str:
 
 
 def notice(message: str) -> None:
-    """Print a notice to stderr once per launch: from rank 0 of ``accelerate launch`` or
-    torchrun (its RANK), before an Accelerator exists to say which process is the main one."""
-    if os.environ.get("RANK", "0") == "0":
+    """Print a notice to stderr once per launch: only rank 0 of a launch of several processes
+    (``accelerate launch``, torchrun: their WORLD_SIZE and RANK) speaks, before an Accelerator
+    exists to say which process is the main one; a process on its own always does."""
+    launched = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    if not launched or os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr)

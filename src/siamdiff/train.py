@@ -166,21 +166,33 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-LAUNCHER_GRACE_NOTE = (
+LAUNCHER_GRACE = (
     "note: on Ctrl-C or SIGTERM, torchrun (under accelerate launch too) kills every process "
-    "30 s later, maybe before the checkpoint is written: launch with "
-    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 in the environment (or torchrun --shutdown-timeout 600)"
+    "30 s later, maybe before the checkpoint is written"
+)
+LENGTHEN_GRACE = (
+    ": launch with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 in the environment "
+    "(or torchrun --shutdown-timeout 600)"
+)
+FIXED_GRACE = (
+    ", and this torch cannot be told to wait longer (a newer one reads "
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT): a cut checkpoint is discarded, the previous one kept"
 )
 
 
-def launcher_grace_too_short(processes: int) -> bool:
-    """Whether a torchrun launch of several processes keeps torchrun's 30 s grace between
-    passing on a stop signal and killing its processes: a large checkpoint takes longer."""
-    return (
-        processes > 1
-        and "TORCHELASTIC_RUN_ID" in os.environ
-        and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ
-    )
+def launcher_grace_note(processes: int) -> str | None:
+    """What to tell a torchrun launch of several processes that keeps torchrun's 30 s grace
+    between passing on a stop signal and killing its processes (a large checkpoint takes
+    longer), or None."""
+    if processes < 2 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:  # before torch read it
+        return LAUNCHER_GRACE + FIXED_GRACE
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in os.environ:
+        return None
+    return LAUNCHER_GRACE + LENGTHEN_GRACE
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -671,8 +683,9 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     )
     set_seed(cfg.seed + accelerator.process_index)
     device = accelerator.device
-    if launcher_grace_too_short(accelerator.num_processes):
-        accelerator.print(LAUNCHER_GRACE_NOTE)
+    grace = launcher_grace_note(accelerator.num_processes)
+    if grace is not None:
+        accelerator.print(grace)
 
     # ---- model ------------------------------------------------------------------------
     model, autoencoder, backbone = build_model(cfg)

@@ -186,6 +186,11 @@ def test_evaluate_keeps_the_utility_journal_only_until_its_metrics_are_written(
 ) -> None:
     out = tmp_path / "metrics.json"
     options = {"archs": ("unet",), "seeds": (0,), "epochs": 1, "size": 32}
+    # An interrupted --utility evaluation's trainings outlive one without --utility.
+    utility_journal(out).write_text('{"utility_journal": 1}\n')
+    evaluate(real_root, copies, out, segmenter_dir=segmenter_dir, kid_subsets=2, progress=False)
+    assert utility_journal(out).is_file()
+    out.unlink()
     metrics = evaluate(
         real_root,
         copies,

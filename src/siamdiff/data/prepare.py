@@ -38,13 +38,15 @@ from siamdiff.data.manifest import (
     write_manifest,
 )
 from siamdiff.data.readers import (
+    BINARY_HINT,
+    LEVEL_ONE_HINT,
     MASK_THRESHOLD,
     SourcePair,
     UnreadableImageError,
-    load_hint,
     load_label_map,
     load_mask,
     load_rgb,
+    read_hint,
     read_source,
     turned_by_exif,
 )
@@ -140,7 +142,8 @@ def _process_pair(
             if pair.labels is None
             else (load_label_map(pair.mask, *pair.labels))
         )
-        hints = {name: load_hint(path) for name, path in pair.hints}
+        read = {name: read_hint(path) for name, path in pair.hints}
+        hints = {name: hint for name, (hint, _) in read.items()}
     except UnreadableImageError as exc:
         return str(exc.path), exc.reason
     h, w = image.shape[:2]
@@ -172,6 +175,8 @@ def _process_pair(
         extra={
             "source_mask_sha256": sha256_file(pair.mask),
             "source_hints_sha256": {name: sha256_file(path) for name, path in pair.hints},
+            # Checked across pairs, then dropped (_check_hint_levels).
+            HINT_READING: {name: how for name, (_, how) in read.items() if how},
         },
     )
 
@@ -253,6 +258,25 @@ def _check_same_hints(pairs: list[SourcePair]) -> None:
                 f"has hints {names} but {pairs[0].image} has {first}: every pair of a dataset "
                 "needs the same hints",
                 pair.image,
+            )
+
+
+HINT_READING = "hint_reading"
+
+
+def _check_hint_levels(records: list[Record]) -> None:
+    """Refuse a hint whose level 1 means 255 in some maps (0/1 class maps) and 1 in others
+    (maps of more levels); drop the per-pair reading from the records."""
+    readings = [(record, record.extra.pop(HINT_READING, {})) for record in records]
+    for name in hint_names(records):
+        binary = [r for r, read in readings if read.get(name) == BINARY_HINT]
+        graded = [r for r, read in readings if read.get(name) == LEVEL_ONE_HINT]
+        if binary and graded:
+            raise SiamdiffError(
+                f"hint {name!r} holds only 0 and 1 in the map of {binary[0].source_image} "
+                f"(read as a 0/255 class map) but more levels, 1 among them, in the map of "
+                f"{graded[0].source_image}: level 1 would mean 255 in one and 1 in the other; "
+                "give the maps one scale (a class map of several classes: class x 80, say)",
             )
 
 
@@ -403,6 +427,7 @@ def prepare(
                     raise _strict_error(result[1], result[0])
                 else:
                     skipped.append(result)
+            _check_hint_levels(records)
             records = _without_duplicates(records, tmp, skipped, strict, previous)
             if not records:
                 why = ""

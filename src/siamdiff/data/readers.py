@@ -371,15 +371,21 @@ def load_label_map(path: str | Path, lesion: Sequence[int], known: Sequence[int]
     return np.isin(array, np.asarray(lesion))
 
 
-def load_hint(path: str | Path) -> np.ndarray:
+# How a hint map was read, where it matters for the maps of the same hint beside it.
+BINARY_HINT = "binary"  # only 0 and 1: a class map, read 0/255
+LEVEL_ONE_HINT = "level one"  # grey levels including 1, read as drawn
+
+
+def read_hint(path: str | Path) -> tuple[np.ndarray, str | None]:
     """The source hint map at ``path`` as uint8 HxW: grey levels kept, colour reduced by the
-    maximum channel (as masks are), 16-bit scaled to 8 bits unless no value exceeds 255.
+    maximum channel (as masks are), 16-bit scaled to 8 bits unless no value exceeds 255; and
+    :data:`BINARY_HINT`, :data:`LEVEL_ONE_HINT` or None.
 
     A map of the values 0 and 1 only (one class of a label map, as nnU-Net writes them) reads
-    0/255, not near-black 0/1; every other map reads as drawn, so that a grey level means the
-    same in every map of a source (a map that only some images draw in two values would
-    otherwise read 255 there and its own level elsewhere). Prepared hint maps are read as
-    stored (:func:`load_prepared_hint`).
+    0/255, not near-black 0/1 (JPEG excepted, as for masks); every other map reads as drawn.
+    Level 1 then means 255 in one map and 1 in another where a map of the same hint has more
+    levels: the caller refuses that mix (prepare). Prepared hint maps are read as stored
+    (:func:`load_prepared_hint`).
     """
     path = Path(path)
     decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
@@ -388,11 +394,19 @@ def load_hint(path: str | Path) -> np.ndarray:
         array = array.max(axis=-1)
     if array.dtype.kind == "f":
         raise UnreadableImageError(f"unsupported pixel type {array.dtype}", path)
-    if np.isin(array, (0, 1)).all() and array.any():
-        return (array.astype(bool) * 255).astype(np.uint8)
+    binary = np.isin(array, (0, 1)).all() and array.any()
+    if binary and path.suffix.lower() not in JPEG_SUFFIXES:
+        return (array.astype(bool) * 255).astype(np.uint8), BINARY_HINT
     if array.dtype.kind in "iu" and array.min() >= 0 and array.max() <= 255:
-        return array.astype(np.uint8)  # 8-bit values, whatever the storage
-    return _to_uint8(array, path)
+        array = array.astype(np.uint8)  # 8-bit values, whatever the storage
+    else:
+        array = _to_uint8(array, path)
+    return array, LEVEL_ONE_HINT if (array == 1).any() else None
+
+
+def load_hint(path: str | Path) -> np.ndarray:
+    """The hint map at ``path`` as :func:`read_hint` reads it."""
+    return read_hint(path)[0]
 
 
 def load_prepared_hint(path: str | Path) -> np.ndarray:

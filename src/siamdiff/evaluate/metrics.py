@@ -542,7 +542,8 @@ def evaluate(
     )
     metrics["warnings"] = warnings
     atomic_write_json(out_json, metrics)
-    journal.unlink(missing_ok=True)  # its numbers are in out_json now
+    if utility:  # its numbers are in out_json now; without --utility, kept for the one that has
+        journal.unlink(missing_ok=True)
     return metrics
 
 
