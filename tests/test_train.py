@@ -344,7 +344,7 @@ def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_pat
     ("speed", "expected"),
     [
         ("[bf16_frozen]", "needs train.mixed_precision=bf16"),
-        ("[cuda_graphs]", "unknown speed lever 'cuda_graphs'"),
+        ("[cuda_graphs]", "^train.speed: unknown speed lever 'cuda_graphs'"),
     ],
 )
 def test_speed_levers_that_cannot_apply_are_refused(

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
 from siamdiff.config import load_config
 from siamdiff.data.cache import LatentCache, pair_entry
 from siamdiff.data.dataset import PairedDataset
-from siamdiff.data.transforms import TransformConfig, build_transforms
+from siamdiff.data.transforms import TransformConfig, build_transforms, cached_view_name
 from siamdiff.export import build_model
 from siamdiff.models.dhi import mask_to_hint
 from siamdiff.report import save_sample_grid
@@ -58,11 +59,19 @@ def run_arm(prediction_type: str, work: Path, shared: Path, steps: int) -> dict:
     model, autoencoder, _ = build_model(cfg)
     prompt, size, batch = cfg.backbone.prompt, int(cfg.data.transforms.size), cfg.train.batch_size
     train = split(work, "train", size)
-    cache = LatentCache(work / "latents-mask-only.lmdb", autoencoder.identity, f"crop{size}", True)
+    view = cached_view_name(TransformConfig.from_dict(OmegaConf.to_container(cfg.data.transforms)))
+    cache_path = work / "latents-mask-only.lmdb"
+    cache = LatentCache(cache_path, autoencoder.identity, view, True)
     items = [train[i] for i in range(len(train))]
     metas = [it["meta"] for it in items]
-    entries = [pair_entry(m["image_sha256"], m["mask_sha256"]) for m in metas]
-    z_train = torch.stack([cache.get(entry) for entry in entries]).float()
+    latents = [cache.get(pair_entry(m["image_sha256"], m["mask_sha256"])) for m in metas]
+    if any(z is None for z in latents):
+        raise SystemExit(
+            f"{cache_path}: no latents of view {view} for {sum(z is None for z in latents)} "
+            "training pairs: run ../polyp_siamese_vs_maskonly/run.sh first (its mask-only arm "
+            "builds them)"
+        )
+    z_train = torch.stack(latents).float()
     hints = mask_to_hint(torch.stack([it["mask"] for it in items]))
 
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -105,11 +114,12 @@ def run_arm(prediction_type: str, work: Path, shared: Path, steps: int) -> dict:
             result[f"eps_mse_t{t_value}"] = float((eps - noise).pow(2).mean())
             result[f"x0_mse_t{t_value}"] = float((x0 - z_test).pow(2).mean())
         # DDIM 20 steps, guidance 9, the same noise for both arms.
+        shown = min(GRID_MASKS, len(test))
         latents = ddim_sample(
             model,
-            mask_to_hint(masks[:GRID_MASKS]),
-            model.text([prompt] * GRID_MASKS),
-            model.text([""] * GRID_MASKS),
+            mask_to_hint(masks[:shown]),
+            model.text([prompt] * shown),
+            model.text([""] * shown),
             steps=20,
             guidance=cfg.train.guidance,
             generator=torch.Generator().manual_seed(1),
@@ -133,7 +143,7 @@ def main() -> None:
 
     size = int(load_config(POLYP / "cpu.yaml").data.transforms.size)
     test = split(args.work, "test", size)
-    grid = [test[i] for i in range(GRID_MASKS)]
+    grid = [test[i] for i in range(min(GRID_MASKS, len(test)))]
     save_sample_grid(
         args.out / "samples.png",
         torch.stack([it["mask"] for it in grid]),

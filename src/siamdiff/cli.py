@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument(
         "--widths",
         type=comma_integers,
-        default=(32, 64, 128, 128),
+        default="32,64,128,128",
         help="channels of the 4 encoder/decoder blocks, comma-separated",
     )
     vae.add_argument(

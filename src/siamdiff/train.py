@@ -60,7 +60,7 @@ from siamdiff.data.cache import LatentCache, WithCachedLatents, build_latent_cac
 from siamdiff.data.dataset import PairedDataset, SeededAugmentation
 from siamdiff.data.manifest import load_manifest, require_intact, sha256_file
 from siamdiff.data.sampling import BalancedBatchSampler
-from siamdiff.data.transforms import VIEW_VERSION, TransformConfig, build_transforms
+from siamdiff.data.transforms import TransformConfig, build_transforms, cached_view_name
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
 from siamdiff.export import build_model
 from siamdiff.models.autoencoder import LatentAutoencoder
@@ -511,7 +511,7 @@ def training_data(
     if cfg.data.latent_cache:
         # Latents of the fixed (lesion-centred, resized) view: the autoencoder runs once per
         # image instead of every step, at the price of no random augmentation.
-        view = f"{transform_cfg.crop}{transform_cfg.size}-{VIEW_VERSION}"
+        view = cached_view_name(transform_cfg)
         if accelerator.is_main_process:
             build_latent_cache(
                 fixed_view, autoencoder, cfg.data.latent_cache, view, device=accelerator.device
@@ -697,7 +697,10 @@ def train(cfg: DictConfig, resume: bool = False) -> Path:
     if train_encoder == "auto":  # a random UNet encoder has nothing worth freezing
         train_encoder = cfg.backbone.kind != "sd15"
     trainable = freeze_for_training(backbone, train_unet_encoder=bool(train_encoder))
-    levers = parse_levers(cfg.train.speed)
+    try:
+        levers = parse_levers(cfg.train.speed)
+    except SiamdiffError as exc:
+        raise SiamdiffError(f"train.speed: {exc}") from exc
     if "bf16_frozen" in levers and cfg.train.mixed_precision != "bf16":
         raise SiamdiffError(
             "train.speed bf16_frozen needs train.mixed_precision=bf16 (its weights are only "

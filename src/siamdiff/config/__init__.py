@@ -197,7 +197,10 @@ def _check_values(
     the run must stay exportable and resumable."""
 
     def source(key: str) -> str | Path:
-        on_command_line = any(key == g or key.startswith(f"{g}.") for g in given)
+        # The key, a section holding it, or a setting inside it, given on the command line.
+        on_command_line = any(
+            key == g or key.startswith(f"{g}.") or g.startswith(f"{key}.") for g in given
+        )
         return "command line" if on_command_line else path
 
     if saved_run and source("train.sample_steps") == path:  # older: 1..999, a preview setting

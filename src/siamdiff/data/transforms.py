@@ -101,6 +101,11 @@ class TransformConfig:
 VIEW_VERSION = 2
 
 
+def cached_view_name(config: TransformConfig) -> str:
+    """The name a latent cache files the fixed view of ``config`` under."""
+    return f"{config.crop}{config.size}-{VIEW_VERSION}"
+
+
 def lesion_centre(mask: np.ndarray) -> tuple[int, int]:
     """(row, col) of the most interior lesion pixel; the image centre for an empty mask.
 
