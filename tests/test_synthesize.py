@@ -476,15 +476,22 @@ def test_augmented_masks_and_exports(exported: Path, phantom_data: Path, tmp_pat
         "numTraining": len(ids),
         "file_ending": ".png",
     }
-    # The nnU-Net copy reads back with `prepare --source nnunet=`: the same pairs.
-    back = tmp_path / "back"
-    prepare([("nnunet", nnunet)], back, size=PHANTOM_SIZE, workers=1, progress=False)
-    read_back = {Path(r.source_mask).stem: r for r in load_manifest(back).records}
-    assert sorted(read_back) == sorted(ids)
-    for record in records:
-        again = read_back[record.id]
-        np.testing.assert_array_equal(png(back / again.mask), png(out / record.mask))
-        np.testing.assert_array_equal(png(back / again.image), png(out / record.image))
+    # Each copy reads back with `prepare`: the same pairs, in the same groups and splits (no
+    # mask's samples in two splits).
+    for kind, copy in (("nnunet", nnunet), ("pranet", pranet), ("folder", folder)):
+        back = tmp_path / f"back-{kind}"
+        prepare([(kind, copy)], back, size=PHANTOM_SIZE, workers=1, progress=False)
+        read_back = {r.id: r for r in load_manifest(back).records}
+        assert sorted(read_back) == sorted(ids), kind
+        for record in records:
+            again = read_back[record.id]
+            assert (again.dataset, again.group, again.split) == (
+                record.dataset,
+                record.group,
+                record.split,
+            )
+            np.testing.assert_array_equal(png(back / again.mask), png(out / record.mask))
+            np.testing.assert_array_equal(png(back / again.image), png(out / record.image))
 
 
 def test_rank_split_union_equals_a_single_run(

@@ -551,13 +551,17 @@ def test_nnunet_cases_read_every_label_but_background_and_ignore(tmp_path: Path)
     save(root / "labelsTr" / "case_a.png", ids)
     save(root / "labelsTr" / "case_b.png", ids.astype(np.uint16))  # 16-bit ids are ids
     save(root / "labelsTr" / "case_c.png", ids)  # no image
+    save(root / "imagesTr" / "case_018.png", RGB)  # no _0000: a bad name, not channel 018
+    (root / "imagesTs").mkdir()
     result = read_source("nnunet", root)
     assert [(p.dataset, p.group, p.image.name) for p in result.pairs] == [
         ("Polyps", "case_a", "case_a_0000.png"),
         ("Polyps", "case_b", "case_b_0000.png"),
     ]
     assert sorted((p.name, why) for p, why in result.skipped) == [
+        ("case_018.png", "not CASE_0000.png"),
         ("case_c.png", "mask without image"),
+        ("imagesTs", "not read: siamdiff splits imagesTr itself"),
         ("notes.txt.png", "not CASE_0000.png"),
     ]
     for pair in result.pairs:
@@ -579,7 +583,23 @@ def test_nnunet_cases_read_every_label_but_background_and_ignore(tmp_path: Path)
         (lambda root: (root / "dataset.json").write_text("{"), "dataset.json: cannot read"),
         (
             lambda root: nnunet_dataset(root / "vol", {"background": 0, "tumour": 1}, ".nii.gz"),
-            "file_ending '.nii.gz': siamdiff reads 2D images",
+            "file_ending '.nii.gz': siamdiff reads 2D images in a lossless format",
+        ),
+        (  # JPEG noise is no class id: nnU-Net reads 2D labels lossless too
+            lambda root: nnunet_dataset(root / "jpg", {"background": 0, "polyp": 1}, ".jpg"),
+            "file_ending '.jpg': .* not volumes or JPEG",
+        ),
+        (
+            lambda root: (root / "dataset.json").write_text('{"labels": {"polyp": 1}}'),
+            "file_ending must be a string such as '.png', got None",
+        ),
+        (
+            lambda root: nnunet_dataset(root / "f", {"background": 0, "polyp": 1.0}),
+            "labels must map each class name to its integer id",
+        ),
+        (
+            lambda root: nnunet_dataset(root / "l", ["background", "polyp"]),
+            "labels must map each class name to its integer id",
         ),
         (
             lambda root: nnunet_dataset(root / "bg", {"background": 0, "ignore": 1}),

@@ -6,13 +6,14 @@ Five layouts (the ``kind`` of a source):
   to cross-check image sizes; no patient ids, so every image is its own group.
 - ``cvc-clinicdb``: ``Original/`` + ``Ground Truth/`` (PNG or the release TIFFs); the group
   is the video sequence from the frame table in ``README.txt`` (built-in copy as fallback).
-- ``pranet``: ``images/`` + ``masks/`` matched by stem; each image is its own group.
-- ``folder``: ``NAME.ext`` + ``NAME_mask.ext``; ``NAME = {dataset}-{group}-{frame}`` when it
-  has that shape (the phantom demo data and siamdiff's own output do; a synthetic pair's
-  ``-sNN`` stays in its frame, so it keeps its source's group).
+- ``pranet``: ``images/`` + ``masks/`` matched by stem.
+- ``folder``: ``NAME.ext`` + ``NAME_mask.ext``.
 - ``nnunet``: an nnU-Net v2 raw dataset, ``imagesTr/CASE_0000.EXT`` + ``labelsTr/CASE.EXT``
-  with ``dataset.json``; each case is its own group, every label but background and
-  ``ignore`` is lesion.
+  with ``dataset.json``; every label but background and ``ignore`` is lesion.
+
+In the last three, each image (case) is its own group, unless its name is
+``{dataset}-{group}-{frame}`` (the phantom demo data and siamdiff's own outputs and exports
+are named so; a synthetic pair's ``-sNN`` stays in its frame, so it keeps its source's group).
 
 Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
 ``NAME_hint-HINT.ext`` beside ``NAME.ext``, ``pranet`` (and ``kvasir-seg``) a ``hint-HINT/``
@@ -543,15 +544,34 @@ def _hint_name(raw: str, path: Path, skipped: list[tuple[Path, str]]) -> str | N
     return None
 
 
-def _read_images_masks(root: Path, dataset: str) -> ReadResult:
+def _named_pairs(
+    matched: list[tuple[str, Path, Path]], default: str, dataset: str | None, own_names: bool = True
+) -> list[tuple[SourcePair, str]]:
+    """(pair, stem) of each matched stem: a stem of siamdiff's own ``{dataset}-{group}-{frame}``
+    shape (its outputs and exports; ``own_names``) keeps its parts, so that a synthetic set
+    read back keeps every sample of a mask in one split; any other stem is its own group of
+    dataset ``dataset`` (else ``default``)."""
+    own = {stem: _OUTPUT_NAME.match(stem) if own_names else None for stem, _, _ in matched}
+    groups = sanitized_apart([stem for stem, parts in own.items() if parts is None])
+    pairs = []
+    for stem, image, mask in matched:
+        parts = own[stem]
+        if parts:
+            pair = SourcePair(image, mask, dataset or parts[1], parts[2], parts[3])
+        else:
+            pair = SourcePair(image, mask, dataset or default, groups[stem], "0")
+        pairs.append((pair, stem))
+    return pairs
+
+
+def _read_images_masks(
+    root: Path, default: str, dataset: str | None, own_names: bool
+) -> ReadResult:
     """``images/`` + ``masks/`` (+ ``hint-HINT/``) matched by stem; every image is its own
-    group."""
+    group (see :func:`_named_pairs`)."""
     result = ReadResult()
     matched = _match_subdirs(root, ("images",), ("masks",), result)
-    groups = sanitized_apart([stem for stem, _, _ in matched])
-    pairs = [
-        (SourcePair(image, mask, dataset, groups[stem], "0"), stem) for stem, image, mask in matched
-    ]
+    pairs = _named_pairs(matched, default, dataset, own_names)
     hints = {}
     for child in _list_dir(root):
         if child.is_dir() and child.name.startswith(HINT_DIR_PREFIX):
@@ -574,7 +594,7 @@ def _kvasir_sizes(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def read_kvasir_seg(root: Path, dataset: str = "kvasir_seg") -> ReadResult:
-    result = _read_images_masks(root, dataset)
+    result = _read_images_masks(root, dataset, dataset, own_names=False)
     expected = _kvasir_sizes(root)
     kept = []
     for pair in result.pairs:
@@ -636,7 +656,7 @@ def read_cvc_clinicdb(root: Path, dataset: str = "cvc_clinicdb") -> ReadResult:
 
 
 def read_pranet(root: Path, dataset: str | None = None) -> ReadResult:
-    return _read_images_masks(root, dataset or sanitize_name(root.resolve().name))
+    return _read_images_masks(root, sanitize_name(root.resolve().name), dataset, own_names=True)
 
 
 def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
@@ -664,16 +684,7 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
         _by_stem(masks, result.skipped, MASK_SUFFIX),
         result.skipped,
     )
-    default = dataset or sanitize_name(root.resolve().name)
-    groups = sanitized_apart([stem for stem, _, _ in matched if not _OUTPUT_NAME.match(stem)])
-    pairs = []
-    for stem, image, mask in matched:
-        parts = _OUTPUT_NAME.match(stem)
-        if parts:
-            pair = SourcePair(image, mask, dataset or parts[1], parts[2], parts[3])
-        else:
-            pair = SourcePair(image, mask, default, groups[stem], "0")
-        pairs.append((pair, stem))
+    pairs = _named_pairs(matched, sanitize_name(root.resolve().name), dataset)
     hints = {
         name: _by_stem(files, result.skipped, HINT_MARK + name)
         for name, files in hint_files.items()
@@ -682,29 +693,40 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
     return result
 
 
+# nnU-Net's 2D image reader (NaturalImage2DIO) reads these: lossless, as class ids must be.
+NNUNET_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
+
+
 def _nnunet_settings(root: Path) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """(file ending, lesion ids, every id) from an nnU-Net v2 raw dataset's dataset.json:
     every label but background (0) and ``ignore`` is lesion (a region label lists its ids)."""
     path = root / "dataset.json"
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
-        ending, labels = settings["file_ending"], settings["labels"]
-        ids = {
-            name: [value] if isinstance(value, int) else list(value)
-            for name, value in labels.items()
-        }
-        if not isinstance(ending, str) or not all(
-            type(i) is int for values in ids.values() for i in values
-        ):
-            raise TypeError("file_ending must be a string and labels integer ids")
     except FileNotFoundError as exc:
         raise SiamdiffError("no dataset.json: not an nnU-Net v2 raw dataset", root) from exc
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SiamdiffError(f"cannot read ({first_line(exc)})", path) from exc
-    if ending.lower() not in IMAGE_SUFFIXES:
+    ending = settings.get("file_ending") if isinstance(settings, dict) else None
+    labels = settings.get("labels") if isinstance(settings, dict) else None
+    if not isinstance(ending, str):
+        raise SiamdiffError(f"file_ending must be a string such as '.png', got {ending!r}", path)
+    if ending.lower() not in NNUNET_ENDINGS:
         raise SiamdiffError(
-            f"file_ending {ending!r}: siamdiff reads 2D images "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))}), not volumes",
+            f"file_ending {ending!r}: siamdiff reads 2D images in a lossless format, as "
+            f"nnU-Net does ({', '.join(NNUNET_ENDINGS)}), not volumes or JPEG",
+            path,
+        )
+
+    def class_ids(value: Any) -> list[int] | None:
+        values = value if isinstance(value, list) else [value]
+        return values if all(type(v) is int and v >= 0 for v in values) else None
+
+    ids = {n: class_ids(v) for n, v in labels.items()} if isinstance(labels, dict) else None
+    if ids is None or any(v is None for v in ids.values()):
+        raise SiamdiffError(
+            "labels must map each class name to its integer id (or a region's list of ids), "
+            f"as {{'background': 0, 'polyp': 1}}; got {labels!r}",
             path,
         )
     known = {i for values in ids.values() for i in values} | {0}
@@ -716,15 +738,16 @@ def _nnunet_settings(root: Path) -> tuple[str, tuple[int, ...], tuple[int, ...]]
 
 def read_nnunet(root: Path, dataset: str | None = None) -> ReadResult:
     """An nnU-Net v2 raw dataset: ``imagesTr/CASE_0000.EXT`` (grey or RGB) and
-    ``labelsTr/CASE.EXT``; every case is its own group, every label but background and
-    ignore is lesion. A case with more channel files (``CASE_0001``) is refused: its image
-    is not one file."""
+    ``labelsTr/CASE.EXT``; every case is its own group (siamdiff's own names keep theirs),
+    every label but background and ignore is lesion. A case with more channel files
+    (``CASE_0001``) is refused: its image is not one file. ``imagesTs``/``labelsTs`` are not
+    read: siamdiff draws its own group-disjoint split."""
     ending, lesion, known = _nnunet_settings(root)
     result = ReadResult()
     images: dict[str, Path] = {}
     for path in _list_dir(_subdir(root, "imagesTr")):
         case, _, channel = path.name.removesuffix(ending).rpartition("_")
-        if not path.name.endswith(ending) or not (case and channel.isdigit()):
+        if not path.name.endswith(ending) or not (case and re.fullmatch(r"\d{4}", channel)):
             result.skipped.append((path, f"not CASE_0000{ending}"))
         elif channel != "0000":
             raise SiamdiffError(
@@ -740,12 +763,13 @@ def read_nnunet(root: Path, dataset: str | None = None) -> ReadResult:
             labels[path.name.removesuffix(ending)] = path
         else:
             result.skipped.append((path, f"not CASE{ending}"))
+    for unread in ("imagesTs", "labelsTs"):
+        if (root / unread).is_dir():
+            result.skipped.append((root / unread, "not read: siamdiff splits imagesTr itself"))
     matched = _match(images, labels, result.skipped)
-    name = dataset or sanitize_name(re.sub(r"^Dataset\d+_", "", root.resolve().name))
-    groups = sanitized_apart([case for case, _, _ in matched])
+    default = sanitize_name(re.sub(r"^Dataset\d+_", "", root.resolve().name))
     result.pairs = [
-        SourcePair(image, mask, name, groups[case], "0", labels=(lesion, known))
-        for case, image, mask in matched
+        replace(pair, labels=(lesion, known)) for pair, _ in _named_pairs(matched, default, dataset)
     ]
     return result
 
