@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from siamdiff import cli
 from siamdiff.cli import SOURCE_KINDS, ProgressAsLines, main, peer_failed
 from siamdiff.data.readers import READERS, load_rgb
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, compile_failure
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -292,3 +294,22 @@ def test_a_notice_is_printed_once_per_launch_and_always_by_a_lone_process(
         monkeypatch.setenv("RANK", rank)
         notice("warning: a checkpoint was skipped")
         assert (capsys.readouterr().err != "") is shown, (world, rank)
+
+
+def test_a_failing_torch_compile_is_one_line_saying_what_to_do(capsys) -> None:
+    class InductorError(RuntimeError):  # as torch._inductor raises it, a compile cache damaged
+        pass
+
+    InductorError.__module__ = "torch._inductor.exc"
+    damaged = InductorError("ImportError: /tmp/torchinductor_root/x.main.so: file too short")
+
+    def compiles(args: argparse.Namespace) -> int:
+        raise damaged
+
+    assert cli._run(argparse.Namespace(handler=compiles, verb="train")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "siamdiff: error: torch.compile failed (ImportError: /tmp/torchinductor_root/x.main.so: "
+        "file too short): leave out the compile speed lever, or give it an empty cache with "
+        "TORCHINDUCTOR_CACHE_DIR=/a/new/folder (runs sharing one cache can damage it)"
+    ]
+    assert compile_failure(RuntimeError("a bug")) is None  # any other error keeps its traceback

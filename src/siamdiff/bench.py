@@ -28,6 +28,7 @@ import argparse
 import copy
 import datetime as dt
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -45,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from siamdiff import __version__
 from siamdiff.atomic import atomic_write_json, atomic_write_text, check_writable_file
 from siamdiff.cli import at_least
-from siamdiff.errors import SiamdiffError
+from siamdiff.errors import SiamdiffError, compile_failure
 from siamdiff.models.autoencoder import random_kl_vae
 from siamdiff.models.backbone import (
     Backbone,
@@ -671,20 +672,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if "bf16_frozen" in levers and device.type != "cuda":
         parser.error("bf16_frozen needs bf16 autocast, which the bench uses on CUDA only")
-    results, path = run(
-        preset,
-        device,
-        args.out,
-        train_batches=tuple(args.train_batches) if args.train_batches else None,
-        sample_batches=tuple(args.sample_batches) if args.sample_batches else None,
-        sample_steps=args.sample_steps,
-        guidance=args.guidance,
-        warmup=args.warmup,
-        iters=args.iters,
-        meta=not args.no_meta,
-        levers=levers,
-        checkpointing=args.gradient_checkpointing,
-    )
+    try:
+        results, path = run(
+            preset,
+            device,
+            args.out,
+            train_batches=tuple(args.train_batches) if args.train_batches else None,
+            sample_batches=tuple(args.sample_batches) if args.sample_batches else None,
+            sample_steps=args.sample_steps,
+            guidance=args.guidance,
+            warmup=args.warmup,
+            iters=args.iters,
+            meta=not args.no_meta,
+            levers=levers,
+            checkpointing=args.gradient_checkpointing,
+        )
+    except RuntimeError as exc:
+        failure = compile_failure(exc)
+        if failure is None:
+            raise
+        # The variants measured before it are written already.
+        print(f"siamdiff bench: error: {failure} (measured so far: {args.out})", file=sys.stderr)
+        return 1
     print(format_results(results))
     print(f"results: {path}")
     return 0

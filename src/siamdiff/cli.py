@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from siamdiff import __version__
-from siamdiff.errors import SiamdiffError, first_line
+from siamdiff.errors import SiamdiffError, compile_failure, first_line
 
 SOURCE_KINDS = ("kvasir-seg", "cvc-clinicdb", "pranet", "folder", "nnunet")
 LOG_PROGRESS_SECONDS = 30  # a progress line this often when stderr is a log file
@@ -767,6 +767,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"siamdiff: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        failure = compile_failure(exc)
+        if failure is not None:
+            print(f"siamdiff: error: {failure}", file=sys.stderr)
+            return 2
         if not peer_failed(exc):
             raise
         # The failed rank printed its own one-line error; this one only lost its peer.

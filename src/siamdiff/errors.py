@@ -34,3 +34,16 @@ def out_of_memory_error(
     out, how much was asked for), followed by what the user can change."""
     cause = ". ".join(str(exc).split(". ")[:2]).rstrip(".")
     return SiamdiffError(f"{cause}: {advice}", path)
+
+
+def compile_failure(exc: BaseException) -> SiamdiffError | None:
+    """torch.compile's failures (dynamo, inductor: a compiler missing, a damaged compile cache)
+    as one line saying what to do; None for any other exception."""
+    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    cause = first_line(exc).removeprefix(f"{type(exc).__name__}: ")
+    return SiamdiffError(
+        f"torch.compile failed ({cause}): leave out the compile speed lever, or give it an "
+        "empty cache with TORCHINDUCTOR_CACHE_DIR=/a/new/folder (runs sharing one cache can "
+        "damage it)"
+    )
