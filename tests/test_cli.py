@@ -297,11 +297,11 @@ def test_a_notice_is_printed_once_per_launch_and_always_by_a_lone_process(
 
 
 def test_a_failing_torch_compile_is_one_line_saying_what_to_do(capsys) -> None:
-    class InductorError(RuntimeError):  # as torch._inductor raises it, a compile cache damaged
-        pass
+    from torch._dynamo.exc import TorchRuntimeError
+    from torch._inductor.exc import InductorError
 
-    InductorError.__module__ = "torch._inductor.exc"
-    damaged = InductorError("ImportError: /tmp/torchinductor_root/x.main.so: file too short")
+    # As inductor raised it here, its compile cache damaged by another run sharing it.
+    damaged = InductorError(ImportError("/tmp/torchinductor_root/x.main.so: file too short"), None)
 
     def compiles(args: argparse.Namespace) -> int:
         raise damaged
@@ -312,4 +312,6 @@ def test_a_failing_torch_compile_is_one_line_saying_what_to_do(capsys) -> None:
         "file too short): leave out the compile speed lever, or give it an empty cache with "
         "TORCHINDUCTOR_CACHE_DIR=/a/new/folder (runs sharing one cache can damage it)"
     ]
-    assert compile_failure(RuntimeError("a bug")) is None  # any other error keeps its traceback
+    # Any other error keeps its traceback, the compiled code's own (a shape bug) too.
+    assert compile_failure(RuntimeError("a bug")) is None
+    assert compile_failure(TorchRuntimeError("a and b must have same reduction dim")) is None

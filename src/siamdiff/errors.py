@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -37,9 +38,11 @@ def out_of_memory_error(
 
 
 def compile_failure(exc: BaseException) -> SiamdiffError | None:
-    """torch.compile's failures (dynamo, inductor: a compiler missing, a damaged compile cache)
-    as one line saying what to do; None for any other exception."""
-    if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+    """A failure of torch.compile's backend (inductor: a compiler missing, a damaged compile
+    cache) as one line saying what to do; None for any other exception, errors of the
+    compiled code itself included (a shape bug keeps its traceback)."""
+    dynamo = sys.modules.get("torch._dynamo.exc")  # never imported: nothing was compiled
+    if dynamo is None or not isinstance(exc, dynamo.BackendCompilerFailed):
         return None
     cause = first_line(exc).removeprefix(f"{type(exc).__name__}: ")
     return SiamdiffError(

@@ -552,7 +552,7 @@ def test_nnunet_cases_read_every_label_but_background_and_ignore(tmp_path: Path)
     save(root / "labelsTr" / "case_b.png", ids.astype(np.uint16))  # 16-bit ids are ids
     save(root / "labelsTr" / "case_c.png", ids)  # no image
     save(root / "imagesTr" / "case_018.png", RGB)  # no _0000: a bad name, not channel 018
-    (root / "imagesTs").mkdir()
+    (root / "imagesTs").mkdir()  # not read, and no problem: --strict passes
     result = read_source("nnunet", root)
     assert [(p.dataset, p.group, p.image.name) for p in result.pairs] == [
         ("Polyps", "case_a", "case_a_0000.png"),
@@ -561,7 +561,6 @@ def test_nnunet_cases_read_every_label_but_background_and_ignore(tmp_path: Path)
     assert sorted((p.name, why) for p, why in result.skipped) == [
         ("case_018.png", "not CASE_0000.png"),
         ("case_c.png", "mask without image"),
-        ("imagesTs", "not read: siamdiff splits imagesTr itself"),
         ("notes.txt.png", "not CASE_0000.png"),
     ]
     for pair in result.pairs:
@@ -621,3 +620,19 @@ def test_nnunet_datasets_it_cannot_read_are_one_line_errors(
     with pytest.raises(SiamdiffError, match=message) as exc:
         read_source("nnunet", made if isinstance(made, Path) and made.is_dir() else root)
     assert "\n" not in str(exc.value)
+
+
+def test_only_synthetic_pair_names_keep_their_group_in_pranet_layout(tmp_path: Path) -> None:
+    """An ordinary dashed name (a source prefix, a date) is an image of its own; a synthetic
+    pair's name read back from an export keeps its source's dataset and group."""
+    names = ["Kvasir-SEG-cju0qk", "2021-03-01", "phantom-p03-0007-s01"]
+    root = pair_dirs(
+        tmp_path / "mixed",
+        {f"{n}.png": RGB for n in names},
+        {f"{n}.png": RGB[..., 0] for n in names},
+    )
+    pairs = {p.image.stem: p for p in read_source("pranet", root).pairs}
+    assert [(pairs[n].dataset, pairs[n].frame) for n in names[:2]] == [("mixed", "0")] * 2
+    assert pairs[names[0]].group != pairs[names[1]].group
+    synthetic = pairs["phantom-p03-0007-s01"]
+    assert (synthetic.dataset, synthetic.group, synthetic.frame) == ("phantom", "p03", "0007-s01")

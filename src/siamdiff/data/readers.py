@@ -11,9 +11,9 @@ Five layouts (the ``kind`` of a source):
 - ``nnunet``: an nnU-Net v2 raw dataset, ``imagesTr/CASE_0000.EXT`` + ``labelsTr/CASE.EXT``
   with ``dataset.json``; every label but background and ``ignore`` is lesion.
 
-In the last three, each image (case) is its own group, unless its name is
-``{dataset}-{group}-{frame}`` (the phantom demo data and siamdiff's own outputs and exports
-are named so; a synthetic pair's ``-sNN`` stays in its frame, so it keeps its source's group).
+In the last three, each image (case) is its own group, except that a synthetic pair's name
+``{dataset}-{group}-{frame}-sNN`` (siamdiff's exports) keeps its source's group, and in
+``folder`` any ``{dataset}-{group}-{frame}`` does (the phantom demo data is named so).
 
 Extra hints (several conditioning maps per image, docs/hints.md): ``folder`` reads
 ``NAME_hint-HINT.ext`` beside ``NAME.ext``, ``pranet`` (and ``kvasir-seg``) a ``hint-HINT/``
@@ -66,6 +66,9 @@ CVC_SEQUENCES: tuple[tuple[int, int], ...] = (
 _CVC_ROW = re.compile(r"(\d+)\s+to\s+(\d+)\s*\|\s*(\d+)")
 # {dataset}-{group}-{frame}, and siamdiff's synthetic {dataset}-{group}-{frame}-s{k}.
 _OUTPUT_NAME = re.compile(r"^([A-Za-z0-9._]+)-([A-Za-z0-9._]+)-([A-Za-z0-9._]+(?:-s\d+)?)$")
+# A synthetic pair's name alone ({dataset}-{group}-{frame}-sNN): in layouts whose own names
+# carry no groups, an ordinary dashed name (a date, a source prefix) stays an image's own.
+_SYNTHETIC_NAME = re.compile(r"^([A-Za-z0-9._]+)-([A-Za-z0-9._]+)-([A-Za-z0-9._]+-s\d+)$")
 
 
 @dataclass(frozen=True)
@@ -545,13 +548,16 @@ def _hint_name(raw: str, path: Path, skipped: list[tuple[Path, str]]) -> str | N
 
 
 def _named_pairs(
-    matched: list[tuple[str, Path, Path]], default: str, dataset: str | None, own_names: bool = True
+    matched: list[tuple[str, Path, Path]],
+    default: str,
+    dataset: str | None,
+    own_name: re.Pattern[str] | None,
 ) -> list[tuple[SourcePair, str]]:
-    """(pair, stem) of each matched stem: a stem of siamdiff's own ``{dataset}-{group}-{frame}``
-    shape (its outputs and exports; ``own_names``) keeps its parts, so that a synthetic set
-    read back keeps every sample of a mask in one split; any other stem is its own group of
-    dataset ``dataset`` (else ``default``)."""
-    own = {stem: _OUTPUT_NAME.match(stem) if own_names else None for stem, _, _ in matched}
+    """(pair, stem) of each matched stem: a stem ``own_name`` matches (``{dataset}-{group}-
+    {frame}``) keeps those parts, so that a synthetic set read back keeps every sample of a
+    mask in one split; any other stem is its own group of dataset ``dataset`` (else
+    ``default``)."""
+    own = {stem: own_name.match(stem) if own_name else None for stem, _, _ in matched}
     groups = sanitized_apart([stem for stem, parts in own.items() if parts is None])
     pairs = []
     for stem, image, mask in matched:
@@ -565,13 +571,13 @@ def _named_pairs(
 
 
 def _read_images_masks(
-    root: Path, default: str, dataset: str | None, own_names: bool
+    root: Path, default: str, dataset: str | None, own_name: re.Pattern[str] | None
 ) -> ReadResult:
     """``images/`` + ``masks/`` (+ ``hint-HINT/``) matched by stem; every image is its own
     group (see :func:`_named_pairs`)."""
     result = ReadResult()
     matched = _match_subdirs(root, ("images",), ("masks",), result)
-    pairs = _named_pairs(matched, default, dataset, own_names)
+    pairs = _named_pairs(matched, default, dataset, own_name)
     hints = {}
     for child in _list_dir(root):
         if child.is_dir() and child.name.startswith(HINT_DIR_PREFIX):
@@ -594,7 +600,7 @@ def _kvasir_sizes(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def read_kvasir_seg(root: Path, dataset: str = "kvasir_seg") -> ReadResult:
-    result = _read_images_masks(root, dataset, dataset, own_names=False)
+    result = _read_images_masks(root, dataset, dataset, own_name=None)
     expected = _kvasir_sizes(root)
     kept = []
     for pair in result.pairs:
@@ -656,7 +662,8 @@ def read_cvc_clinicdb(root: Path, dataset: str = "cvc_clinicdb") -> ReadResult:
 
 
 def read_pranet(root: Path, dataset: str | None = None) -> ReadResult:
-    return _read_images_masks(root, sanitize_name(root.resolve().name), dataset, own_names=True)
+    default = sanitize_name(root.resolve().name)
+    return _read_images_masks(root, default, dataset, own_name=_SYNTHETIC_NAME)
 
 
 def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
@@ -684,7 +691,7 @@ def read_folder(root: Path, dataset: str | None = None) -> ReadResult:
         _by_stem(masks, result.skipped, MASK_SUFFIX),
         result.skipped,
     )
-    pairs = _named_pairs(matched, sanitize_name(root.resolve().name), dataset)
+    pairs = _named_pairs(matched, sanitize_name(root.resolve().name), dataset, _OUTPUT_NAME)
     hints = {
         name: _by_stem(files, result.skipped, HINT_MARK + name)
         for name, files in hint_files.items()
@@ -741,7 +748,7 @@ def read_nnunet(root: Path, dataset: str | None = None) -> ReadResult:
     ``labelsTr/CASE.EXT``; every case is its own group (siamdiff's own names keep theirs),
     every label but background and ignore is lesion. A case with more channel files
     (``CASE_0001``) is refused: its image is not one file. ``imagesTs``/``labelsTs`` are not
-    read: siamdiff draws its own group-disjoint split."""
+    read (README): siamdiff draws its own group-disjoint split."""
     ending, lesion, known = _nnunet_settings(root)
     result = ReadResult()
     images: dict[str, Path] = {}
@@ -763,13 +770,11 @@ def read_nnunet(root: Path, dataset: str | None = None) -> ReadResult:
             labels[path.name.removesuffix(ending)] = path
         else:
             result.skipped.append((path, f"not CASE{ending}"))
-    for unread in ("imagesTs", "labelsTs"):
-        if (root / unread).is_dir():
-            result.skipped.append((root / unread, "not read: siamdiff splits imagesTr itself"))
     matched = _match(images, labels, result.skipped)
     default = sanitize_name(re.sub(r"^Dataset\d+_", "", root.resolve().name))
     result.pairs = [
-        replace(pair, labels=(lesion, known)) for pair, _ in _named_pairs(matched, default, dataset)
+        replace(pair, labels=(lesion, known))
+        for pair, _ in _named_pairs(matched, default, dataset, _SYNTHETIC_NAME)
     ]
     return result
 
