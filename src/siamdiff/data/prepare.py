@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -131,17 +131,23 @@ def resize_hint(hint: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(hint).resize(target, Image.Resampling.BILINEAR))
 
 
+class Prepared(NamedTuple):
+    """A pair written, and how each of its hint maps was read (checked across pairs)."""
+
+    record: Record
+    hint_readings: dict[str, str]
+
+
 def _process_pair(
     pair: SourcePair, out: Path, size: int, threshold: int, drop_empty: bool
-) -> Record | tuple[str, str]:
+) -> Prepared | tuple[str, str]:
     """Write one resized pair into ``out``; a (file, reason) tuple when it has to be skipped."""
     try:
         image = load_rgb(pair.image)
-        mask = (
-            load_mask(pair.mask, threshold)
-            if pair.labels is None
-            else (load_label_map(pair.mask, *pair.labels))
-        )
+        if pair.labels is None:
+            mask = load_mask(pair.mask, threshold)
+        else:
+            mask = load_label_map(pair.mask, *pair.labels)
         read = {name: read_hint(path) for name, path in pair.hints}
         hints = {name: hint for name, (hint, _) in read.items()}
     except UnreadableImageError as exc:
@@ -159,7 +165,7 @@ def _process_pair(
     image, mask = resize_pair(image, mask, size)
     if drop_empty and not mask.any():
         return str(pair.mask), EMPTY_MASK
-    return save_pair(
+    record = save_pair(
         out,
         pair.id,
         image,
@@ -175,18 +181,17 @@ def _process_pair(
         extra={
             "source_mask_sha256": sha256_file(pair.mask),
             "source_hints_sha256": {name: sha256_file(path) for name, path in pair.hints},
-            # Checked across pairs, then dropped (_check_hint_levels).
-            HINT_READING: {name: how for name, (_, how) in read.items() if how},
         },
     )
+    return Prepared(record, {name: how for name, (_, how) in read.items() if how})
 
 
 def _run(
-    job: Callable[[SourcePair], Record | tuple[str, str]],
+    job: Callable[[SourcePair], Prepared | tuple[str, str]],
     pairs: list[SourcePair],
     workers: int,
     progress: bool,
-) -> list[Record | tuple[str, str]]:
+) -> list[Prepared | tuple[str, str]]:
     """``job`` over ``pairs`` in order: in this process when ``workers <= 1``, else a pool."""
     bar = tqdm(total=len(pairs), desc="prepare", unit="pair", disable=not progress)
     with bar:
@@ -261,16 +266,12 @@ def _check_same_hints(pairs: list[SourcePair]) -> None:
             )
 
 
-HINT_READING = "hint_reading"
-
-
-def _check_hint_levels(records: list[Record]) -> None:
+def _check_hint_levels(prepared: list[Prepared]) -> None:
     """Refuse a hint whose level 1 means 255 in some maps (0/1 class maps) and 1 in others
-    (maps of more levels); drop the per-pair reading from the records."""
-    readings = [(record, record.extra.pop(HINT_READING, {})) for record in records]
-    for name in hint_names(records):
-        binary = [r for r, read in readings if read.get(name) == BINARY_HINT]
-        graded = [r for r, read in readings if read.get(name) == LEVEL_ONE_HINT]
+    (maps of more levels)."""
+    for name in hint_names([record for record, _ in prepared]):
+        binary = [r for r, read in prepared if read.get(name) == BINARY_HINT]
+        graded = [r for r, read in prepared if read.get(name) == LEVEL_ONE_HINT]
         if binary and graded:
             raise SiamdiffError(
                 f"hint {name!r} holds only 0 and 1 in the map of {binary[0].source_image} "
@@ -419,15 +420,16 @@ def prepare(
             job = functools.partial(
                 _process_pair, out=tmp, size=size, threshold=mask_threshold, drop_empty=drop_empty
             )
-            records: list[Record] = []
+            prepared: list[Prepared] = []
             for result in _run(job, pairs, workers, progress):
-                if isinstance(result, Record):
-                    records.append(result)
+                if isinstance(result, Prepared):
+                    prepared.append(result)
                 elif strict and result[1] != EMPTY_MASK:
                     raise _strict_error(result[1], result[0])
                 else:
                     skipped.append(result)
-            _check_hint_levels(records)
+            _check_hint_levels(prepared)
+            records = [record for record, _ in prepared]
             records = _without_duplicates(records, tmp, skipped, strict, previous)
             if not records:
                 why = ""

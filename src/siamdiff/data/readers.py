@@ -304,11 +304,16 @@ def _pixels(array: Any, path: Path) -> np.ndarray:
     return array
 
 
+def _decoded(path: Path) -> np.ndarray:
+    """The pixels of ``path`` as stored, any dtype. TIFF via tifffile (Pillow refuses the CVC
+    TIFFs)."""
+    return _pixels(_read(path, _decode_tiff_pixels if _is_tiff(path) else _decode_pil), path)
+
+
 def _read_uint8(path: Path) -> np.ndarray:
-    """Decode ``path`` to uint8 HxW or HxWx3. TIFF via tifffile (Pillow refuses the CVC TIFFs)."""
+    """Decode ``path`` to uint8 HxW or HxWx3."""
     path = Path(path)
-    array = _pixels(_read(path, _decode_tiff_pixels if _is_tiff(path) else _decode_pil), path)
-    return _to_hw_or_hwc(_to_uint8(array, path), path)
+    return _to_hw_or_hwc(_to_uint8(_decoded(path), path), path)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -361,8 +366,7 @@ def load_label_map(path: str | Path, lesion: Sequence[int], known: Sequence[int]
     the id is one of ``lesion``. An id outside ``known``, a colour or a float map is an
     :class:`UnreadableImageError`: class ids are one integer channel."""
     path = Path(path)
-    decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
-    array = _to_hw_or_hwc(_pixels(_read(path, decode), path), path)
+    array = _to_hw_or_hwc(_decoded(path), path)
     if array.ndim == 3 or array.dtype.kind not in "biu":
         raise UnreadableImageError(
             f"not a label map (class ids are one integer channel; this is {array.dtype} "
@@ -392,8 +396,7 @@ def read_hint(path: str | Path) -> tuple[np.ndarray, str | None]:
     (:func:`load_prepared_hint`).
     """
     path = Path(path)
-    decode = _decode_tiff_pixels if _is_tiff(path) else _decode_pil
-    array = _to_hw_or_hwc(_pixels(_read(path, decode), path), path)
+    array = _to_hw_or_hwc(_decoded(path), path)
     if array.ndim == 3:
         array = array.max(axis=-1)
     if array.dtype.kind == "f":

@@ -127,11 +127,12 @@ def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> 
     if not generator:
         return False
     data, split = Path(generator["data"]), generator["split"]
-    if split == "train" and data.resolve() == Path(real_root).resolve():
+    is_real = data.resolve() == Path(real_root).resolve()
+    if split == "train" and is_real:
         return False
     scored = scored_images_learned(data, split, real_root)
     if scored is None:  # moved or gone
-        return split != "train" and data.resolve() == Path(real_root).resolve()
+        return split != "train" and is_real
     return scored > 0
 
 
@@ -500,11 +501,14 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
         spec = SegmenterSpec(**config["spec"])
     except (KeyError, TypeError) as exc:
         raise SiamdiffError(f"bad segmenter spec ({exc})", config_path) from exc
-    kinds = {"arch": "a string", "encoder": "a string", "size": "an integer"}
-    for field, kind in kinds.items():
+    for field, kind, named in (
+        ("arch", str, "a string"),
+        ("encoder", str, "a string"),
+        ("size", int, "an integer"),
+    ):
         value = getattr(spec, field)
-        if type(value) is not (int if field == "size" else str):
-            raise SiamdiffError(f"spec.{field} must be {kind}, got {value!r}", config_path)
+        if type(value) is not kind:
+            raise SiamdiffError(f"spec.{field} must be {named}, got {value!r}", config_path)
     try:
         model = spec.build()
     except SiamdiffError as exc:
