@@ -159,6 +159,17 @@ def test_resize_pair_keeps_aspect_and_lesion() -> None:
     assert small_mask.mean() == pytest.approx(mask.mean(), abs=0.02)
 
 
+def test_a_resized_mask_keeps_the_pixels_at_least_half_lesion() -> None:
+    """Halved, a line of w rows covers ceil(w / 2) rows wherever it lies (a 1-row line, under
+    half of every output pixel, none): the area decides, not where the sampling grid falls."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    for width, rows in ((1, 0), (3, 2), (5, 3)):
+        for top in range(20, 24):
+            mask = np.zeros((64, 64), bool)
+            mask[top : top + width] = True
+            assert resize_pair(image, mask, 32)[1].any(axis=1).sum() == rows, (width, top)
+
+
 def test_verify_names_each_changed_missing_and_extra_file(data_copy: Path) -> None:
     records = load_manifest(data_copy).records
     flipped, deleted = records[3].image, records[5].mask

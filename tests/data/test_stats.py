@@ -58,6 +58,12 @@ def test_counts_and_coverage_quantiles(root: Path) -> None:
     assert stats["empty_masks"] == {"a": 1, "b": 0, "all": 1}
 
 
+def test_a_mask_of_one_lesion_pixel_is_not_empty(tmp_path: Path) -> None:
+    records = [record("a", 0, "train", 0.0), record("a", 1, "train", 1 / 512**2)]
+    write_manifest(tmp_path / "DATA", Manifest(records=records, preprocessing={}))
+    assert dataset_stats(tmp_path / "DATA")["empty_masks"] == {"a": 1, "all": 1}
+
+
 def test_a_dataset_named_like_the_pooled_row_is_refused_not_double_counted(
     tmp_path: Path,
 ) -> None:

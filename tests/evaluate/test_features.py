@@ -82,6 +82,7 @@ def test_kid_is_deterministic_for_a_seed_and_caps_the_subset_size() -> None:
     assert first == kernel_inception_distance(x, y, subsets=10, subset_size=1000, seed=3)
     assert first == kernel_inception_distance(x, y, subsets=10, subset_size=30, seed=3)  # cap
     assert first != kernel_inception_distance(x, y, subsets=10, subset_size=20, seed=3)
+    assert first != kernel_inception_distance(x, y, subsets=10, subset_size=30, seed=4)
 
 
 def test_kid_of_whole_sets_has_no_std() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from siamdiff.data.dataset import generator_views
 from siamdiff.data.manifest import (
@@ -33,6 +34,7 @@ from siamdiff.evaluate.metrics import (
     _fd_at_size,
     _segmenter_section,
     colour_statistics,
+    diversity,
     evaluate,
     format_metrics,
     mask_blind_floor,
@@ -79,6 +81,26 @@ def test_ms_ssim_uses_the_scales_an_image_allows(size: int, scales: int) -> None
     assert len(betas) == scales and sum(betas) == pytest.approx(1.0)
 
 
+def test_diversity_is_the_mean_ms_ssim_over_the_pairs_of_each_mask() -> None:
+    base = torch.nn.functional.interpolate(
+        torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)), size=64
+    )
+    images = base * 2 - 1
+    synthetic = [{"image": image} for image in images]
+    groups = [[0, 1, 2], [3, 4]]
+    result = diversity(synthetic, groups, "no LPIPS weights")
+    betas = ms_ssim_betas(64)
+    by_pair = [
+        multiscale_structural_similarity_index_measure(
+            base[[a]], base[[b]], data_range=1.0, betas=betas
+        )
+        for a, b in ((0, 1), (0, 2), (1, 2), (3, 4))
+    ]
+    assert (result["ms_ssim"]["pairs"], result["ms_ssim"]["masks"]) == (4, 2)
+    assert result["ms_ssim"]["mean"] == pytest.approx(float(torch.stack(by_pair).mean()))
+    assert result["lpips"] == {"available": False, "reason": "no LPIPS weights"}
+
+
 def test_fd_seg_plumbing_with_a_random_weight_segmenter(real_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     segmenter = Segmenter(SegmenterSpec(size=SIZE).build(), SegmenterSpec(size=SIZE), "cpu")
@@ -98,6 +120,10 @@ def test_colour_statistics(real_root: Path, copies: Path, tmp_path: Path) -> Non
     same = colour_statistics(real, frames(copies, None, SIZE))
     assert same["wasserstein_rgb"] == [0.0, 0.0, 0.0] and same["histogram_js"] == 0.0
     assert same["real"] == same["synthetic"]
+    pixels = torch.stack([((s["image"] + 1) * 127.5).round() for s in real]).double()
+    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3), correction=0)
+    np.testing.assert_allclose(same["real"]["mean"], mean.numpy(), atol=1e-3)
+    np.testing.assert_allclose(same["real"]["std"], std.numpy(), atol=1e-3)
     noisy = make_synthetic(real_root, tmp_path / "noisy", per_mask=1, noise=30.0)
     different = colour_statistics(real, frames(noisy, None, SIZE))
     assert all(w > 1.0 for w in different["wasserstein_rgb"])
@@ -121,7 +147,7 @@ def evaluated(
 
 
 def test_evaluate_writes_every_metric(
-    evaluated: tuple[dict[str, Any], Path], synthetic_root: Path
+    evaluated: tuple[dict[str, Any], Path], real_root: Path, synthetic_root: Path
 ) -> None:
     metrics, out = evaluated
     assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
@@ -151,6 +177,10 @@ def test_evaluate_writes_every_metric(
     dice = [v["dice"] for v in fidelity["per_image"].values()]
     assert fidelity["mdice"] == pytest.approx(np.mean(dice), abs=1e-6)
     assert 0 < fidelity["mask_blind_floor"]["mdice"] < 1
+    fitted_on_train = mask_blind_floor(
+        generator_views(real_root, "train", SIZE), frames(synthetic_root, None, SIZE)
+    )
+    assert fidelity["mask_blind_floor"] == pytest.approx(fitted_on_train)
     assert "floor: one mask-blind guess" in format_metrics(metrics)
     assert metrics["segmenter"]["real_test"]["images"] == 3
     assert metrics["diversity"]["ms_ssim"]["pairs"] == 18

@@ -44,6 +44,26 @@ def test_dice_iou_per_image_including_empty_masks() -> None:
         dice_iou(pred, target[:, :, :2])
 
 
+def test_scores_count_a_pixel_as_lesion_from_probability_one_half() -> None:
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, 0, 2:5, 2:5] = 1
+    masks[1, 0, 4:] = 1
+    probabilities = torch.where(masks > 0, 0.5, 0.499)
+
+    class FixedMaps:  # image i (every pixel i) predicts map i
+        def predict_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return probabilities[images[:, 0, 0, 0].long()], torch.zeros(len(images), 4)
+
+    dataset = [
+        {"image": torch.full((3, 8, 8), float(i)), "mask": masks[i], "meta": {"id": f"x{i}"}}
+        for i in range(2)
+    ]
+    scores = score_segmenter(FixedMaps(), dataset, batch_size=1)  # type: ignore[arg-type]
+    assert scores.ids == ["x0", "x1"]
+    np.testing.assert_array_equal(scores.dice, [1.0, 1.0])
+    np.testing.assert_array_equal(scores.iou, [1.0, 1.0])
+
+
 def test_frames_are_whole_and_independent_of_the_mask() -> None:
     # A crop placed by the mask would leak the ground truth into test images.
     image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from siamdiff.data.manifest import MANIFEST_NAME
+from siamdiff.data.manifest import MANIFEST_NAME, load_manifest
 from siamdiff.errors import SiamdiffError
 from siamdiff.evaluate.metrics import evaluate, summary_rows, utility_journal
 from siamdiff.evaluate.segmenter import _learned_scored_images, training_set
@@ -144,7 +144,11 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
 
 
 def test_an_interrupted_utility_resumes_with_the_numbers_of_an_uninterrupted_one(
-    real_root: Path, copies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    real_root: Path,
+    copies: Path,
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import siamdiff.evaluate.utility as utility
 
@@ -155,11 +159,22 @@ def test_an_interrupted_utility_resumes_with_the_numbers_of_an_uninterrupted_one
         fits.append((kwargs["desc"], kwargs["seed"]))
         return fit(*args, **kwargs)
 
+    scored: list[list[str]] = []
+    score = utility.score_segmenter
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        scores = score(*args, **kwargs)
+        scored.append(scores.ids)
+        return scores
+
     monkeypatch.setattr(utility, "fit_segmenter", counted)
+    monkeypatch.setattr(utility, "score_segmenter", recorded)
     journal = tmp_path / "utility.jsonl"
     options = {"archs": ("unet",), "seeds": (0, 1), "epochs": 1, "size": 32, "progress": False}
     whole = segmentation_utility(real_root, copies, journal=journal, **options)
     assert len(fits) == 4 and len(journal.read_bytes().splitlines()) == 1 + 4
+    test_ids = [r.id for r in load_manifest(real_root).split("test")]
+    assert scored == [test_ids] * 4  # every segmenter scored on the real test split
     # Killed during the third training: two finished, and a line torn mid-write.
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:3]) + lines[3][:20])
@@ -179,6 +194,15 @@ def test_an_interrupted_utility_resumes_with_the_numbers_of_an_uninterrupted_one
     fits.clear()
     segmentation_utility(real_root, copies, journal=journal, **options | {"lr": 5e-4})
     assert len(fits) == 4
+    # Other synthetic pairs, or the same images split otherwise: afresh too.
+    moved = Path(shutil.copytree(real_root, tmp_path / "moved"))
+    manifest = json.loads((moved / MANIFEST_NAME).read_text())
+    next(r for r in manifest["records"] if r["split"] == "train")["split"] = "val"
+    (moved / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for real, syn in ((real_root, synthetic_root), (real_root, None), (moved, None)):
+        fits.clear()
+        segmentation_utility(real, syn, journal=journal, **options | {"lr": 5e-4})
+        assert len(fits) == 2 * (1 + (syn is not None)), (real, syn)
 
 
 def test_evaluate_keeps_the_utility_journal_only_until_its_metrics_are_written(

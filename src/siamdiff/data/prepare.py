@@ -117,7 +117,9 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Shorter side -> ``size``, aspect kept. Image: Lanczos. Mask: bilinear on 0/1 floats, >= 0.5.
 
-    Resampling the mask as a float keeps thin structures that nearest-neighbour drops.
+    A mask pixel is lesion when at least half of what it covers is: its outline follows the
+    lesion's area wherever the lesion lies, where nearest-neighbour keeps or drops a thin
+    structure by where it falls on the sampling grid.
     """
     target = _resized_size(image.shape[1], image.shape[0], size)
     rgb = np.asarray(Image.fromarray(image).resize(target, Image.Resampling.LANCZOS))
