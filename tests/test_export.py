@@ -39,10 +39,13 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
     }
     meta = json.loads((out / "siamdiff.json").read_text())
     assert meta["step"] == 2 and meta["mode"] == "siamese" and meta["resolution"] == 32
+    cfg = load_config(trained_run / "config.yaml")
+    assert (meta["prompt"], meta["crop"]) == (cfg.backbone.prompt, cfg.data.transforms.crop)
+    assert meta["prompt"] == "endoscopic image of a colonic polyp"
     checkpoint = checkpoints(trained_run)[-1]
     assert meta["weights_sha256"] == sha256_file(checkpoint / "model.safetensors")
 
-    reference, _, _ = build_model(load_config(trained_run / "config.yaml"))
+    reference, _, _ = build_model(cfg)
     reference.load_state_dict(load_file(checkpoint / "model.safetensors"))
     loaded = load_export(out)
     # Every tensor exactly (after 2 steps a lost part, the prompt embeddings, say, would hide
@@ -70,6 +73,12 @@ def test_export_reproduces_the_checkpoints_predictions(trained_run: Path, tmp_pa
     )
     images = loaded.autoencoder.decode(latents)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_the_model_built_from_a_config_has_its_augmentation_settings() -> None:
+    cfg = load_config("tiny", ["model.aug_t_max=300", "model.aug_start=0.5"])
+    model = build_model(cfg)[0]
+    assert (model.mode, model.aug_t_max, model.aug_start) == ("siamese", 300, 0.5)
 
 
 def test_export_refuses_what_it_cannot_do(trained_run: Path, tmp_path: Path):

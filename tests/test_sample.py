@@ -44,6 +44,8 @@ def test_same_seed_same_latents(model: SiameseDiffusion, prompts: tuple[Tensor, 
     assert first.shape == (2, 4, 4, 4)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
+    stochastic = ddim_sample(model, masks(2), *prompts, steps=3, eta=0.5, generator=seeded(0, 1))
+    assert not torch.allclose(first, stochastic)  # eta > 0 adds noise at every step
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])

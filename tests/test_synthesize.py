@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -632,7 +633,36 @@ def test_masks_argument_and_seeds(phantom_data: Path):
     seeds = {derived_seed(42, source, k, "noise") for source in ("a", "b") for k in (0, 1)}
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
     assert derived_seed(42, "a", 0, "noise") != derived_seed(42, "a", 0, "mask")
-    assert derived_seed(42, "a", 0, "noise") == derived_seed(42, "a", 0, "noise")
+    # Pinned: another derivation would sample other images than every earlier set (and its
+    # resumes) from the same seed.
+    assert derived_seed(42, "a", 0, "noise") == 1331303056660099292
+
+
+def test_the_sampler_gets_every_setting_and_each_pair_its_own_mask_augmentation(
+    exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    calls, first_draws = [], []
+    sample_latents, augment = synth.ddim_sample, synth.augment_mask
+
+    def recorded_sampler(*args, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k != "generator"})
+        return sample_latents(*args, **kwargs)
+
+    def recorded_augmentation(mask, augmentations, rng):
+        first_draws.append(deepcopy(rng).random())
+        return augment(mask, augmentations, rng)
+
+    monkeypatch.setattr(synth, "ddim_sample", recorded_sampler)
+    monkeypatch.setattr(synth, "augment_mask", recorded_augmentation)
+    settings = {"guidance": 3.0, "control_scale": 1.5, "eta": 0.3, "mask_aug": ("flip",)}
+    sample(exported, phantom_data, tmp_path / "ddim", **settings)
+    expected = {"steps": 2, "guidance": 3.0, "control_scale": 1.5, "eta": 0.3, "scheduler": "ddim"}
+    assert calls == [expected] * 4  # masks 0-2 and 3, of sample 0 then sample 1
+    assert len(set(first_draws)) == LIMIT * PER_MASK  # a generator of its own per (mask, k)
+    calls.clear()
+    sample(exported, phantom_data, tmp_path / "unipc", scheduler="unipc", batch_size=8)
+    defaults = {"guidance": 9.0, "control_scale": 1.0, "eta": 0.0, "scheduler": "unipc"}
+    assert calls == [expected | defaults] * 2  # a batch per sample index
 
 
 def test_limit_spreads_the_subset_over_every_source_dataset() -> None:

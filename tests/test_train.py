@@ -23,6 +23,7 @@ from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.manifest import MANIFEST_NAME
 from siamdiff.data.sampling import BalancedBatchSampler
 from siamdiff.errors import SiamdiffError
+from siamdiff.export import export_run, load_export
 from siamdiff.models.siamese import SiameseDiffusion
 from siamdiff.report import read_loss_log
 from siamdiff.train import (
@@ -322,6 +323,56 @@ def test_frozen_weights_stay_and_trainable_ones_move(phantom_data: Path, tmp_pat
     assert frozen and moving
     assert all(torch.equal(first[k], last[k]) for k in frozen)
     assert sum(not torch.equal(first[k], last[k]) for k in moving) > len(moving) // 2
+
+
+def test_the_loop_feeds_the_loss_its_hints_schedules_and_dropped_prompts(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Per step: the mask hint, then the image hint; w_i = step / max_steps; lambda_c annealed
+    over its warm-up; the prompts after dropout; a from-scratch UNet trained whole (auto)."""
+    calls: list[dict] = []
+    loss_terms = SiameseDiffusion.loss_terms
+
+    def recorded(self, z0, mask_hint, image_hint, text_emb, **kwargs):
+        with torch.no_grad():
+            empty = self.text([""] * len(text_emb))
+        calls.append(
+            {
+                "mask_hint": mask_hint.detach().clone(),
+                "image_hint": image_hint.detach().clone(),
+                "unconditional": torch.equal(text_emb, empty),
+                "encoder_trains": all(p.requires_grad for p in self.unet.down_blocks.parameters()),
+                **kwargs,
+            }
+        )
+        return loss_terms(self, z0, mask_hint, image_hint, text_emb, **kwargs)
+
+    monkeypatch.setattr(SiameseDiffusion, "forward", recorded)
+    schedule = ("model.consistency_warmup_steps=2", "model.consistency_weight=0.5")
+    run = tmp_path / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=4", *schedule, "model.prompt_dropout=1"))
+    assert [c["progress"] for c in calls] == [0.0, 0.25, 0.5, 0.75]
+    assert [c["consistency_weight"] for c in calls] == [0.0, 0.25, 0.5, 0.5]
+    assert all(c["unconditional"] and c["encoder_trains"] for c in calls)
+    for call in calls:
+        mask_hint = call["mask_hint"]
+        assert set(mask_hint.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(mask_hint, mask_hint[:, :1].expand_as(mask_hint))
+        assert call["image_hint"].unique().numel() > 2
+    calls.clear()
+    kept = tmp_path / "kept"
+    train(tiny_config(phantom_data, kept, "train.max_steps=1", "model.prompt_dropout=0"))
+    assert not calls[0]["unconditional"]
+
+
+def test_a_mask_only_run_trains_mask_diffusion_alone_and_exports_as_such(
+    phantom_data: Path, tmp_path: Path
+):
+    run = tmp_path / "run"
+    train(tiny_config(phantom_data, run, "train.max_steps=2", "model.mode=mask-only"))
+    rows = read_loss_log(run / "losses.jsonl")
+    assert all(r["image"] == r["consistency"] == r["augment"] == 0 < r["mask"] for r in rows)
+    assert load_export(export_run(run, tmp_path / "export")).model.mode == "mask-only"
 
 
 def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_path: Path):

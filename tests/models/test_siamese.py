@@ -238,6 +238,18 @@ def test_augment_term_only_after_a_third_and_for_small_t(
         assert not torch.allclose(again["mask"], terms["mask"])
 
 
+def test_augment_term_trains_mask_diffusion_on_a_constant_re_noised_estimate() -> None:
+    """L_aug's input sg(zt') is Image-Diffusion's estimate made a constant: the term's
+    gradient reaches neither the image hint nor what only the image branch uses."""
+    model = tiny_model()
+    batch = fixed_batch()
+    batch["image_hint"].requires_grad_()
+    terms = run_loss(model, batch, model.text([PROMPT] * 5), progress=0.34)
+    terms["augment"].backward()
+    assert batch["image_hint"].grad is None
+    assert model.unet.conv_out.weight.grad.abs().sum() > 0  # Mask-Diffusion learns from it
+
+
 @torch.no_grad()
 def test_mask_only_mode_has_only_the_mask_term() -> None:
     model = tiny_model(mode="mask-only")
