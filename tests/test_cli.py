@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import subprocess
 import sys
@@ -315,3 +316,153 @@ def test_a_failing_torch_compile_is_one_line_saying_what_to_do(capsys) -> None:
     # Any other error keeps its traceback, the compiled code's own (a shape bug) too.
     assert compile_failure(RuntimeError("a bug")) is None
     assert compile_failure(TorchRuntimeError("a and b must have same reduction dim")) is None
+
+
+def _fake_segmenter_dir(tmp_path: Path) -> Path:
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "segmenter.json").write_text('{"val": null}')
+    return tmp_path / "seg"
+
+
+# Every option given a value other than its default, and where each must arrive.
+OPTIONS_REACH_THEIR_CALL = {
+    "prepare": (
+        "siamdiff.data.prepare.prepare",
+        "prepare --source folder=raw --out d --size 96 --mask-threshold 7 --workers 0 --strict "
+        "--drop-empty --overwrite",
+        {"size": 96, "mask_threshold": 7, "overwrite": True, "strict": True, "drop_empty": True}
+        | {"workers": 0},
+    ),
+    "download": (
+        "siamdiff.data.download.download_kvasir",
+        "download kvasir-seg --dest d --url mirror.zip --sha256 ab12 --overwrite",
+        {"url": "mirror.zip", "expected_sha256": "ab12", "overwrite": True},
+    ),
+    "export": (
+        "siamdiff.export.export_run",
+        "export run out --checkpoint 40 --overwrite",
+        {"checkpoint": "40", "overwrite": True},
+    ),
+    "sample": (
+        "siamdiff.synthesize.synthesize",
+        "sample model --masks data:val --out syn --per-mask 3 --steps 7 --guidance 3.5 "
+        "--control-scale 1.5 --eta 0.25 --seed 5 --scheduler unipc --mask-aug flip,shift "
+        "--batch-size 2 --device cpu --format pranet,nnunet --limit 6 --overwrite "
+        "--speed channels_last --no-verify",
+        {"split": "val", "per_mask": 3, "steps": 7, "guidance": 3.5, "control_scale": 1.5}
+        | {"eta": 0.25, "seed": 5, "scheduler": "unipc", "mask_aug": ["flip", "shift"]}
+        | {"batch_size": 2, "device": "cpu", "formats": ["pranet", "nnunet"], "limit": 6}
+        | {"overwrite": True, "speed": "channels_last", "verify": False},
+    ),
+    "train-segmenter": (
+        "siamdiff.evaluate.segmenter.train_segmenter",
+        "train-segmenter data --out seg --arch fpn --encoder resnet34 --size 64 --epochs 3 "
+        "--batch-size 5 --lr 0.01 --seed 2 --extra syn --device cpu --workers 1 --overwrite "
+        "--no-verify",
+        {"arch": "fpn", "encoder": "resnet34", "size": 64, "epochs": 3, "batch_size": 5}
+        | {"lr": 0.01, "seed": 2, "extra_roots": (Path("syn"),), "device": "cpu", "workers": 1}
+        | {"overwrite": True, "verify": False},
+    ),
+    "train-vae": (
+        "siamdiff.train_vae.train_vae",
+        "train-vae data --out vae --device cpu --workers 1 --resume --no-verify",
+        {"device": "cpu", "workers": 1, "resume": True, "overwrite": False, "verify": False},
+    ),
+    "evaluate": (
+        "siamdiff.evaluate.metrics.evaluate",
+        "evaluate real syn --segmenter seg --out {tmp}/m.json --utility --utility-epochs 2 "
+        "--utility-size 64 --utility-seeds 2 --utility-first-seed 3 --utility-archs unet "
+        "--utility-matched-steps --inception-weights w.pth --clip-model clip --device cpu "
+        "--workers 1 --no-verify",
+        {"segmenter_dir": Path("seg"), "utility": True, "inception_weights": Path("w.pth")}
+        | {"clip_model": Path("clip")}
+        | {"device": "cpu", "workers": 1, "verify": False}
+        | {
+            "utility_options": {
+                "epochs": 2,
+                "size": 64,
+                "seeds": (3, 4),
+                "archs": ("unet",),
+                "matched_steps": True,
+            }
+        },
+    ),
+    "rate": (
+        "siamdiff.rate.open_study",
+        "rate syn real --study s --per-source 4 --repeats 2 --seed 3 --overlay",
+        {"per_source": 4, "repeats": 2, "seed": 3, "overlay": True},
+    ),
+    "demo": (
+        "siamdiff.demo.run_demo",
+        "demo --out o --train-steps 5 --overwrite",
+        {"train_steps": 5, "overwrite": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("verb", OPTIONS_REACH_THEIR_CALL)
+def test_every_option_reaches_the_call_it_is_for(
+    verb: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import accelerate
+
+    import siamdiff.evaluate.metrics
+    import siamdiff.rate
+    import siamdiff.rate.server
+
+    target, argv, expected = OPTIONS_REACH_THEIR_CALL[verb]
+    module, name = target.rsplit(".", 1)
+    seen: dict = {}
+    returned = {
+        "train-segmenter": _fake_segmenter_dir(tmp_path),
+        "sample": SimpleNamespace(format=lambda: ""),
+        "prepare": SimpleNamespace(format=lambda: ""),
+    }.get(verb, tmp_path)
+
+    def recorded(*args, **kwargs):
+        seen.update(kwargs)
+        return returned
+
+    monkeypatch.setattr(importlib.import_module(module), name, recorded)
+    state = SimpleNamespace(num_processes=1, process_index=0, local_process_index=0)
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu, timeout: state)
+    monkeypatch.setattr(siamdiff.evaluate.metrics, "format_metrics", lambda metrics: "")
+    monkeypatch.setattr(
+        siamdiff.evaluate.metrics, "write_evaluation_report", lambda *a, **k: tmp_path
+    )
+    monkeypatch.setattr(siamdiff.rate, "serve", lambda *a, **k: None)
+    monkeypatch.setattr(siamdiff.rate.server, "check_can_listen", lambda host, port: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv.format(tmp=tmp_path).split()) == 0
+    assert {key: seen.get(key) for key in expected} == expected
+
+
+def test_every_train_vae_setting_reaches_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siamdiff.train_vae
+
+    seen = []
+    monkeypatch.setattr(
+        siamdiff.train_vae, "train_vae", lambda data, out, settings, **kwargs: seen.append(settings)
+    )
+    argv = (
+        "train-vae data --out vae --size 64 --steps 9 --batch-size 3 --lr 0.001 --widths 8,16 "
+        "--layers-per-block 2 --latent-channels 8 --kl-weight 0.01 --ssim-weight 0.5 --seed 4 "
+        "--checkpoint-every 3"
+    )
+    assert main(argv.split()) == 0
+    expected = siamdiff.train_vae.VAESettings(
+        size=64,
+        steps=9,
+        batch_size=3,
+        lr=0.001,
+        widths=(8, 16),
+        layers_per_block=2,
+        latent_channels=8,
+        kl_weight=0.01,
+        ssim_weight=0.5,
+        seed=4,
+        checkpoint_every=3,
+    )
+    assert seen == [expected]
