@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -263,16 +264,22 @@ def test_an_out_inside_the_dataset_or_a_changed_image_is_refused_up_front(
     assert not (tmp_path / "vae").exists()
 
 
-def test_an_error_in_a_loader_worker_ends_the_process(phantom_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("steps", [40, 1])
+def test_an_error_in_a_loader_worker_ends_the_process(
+    phantom_data: Path, tmp_path: Path, steps: int
+) -> None:
     """Workers ignore SIGTERM: left running after the error, the interpreter's exit waited
-    for them forever."""
+    for them forever. A step reads the damaged image while training; after a single one,
+    the latent scale's pass over the split does."""
     data = Path(shutil.copytree(phantom_data, tmp_path / "data"))
     image = data / load_manifest(data).split("train")[0].image
     image.write_bytes(image.read_bytes()[:300])
+    batch = 8 if steps > 1 else 1
     script = (
         "from siamdiff.train_vae import VAESettings, train_vae\n"
         "from siamdiff.errors import SiamdiffError\n"
-        "settings = VAESettings(size=32, steps=40, batch_size=8, widths=(8, 8, 16, 16))\n"
+        f"settings = VAESettings(size=32, steps={steps}, batch_size={batch},"
+        " widths=(8, 8, 16, 16))\n"
         "try:\n"
         f"    train_vae({str(data)!r}, {str(tmp_path / 'vae')!r}, settings, workers=1,"
         " verify=False)\n"
@@ -291,16 +298,17 @@ def test_the_latent_scale_comes_from_crops_across_the_split(
     """The first 256 of the training split were CVC-ClinicDB frames only."""
     drawn = []
 
-    def loader(crops, items, workers):
+    @contextlib.contextmanager
+    def batches(crops, items, workers):
         drawn.extend(index for [(index, _)] in items)
-        return [torch.randn(1, 3, 8, 8)]
+        yield [torch.randn(1, 3, 8, 8)]
 
     class Encoder:
         def encode(self, images):
             mode = torch.randn(1, 4, 2, 2)
             return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mode))
 
-    monkeypatch.setattr(siamdiff.train_vae, "_loader", loader)
+    monkeypatch.setattr(siamdiff.train_vae, "_batches", batches)
     monkeypatch.setattr(siamdiff.train_vae, "SCALE_IMAGES", 4)
     crops = list(range(10))
     siamdiff.train_vae.latent_normalisation(Encoder(), crops, torch.device("cpu"), 0)

@@ -28,6 +28,7 @@ restarts with the new run).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -222,11 +223,23 @@ def _step_noise(settings: VAESettings, step: int, device: torch.device) -> torch
     return torch.Generator(device).manual_seed(seed)
 
 
-def _loader(dataset: Dataset, sampler: Sampler | list, workers: int) -> DataLoader:
-    # Workers leave Ctrl-C to the main process, which finishes its step first.
-    return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=ignore_stop_signals
+@contextlib.contextmanager
+def _batches(dataset: Dataset, sampler: Sampler | list, workers: int) -> Iterator[Iterator]:
+    """The batches, their worker processes stopped however their use ends. Workers leave
+    Ctrl-C and SIGTERM to the main process (which finishes its step first), so after an
+    error, whose traceback holds the loader, the interpreter's exit would wait for them
+    forever."""
+    batches = iter(
+        DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=ignore_stop_signals
+        )
     )
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean stop
+        if shutdown is not None:
+            shutdown()
 
 
 def _settings_from(saved: dict[str, Any]) -> VAESettings:
@@ -331,12 +344,10 @@ def latent_normalisation(
     weight the latents need not be centred, and siamdiff's loader applies the shift too."""
     chosen = np.linspace(0, len(crops) - 1, min(len(crops), SCALE_IMAGES)).round().astype(int)
     items = [[(int(i), None)] for i in chosen]
-    latents = torch.cat(
-        [
-            vae.encode(batch.to(device)).latent_dist.mode().float().cpu()
-            for batch in _loader(crops, items, workers)
-        ]
-    )
+    with _batches(crops, items, workers) as batches:
+        latents = torch.cat(
+            [vae.encode(batch.to(device)).latent_dist.mode().float().cpu() for batch in batches]
+        )
     return float(latents.mean()), 1.0 / float(latents.std())
 
 
@@ -348,16 +359,17 @@ def score_reconstructions(
     through the posterior mode; with the first 8 crops and their reconstructions."""
     items = [[(i, None)] for i in range(min(len(crops), HELD_OUT_IMAGES))]
     psnr, l1, shown, remade = [], [], [], []
-    for batch in _loader(crops, items, workers):
-        images = batch.to(device)
-        reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.float()
-        reconstruction = reconstruction.clamp(-1, 1)
-        mse = (((reconstruction - images) / 2) ** 2).mean().item()
-        psnr.append(10 * math.log10(1 / max(mse, 1e-12)))
-        l1.append((reconstruction - images).abs().mean().item())
-        if len(shown) < 8:
-            shown.append(images.cpu())
-            remade.append(reconstruction.cpu())
+    with _batches(crops, items, workers) as batches:
+        for batch in batches:
+            images = batch.to(device)
+            reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample.float()
+            reconstruction = reconstruction.clamp(-1, 1)
+            mse = (((reconstruction - images) / 2) ** 2).mean().item()
+            psnr.append(10 * math.log10(1 / max(mse, 1e-12)))
+            l1.append((reconstruction - images).abs().mean().item())
+            if len(shown) < 8:
+                shown.append(images.cpu())
+                remade.append(reconstruction.cpu())
     scores = {"psnr_db": float(np.mean(psnr)), "l1": float(np.mean(l1)), "images": len(items)}
     return scores, torch.cat(shown), torch.cat(remade)
 
@@ -451,9 +463,9 @@ def train_vae(
 
         if state is None:
             checkpoint()  # marks the folder as this run's at once: resumable, overwritable
-        batches = iter(
-            _loader(crops, StepBatches(settings, len(crops), step + 1, settings.steps), workers)
-        )
+        steps = StepBatches(settings, len(crops), step + 1, settings.steps)
+        loading = contextlib.ExitStack()  # closed with the loop, however it ends
+        batches = loading.enter_context(_batches(crops, steps, workers))
         progress = tqdm(total=settings.steps, initial=step, desc="train-vae", unit="step")
         timed, started = 0, time.perf_counter()
 
@@ -507,11 +519,7 @@ def train_vae(
         finally:
             stop.restore()
             progress.close()
-            # Workers ignore SIGTERM (see ignore_stop_signals): after an error, whose traceback
-            # holds the loader, the interpreter's exit terminated them and waited, forever.
-            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean stop
-            if shutdown is not None:
-                shutdown()
+            loading.close()
         if seen:  # a run resumed at its last step: the row its interruption held back
             log_row()
         if step % settings.checkpoint_every:  # finishing is resumable too
