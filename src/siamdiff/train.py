@@ -117,8 +117,10 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     """
     try:
         expected = json.loads((checkpoint / CHECKSUMS_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         return f"no readable {CHECKSUMS_NAME} ({type(exc).__name__})"
+    if not isinstance(expected, dict):
+        return f"{CHECKSUMS_NAME} is not a mapping of files to digests"
     actual = checkpoint_digests(checkpoint)
     bad = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
     return f"checksum mismatch in {', '.join(bad)}" if bad else None

@@ -96,6 +96,21 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(
     assert (aside / "model.safetensors").read_bytes() != original
 
 
+def test_a_checksum_file_that_is_no_mapping_or_no_text_damages_its_checkpoint(
+    tmp_path: Path,
+) -> None:
+    checkpoint = tmp_path / "step-00000004"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    for written, problem in (
+        (b"[]", "checksums.json is not a mapping of files to digests"),
+        (b"\xff\xfe{}", "no readable checksums.json (UnicodeDecodeError)"),
+        (b"{", "no readable checksums.json (JSONDecodeError)"),
+    ):
+        (checkpoint / "checksums.json").write_bytes(written)
+        assert checkpoint_problem(checkpoint) == problem
+
+
 def test_damaged_checkpoints_past_the_resumed_one_never_count_as_kept(
     phantom_data: Path, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
