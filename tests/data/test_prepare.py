@@ -308,6 +308,26 @@ def test_drop_empty_and_strict(messy: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "strict").exists()
 
 
+def test_image_names_that_are_no_files_are_skipped_and_listed(tmp_path: Path) -> None:
+    """A broken link, a link loop or a folder named like an image is no pair: listed as
+    skipped (so --strict stops), never dropped silently; other subfolders are left alone."""
+    root = tmp_path / "links"
+    write_pair(root, "d-good-0", IMAGE, disc())
+    (root / "d-gone-0.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "d-gone-0_mask.png").symlink_to(tmp_path / "nowhere_mask.png")
+    (root / "d-loop-0.png").symlink_to(root / "d-loop-0.png")
+    (root / "d-folder-0_mask.png").mkdir()
+    (root / "notes").mkdir()
+    summary = prepare([("folder", root)], tmp_path / "out", 16, workers=1, progress=False)
+    assert summary.records == 1
+    reasons = {Path(f).name: r for f, r in summary.skipped}
+    unreadable = "not a readable file (a broken link or a folder)"
+    names = ("d-gone-0.png", "d-gone-0_mask.png", "d-loop-0.png", "d-folder-0_mask.png")
+    assert reasons == dict.fromkeys(names, unreadable)
+    with pytest.raises(SiamdiffError, match="not a readable file"):
+        prepare([("folder", root)], tmp_path / "strict", 16, strict=True, workers=1)
+
+
 def test_strict_accepts_dropped_empty_masks(tmp_path: Path) -> None:
     root = tmp_path / "clean"
     write_pair(root, "d-good-0", IMAGE, disc())

@@ -465,10 +465,14 @@ def _by_stem(
     """Image files keyed by stem minus the suffix ``strip``; other files are skipped.
 
     Two images with one stem (``a.png``, ``a.jpg``) are ambiguous: a SiamdiffError.
+    Subfolders are no pairs' business; an image name that is no file (a broken link, a
+    folder) is skipped with its reason, so that ``--strict`` sees it.
     """
     found: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
+            if path.is_symlink() or path.suffix.lower() in IMAGE_SUFFIXES:
+                skipped.append((path, "not a readable file (a broken link or a folder)"))
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((path, "not an image file"))
