@@ -193,7 +193,8 @@ def test_incomplete_or_other_vae_weights_are_refused(tmp_path: Path):
         load_autoencoder({"kind": "diffusers-kl", "path": tmp_path})
 
 
-def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
+def _save_tiny_vae(directory: Path) -> None:
+    """A seeded AutoencoderTiny of width 8 (f = 8), saved in diffusers format."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         AutoencoderTiny(
@@ -201,7 +202,11 @@ def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
             decoder_block_out_channels=(8, 8, 8, 8),
             num_encoder_blocks=(1, 1, 1, 1),
             num_decoder_blocks=(1, 1, 1, 1),
-        ).save_pretrained(tmp_path)
+        ).save_pretrained(directory)
+
+
+def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
+    _save_tiny_vae(tmp_path)
     autoencoder = load_autoencoder({"kind": "diffusers-tiny", "path": tmp_path})
     images = torch.rand(1, 3, 32, 40) * 2 - 1
     with torch.no_grad():
@@ -209,6 +214,28 @@ def test_diffusers_tiny_loads_a_saved_vae(tmp_path: Path):
         assert latents.shape == (1, 4, 4, 5)
         assert autoencoder.decode(latents).shape == images.shape
     assert autoencoder.identity.startswith("diffusers-tiny:sha256=")
+
+
+@pytest.mark.parametrize("kind", ["diffusers-kl", "diffusers-tiny"])
+def test_a_scaling_factor_override_replaces_the_saved_one(kind: str, tmp_path: Path) -> None:
+    """autoencoder.scaling_factor wins over the VAE config's (0.18215 KL, 1.0 tiny): latents
+    are the raw latents times the override, and decode divides it back out."""
+    if kind == "diffusers-kl":
+        random_kl_vae(seed=3).save_pretrained(tmp_path)
+    else:
+        _save_tiny_vae(tmp_path)
+    saved = load_autoencoder({"kind": kind, "path": tmp_path})
+    overridden = load_autoencoder({"kind": kind, "path": tmp_path, "scaling_factor": 0.5})
+    assert saved.scaling_factor != 0.5 and overridden.scaling_factor == 0.5
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        # The VAE's own raw latents (KL: the posterior mode); neither config has a shift.
+        encoded = saved.vae.encode(images)
+        raw = encoded.latent_dist.mode() if kind == "diffusers-kl" else encoded.latents
+        latents = overridden.encode(images)
+        torch.testing.assert_close(latents, raw * 0.5)
+        torch.testing.assert_close(overridden.decode(latents), saved.decode(saved.encode(images)))
+    assert overridden.identity != saved.identity  # cached latents of one are not the other's
 
 
 def test_a_vae_whose_grid_is_not_h_over_8_is_refused(tmp_path: Path) -> None:

@@ -137,14 +137,25 @@ def test_learned_text_conditioner() -> None:
         text(["a cat"])
 
 
+def test_learned_text_tokens_follow_the_config() -> None:
+    """backbone.text_tokens sets the learned embedding's length (default 8)."""
+    backbone = build_backbone(tiny_cfg(text_tokens=3), latent_channels=4)
+    width = backbone.unet.config.cross_attention_dim
+    assert backbone.text.embeddings.shape == (2, 3, width)  # the prompt and ""
+    assert backbone.text([PROMPT, ""]).shape == (2, 3, width)
+
+
 def test_freeze_for_training_leaves_encoder_and_middle_frozen() -> None:
     backbone = build_backbone(tiny_cfg(), latent_channels=4)
     trainable = {id(p) for p in freeze_for_training(backbone)}
     unet = backbone.unet
     for module in (unet.conv_in, unet.time_embedding, unet.down_blocks, unet.mid_block):
         assert not any(p.requires_grad or id(p) in trainable for p in module.parameters())
-    for module in (unet.up_blocks, unet.conv_out, backbone.controlnet, backbone.text):
+    # The decoder trains whole: its up blocks, the output norm (docstring) and the output conv.
+    decoder = (unet.up_blocks, unet.conv_norm_out, unet.conv_out)
+    for module in (*decoder, backbone.controlnet, backbone.text):
         assert all(p.requires_grad and id(p) in trainable for p in module.parameters())
+    assert len(list(unet.conv_norm_out.parameters())) == 2  # GroupNorm's weight and bias
     everything = freeze_for_training(backbone, train_unet_encoder=True)
     assert {id(p) for p in unet.parameters()} <= {id(p) for p in everything}
 

@@ -11,6 +11,7 @@ from siamdiff.errors import SiamdiffError
 from siamdiff.models.dhi import (
     ChannelsFirstPatchMerging,
     DenseHintInput,
+    ResidualBlock,
     image_to_hint,
     mask_to_hint,
 )
@@ -53,6 +54,21 @@ def test_hint_size_must_be_multiple_of_8() -> None:
     dhi = DenseHintInput(out_channels=8, base_channels=4)
     with pytest.raises(SiamdiffError, match="36x32 is not a multiple of 8"):
         dhi(torch.rand(1, 3, 36, 32))
+
+
+def test_residual_block_keeps_its_identity_skip() -> None:
+    """SiLU(x + conv2(SiLU(conv1(x)))): with both convs zero only the skip is left, SiLU(x);
+    without the skip the block would output SiLU(0) = 0 and cut the hint path."""
+    torch.manual_seed(0)
+    block = ResidualBlock(3)
+    for conv in (block.conv1, block.conv2):
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    x = torch.randn(2, 3, 5, 4)
+    torch.testing.assert_close(block(x), F.silu(x))
+    # A constant second conv bias adds to x before the outer SiLU.
+    nn.init.constant_(block.conv2.bias, 0.5)
+    torch.testing.assert_close(block(x), F.silu(x + 0.5))
 
 
 def test_patch_merging_concatenates_2x2_neighbours_then_norm_and_linear() -> None:

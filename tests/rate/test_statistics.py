@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from siamdiff.rate.statistics import (
     consistency,
@@ -45,6 +46,18 @@ def test_detection_balanced_accuracy_and_fisher_test() -> None:
     assert result["p_value"] == pytest.approx((1 + 15 + 15 + 1) / 132)
     assert result["ci_low"] < 0.75 < result["ci_high"]
     assert detection([])["accuracy"] is None and detection([])["balanced_accuracy"] is None
+
+
+def test_detection_interval_is_the_exact_clopper_pearson_one() -> None:
+    """9 of 12 told right: the documented exact binomial interval, not Wilson's (0.468-0.911)
+    nor any other approximation."""
+    pairs = [("real", "real")] * 5 + [("synthetic", "real")]
+    pairs += [("synthetic", "synthetic")] * 4 + [("real", "synthetic")] * 2
+    result = detection(pairs)
+    # Clopper-Pearson from its beta-quantile definition: about 0.4281 to 0.9451.
+    assert result["ci_low"] == pytest.approx(stats.beta.ppf(0.025, 9, 12 - 9 + 1), abs=1e-9)
+    assert result["ci_high"] == pytest.approx(stats.beta.ppf(0.975, 9 + 1, 12 - 9), abs=1e-9)
+    assert (round(result["ci_low"], 3), round(result["ci_high"], 3)) == (0.428, 0.945)
 
 
 def test_detection_is_not_fooled_by_an_unbalanced_guessed_subset() -> None:
@@ -102,6 +115,24 @@ def test_pooled_detection_permutes_images_not_ratings() -> None:
     assert one_each["p_value"] is None and one_each["ci_low"] is None
 
 
+def test_pooled_detection_bootstrap_interval_covers_95_percent() -> None:
+    """One guess per image: resampling the images of each source is then drawing the hits
+    from two binomials, so the bootstrap's ends are that distribution's 2.5 % and 97.5 %
+    quantiles (a 90 % interval would fall about 0.005 inside on each side)."""
+    images = [("real", ["real"])] * 300 + [("real", ["synthetic"])] * 100
+    images += [("synthetic", ["synthetic"])] * 200 + [("synthetic", ["real"])] * 200
+    result = pooled_detection(images)
+    assert result["accuracy"] == pytest.approx(500 / 800)
+    # The exact distribution of the resampled hits: Binomial(400, 3/4) + Binomial(400, 1/2).
+    hits = np.arange(401)
+    pmf = np.convolve(stats.binom.pmf(hits, 400, 0.75), stats.binom.pmf(hits, 400, 0.5))
+    cdf = np.cumsum(pmf)
+    low, high = (np.searchsorted(cdf, q) / 800 for q in (0.025, 0.975))  # 0.5925, 0.6575
+    # 9999 resamples on a 1/800 grid: within two grid steps of the exact quantiles.
+    assert result["ci_low"] == pytest.approx(low, abs=2.5e-3)
+    assert result["ci_high"] == pytest.approx(high, abs=2.5e-3)
+
+
 def test_intra_rater_consistency() -> None:
     result = consistency([(3, 3), (4, 2), (5, 4)])
     assert result["exact_agreement"] == pytest.approx(1 / 3)
@@ -118,6 +149,20 @@ def test_krippendorff_alpha_known_values() -> None:
     assert inter_rater_alpha(three, 3) == pytest.approx(-0.5)
     assert inter_rater_alpha({"a": {0: 1}}, 1) is None
     assert inter_rater_alpha({"a": {0: 4, 1: 4}, "b": {0: 4, 1: 4}}, 2) is None
+
+
+def test_krippendorff_alpha_is_ordinal_not_interval() -> None:
+    """Scores 1, 2 and 5, each twice: ordinal distances count the ranks between two scores,
+    interval ones the squared gap, so the two alphas differ (7/12 against 47/52)."""
+    ratings = {"a": {0: 1, 1: 2, 2: 5}, "b": {0: 2, 1: 1, 2: 5}}
+    # Frequencies n_1 = n_2 = n_5 = 2 (n = 6); ordinal delta(c, k) = (sum_{g=c..k} n_g -
+    # (n_c + n_k) / 2) ** 2: delta(1, 2) = 4, delta(1, 5) = 16, delta(2, 5) = 4.
+    # Observed: the pairs (1, 2) and (2, 1) on items 0 and 1, twice each: 4 * 4 = 16.
+    # Expected: sum over c != k of n_c n_k delta = 2 * (4 * 4 + 4 * 16 + 4 * 4) = 192.
+    ordinal = 1 - (6 - 1) * 16 / 192
+    # Interval distances (1, 9 and 16) would give 1 - 5 * 4 / 208 = 0.904.
+    assert inter_rater_alpha(ratings, 3) == pytest.approx(ordinal)
+    assert ordinal == pytest.approx(7 / 12)
 
 
 def test_summarize_uses_first_ratings_and_measures_repeats() -> None:
