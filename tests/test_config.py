@@ -37,6 +37,21 @@ def test_the_augmentation_term_starts_strictly_after_a_third_of_training() -> No
     assert [step / 3000 > aug_start for step in (1000, 1001)] == [False, True]
 
 
+def test_the_method_and_the_paper_setting_are_the_defaults() -> None:
+    """method.md's values, and the paper's sd15 setting the README states: a change here is
+    a change of the method, not of a default."""
+    model = load_config("tiny").model
+    assert (model.mode, model.consistency_weight, model.aug_t_max) == ("siamese", 1.0, 200)
+    assert (model.prompt_dropout, model.train_unet_encoder) == (0.05, "auto")
+    assert load_config("tiny").train.guidance == 9.0
+    sd15 = load_config("sd15", ["backbone.path=/models/sd15"])
+    assert sd15.data.transforms.size == 384
+    assert (sd15.optim.lr, sd15.optim.weight_decay) == (1e-5, 1e-2)
+    assert (sd15.train.max_steps, sd15.train.batch_size) == (6000, 6)
+    assert (sd15.train.mixed_precision, sd15.train.gradient_checkpointing) == ("bf16", True)
+    assert (sd15.backbone.text, sd15.model.consistency_warmup_steps) == ("clip", 600)
+
+
 def test_sd15_paths_follow_the_backbone_path() -> None:
     cfg = load_config("sd15", ["backbone.path=/models/sd15", "data.root=x"])
     assert cfg.autoencoder.path == "/models/sd15"

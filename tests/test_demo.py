@@ -11,6 +11,7 @@ import torch
 
 from siamdiff.cli import main
 from siamdiff.data.manifest import load_manifest, verify
+from siamdiff.train import checkpoints
 
 
 @pytest.mark.slow
@@ -20,6 +21,7 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "8/8 evaluate" in printed and "report:" in printed
     assert verify(out / "data").ok and verify(out / "synthetic").ok
+    assert [c.name for c in checkpoints(out / "run")][-1] == "step-00000003"  # --train-steps
     synthetic = load_manifest(out / "synthetic")
     assert synthetic.kind == "synthetic"
     assert len(synthetic.records) == len(load_manifest(out / "data").split("train"))

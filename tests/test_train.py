@@ -375,11 +375,23 @@ def test_a_mask_only_run_trains_mask_diffusion_alone_and_exports_as_such(
     assert load_export(export_run(run, tmp_path / "export")).model.mode == "mask-only"
 
 
-def test_channels_last_training_takes_the_same_steps(phantom_data: Path, tmp_path: Path):
+def test_channels_last_training_takes_the_same_steps(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    layouts = []
+    loss_terms = SiameseDiffusion.loss_terms
+
+    def recorded(self, *args, **kwargs):
+        weight = self.unet.conv_in.weight
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last))
+        return loss_terms(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiameseDiffusion, "forward", recorded)
     overrides = ("train.max_steps=2", "train.sample_every=2")
     train(tiny_config(phantom_data, tmp_path / "plain", *overrides))
     fast = tmp_path / "nhwc"
     train(tiny_config(phantom_data, fast, *overrides, "train.speed=[channels_last]"))
+    assert layouts == [False, False, True, True]  # the lever was applied, not just accepted
     assert (fast / "samples" / "step-00000002.png").is_file()
     a, b = final_weights(tmp_path / "plain"), final_weights(fast)
     assert a.keys() == b.keys()

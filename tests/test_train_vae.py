@@ -445,3 +445,19 @@ def test_cli_trains_and_names_the_config_settings(
         "siamdiff: error: --widths must be 4 multiples of 8 (f=8: the hint encoder's grid), "
         "got 8,8,16"
     )
+
+
+def test_the_loss_weighs_l1_ssim_and_the_gaussian_kl_as_set() -> None:
+    settings = replace(TINY, kl_weight=0.5, ssim_weight=0.3)
+    torch.manual_seed(0)
+    vae = siamdiff.train_vae.build_vae(settings)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    terms = siamdiff.train_vae.vae_losses(vae, images, settings, torch.Generator().manual_seed(1))
+    # The KL of N(mean, var) to N(0, 1) in closed form, per image and pixel.
+    posterior = vae.encode(images).latent_dist
+    mean, var = posterior.mean, posterior.var
+    kl = 0.5 * (mean**2 + var - 1 - var.log()).sum(dim=(1, 2, 3)).mean() / images[0].numel()
+    torch.testing.assert_close(terms["kl"], kl, rtol=1e-4, atol=1e-7)
+    assert 0 < terms["ssim"] < 1 and terms["l1"] > 0 and terms["kl"] > 0
+    expected = terms["l1"] + 0.3 * (1 - terms["ssim"]) + 0.5 * terms["kl"]
+    torch.testing.assert_close(terms["loss"], expected)
