@@ -397,7 +397,8 @@ def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"size": 4}, "size"),
+        ({"size": 4}, r"size must be 8\.\.4096 pixels, got 4$"),
+        ({"size": 100_000}, r"size must be 8\.\.4096 pixels, got 100000$"),  # gigabytes a frame
         ({"mask_threshold": 0}, "threshold"),
         ({"mask_threshold": 256}, "threshold"),
     ],

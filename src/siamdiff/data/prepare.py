@@ -54,6 +54,7 @@ from siamdiff.data.split import DEFAULT_FRACTIONS, split_of
 from siamdiff.errors import SiamdiffError
 
 SUMMARY_NAME = "prepare-summary.json"
+MIN_SIZE, MAX_SIZE = 8, 4096  # the shorter side, pixels (SD v1.5 works at 512)
 EMPTY_MASK = "empty mask (dropped by --drop-empty)"
 SHOWN_REASONS = 4  # skip reasons on the summary line
 PATH_IN_REASON = re.compile(r"'[^']*'|[^\s()']*/[^\s()']*")  # a quoted name, or a path
@@ -398,8 +399,9 @@ def prepare(
     """
     started = time.perf_counter()
     out = Path(out)
-    if size < 8:
-        raise SiamdiffError(f"size must be at least 8 pixels, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        # Above it, frames of a few hundred pixels would be blown up to gigabytes each.
+        raise SiamdiffError(f"size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     if not 1 <= mask_threshold <= 255:
         raise SiamdiffError(f"mask threshold must be in 1..255, got {mask_threshold}")
     if not sources:
