@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from siamdiff import atomic
-from siamdiff.atomic import atomic_output_dir, atomic_write_text, exclusive_writer
+from siamdiff.atomic import (
+    atomic_output_dir,
+    atomic_write_text,
+    check_writable_file,
+    exclusive_writer,
+)
 from siamdiff.errors import SiamdiffError
 
 
@@ -270,3 +275,15 @@ def test_the_writers_lock_refuses_a_second_job_and_leaves_nothing_behind(tmp_pat
     with pytest.raises(RuntimeError), exclusive_writer(out, 0, "siamdiff train"):
         raise RuntimeError("the job failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checking_where_an_output_goes_creates_nothing(tmp_path: Path) -> None:
+    """A job refused after the check (a missing input, say) must leave no folder behind."""
+    out = tmp_path / "new" / "deeper" / "metrics.json"
+    check_writable_file(out)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(SiamdiffError, match="file: is not a folder"):
+        check_writable_file(tmp_path / "file" / "below" / "metrics.json")
+    with pytest.raises(SiamdiffError, match="is a folder: name a file"):
+        check_writable_file(tmp_path)

@@ -137,7 +137,7 @@ def test_siamdiff_step_at_sd15_size_needs_at_most_three_quarters_of_the_naive_fl
     [
         (["--sample-steps", "501"], "--sample-steps must be at most 500"),
         (["--device", "gpu"], "--device gpu: "),
-        (["--out", "{file}"], "cannot write there"),
+        (["--out", "{file}"], "is not a folder: the output cannot be written below it"),
     ],
 )
 def test_bad_input_is_refused_before_measuring(

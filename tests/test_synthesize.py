@@ -740,6 +740,17 @@ def test_mask_augmentation_never_empties_a_lesion_at_the_border():
         assert augmented.sum() > 0
 
 
+def test_an_export_with_damaged_weights_leaves_no_output(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    model = Path(shutil.copytree(exported, tmp_path / "export"))
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SiamdiffError, match="unet"):
+        sample(model, phantom_data, tmp_path / "syn")
+    assert not (tmp_path / "syn").exists()
+
+
 def test_a_damaged_masks_dataset_is_refused_before_any_pair(
     exported: Path, phantom_data: Path, tmp_path: Path
 ):

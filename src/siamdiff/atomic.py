@@ -128,20 +128,25 @@ def check_writable_file(
 ) -> None:
     """Refuse, before a long job, an output file that names a folder, lies inside one of the
     job's ``inputs`` (what -> folder; see :func:`check_apart`) or where nothing can be
-    written (its folder is created; the file itself only when the job ends)."""
+    written. Nothing is created: a job refused later on leaves no folder behind (its folders
+    are made when it writes)."""
     path = Path(path)
     if path.is_dir():
         raise SiamdiffError("is a folder: name a file for the output", path)
     for what, source in (inputs or {}).items():
         if source is not None:
             check_apart(path, source, what)
+    existing = path.parent.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SiamdiffError("is not a folder: the output cannot be written below it", existing)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = _create_file(path.parent, f".{path.name}.", ".probe")
+        handle, probe = _create_file(existing, f".{path.name}.", ".probe")
         os.close(handle)
         probe.unlink()
     except OSError as exc:
-        raise SiamdiffError(f"cannot write there ({exc.strerror or exc})", path.parent) from exc
+        raise SiamdiffError(f"cannot write there ({exc.strerror or exc})", existing) from exc
 
 
 def check_apart(out: str | Path, source: str | Path, what: str) -> None:

@@ -826,6 +826,9 @@ def synthesize(
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )
+    # Before --out is made: damaged weights must leave nothing behind.
+    loaded = source.load(device)
+    apply_levers(loaded.model, levers, loaded.autoencoder)
     with exclusive_writer(out, rank, "siamdiff sample"):
         _check_out(out, settings, overwrite)
         _wait_for_other_ranks(world_size)
@@ -851,8 +854,6 @@ def synthesize(
             # A rerun rewriting pairs (an edited source mask, a damaged file) is unfinished
             # until its manifest is written again: an interrupted one must not look whole.
             (out / MANIFEST_NAME).unlink(missing_ok=True)
-            loaded = source.load(device)
-            apply_levers(loaded.model, levers, loaded.autoencoder)
             with contextlib.closing(JsonLinesJournal(out / f".journal-{rank}.jsonl")) as journal:
                 sampler = {key: settings[key] for key in SAMPLER_KEYS} | {
                     "batch_size": batch_size,
