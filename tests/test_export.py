@@ -116,6 +116,8 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
         ({**meta, "text": {"kind": "t5"}}, "text must be an object of kind learned or clip"),
         ({**meta, "mode": "foo"}, "mode must be one of siamese, mask-only, got 'foo'"),
         ({**meta, "resolution": 33}, "resolution must be a positive multiple of 8, got 33"),
+        ({**meta, "crop": "zoom"}, "crop must be one of crop, pad, got 'zoom'"),
+        ({**meta, "trained_on": "x"}, r"trained_on must be null or an object \{data: path"),
     ):
         if message is None:
             del broken["mode"]

@@ -404,6 +404,29 @@ def test_a_model_that_is_not_one_is_refused(phantom_data: Path, tmp_path: Path):
         sample(tmp_path, phantom_data, tmp_path / "syn")
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trained_on": "x"}, r"trained_on must be null or an object \{data: path"),
+        ({"trained_on": {"data": 1, "split": "train"}}, "trained_on must be null or an object"),
+        ({"crop": "zoom"}, "crop must be one of crop, pad, got 'zoom'"),
+        ({"resolution": 12.5}, "resolution must be a positive multiple of 8, got 12.5"),
+    ],
+)
+def test_an_export_with_damaged_metadata_is_refused_before_sampling(
+    change: dict, message: str, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    """``trained_on: "x"`` was sampled from, and train-segmenter --extra of the set failed
+    with a TypeError; a bad crop was reported as a transform setting of no file."""
+    damaged = Path(shutil.copytree(exported, tmp_path / "export"))
+    meta_path = damaged / "siamdiff.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | change))
+    with pytest.raises(SiamdiffError, match=message) as error:
+        sample(damaged, phantom_data, tmp_path / "syn")
+    assert str(error.value).startswith(f"{meta_path}: ") and "\n" not in str(error.value)
+    assert not (tmp_path / "syn").exists()
+
+
 def test_mask_augmentation_is_deterministic_and_binary():
     mask = torch.zeros(1, 32, 32)
     mask[:, 10:20, 8:14] = 1.0

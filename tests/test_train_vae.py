@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -221,6 +222,38 @@ def test_a_damaged_checkpoint_is_a_one_line_error(
     (out / INFO_NAME).write_text(json.dumps({"created_by": "siamdiff 0.1.0"}))
     with pytest.raises(SiamdiffError, match=r"checkpoint \(not a JSON object\)"):
         train_vae(phantom_data, out, TINY, resume=True)
+
+
+def test_a_checkpoint_state_of_wrong_types_or_ranges_is_a_one_line_error(
+    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "vae"
+    state = interrupted_state(phantom_data, out, monkeypatch)
+    state_path = out / CHECKPOINT / "state.json"
+    for field, value in (
+        ("step", -5),  # a ValueError in tqdm
+        ("step", True),
+        ("pending.seen", -1),
+        ("pending.sums.l1", "x"),  # a TypeError adding the next step's loss to it
+        ("pending.sums.kl", None),
+        ("pending.sums.loss", math.inf),
+    ):
+        damaged = json.loads(json.dumps(state))
+        *parents, key = field.split(".")
+        node = damaged
+        for name in parents:
+            node = node[name]
+        node[key] = value
+        state_path.write_text(json.dumps(damaged))
+        with pytest.raises(SiamdiffError) as error:
+            train_vae(phantom_data, out, TINY, resume=True)
+        assert str(error.value) == (
+            f"{state_path}: cannot resume from this checkpoint ({parents[0] if parents else key} "
+            "missing or damaged)"
+        ), field
+    state_path.write_text(json.dumps(state))  # the run itself was never touched
+    train_vae(phantom_data, out, TINY, resume=True)
+    assert json.loads((out / INFO_NAME).read_text())["steps"] == TINY.steps
 
 
 def test_a_checkpoint_of_an_older_version_without_the_image_order_resumes(

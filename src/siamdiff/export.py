@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, check_apart, read_json
 from siamdiff.config import RUN_CONFIG, load_config
+from siamdiff.data.manifest import TRAINED_ON, is_trained_on
+from siamdiff.data.transforms import CROP_MODES
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder, local_weights_dir
 from siamdiff.models.backbone import (
@@ -175,9 +177,8 @@ def export_hints(meta: dict[str, Any], meta_path: Path) -> tuple[str, ...]:
     return tuple(hints)
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an export directory for sampling (eval mode, no gradients)."""
-    path = Path(path)
+def read_export_meta(path: Path) -> dict[str, Any]:
+    """An export's ``siamdiff.json``, every field siamdiff reads checked (one line naming it)."""
     meta_path = path / META_NAME
     meta = read_json(meta_path, "export metadata", "not a siamdiff export: run `siamdiff export`")
     if not isinstance(meta, dict):
@@ -188,6 +189,14 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedM
     if lacking:
         raise SiamdiffError(f"lacks {', '.join(lacking)}", meta_path)
     _check_meta(meta, meta_path)
+    return meta
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an export directory for sampling (eval mode, no gradients)."""
+    path = Path(path)
+    meta_path = path / META_NAME
+    meta = read_export_meta(path)
     autoencoder_cfg = dict(meta["autoencoder"])
     copied = autoencoder_cfg.get("path") == AUTOENCODER_DIR
     if copied:  # the copy inside the export
@@ -241,6 +250,8 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
     would otherwise trip over with a traceback, or after the weights had loaded."""
     autoencoder, text, resolution = meta["autoencoder"], meta["text"], meta["resolution"]
     scaling = autoencoder.get("scaling_factor") if isinstance(autoencoder, dict) else None
+    # Older exports lack these two: they were trained on crops, on unrecorded data.
+    crop, data = meta.get("crop", "crop"), meta.get("trained_on")
     problems = {
         "autoencoder must be an object naming its kind": not isinstance(autoencoder, dict)
         or not isinstance(autoencoder.get("kind"), str),
@@ -255,6 +266,9 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
         or not isinstance(resolution, int)
         or resolution <= 0
         or resolution % 8 != 0,
+        f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}": crop not in CROP_MODES,
+        # Sampled sets record it; train-segmenter reads it to keep test images out of training.
+        f"trained_on must be {TRAINED_ON}, got {data!r}": not is_trained_on(data),
     }
     for problem, found in problems.items():
         if found:

@@ -88,6 +88,7 @@ from siamdiff.export import (
     export_hints,
     export_run,
     load_export,
+    read_export_meta,
     trained_on,
     weights_digest,
 )
@@ -213,14 +214,12 @@ def resolve_model(path: str | Path) -> ModelSource:
     path = Path(path).resolve()
     meta_path = path / META_NAME
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            resolution = int(meta["resolution"])
-            crop = str(meta.get("crop", "crop"))  # exports before it was recorded: crop
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SiamdiffError(f"cannot read the export's metadata ({exc})", meta_path) from exc
+        # Checked whole now: what the samples' manifest records of it is read back by later
+        # verbs, and a damaged field would otherwise surface only once the weights had loaded.
+        meta = read_export_meta(path)
         identity = {k: meta.get(k) for k in ("source_run", "step", "autoencoder_identity")}
         hints = export_hints(meta, meta_path)
+        resolution, crop = meta["resolution"], meta.get("crop", "crop")  # older: no crop
         weights, data = meta.get("weights_sha256"), meta.get("trained_on")
         return ModelSource(path, None, None, resolution, identity, hints, crop, weights, data)
     found = checkpoints(path) if path.is_dir() else []

@@ -56,6 +56,7 @@ from siamdiff.atomic import (
     exclusive_writer,
     read_json,
 )
+from siamdiff.config import finite_number
 from siamdiff.data.manifest import Record, load_manifest, require_intact
 from siamdiff.data.readers import load_rgb
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
@@ -286,20 +287,30 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | Non
     )
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _checked_state(state: Any, path: Path) -> dict[str, Any]:
     """A checkpoint's state.json, its fields checked: a damaged one is a one-line error."""
     if not isinstance(state, dict):
         raise SiamdiffError("cannot resume from this checkpoint (not a JSON object)", path)
-    expected = {"step": int, "settings": dict, "data": str, "pending": dict}
-    problems = [k for k, kind in expected.items() if not isinstance(state.get(k), kind)]
-    problems += ["order"] if not isinstance(state.get("order", ""), str) else []
     pending = state.get("pending")
-    if not problems and not (
-        isinstance(pending.get("sums"), dict)
-        and set(pending["sums"]) == set(LOSS_TERMS)
-        and isinstance(pending.get("seen"), int)
-    ):
-        problems = ["pending"]
+    sums = pending.get("sums") if isinstance(pending, dict) else None
+    # The step and the log's unwritten sums go straight into the loop: a negative step, or a
+    # sum that is text, would stop it with a traceback.
+    valid = {
+        "step": _count(state.get("step")),
+        "settings": isinstance(state.get("settings"), dict),
+        "data": isinstance(state.get("data"), str),
+        "pending": isinstance(pending, dict)
+        and _count(pending.get("seen"))
+        and isinstance(sums, dict)
+        and set(sums) == set(LOSS_TERMS)
+        and all(finite_number(value) for value in sums.values()),
+        "order": isinstance(state.get("order", ""), str),  # older checkpoints lack it
+    }
+    problems = [key for key, ok in valid.items() if not ok]
     if problems:
         raise SiamdiffError(
             f"cannot resume from this checkpoint ({', '.join(problems)} missing or damaged)", path

@@ -96,6 +96,35 @@ def corrupt(root: Path, change: Any) -> None:
             r"extra.source_id is \['p'\], not a str",
         ),
         (lambda o: o["records"][0]["extra"].update(seed=True), "extra.seed is True, not an int"),
+        # What evaluate, train-segmenter and sample read of a synthetic set's sampling: a
+        # hand-edited one failed deep inside them with a traceback.
+        (
+            lambda o: o["preprocessing"].update(synthesis=[]),
+            r"preprocessing.synthesis is \[\], not an object",
+        ),
+        (
+            lambda o: o["preprocessing"].update(synthesis={"crop": "zoom"}),
+            r"preprocessing.synthesis.crop must be one of crop, pad, got 'zoom'",
+        ),
+        (
+            lambda o: o["preprocessing"].update(synthesis={"resolution": "256"}),
+            r"preprocessing.synthesis.resolution must be an integer > 0, got '256'",
+        ),
+        (
+            lambda o: o["preprocessing"].update(synthesis={"model_trained_on": "x"}),
+            r"preprocessing.synthesis.model_trained_on must be null or an object "
+            r"\{data: path, split: name or null\}, got 'x'",
+        ),
+        (
+            lambda o: o["preprocessing"].update(
+                synthesis={"model_trained_on": {"data": "/d", "split": 3}}
+            ),
+            r"model_trained_on must be null or an object",
+        ),
+        (
+            lambda o: o["preprocessing"].update(synthesis={"mask_aug": "flip"}),
+            r"preprocessing.synthesis.mask_aug must be a list of names, got 'flip'",
+        ),
     ],
 )
 def test_invalid_manifests_are_one_line_errors(tmp_path: Path, change: Any, message: str) -> None:

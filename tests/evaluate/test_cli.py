@@ -171,3 +171,26 @@ def test_an_output_among_the_inputs_is_refused_before_evaluating(
         assert f"is, holds or lies inside {what}" in capsys.readouterr().err
     assert not (real_root / "eval").exists() and verify(synthetic_root).ok
     assert verify(real_root).ok
+
+
+def test_a_synthetic_set_with_damaged_sampling_settings_is_a_one_line_error(
+    real_root: Path, synthetic_root: Path, tmp_path: Path, capsys
+) -> None:
+    """``preprocessing.synthesis: []`` failed both commands with an AttributeError traceback."""
+    damaged = tmp_path / "syn"
+    shutil.copytree(synthetic_root, damaged)
+    manifest = damaged / "manifest-v1.json"
+    obj = json.loads(manifest.read_text())
+    obj["preprocessing"]["synthesis"] = []
+    manifest.write_text(json.dumps(obj))
+    metrics = tmp_path / "m.json"
+    commands = [
+        ["evaluate", str(real_root), str(damaged), "--segmenter", str(tmp_path / "seg")],
+        ["train-segmenter", str(real_root), "--extra", str(damaged), "--out", str(tmp_path / "s")],
+    ]
+    commands[0] += ["--out", str(metrics)]
+    for argv in commands:
+        assert main([*argv, "--no-verify"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"siamdiff: error: {manifest}: preprocessing.synthesis is [], not an object"]
+    assert not metrics.exists() and not (tmp_path / "s").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -273,6 +274,54 @@ def test_shift_and_scale_follow_the_diffusers_convention(tmp_path: Path) -> None
         torch.testing.assert_close(
             autoencoder.decode(latents), vae.decode(mode).sample.clamp(-1, 1)
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scaling_factor": "abc"}, "scaling_factor must be a finite number > 0, got 'abc'"),
+        # 0 trained on all-zero latents; NaN failed as a NaN loss, blaming the learning rate.
+        ({"scaling_factor": 0}, "scaling_factor must be a finite number > 0, got 0"),
+        ({"scaling_factor": None}, "scaling_factor must be a finite number > 0, got None"),
+        ({"shift_factor": math.nan}, "shift_factor must be a finite number or null, got nan"),
+        ({"shift_factor": "0.1"}, "shift_factor must be a finite number or null, got '0.1'"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["diffusers-kl", "diffusers-tiny"])
+def test_latent_factors_of_a_config_json_are_checked_as_the_command_lines_are(
+    kind: str, change: dict, message: str, tmp_path: Path
+) -> None:
+    if kind == "diffusers-kl":
+        random_kl_vae(seed=3).save_pretrained(tmp_path / "vae")
+    else:
+        AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        ).save_pretrained(tmp_path / "vae")
+    config = tmp_path / "vae" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | change))
+    with pytest.raises(SiamdiffError, match=message) as error:
+        load_autoencoder({"kind": kind, "path": tmp_path / "vae"})
+    assert str(error.value).startswith(f"{config}: ") and "\n" not in str(error.value)
+    if "scaling_factor" in change:  # autoencoder.scaling_factor overrides the file's own
+        loaded = load_autoencoder({"kind": kind, "path": tmp_path / "vae", "scaling_factor": 0.5})
+        assert loaded.scaling_factor == 0.5
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_config_json_that_is_no_object_is_a_one_line_error(
+    pipeline: bool, tmp_path: Path
+) -> None:
+    """diffusers took it for a failed download and blamed the connection to huggingface.co."""
+    folder = tmp_path / "vae"
+    random_kl_vae(seed=3).save_pretrained(folder / "vae" if pipeline else folder)
+    config = folder / "vae" / "config.json" if pipeline else folder / "config.json"
+    config.write_text(json.dumps([json.loads(config.read_text())]))
+    with pytest.raises(SiamdiffError) as error:
+        load_autoencoder({"kind": "diffusers-kl", "path": folder})
+    assert str(error.value) == f"{config}: is not a JSON object of model settings"
 
 
 @pytest.mark.parametrize(

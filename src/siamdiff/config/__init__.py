@@ -6,6 +6,7 @@ line is an error instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,11 @@ def _integer(smallest: int, largest: int | None = None) -> tuple[Callable[[Any],
     if largest is None:
         return ok, f"an integer >= {smallest}"
     return ok, f"an integer in {smallest}..{largest}"
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a JSON or YAML number, neither a bool nor NaN nor infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(

@@ -241,6 +241,56 @@ def _check_fields(raw: dict[str, Any], manifest_path: Path) -> None:
         )
 
 
+TRAINED_ON = "null or an object {data: path, split: name or null}"
+
+
+def is_trained_on(value: Any) -> bool:
+    """Whether ``value`` has the shape of ``export.trained_on`` (None: a model exported by an
+    older siamdiff): the images a generator learned from, which train-segmenter and the
+    utility metric read before they trust its samples."""
+    return value is None or (
+        isinstance(value, dict)
+        and isinstance(value.get("data"), str)
+        and value["data"] != ""
+        and "split" in value
+        and (value["split"] is None or isinstance(value["split"], str))
+    )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_synthesis(preprocessing: dict[str, Any], manifest_path: Path) -> None:
+    """The sampling settings of a synthetic set (``siamdiff sample`` writes them) that
+    evaluate, train-segmenter and sample read: a hand-edited one would otherwise fail inside
+    them with a traceback, or name no file."""
+    if "synthesis" not in preprocessing:
+        return
+    # Imported here: transforms needs torch, which `siamdiff verify` of real data goes without.
+    from siamdiff.data.transforms import CROP_MODES
+
+    synthesis = preprocessing["synthesis"]
+    if not isinstance(synthesis, dict):
+        raise SiamdiffError(
+            f"preprocessing.synthesis is {synthesis!r}, not an object", manifest_path
+        )
+    crop, resolution = synthesis.get("crop", "crop"), synthesis.get("resolution")
+    trained_on, mask_aug = synthesis.get("model_trained_on"), synthesis.get("mask_aug", [])
+    problems = {
+        f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}": crop not in CROP_MODES,
+        # None: a set siamdiff did not sample, of no known generator size.
+        f"resolution must be an integer > 0, got {resolution!r}": resolution is not None
+        and not _positive_int(resolution),
+        f"model_trained_on must be {TRAINED_ON}, got {trained_on!r}": not is_trained_on(trained_on),
+        f"mask_aug must be a list of names, got {mask_aug!r}": not isinstance(mask_aug, list)
+        or not all(isinstance(name, str) for name in mask_aug),
+    }
+    for problem, found in problems.items():
+        if found:
+            raise SiamdiffError(f"preprocessing.synthesis.{problem}", manifest_path)
+
+
 def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise SiamdiffError("not a siamdiff manifest", manifest_path)
@@ -256,6 +306,7 @@ def manifest_from_json(obj: Any, manifest_path: Path) -> Manifest:
     for key, kind in (("records", list), ("preprocessing", dict)):
         if not isinstance(obj.get(key, kind()), kind):
             raise SiamdiffError(f"{key} is not a {kind.__name__}", manifest_path)
+    _check_synthesis(obj.get("preprocessing", {}), manifest_path)
     names = {f for f in Record.__dataclass_fields__}
     records = []
     ids: set[str] = set()

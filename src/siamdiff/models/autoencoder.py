@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import Tensor, nn
 
 from siamdiff.atomic import read_json
+from siamdiff.config import finite_number
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.models.loading import load_complete
@@ -464,24 +465,57 @@ def _hub_id_shaped(path: str) -> bool:
     )
 
 
-def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
+def _local_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` ({} where there is none: a Hub id, or a folder diffusers
+    refuses). One that is no JSON object diffusers takes for a failed download, and blames
+    the connection to the Hub."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path, "VAE config", "")
+    if not isinstance(config, dict):
+        raise SiamdiffError("is not a JSON object of model settings", path)
+    return config
+
+
+def _check_latent_factors(
+    config: Mapping[str, Any], scaling_override: float | None, where: str
+) -> None:
+    """The shift and scaling factors a VAE's config.json gives its latents, held to the rule
+    of the autoencoder.scaling_factor setting: finite numbers, the scale > 0 (a scale of 0
+    trains on all-zero latents; a NaN surfaces only as a NaN loss, far from its cause). An
+    autoencoder.scaling_factor setting replaces the file's scale, which then goes unread."""
+    shift, scale = config.get("shift_factor"), config.get("scaling_factor")
+    problems = {
+        f"shift_factor must be a finite number or null, got {shift!r}": shift is not None
+        and not finite_number(shift),
+        f"scaling_factor must be a finite number > 0, got {scale!r}": scaling_override is None
+        and not (finite_number(scale) and scale > 0),
+    }
+    for problem, found in problems.items():
+        if found:
+            raise SiamdiffError(problem, f"{where}/config.json")
+
+
+def _from_pretrained(cls: type, path: str, subfolder: str | None) -> tuple[Any, str]:
+    """The model of class ``cls`` at ``path`` (its ``subfolder``), and where it was read."""
     local = Path(path)
     if not local.exists() and not _hub_id_shaped(path):
         raise SiamdiffError("no such folder", path)  # never sent to the Hub as an id
     # A full Stable Diffusion pipeline folder keeps its VAE in vae/ (if it is of this class).
-    if subfolder is None and _pipeline_vae(local):
+    pipeline = subfolder is None and _pipeline_vae(local)
+    if pipeline:
         subfolder = "vae"
-        config = read_json(local / "vae" / "config.json", "VAE config", "")
-        saved_class = config.get("_class_name") if isinstance(config, dict) else None
-        if saved_class not in (None, cls.__name__):
-            raise SiamdiffError(
-                f"holds a {saved_class}, not a {cls.__name__}: choose the autoencoder kind "
-                "that matches it",
-                local / "vae",
-            )
     where = f"{path}/{subfolder}" if subfolder else path
+    saved_class = _local_config(Path(where)).get("_class_name")
+    if pipeline and saved_class not in (None, cls.__name__):
+        raise SiamdiffError(
+            f"holds a {saved_class}, not a {cls.__name__}: choose the autoencoder kind "
+            "that matches it",
+            local / "vae",
+        )
     try:
-        return load_complete(
+        model = load_complete(
             cls.from_pretrained,
             cls.__name__,
             where,
@@ -493,6 +527,7 @@ def _from_pretrained(cls: type, path: str, subfolder: str | None) -> Any:
     except Exception as exc:  # missing/corrupt files, offline hub, bad repo id: many types
         what = "" if local.exists() else "neither a local folder nor a Hub repo here: "
         raise SiamdiffError(f"{what}cannot load {cls.__name__} ({first_line(exc)})", where) from exc
+    return model, where
 
 
 def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
@@ -532,7 +567,7 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
             model, TAEF2_SCALING_FACTOR if scaling_factor is None else scaling_factor
         )
     if kind == "diffusers-kl":
-        vae = _from_pretrained(AutoencoderKL, str(path), cfg.get("subfolder"))
+        vae, where = _from_pretrained(AutoencoderKL, str(path), cfg.get("subfolder"))
         if any(vae.config.get(key) is not None for key in ("latents_mean", "latents_std")):
             # Per-channel normalisation (SDXL-style pipelines): without it latents are misscaled.
             raise SiamdiffError(
@@ -540,10 +575,11 @@ def load_autoencoder(cfg: Mapping[str, Any]) -> LatentAutoencoder:
                 "latents_std), which siamdiff does not apply: use a VAE without them",
                 path,
             )
-        autoencoder: LatentAutoencoder = DiffusersKLAutoencoder(vae, scaling_factor)
     else:
-        vae = _from_pretrained(AutoencoderTiny, str(path), cfg.get("subfolder"))
-        autoencoder = DiffusersTinyAutoencoder(vae, scaling_factor)
+        vae, where = _from_pretrained(AutoencoderTiny, str(path), cfg.get("subfolder"))
+    _check_latent_factors(vae.config, scaling_factor, where)
+    adapter = DiffusersKLAutoencoder if kind == "diffusers-kl" else DiffusersTinyAutoencoder
+    autoencoder: LatentAutoencoder = adapter(vae, scaling_factor)
     if autoencoder.downscale != DenseHintInput.downscale:
         raise SiamdiffError(
             f"this {autoencoder.kind} autoencoder downsamples by {autoencoder.downscale}; the "
