@@ -190,6 +190,10 @@ def test_bad_settings_and_files_are_one_line_errors(
         with pytest.raises(SiamdiffError, match=message) as error:
             load_segmenter(broken)
         assert str(error.value).startswith(str(broken / CONFIG_NAME))
+    del config["spec"]["size"]  # read as the default 256, a 64 px segmenter was misscored
+    (broken / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(SiamdiffError, match=r"segmenter\.json: spec lacks size$"):
+        load_segmenter(broken)
 
 
 def test_a_segmenter_with_nan_weights_is_refused_not_scored_zero(

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -497,9 +497,13 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
     """The segmenter saved by :func:`train_segmenter` in ``directory``."""
     config = read_segmenter_config(directory)
     config_path = Path(directory) / CONFIG_NAME
+    # Every field given: a default (size 256) would score a 64 px segmenter at the wrong size.
+    lacking = [f.name for f in fields(SegmenterSpec) if f.name not in config["spec"]]
+    if lacking:
+        raise SiamdiffError(f"spec lacks {', '.join(lacking)}", config_path)
     try:
         spec = SegmenterSpec(**config["spec"])
-    except (KeyError, TypeError) as exc:
+    except TypeError as exc:
         raise SiamdiffError(f"bad segmenter spec ({exc})", config_path) from exc
     for field, kind, named in (
         ("arch", str, "a string"),
