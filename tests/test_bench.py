@@ -137,6 +137,8 @@ def test_siamdiff_step_at_sd15_size_needs_at_most_three_quarters_of_the_naive_fl
     [
         (["--sample-steps", "501"], "--sample-steps must be at most 500"),
         (["--device", "gpu"], "--device gpu: "),
+        (["--device", "meta"], "--device meta: the bench measures on cpu or cuda"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
         (["--out", "{file}"], "is not a folder: the output cannot be written below it"),
     ],
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import math
 import re
 import sys
 import time
@@ -656,10 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sample_steps > 500:  # DDIM over 1000 training timesteps (sample.step_range)
         parser.error(f"--sample-steps must be at most 500, got {args.sample_steps}")
+    if not 0 <= args.guidance < math.inf:  # as siamdiff sample refuses it
+        parser.error(f"--guidance must be a finite number >= 0, got {args.guidance}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
         parser.error(f"--device {args.device}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the bench measures on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU here")
     preset = args.preset if args.preset != "auto" else ("sd15" if device.type == "cuda" else "tiny")
