@@ -194,6 +194,13 @@ def test_unreachable_server(dest: Path):
     _fails(dest, f"http://127.0.0.1:{port}/kvasir-seg.zip", "download failed")
 
 
+def test_a_failed_download_removes_the_folders_it_made(served, tmp_path: Path):
+    base, _ = served
+    with pytest.raises(SiamdiffError, match="HTTP 404"):
+        download_kvasir(tmp_path / "new" / "raw", url=f"{base}/missing.zip", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_truncated_transfer(served, dest: Path):
     base, _ = served
     _fails(dest, f"{base}/short.zip", "download truncated")

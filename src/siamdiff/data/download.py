@@ -8,6 +8,7 @@ a failed download leaves nothing behind, a killed one is cleared by the next run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -171,7 +172,7 @@ def download_kvasir(
 
     Works with the official archive (top folder ``Kvasir-SEG/``) and with one
     without a top folder. Any failure raises a one-line SiamdiffError naming the
-    URL and leaves nothing new inside ``dest``.
+    URL and leaves nothing new inside ``dest`` (nor ``dest`` itself, if it made it).
     """
     expected = None if expected_sha256 is None else checked_sha256(expected_sha256)
     source = url  # what errors name: the URL, or the archive's path
@@ -181,13 +182,20 @@ def download_kvasir(
         source = str(Path(url).resolve())
         url = Path(url).resolve().as_uri()
     target = Path(dest) / KVASIR_FOLDER
-    # The archive lies inside the output's temporary folder: a killed download is cleared
-    # with it by the next run (atomic_output_dir clears abandoned temporary folders).
-    with atomic_output_dir(target, overwrite=overwrite) as out:
-        archive = out / ".kvasir-seg.zip"
-        sha256 = _fetch(url, archive, progress, timeout)
-        if expected is not None and sha256 != expected:
-            raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", source)
-        _extract(archive, out, source, target)
-        archive.unlink()
+    made = [parent for parent in (Path(dest), *Path(dest).parents) if not parent.exists()]
+    try:
+        # The archive lies inside the output's temporary folder: a killed download is cleared
+        # with it by the next run (atomic_output_dir clears abandoned temporary folders).
+        with atomic_output_dir(target, overwrite=overwrite) as out:
+            archive = out / ".kvasir-seg.zip"
+            sha256 = _fetch(url, archive, progress, timeout)
+            if expected is not None and sha256 != expected:
+                raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", source)
+            _extract(archive, out, source, target)
+            archive.unlink()
+    except BaseException:
+        for folder in made:  # innermost first; only what this call made, and only if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return target
