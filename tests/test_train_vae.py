@@ -204,12 +204,19 @@ def interrupted_state(data: Path, out: Path, monkeypatch: pytest.MonkeyPatch) ->
     return json.loads((out / CHECKPOINT / "state.json").read_text())
 
 
-def test_a_damaged_checkpoint_is_a_one_line_error(
+@pytest.fixture
+def interrupted(
     phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Path, dict, Path]:
+    """An interrupted run's folder, its checkpoint state (read) and that state's file."""
     out = tmp_path / "vae"
-    state = interrupted_state(phantom_data, out, monkeypatch)
-    state_path = out / CHECKPOINT / "state.json"
+    return out, interrupted_state(phantom_data, out, monkeypatch), out / CHECKPOINT / "state.json"
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(
+    phantom_data: Path, interrupted: tuple[Path, dict, Path]
+) -> None:
+    out, state, state_path = interrupted
     weights = out / CHECKPOINT / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a disk that filled up
     with pytest.raises(SiamdiffError, match="cannot resume from this checkpoint"):
@@ -225,11 +232,9 @@ def test_a_damaged_checkpoint_is_a_one_line_error(
 
 
 def test_a_checkpoint_state_of_wrong_types_or_ranges_is_a_one_line_error(
-    phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    phantom_data: Path, interrupted: tuple[Path, dict, Path]
 ) -> None:
-    out = tmp_path / "vae"
-    state = interrupted_state(phantom_data, out, monkeypatch)
-    state_path = out / CHECKPOINT / "state.json"
+    out, state, state_path = interrupted
     for field, value in (
         ("step", -5),  # a ValueError in tqdm
         ("step", True),
