@@ -287,3 +287,11 @@ def test_checking_where_an_output_goes_creates_nothing(tmp_path: Path) -> None:
         check_writable_file(tmp_path / "file" / "below" / "metrics.json")
     with pytest.raises(SiamdiffError, match="is a folder: name a file"):
         check_writable_file(tmp_path)
+
+
+def test_a_failed_block_removes_the_folders_made_to_hold_its_output(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "kept" / "new" / "out"):
+        raise RuntimeError("the job failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []

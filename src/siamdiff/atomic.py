@@ -348,7 +348,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
 
     On any exception the temporary directory is removed and ``out`` (new or previous) is left
-    exactly as it was. A symlinked ``out`` is written where it points.
+    exactly as it was, the folders made to hold it removed again. A symlinked ``out`` is
+    written where it points.
     """
     given = Path(out)
     out = given.resolve()
@@ -362,6 +363,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise SiamdiffError("already exists (pass --overwrite to replace it)", given)
     if out.exists() and not out.is_dir():
         raise SiamdiffError("is a file; the output is a folder: name another", given)
+    new_parents = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_dir(out.parent, f".{out.name}.{_owner()}.", ".partial")
@@ -372,6 +374,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             raise
     except OSError as exc:
         raise SiamdiffError(f"cannot create output directory ({exc.strerror})", out.parent) from exc
+    succeeded = False
     try:
         yield tmp
         made = os.fstat(handle)
@@ -392,9 +395,13 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         else:
             tmp = _swap_in(tmp, out)
         fsync_dir(out.parent)
+        succeeded = True
     finally:
         os.close(handle)
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in new_parents if not succeeded else ():  # innermost first, if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ a failed download leaves nothing behind, a killed one is cleared by the next run
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
@@ -182,20 +181,13 @@ def download_kvasir(
         source = str(Path(url).resolve())
         url = Path(url).resolve().as_uri()
     target = Path(dest) / KVASIR_FOLDER
-    made = [parent for parent in (Path(dest), *Path(dest).parents) if not parent.exists()]
-    try:
-        # The archive lies inside the output's temporary folder: a killed download is cleared
-        # with it by the next run (atomic_output_dir clears abandoned temporary folders).
-        with atomic_output_dir(target, overwrite=overwrite) as out:
-            archive = out / ".kvasir-seg.zip"
-            sha256 = _fetch(url, archive, progress, timeout)
-            if expected is not None and sha256 != expected:
-                raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", source)
-            _extract(archive, out, source, target)
-            archive.unlink()
-    except BaseException:
-        for folder in made:  # innermost first; only what this call made, and only if empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    # The archive lies inside the output's temporary folder: a killed download is cleared
+    # with it by the next run (atomic_output_dir clears abandoned temporary folders).
+    with atomic_output_dir(target, overwrite=overwrite) as out:
+        archive = out / ".kvasir-seg.zip"
+        sha256 = _fetch(url, archive, progress, timeout)
+        if expected is not None and sha256 != expected:
+            raise SiamdiffError(f"SHA-256 mismatch: got {sha256}, expected {expected}", source)
+        _extract(archive, out, source, target)
+        archive.unlink()
     return target
