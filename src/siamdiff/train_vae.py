@@ -56,7 +56,7 @@ from siamdiff.atomic import (
     exclusive_writer,
     read_json,
 )
-from siamdiff.config import finite_number
+from siamdiff.config import finite_number, whole_number
 from siamdiff.data.manifest import Record, load_manifest, require_intact
 from siamdiff.data.readers import load_rgb
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
@@ -287,10 +287,6 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | Non
     )
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _checked_state(state: Any, path: Path) -> dict[str, Any]:
     """A checkpoint's state.json, its fields checked: a damaged one is a one-line error."""
     if not isinstance(state, dict):
@@ -300,11 +296,11 @@ def _checked_state(state: Any, path: Path) -> dict[str, Any]:
     # The step and the log's unwritten sums go straight into the loop: a negative step, or a
     # sum that is text, would stop it with a traceback.
     valid = {
-        "step": _count(state.get("step")),
+        "step": whole_number(state.get("step")),
         "settings": isinstance(state.get("settings"), dict),
         "data": isinstance(state.get("data"), str),
         "pending": isinstance(pending, dict)
-        and _count(pending.get("seen"))
+        and whole_number(pending.get("seen"))
         and isinstance(sums, dict)
         and set(sums) == set(LOSS_TERMS)
         and all(finite_number(value) for value in sums.values()),

@@ -37,10 +37,14 @@ CHOICES = {
 }
 
 
+def whole_number(value: Any, smallest: int = 0) -> bool:
+    """Whether ``value`` is a JSON or YAML integer (not a bool) of at least ``smallest``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+
 def _integer(smallest: int, largest: int | None = None) -> tuple[Callable[[Any], bool], str]:
     def ok(value: Any) -> bool:
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        return whole and value >= smallest and (largest is None or value <= largest)
+        return whole_number(value, smallest) and (largest is None or value <= largest)
 
     if largest is None:
         return ok, f"an integer >= {smallest}"
