@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import siamdiff.report as report
-from siamdiff.report import save_loss_curve, save_sample_grid, to_uint8_rgb
+from siamdiff.report import save_loss_curve, save_sample_grid, to_uint8_rgb, training_seconds
 
 
 def test_each_loss_panel_plots_its_own_term(
@@ -73,3 +73,14 @@ def test_to_uint8_rgb_maps_masks_from_0_1_and_images_from_minus_1_1() -> None:
     image = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
     out = to_uint8_rgb(image)  # three channels in [-1, 1]; out-of-range values clip
     assert out.dtype == torch.uint8 and out[0, :, 0].tolist() == [[0, 128, 255, 255]] * 3
+
+
+def test_training_seconds_adds_each_rows_steps_at_its_rate() -> None:
+    rows = [
+        {"step": 10, "it_per_s": 2.0},  # 10 steps at 2/s
+        {"step": 20, "it_per_s": 5.0},  # 10 at 5/s
+        {"step": 20, "loss": 1.0},  # a run resumed at its last step: no steps, no rate
+        {"step": 30, "it_per_s": 1.0},  # 10 at 1/s
+    ]
+    assert training_seconds(rows) == pytest.approx(5 + 2 + 10)
+    assert training_seconds([]) == 0

@@ -23,7 +23,9 @@ more_seeds=${MORE_SEEDS:-0}              # utility seeds beyond 0-2, for UTILITY
 device=${DEVICE:-cpu}
 arms=(mask-only siamese)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per arm
-for need in data/manifest-v1.json segmenter/segmenter.json model-mask-only model-siamese; do
+source "$here/../parallel.sh"
+for need in data/manifest-v1.json segmenter/segmenter.json model-mask-only model-siamese \
+  eval-mask-only/metrics.json eval-siamese/metrics.json; do
   if [ ! -e "$polyp/$need" ]; then
     echo "run.sh: $polyp/$need is missing: run experiments/polyp_siamese_vs_maskonly/run.sh first" >&2
     exit 2
@@ -70,7 +72,7 @@ for arm in "${arms[@]}"; do
     for pair in $utility_settings; do utility "$arm" "${pair%%:*}" "${pair##*:}"; done) &
   pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+wait_all "${pids[@]}"
 
 # shellcheck disable=SC2086  # the settings are words on purpose
 python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" --arms "${arms[@]}" \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -169,7 +170,16 @@ def main() -> None:
         "--utility-settings", nargs="*", default=[], help="settings evaluated with --utility"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--commit", default=None, help="the commit the swept models were trained at (HEAD)"
+    )
     args = parser.parse_args()
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
 
     seconds: dict[str, int] = {}
     stages = args.work / "stages.jsonl"
@@ -185,7 +195,8 @@ def main() -> None:
     polyp_results = json.loads(POLYP_RESULTS.read_text())
     results = {
         "experiment": "sampling_sweep",
-        "command": "bash experiments/sampling_sweep/run.sh",
+        "command": f"git checkout {commit}, then bash experiments/polyp_siamese_vs_maskonly/"
+        "run.sh and bash experiments/sampling_sweep/run.sh",
         "device": device_label(torch.device(args.device)),
         "models": f"polyp_siamese_vs_maskonly ({polyp_results['scale']})",
         "sampler": {k: v for k, v in first.items() if k not in ("guidance", "control_scale")},
@@ -209,19 +220,15 @@ def main() -> None:
             for s in args.utility_settings
         ],
     }
-    atomic_write_json(args.out / "results.json", results)
-    plot(rows, args.arms, args.out / "sweep.png")
-    for arm in args.arms:
-        grids = [setting_dir(args.work, arm, s) / "grid" for s in args.settings]
-        comparison_grid(args.out / f"grid-{arm}.png", args.polyp / "data", grids, count=GRID_MASKS)
-
     notes = args.out / "notes.md"
     labels = " | ".join(f"g {s.split(':')[0]}, c {s.split(':')[1]}" for s in args.settings)
     text = (
         "# Sampling sweep: guidance and ControlNet scale\n\n"
         f"Device: {results['device']}. Models: {results['models']}.\n"
         f"Sampler: {results['sampler']}; {results['masks']}.\n"
-        f"Reproduce: `{results['command']}`. Every number: `results.json`. "
+        f"Reproduce: `git checkout {commit}`, then `bash experiments/polyp_siamese_vs_maskonly/"
+        "run.sh` and `bash experiments/sampling_sweep/run.sh` (at a later commit they sweep the "
+        "later models, see Models below). Every number: `results.json`. "
         "Best per arm in bold.\n\n"
         f"{table(rows)}\n\n"
         f"FD-seg of the real test images against the real training images: "
@@ -236,6 +243,12 @@ def main() -> None:
         )
         + (notes.read_text() if notes.exists() else "")
     )
+    # Written only once every table is made: a missing evaluation leaves the old files whole.
+    atomic_write_json(args.out / "results.json", results)
+    plot(rows, args.arms, args.out / "sweep.png")
+    for arm in args.arms:
+        grids = [setting_dir(args.work, arm, s) / "grid" for s in args.settings]
+        comparison_grid(args.out / f"grid-{arm}.png", args.polyp / "data", grids, count=GRID_MASKS)
     atomic_write_text(args.out / "results.md", text)
     print(text)
 

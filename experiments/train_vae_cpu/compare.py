@@ -2,7 +2,7 @@
 
 Writes results.json, results.md and reconstructions.png (held-out image | DCT | TAEF2 |
 each train-vae model) beside this script. ``--vae "NAME=DIR"`` names each trained model; its
-training seconds are read from ``DIR.seconds`` (written by run.sh).
+training seconds are the steps' own time in its loss log (resumed parts added up).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from siamdiff.atomic import atomic_write_json
 from siamdiff.data.manifest import load_manifest
 from siamdiff.models.autoencoder import load_autoencoder
-from siamdiff.report import save_columns
+from siamdiff.report import save_columns, training_seconds
 from siamdiff.train_vae import ImageCrops
 
 SIZE = 128  # the prepared data's short side: whole-height centre crops
@@ -71,7 +72,7 @@ def main() -> None:
         training[name] = {
             "settings": info["settings"],
             "train_images": info["data"]["train_images"],
-            "train_seconds": int(Path(f"{path}.seconds").read_text()),
+            "train_seconds": round(training_seconds(info["losses"])),
             "scaling_factor": info["scaling_factor"],
             "held_out_in_training": info["held_out"],
             "loss_first": info["losses"][0],
@@ -84,7 +85,7 @@ def main() -> None:
         "train_vae": training,
         "autoencoders": results,
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.out / "results.json", summary)
     save_columns(args.out / "reconstructions.png", *columns)
     lines = [
         "# train-vae at CPU scale: held-out reconstructions",

@@ -28,11 +28,9 @@ for channels in $latents; do
   vae=$work/vae-$channels resume=()
   [ -d "$vae/checkpoint" ] && resume=(--resume)
   if [ ! -f "$vae/config.json" ]; then
-    start=$(date +%s)
     siamdiff train-vae "$work/data" --out "$vae" --size "$crop" --widths "$widths" \
       --batch-size "$batch" --steps "$steps" --lr "$lr" --latent-channels "$channels" \
       ${resume[@]+"${resume[@]}"}
-    echo $(($(date +%s) - start)) >"$vae.seconds"
   fi
   cp "$vae/loss_curve.png" "$here/loss_curve-$channels.png"
   vaes+=(--vae "train-vae $channels ch=$vae")

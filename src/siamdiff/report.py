@@ -25,6 +25,17 @@ def read_loss_log(path: str | Path) -> list[dict]:
     return rows
 
 
+def training_seconds(rows: list[dict]) -> float:
+    """About the time a loss log's steps took, from each row's rate over the steps since the
+    row before: a resumed run's parts add up, the pauses between them do not count."""
+    seconds, before = 0.0, 0
+    for row in rows:
+        if row.get("it_per_s"):  # absent on the row of a run resumed at its last step
+            seconds += (row["step"] - before) / row["it_per_s"]
+        before = row["step"]
+    return seconds
+
+
 def truncate_loss_log(path: Path, step: int) -> None:
     """Drop the rows after ``step``: a killed run logs steps that its last checkpoint lacks,
     and the resumed run logs them again."""
