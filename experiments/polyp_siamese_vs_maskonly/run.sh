@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Siamese-Diffusion vs mask-only ControlNet+DHI on Kvasir-SEG + CVC-ClinicDB, same budget.
 #
-#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2.5 h on 2 cores
+#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~1.5 h on 2 cores
 #
 # prepare -> train both arms -> export -> sample (training masks, and 8 test masks for the grid)
 # -> segmenter on the real training split (the yardstick) -> evaluate both arms (and the Siamese
@@ -9,7 +9,14 @@
 # results.md, samples.png beside this script. Every stage skips or resumes what is already done
 # in $WORK, so rerunning after an interruption continues. The two arms run side by side, one
 # core each. Environment knobs (defaults = the committed CPU run): CONFIG, SIZE, SAMPLE_MASKS,
-# PER_MASK, STEPS, SEG_SIZE, SEG_EPOCHS, UTIL_SIZE, UTIL_EPOCHS, UTIL_SEEDS, UTIL_ARCHS, DEVICE.
+# PER_MASK, STEPS, SEG_SIZE, SEG_EPOCHS, UTIL_SIZE, UTIL_EPOCHS, UTIL_SEEDS, UTIL_ARCHS, DEVICE;
+# TRAIN_OVERRIDES (key=value settings added to both arms' training, e.g. a longer budget),
+# UTILITY=0 (no segmentation utility: the hour per arm it takes on 2 cores), RESULTS (the
+# folder results.json, results.md and samples.png go to; its notes.md is appended).
+#
+#   d=experiments/polyp_siamese_vs_maskonly    # the same at runs 1-3's 1200 steps (steps-1200/):
+#   WORK=$d/out-1200 RESULTS=$d/steps-1200 UTILITY=0 TRAIN_OVERRIDES="train.max_steps=1200 \
+#     optim.warmup_steps=100 model.consistency_warmup_steps=300" bash $d/run.sh
 set -euo pipefail
 main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,11 +34,15 @@ util_epochs=${UTIL_EPOCHS:-5}
 util_seeds=${UTIL_SEEDS:-3}
 util_archs=${UTIL_ARCHS:-unet}
 device=${DEVICE:-cpu}
+read -r -a train_overrides <<<"${TRAIN_OVERRIDES:-}"
+utility=${UTILITY:-1}
+results=${RESULTS:-$here}
 arms=(mask-only siamese)
 # One intra-op thread per process: two processes share the 2 cores without spin-wait thrashing.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$work"
 trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+source "$here/../parallel.sh"
 data=$work/data
 stages=$work/stages.jsonl                # wall time per stage, for results.json
 
@@ -54,7 +65,8 @@ arm_pipeline() {  # train -> export -> sample, for one arm
   [ -d "$run/checkpoints" ] && resume=(--resume)
   stage "train $arm" siamdiff train "$config" run_dir="$run" model.mode="$arm" \
     data.root="$data" data.latent_cache="$work/latents-$arm.lmdb" \
-    autoencoder.path="$shared/weights/taef2" ${resume[@]+"${resume[@]}"} >>"$work/train-$arm.log" 2>&1
+    autoencoder.path="$shared/weights/taef2" ${train_overrides[@]+"${train_overrides[@]}"} \
+    ${resume[@]+"${resume[@]}"} >>"$work/train-$arm.log" 2>&1
   [ -d "$work/model-$arm" ] || siamdiff export "$run" "$work/model-$arm"
   stage "sample $arm" siamdiff sample "$work/model-$arm" --masks "$data:train" \
     --out "$work/syn-$arm" --limit "$sample_masks" --per-mask "$per_mask" --steps "$steps" \
@@ -92,13 +104,13 @@ wait_for() {  # wait_for PATH: until the other pipeline has written it (3 hours 
 }
 
 evaluate_arm() {
-  local arm=$1
+  local arm=$1 utility_args=()
   [ -f "$work/eval-$arm/metrics.json" ] && return 0
+  [ "$utility" = 1 ] && utility_args=(--utility --utility-size "$util_size"
+    --utility-epochs "$util_epochs" --utility-seeds "$util_seeds" --utility-archs "$util_archs")
   stage "evaluate $arm" siamdiff evaluate "$data" "$work/syn-$arm" \
     --out "$work/eval-$arm/metrics.json" --segmenter "$work/segmenter" --run "$work/run-$arm" \
-    --utility --utility-size "$util_size" --utility-epochs "$util_epochs" \
-    --utility-seeds "$util_seeds" --utility-archs "$util_archs" --device "$device" \
-    >"$work/evaluate-$arm.log" 2>&1
+    ${utility_args[@]+"${utility_args[@]}"} --device "$device" >"$work/evaluate-$arm.log" 2>&1
 }
 
 # Arm 1 trains faster (no image branch), so its core also trains the yardstick segmenter and
@@ -108,10 +120,18 @@ evaluate_arm() {
 first=$!
 (arm_pipeline siamese; wait_for "$work/segmenter/segmenter.json"; evaluate_arm siamese) &
 second=$!
-wait "$first"
-wait "$second"
+wait_all "$first" "$second"
 
-python3 "$here/summarize.py" --work "$work" --out "$here" --arms "${arms[@]}" \
-  --config "$config" --device "$device" --solver-study siamese-dpm20
+knobs() {  # the environment knobs this run was given, as the line that reruns it
+  local name
+  for name in CONFIG SIZE SAMPLE_MASKS PER_MASK STEPS SEG_SIZE SEG_EPOCHS UTIL_SIZE UTIL_EPOCHS \
+    UTIL_SEEDS UTIL_ARCHS DEVICE TRAIN_OVERRIDES UTILITY RESULTS WORK; do
+    if [ -n "${!name:-}" ]; then printf '%s=%s ' "$name" "${!name@Q}"; fi
+  done
+}
+
+mkdir -p "$results"
+python3 "$here/summarize.py" --work "$work" --out "$results" --arms "${arms[@]}" \
+  --device "$device" --solver-study siamese-dpm20 --command "$(knobs)bash $0"
 }
 main "$@"

@@ -1,7 +1,9 @@
-"""Collect run.sh's outputs into results.json, results.md and samples.png (beside run.sh).
+"""Collect run.sh's outputs into results.json, results.md and samples.png (in --out).
 
-results.md is the metric table of both arms, then ``notes.md`` (what worked, what did not),
-written by hand after reading the numbers.
+results.md is the metric table of both arms, then ``notes.md`` in --out (what worked, what did
+not), written by hand after reading the numbers. The scale is read from the runs' own resolved
+configs, which must agree on everything but the arm, the run folder and the latent cache: the
+comparison is at equal budget or not made.
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ import os
 import platform
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
-from siamdiff.config import load_config
+from siamdiff.config import RUN_CONFIG, load_config
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.evaluate.metrics import summary_rows
 from siamdiff.export import load_export
 from siamdiff.models.dhi import mask_to_hint
-from siamdiff.report import read_loss_log
+from siamdiff.report import read_loss_log, training_seconds
 from siamdiff.synthesize import comparison_grid
 
 GRID_MASKS = 8
+PER_ARM = ("model.mode", "run_dir", "data.latent_cache")  # all else is the shared budget
 
 
 def device_name(device: str) -> str:
@@ -52,12 +58,7 @@ def stage_seconds(work: Path, arms: list[str]) -> dict[str, int]:
         totals[row["stage"]] += row["seconds"]
     for arm in arms:
         rows = read_loss_log(work / f"run-{arm}" / "losses.jsonl")
-        steps = [
-            row["step"] - before["step"]
-            for before, row in zip([{"step": 0}, *rows[:-1]], rows, strict=True)
-        ]
-        seconds = (n / row["it_per_s"] for n, row in zip(steps, rows, strict=True))
-        totals[f"train {arm}"] = round(sum(seconds))
+        totals[f"train {arm}"] = round(training_seconds(rows))
     return dict(totals)
 
 
@@ -78,20 +79,19 @@ def comparison_table(arms: list[str], metrics: dict[str, dict]) -> str:
 
 
 def held_out_table(arms: list[str], per_arm: dict[str, dict]) -> str:
-    rows = list(per_arm[arms[0]]["held_out_eps_mse"])
+    held_out = {arm: per_arm[arm]["held_out"] for arm in arms}
     lines = [
         "Mask-Diffusion's eps MSE on the real test images (lower is better; same noise and t "
-        "for both arms):",
+        "for both arms): over the whole image, then inside the lesion with its own mask and with "
+        "another test image's mask as the hint (the rise is how much the denoiser uses the mask "
+        "where the lesion is):",
         "",
-        f"| t | {' | '.join(arms)} |",
+        "| t | " + " | ".join(f"{arm}: whole / lesion / lesion, other mask" for arm in arms) + " |",
         "|---|" + "---|" * len(arms),
     ]
-    lines += [
-        f"| {row.removeprefix('t=')} | "
-        + " | ".join(f"{per_arm[a]['held_out_eps_mse'][row]:.4f}" for a in arms)
-        + " |"
-        for row in rows
-    ]
+    for row in held_out[arms[0]]:
+        cells = (" / ".join(f"{v:.4f}" for v in held_out[arm][row].values()) for arm in arms)
+        lines.append(f"| {row.removeprefix('t=')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -99,9 +99,12 @@ HELD_OUT_T = (50, 200, 500, 800, 950)
 
 
 @torch.no_grad()
-def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, float]:
+def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, dict[str, float]]:
     """Mask-Diffusion's eps MSE on the real *test* images at fixed t, same noise for every arm:
-    how well each arm denoises images it never saw, whatever its samples look like."""
+    how well each arm denoises images it never saw, whatever its samples look like. Per t:
+    ``whole`` image; ``lesion``, inside the lesion (the mask pooled to the latent grid weighs
+    each latent pixel); ``lesion_other_mask``, the same with each image hinted by the next
+    image's mask: a denoiser that ignores its mask scores the same with either."""
     loaded = load_export(model_dir)
     model, autoencoder = loaded.model, loaded.autoencoder
     view = PairedDataset(
@@ -109,7 +112,9 @@ def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, floa
     )
     items = [view[i] for i in range(len(view))]
     z0 = autoencoder.encode(torch.stack([it["image"] for it in items]))
-    hints = mask_to_hint(torch.stack([it["mask"] for it in items]))
+    masks = torch.stack([it["mask"] for it in items])
+    hints = {"own": mask_to_hint(masks), "other": mask_to_hint(masks.roll(1, dims=0))}
+    lesion = F.adaptive_avg_pool2d(masks.float(), z0.shape[-2:])
     context = model.text([loaded.prompt] * len(items))
     gen = torch.Generator().manual_seed(0)
     result = {}
@@ -117,10 +122,51 @@ def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, floa
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.full((len(items),), t_value)
         zt = model.noise_scheduler.add_noise(z0, noise, t)
-        eps = model.predict_eps(zt, t, model.predict_mask(zt, t, context, hints))
-        result[f"t={t_value}"] = float((eps - noise).pow(2).mean())
-    result["mean"] = sum(result.values()) / len(HELD_OUT_T)
+        errors = {
+            name: (model.predict_eps(zt, t, model.predict_mask(zt, t, context, hint)) - noise)
+            .pow(2)
+            .mean(dim=1, keepdim=True)
+            for name, hint in hints.items()
+        }
+        result[f"t={t_value}"] = {
+            "whole": float(errors["own"].mean()),
+            "lesion": float((errors["own"] * lesion).sum() / lesion.sum()),
+            "lesion_other_mask": float((errors["other"] * lesion).sum() / lesion.sum()),
+        }
+    result["mean"] = {
+        key: sum(row[key] for row in result.values()) / len(HELD_OUT_T)
+        for key in result[f"t={HELD_OUT_T[0]}"]
+    }
     return result
+
+
+def equal_budget_config(work: Path, arms: list[str]) -> DictConfig:
+    """The first arm's resolved training config, once every arm's agrees with it on all but
+    ``PER_ARM``; otherwise the settings that differ, as an error."""
+    configs = [load_config(work / f"run-{arm}" / RUN_CONFIG) for arm in arms]
+    flat = [_flatten(OmegaConf.to_container(cfg)) for cfg in configs]
+    differ = sorted(
+        key
+        for key in set().union(*flat)
+        if key not in PER_ARM and len({repr(f.get(key)) for f in flat}) > 1
+    )
+    if differ:
+        raise SystemExit(f"the arms were not trained at equal budget: {', '.join(differ)} differ")
+    shared = configs[0]
+    for key in PER_ARM:
+        OmegaConf.update(shared, key, None)
+    return shared
+
+
+def _flatten(tree: Any, key: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    if not isinstance(tree, dict):
+        return {key: tree}
+    return {
+        leaf: value
+        for name, sub in tree.items()
+        for leaf, value in _flatten(sub, f"{key}.{name}" if key else str(name)).items()
+    }
 
 
 def main() -> None:
@@ -128,7 +174,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arms", nargs="+", required=True)
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--command", required=True, help="the line that reruns the experiment")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--solver-study", default=None, help="eval-NAME of a faster sampler run")
     args = parser.parse_args()
@@ -137,19 +183,19 @@ def main() -> None:
         arm: json.loads((args.work / f"eval-{arm}" / "metrics.json").read_text())
         for arm in args.arms
     }
-    cfg = load_config(args.config)
+    cfg = equal_budget_config(args.work, args.arms)
     size = int(cfg.data.transforms.size)
     synthesis = json.loads((args.work / f"syn-{args.arms[0]}" / "manifest-v1.json").read_text())
     sampler = synthesis["records"][0]["extra"]["sampler"]
     results = {
         "experiment": "polyp_siamese_vs_maskonly",
-        "command": "bash experiments/polyp_siamese_vs_maskonly/run.sh",
+        "command": args.command,
         "device": device_name(args.device),
-        "scale": f"{args.config.name}: {size} px, {cfg.train.max_steps} steps x batch "
+        "scale": f"{size} px, {cfg.train.max_steps} steps x batch "
         f"{cfg.train.batch_size}, backbone {cfg.backbone.kind}, UNet widths "
         f"{list(cfg.backbone.unet.get('block_out_channels', [])) or 'preset'}, "
         f"{cfg.backbone.prediction_type} target",
-        "config": str(args.config.name),
+        "config": OmegaConf.to_container(cfg),
         "seed": int(cfg.seed),
         "sampling": sampler | {"images_per_arm": len(synthesis["records"])},
         "stage_seconds": stage_seconds(args.work, args.arms),
@@ -157,7 +203,7 @@ def main() -> None:
             arm: {
                 "metrics": metrics[arm],
                 "final_losses": _last_losses(args.work / f"run-{arm}" / "losses.jsonl"),
-                "held_out_eps_mse": held_out_denoising(
+                "held_out": held_out_denoising(
                     args.work / f"model-{arm}", args.work / "data", size
                 ),
             }
