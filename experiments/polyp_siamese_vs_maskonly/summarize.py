@@ -14,14 +14,13 @@ import os
 import platform
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
-from siamdiff.config import RUN_CONFIG, load_config
+from siamdiff.config import RUN_CONFIG, flat_settings, load_config
 from siamdiff.data.dataset import PairedDataset
 from siamdiff.data.transforms import TransformConfig, build_transforms
 from siamdiff.evaluate.metrics import summary_rows
@@ -144,7 +143,7 @@ def equal_budget_config(work: Path, arms: list[str]) -> DictConfig:
     """The first arm's resolved training config, once every arm's agrees with it on all but
     ``PER_ARM``; otherwise the settings that differ, as an error."""
     configs = [load_config(work / f"run-{arm}" / RUN_CONFIG) for arm in arms]
-    flat = [_flatten(OmegaConf.to_container(cfg)) for cfg in configs]
+    flat = [flat_settings(OmegaConf.to_container(cfg)) for cfg in configs]
     differ = sorted(
         key
         for key in set().union(*flat)
@@ -156,17 +155,6 @@ def equal_budget_config(work: Path, arms: list[str]) -> DictConfig:
     for key in PER_ARM:
         OmegaConf.update(shared, key, None)
     return shared
-
-
-def _flatten(tree: Any, key: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
-    if not isinstance(tree, dict):
-        return {key: tree}
-    return {
-        leaf: value
-        for name, sub in tree.items()
-        for leaf, value in _flatten(sub, f"{key}.{name}" if key else str(name)).items()
-    }
 
 
 def main() -> None:

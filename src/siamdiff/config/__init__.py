@@ -413,19 +413,23 @@ def with_absolute_paths(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     if not isinstance(tree, dict) or not tree:
         return {prefix: tree}
     dotted = f"{prefix}." if prefix else ""
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{dotted}{key}").items()}
+    return {
+        leaf: value
+        for key, sub in tree.items()
+        for leaf, value in flat_settings(sub, f"{dotted}{key}").items()
+    }
 
 
 def check_resume_config(saved_path: Path, cfg: DictConfig) -> None:
     """Refuse to resume the run whose config is ``saved_path`` with settings it was not
     trained with (the schedule, data, model or optimiser), naming them."""
-    saved = _flat(OmegaConf.to_container(load_config(saved_path)))
-    now = _flat(OmegaConf.to_container(cfg))
+    saved = flat_settings(OmegaConf.to_container(load_config(saved_path)))
+    now = flat_settings(OmegaConf.to_container(cfg))
     absent = object()  # a free-form setting (backbone.unet.*) given on one side only
     changed = [
         key
