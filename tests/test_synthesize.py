@@ -315,6 +315,42 @@ def test_other_settings_on_an_existing_output_are_refused(
     assert (foreign / "holiday.jpg").read_bytes() == b"x"
 
 
+def test_a_moved_project_resumes_but_other_masks_behind_the_same_path_are_refused(
+    reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
+):
+    """Masks, model and output moved together (another disk, a renamed folder) named the same
+    content by other paths: the rerun was refused as other settings, hours of pairs lost."""
+    before = tmp_path / "before"
+    shutil.copytree(phantom_data, before / "data")
+    shutil.copytree(exported, before / "model")
+    assert sample(before / "model", before / "data", before / "syn").manifest_written
+    moved = tmp_path / "moved"
+    before.rename(moved)
+    summary = sample(moved / "model", moved / "data", moved / "syn")
+    assert (summary.generated, summary.reused, summary.manifest_written) == (0, 8, True)
+    assert files(moved / "syn") == files(reference) | {
+        MANIFEST_NAME: (moved / "syn" / MANIFEST_NAME).read_bytes()
+    }
+    synthesis = load_manifest(moved / "syn").preprocessing["synthesis"]
+    assert synthesis["masks"] == str(moved / "data") and synthesis["model"] == str(moved / "model")
+
+    # Sets written before masks were named by content: their manifest names them.
+    for path in (moved / "syn" / MANIFEST_NAME, moved / "syn" / synth.SETTINGS_NAME):
+        text = json.loads(path.read_text())
+        settings = text["preprocessing"]["synthesis"] if path.name == MANIFEST_NAME else text
+        del settings["masks_identity"]
+        path.write_text(json.dumps(text))
+    again = tmp_path / "again"
+    moved.rename(again)
+    assert sample(again / "model", again / "data", again / "syn").reused == 8
+
+    # Other masks at another path: the set would mix pairs of two datasets.
+    raw = make_phantom_dataset(tmp_path / "raw", n=24, size=64, groups=6, seed=2)
+    prepare([("folder", raw)], tmp_path / "other", size=PHANTOM_SIZE, workers=1, progress=False)
+    with pytest.raises(SiamdiffError, match=r"other settings \(masks, masks_identity differ\)"):
+        sample(again / "model", tmp_path / "other", again / "syn")
+
+
 def test_an_interrupted_overwrite_never_looks_finished_and_is_overwritten_again(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch
 ):

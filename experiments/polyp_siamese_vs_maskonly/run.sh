@@ -11,7 +11,8 @@
 # core each. Environment knobs (defaults = the committed CPU run): CONFIG, SIZE, SAMPLE_MASKS,
 # PER_MASK, STEPS, SEG_SIZE, SEG_EPOCHS, UTIL_SIZE, UTIL_EPOCHS, UTIL_SEEDS, UTIL_ARCHS, DEVICE;
 # TRAIN_OVERRIDES (key=value settings added to both arms' training, e.g. a longer budget),
-# UTILITY=0 (no segmentation utility: the hour per arm it takes on 2 cores), RESULTS (the
+# UTILITY=0 (no segmentation utility: the hour per arm it takes on 2 cores), UTIL_MATCHED_STEPS=0
+# (no real-only control at real + synthetic's step count: a third of that hour), RESULTS (the
 # folder results.json, results.md and samples.png go to; its notes.md is appended).
 #
 #   d=experiments/polyp_siamese_vs_maskonly    # the same at runs 1-3's 1200 steps (steps-1200/):
@@ -36,6 +37,7 @@ util_archs=${UTIL_ARCHS:-unet}
 device=${DEVICE:-cpu}
 read -r -a train_overrides <<<"${TRAIN_OVERRIDES:-}"
 utility=${UTILITY:-1}
+util_matched_steps=${UTIL_MATCHED_STEPS:-1}
 results=${RESULTS:-$here}
 arms=(mask-only siamese)
 # One intra-op thread per process: two processes share the 2 cores without spin-wait thrashing.
@@ -108,6 +110,7 @@ evaluate_arm() {
   [ -f "$work/eval-$arm/metrics.json" ] && return 0
   [ "$utility" = 1 ] && utility_args=(--utility --utility-size "$util_size"
     --utility-epochs "$util_epochs" --utility-seeds "$util_seeds" --utility-archs "$util_archs")
+  [ "$utility" = 1 ] && [ "$util_matched_steps" = 1 ] && utility_args+=(--utility-matched-steps)
   stage "evaluate $arm" siamdiff evaluate "$data" "$work/syn-$arm" \
     --out "$work/eval-$arm/metrics.json" --segmenter "$work/segmenter" --run "$work/run-$arm" \
     ${utility_args[@]+"${utility_args[@]}"} --device "$device" >"$work/evaluate-$arm.log" 2>&1
@@ -125,7 +128,7 @@ wait_all "$first" "$second"
 knobs() {  # the environment knobs this run was given, as the line that reruns it
   local name
   for name in CONFIG SIZE SAMPLE_MASKS PER_MASK STEPS SEG_SIZE SEG_EPOCHS UTIL_SIZE UTIL_EPOCHS \
-    UTIL_SEEDS UTIL_ARCHS DEVICE TRAIN_OVERRIDES UTILITY RESULTS WORK; do
+    UTIL_SEEDS UTIL_ARCHS DEVICE TRAIN_OVERRIDES UTILITY UTIL_MATCHED_STEPS RESULTS WORK; do
     if [ -n "${!name:-}" ]; then printf '%s=%s ' "$name" "${!name@Q}"; fi
   done
 }

@@ -41,7 +41,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -330,6 +330,11 @@ def source_digest(source: Record, hints: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _masks_identity(sources: Iterable[tuple[str, dict[str, Any]]]) -> str:
+    """SHA-256 naming the masks a set is sampled from: (source id, :func:`source_digest`)."""
+    return hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
+
+
 def _conditioned_on(record: Record) -> dict[str, Any]:
     return {"mask": record.source_sha256, "hints": record.extra.get("source_hints", {})}
 
@@ -395,6 +400,17 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         previous = LATER_SETTINGS | previous
         for later in ("precision", "model_weights", "model_trained_on"):  # older lack them
             previous.setdefault(later, settings[later])
+        if "masks_identity" not in previous and recorded:  # older sets: from their pairs
+            previous["masks_identity"] = _masks_identity(
+                (r.extra["source_id"], _conditioned_on(r))
+                for r in load_manifest(out).records
+                if r.extra.get("sample_index") == 0
+            )
+        if previous.get("masks_identity") == settings["masks_identity"]:
+            # Model and masks are named by content: a moved folder's paths may differ.
+            previous |= {key: settings[key] for key in ("model", "masks")}
+        elif previous.get("masks") == settings["masks"]:  # re-annotated: redone pair by pair
+            previous["masks_identity"] = settings["masks_identity"]
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
@@ -824,6 +840,9 @@ def synthesize(
     masks = generator_views(masks_root, split, source.resolution, source.hints, view)
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
+    )
+    settings["masks_identity"] = _masks_identity(
+        (masks.records[i].id, source_digest(masks.records[i], masks.hints)) for i in indices
     )
     # Before --out is made: damaged weights must leave nothing behind.
     loaded = source.load(device)
