@@ -168,6 +168,11 @@ def test_export_never_replaces_the_run_or_other_data(trained_run: Path, tmp_path
         with pytest.raises(SiamdiffError, match="is, holds or lies inside the run"):
             export_run(trained_run, out, overwrite=True)
     assert checkpoints(trained_run)  # still there
+    # Written into the training data, it made the run's --resume fail verification.
+    data = Path(load_config(trained_run / "config.yaml").data.root)
+    with pytest.raises(SiamdiffError, match="lies inside the run's training data"):
+        export_run(trained_run, data / "export")
+    assert not (data / "export").exists()
     other = tmp_path / "data"
     other.mkdir()
     (other / "keep.txt").write_text("a user's file")

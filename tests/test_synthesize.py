@@ -212,6 +212,24 @@ def test_a_larger_per_mask_grows_a_set_to_what_one_run_writes(
     assert files(out) == files(reference)
 
 
+def test_a_grown_set_rewrites_the_copies_an_earlier_run_exported(
+    exported: Path, phantom_data: Path, tmp_path: Path
+):
+    """Grown without --format, its nnU-Net copy still held the first half: a tool pointed at
+    it trained on part of the set."""
+    out = tmp_path / "syn"
+    sample(exported, phantom_data, out, per_mask=1, formats=("nnunet", "folder"))
+    grown = sample(exported, phantom_data, out, formats=("pranet",))
+    assert set(grown.exports) == {"pranet", "nnunet", "folder"}
+    ids = [r.id for r in load_manifest(out).records]
+    assert len(ids) == LIMIT * PER_MASK
+    nnunet = json.loads((out / "export-nnunet" / "dataset.json").read_text())
+    assert nnunet["numTraining"] == len(ids)
+    assert sorted(p.name for p in (out / "export-folder").iterdir()) == sorted(
+        name for i in ids for name in (f"{i}.png", f"{i}_mask.png")
+    )
+
+
 def test_settings_of_a_run_that_made_no_pair_do_not_bind_the_output(
     exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -320,6 +320,9 @@ def export_run(
         if problem:
             raise SiamdiffError(f"damaged checkpoint: {problem}", chosen)
     cfg = load_config(run / RUN_CONFIG)
+    for source, what in ((cfg.data.root, "data"), (cfg.data.latent_cache, "latent cache")):
+        if source:  # a resume verifies these: files written into them would stop it
+            check_apart(out, source, f"the run's training {what}")
     model, autoencoder, _ = build_model(cfg)
     weights = load_file(chosen / "model.safetensors")
     try:

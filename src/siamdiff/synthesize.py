@@ -679,6 +679,9 @@ def _finalize(
         Manifest(records=records, kind="synthetic", preprocessing={"synthesis": settings}),
     )
     _write_grid(out, masks, indices)
+    # Copies an earlier run made are rewritten too: a grown or re-sampled set beside a copy of
+    # part of it would train another tool on that part.
+    formats = [f for f in FORMATS if f in formats or (out / f"export-{f}").is_dir()]
     exports = {fmt: export_format(out, records, fmt, out / f"export-{fmt}") for fmt in formats}
     return 0, exports
 
