@@ -26,19 +26,46 @@ def test_tiny_cpu_run_measures_both_implementations_and_they_agree(tmp_path: Pat
     assert results["variants"] == [*variants, checkpointed]
     assert results["speed_levers"] == ["channels_last"]
     (train,) = results["training"]
+    assert results["equivalence_tolerance"] == {"step": 1e-4, "image": 1e-3}
     for name in [*variants[1:], checkpointed]:
-        # Same loss and gradients: siamdiff's shared-encoder step is the naive step, minus work.
+        # Same loss, gradients and eps: siamdiff's shared-encoder step is the naive step, minus
+        # work.
         assert train[name]["loss_relative_difference"] < 1e-5
         assert train[name]["grad_relative_difference"] < 1e-4
+        assert train[name]["eps_relative_difference"] < 1e-5
+        assert train[name]["within_tolerance"] is True
     assert train["flop_ratio"] < 0.8  # t = 0, 333, 666, 999: one sample in the augmentation term
     for name in variants:
         assert train[name]["images_per_s"] > 0 and train[name]["flops_per_step"] > 0
     (sampling,) = results["sampling"]
     for name in variants[1:]:
         assert sampling[name]["image_max_abs_difference"] < 1e-3
+        assert sampling[name]["image_relative_difference"] < 1e-3
+        assert sampling[name]["within_tolerance"] is True
     assert checkpointed not in sampling  # sampling keeps no activations to recompute
     printed = capsys.readouterr().out
     assert "siamdiff+channels_last" in printed and "speedup" in printed
+    assert "OVER TOLERANCE" not in printed and printed.count("  ok") == 3 + 2
+
+
+def test_a_branch_that_computes_something_else_is_over_tolerance(tmp_path: Path, monkeypatch):
+    """Each branch's eps is compared with the naive step's and judged against the tolerance:
+    an image branch 1 % off is flagged in the results and the table."""
+    branches = bench.SiameseDiffusion.branch_predictions
+
+    def image_branch_off_by_a_little(self, *args):
+        mask, image = branches(self, *args)
+        return mask, image * 1.01
+
+    monkeypatch.setattr(bench.SiameseDiffusion, "branch_predictions", image_branch_off_by_a_little)
+    argv = ["--preset", "tiny", "--device", "cpu", "--train-batches", "2", "--sample-batches", "2"]
+    argv += ["--sample-steps", "2", "--iters", "1", "--warmup", "0", "--no-meta"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-*.json")
+    (train,) = json.loads(path.read_text())["training"]
+    assert train["siamdiff"]["eps_relative_difference"] > 1e-3
+    assert train["siamdiff"]["within_tolerance"] is False
+    assert "OVER TOLERANCE" in path.with_suffix(".md").read_text()
 
 
 def test_checkpointing_is_measured_before_compile_and_off_for_it() -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,11 @@ from siamdiff.runtime import device_label
 from siamdiff.sample import ddim_sample, make_scheduler
 
 AUG_PROGRESS = 0.5  # a step after 1/3 of training: every loss term is active
+# The largest difference to the naive reference, relative to the reference's largest value,
+# that still counts as the same computation: one step's loss, gradients and eps differ by
+# rounding alone (bf16 autocast on CUDA: a few units of its 2^-7 precision; fp32 on CPU);
+# images after 50 guided DDIM steps, where guidance multiplies every difference, by more.
+TOLERANCE = {"cuda": {"step": 2**-5, "image": 2**-4}, "cpu": {"step": 1e-4, "image": 1e-3}}
 META = torch.device("meta")  # FLOPs counted without memory or compute
 
 
@@ -170,11 +175,12 @@ def siamdiff_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: float
     return terms["loss"]
 
 
-def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: float) -> Tensor:
-    """The same loss as :meth:`SiameseDiffusion.loss_terms`, computed the straightforward way."""
-    zt = model.noise_scheduler.add_noise(b["z0"], b["noise"], b["timesteps"])
-    t, context, noise = b["timesteps"], b["context"], b["noise"]
-    target = model.target(b["z0"], noise, t)
+def naive_branch_predictions(
+    model: SiameseDiffusion, b: dict[str, Tensor], zt: Tensor, progress: float
+) -> tuple[Tensor, Tensor]:
+    """Mask- and Image-Diffusion's predictions the straightforward way: the mask control run
+    twice, each branch a whole UNet pass, the networks copied per step (the authors' code)."""
+    t, context = b["timesteps"], b["context"]
     mask_prediction = model.predict_mask(zt, t, context, b["mask_hint"])
     controlnet_copy = copy.deepcopy(model.controlnet).requires_grad_(False)
     unet_copy = copy.deepcopy(model.unet)  # its decoder still requires grad: wasted work
@@ -184,7 +190,15 @@ def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: 
         )  # the mask control, a second time
     image_control = model.control(zt, t, context, b["image_hint"])
     mixed = mix_controls(Control(tuple(down), mid), image_control, progress)
-    image_prediction = controlled_prediction(unet_copy, zt, t, context, mixed)
+    return mask_prediction, controlled_prediction(unet_copy, zt, t, context, mixed)
+
+
+def naive_siamese_loss(model: SiameseDiffusion, b: dict[str, Tensor], progress: float) -> Tensor:
+    """The same loss as :meth:`SiameseDiffusion.loss_terms`, computed the straightforward way."""
+    zt = model.noise_scheduler.add_noise(b["z0"], b["noise"], b["timesteps"])
+    t, context, noise = b["timesteps"], b["context"], b["noise"]
+    target = model.target(b["z0"], noise, t)
+    mask_prediction, image_prediction = naive_branch_predictions(model, b, zt, progress)
     loss = (
         denoising_loss(mask_prediction, target)
         + denoising_loss(image_prediction, target)
@@ -260,18 +274,34 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-def loss_and_gradients(
-    model: SiameseDiffusion, b: dict[str, Tensor], loss_fn: LossFn, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """One step's loss and trainable-parameter gradients, on the CPU (kept out of the peak
-    memory of the steps measured after them)."""
+class StepOutputs(NamedTuple):
+    """What one implementation's step computes, on the CPU (kept out of the peak memory of
+    the steps measured after it): the loss, the trainable parameters' gradients, and both
+    branches' noise estimates (eps), concatenated."""
+
+    loss: Tensor
+    grads: Tensor
+    eps: Tensor
+
+
+def step_outputs(
+    model: SiameseDiffusion, b: dict[str, Tensor], naive: bool, device: torch.device
+) -> StepOutputs:
     model.zero_grad(set_to_none=True)
     with autocast(device):
-        loss = loss_fn(model, b, AUG_PROGRESS)
+        loss = (naive_siamese_loss if naive else siamdiff_loss)(model, b, AUG_PROGRESS)
     loss.backward()
     grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.requires_grad])
     model.zero_grad(set_to_none=True)
-    return loss.detach().float().cpu(), grads.cpu()
+    t, zt = b["timesteps"], model.noise_scheduler.add_noise(b["z0"], b["noise"], b["timesteps"])
+    with torch.no_grad(), autocast(device):
+        if naive:
+            predictions = naive_branch_predictions(model, b, zt, AUG_PROGRESS)
+        else:
+            hints = (b["mask_hint"], b["image_hint"])
+            predictions = model.branch_predictions(zt, t, b["context"], *hints, AUG_PROGRESS)
+        eps = torch.cat([model.predict_eps(zt, t, p).float().flatten() for p in predictions])
+    return StepOutputs(loss.detach().float().cpu(), grads.cpu(), eps.cpu())
 
 
 @dataclass
@@ -290,16 +320,16 @@ class Bench:
 
 
 def bench_training(
-    bench: Bench, row: dict[str, Any], variant: str, reference: tuple[Tensor, Tensor] | None
-) -> tuple[Tensor, Tensor]:
+    bench: Bench, row: dict[str, Any], variant: str, reference: StepOutputs | None
+) -> StepOutputs:
     """Measure ``variant`` (naive, siamdiff or siamdiff with levers) at ``row["batch"]`` into
-    ``row[variant]``; returns its loss and gradients. ``reference`` is the naive step's: the
-    variant's distance to it is reported. FLOPs are counted on the plain implementations (the
-    levers change how, not what, is computed)."""
+    ``row[variant]``; returns what its step computes. ``reference`` is the naive step's: the
+    variant's distance to it is reported, and judged against :data:`TOLERANCE`. FLOPs are
+    counted on the plain implementations (the levers change how, not what, is computed)."""
     model, device, batch = bench.model, bench.device, row["batch"]
     b = make_batch(model, bench.preset, batch, device)
     loss_fn = naive_siamese_loss if variant == "naive" else siamdiff_loss
-    result = loss_and_gradients(model, b, loss_fn, device)
+    result = step_outputs(model, b, variant == "naive", device)
     # lr 0: every variant times the same update on the same weights.
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -326,9 +356,14 @@ def bench_training(
         "peak_memory_gb": peak_memory_gb(device),
     }
     if reference is not None:
-        row[variant]["speedup"] = row[variant]["images_per_s"] / row["naive"]["images_per_s"]
-        row[variant]["loss_relative_difference"] = relative_difference(result[0], reference[0])
-        row[variant]["grad_relative_difference"] = relative_difference(result[1], reference[1])
+        differences = {
+            f"{name}_relative_difference": relative_difference(mine, naive)
+            for name, mine, naive in zip(("loss", "grad", "eps"), result, reference, strict=True)
+        }
+        row[variant] |= differences | {
+            "speedup": row[variant]["images_per_s"] / row["naive"]["images_per_s"],
+            "within_tolerance": max(differences.values()) <= TOLERANCE[device.type]["step"],
+        }
     return result
 
 
@@ -395,8 +430,13 @@ def bench_sampling(
     seconds = time.perf_counter() - start
     row[variant] = {"images_per_s": batch / seconds, "seconds_per_batch": seconds}
     if reference is not None:
-        row[variant]["speedup"] = row[variant]["images_per_s"] / row["naive"]["images_per_s"]
-        row[variant]["image_max_abs_difference"] = float((images.cpu() - reference).abs().max())
+        relative = relative_difference(images.cpu(), reference)
+        row[variant] |= {
+            "speedup": row[variant]["images_per_s"] / row["naive"]["images_per_s"],
+            "image_max_abs_difference": float((images.cpu() - reference).abs().max()),
+            "image_relative_difference": relative,
+            "within_tolerance": relative <= TOLERANCE[device.type]["image"],
+        }
     return images.cpu()
 
 
@@ -520,6 +560,7 @@ def run(
         "preset": preset.name,
         "resolution": preset.resolution,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "equivalence_tolerance": TOLERANCE[device.type],
         "matmul_peak_tflops": peak / 1e12,
         "speed_levers": list(levers),
         "variants": [],  # those measured so far
@@ -535,7 +576,7 @@ def run(
         atomic_write_json(path, results)
         atomic_write_text(path.with_suffix(".md"), f"```\n{format_results(results)}\n```\n")
 
-    naive_training: dict[int, tuple[Tensor, Tensor]] = {}
+    naive_training: dict[int, StepOutputs] = {}
     naive_images: dict[int, Tensor] = {}
     for variant, lever in variant_plan(levers, checkpointing):
         for network in (model.unet, model.controlnet):
@@ -575,16 +616,28 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append(
         f"training step (a step after 1/3 of training: the augmentation term on{whole_run})"
     )
+    tolerance = results.get("equivalence_tolerance")  # absent from older versions' results
+    if tolerance:
+        lines.append(
+            f"same computation as naive: largest difference / naive's largest value <= "
+            f"{tolerance['step']:.1e} for a step, {tolerance['image']:.1e} for a sample"
+        )
     lines.append(
         f"{'':15}batch  {'variant':<{width}}  img/s     speedup  MFU    peak GiB"
-        "  loss / grad rel. diff to naive"
+        "  loss / grad / eps rel. diff to naive"
     )
     for row in results["training"]:
         for variant in results["variants"]:
             m = row[variant]
             memory = "-" if m["peak_memory_gb"] is None else f"{m['peak_memory_gb']:.1f}"
+            names = ("loss", "grad", "eps")
             diff = (
-                f"{m['loss_relative_difference']:.1e} / {m['grad_relative_difference']:.1e}"
+                " / ".join(
+                    f"{m[f'{n}_relative_difference']:.1e}"
+                    for n in names
+                    if f"{n}_relative_difference" in m
+                )
+                + _verdict(m)
                 if "speedup" in m
                 else "-"
             )
@@ -595,12 +648,17 @@ def format_results(results: dict[str, Any]) -> str:
         if "flop_ratio" in row:
             lines.append(f"{'':22}FLOP ratio siamdiff / naive: {row['flop_ratio']:.3f}")
     lines.append(
-        f"sampling (DDIM) batch  {'variant':<{width}}  img/s     speedup  max |image diff|"
+        f"sampling (DDIM) batch  {'variant':<{width}}  img/s     speedup  max |image diff| (rel.)"
     )
     for row in results["sampling"]:
         for variant in (v for v in results["variants"] if v in row):
             m = row[variant]
-            diff = f"{m['image_max_abs_difference']:.1e}" if "speedup" in m else "-"
+            diff = "-"
+            if "speedup" in m:
+                relative = m.get("image_relative_difference")
+                diff = f"{m['image_max_abs_difference']:.1e}" + (
+                    f" ({relative:.1e}){_verdict(m)}" if relative is not None else ""
+                )
             lines.append(
                 f"{'':15}{row['batch']:>5}  {variant:<{width}}  {m['images_per_s']:>8.3f}  "
                 f"{m.get('speedup', 1.0):>6.2f}x  {diff}"
@@ -621,6 +679,12 @@ def format_results(results: dict[str, Any]) -> str:
                 "optim.name=adamw8bit"
             )
     return "\n".join(lines)
+
+
+def _verdict(measured: dict[str, Any]) -> str:
+    if "within_tolerance" not in measured:
+        return ""
+    return "  ok" if measured["within_tolerance"] else "  OVER TOLERANCE"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,9 +159,9 @@ class SiameseDiffusion(nn.Module):
             )
         zt = self.noise_scheduler.add_noise(z0, noise, timesteps)
         target = self.target(z0, noise, timesteps)
-        mask_control = self.control(zt, timesteps, text_emb, mask_hint)
-        features = encode(self.unet, zt, timesteps, text_emb)  # shared by both branches
-        mask_prediction = self.decode(features, mask_control)
+        mask_prediction, image_prediction = self.branch_predictions(
+            zt, timesteps, text_emb, mask_hint, image_hint, progress
+        )
 
         zero = zt.new_zeros((), dtype=torch.float32)
         terms = {
@@ -170,10 +170,7 @@ class SiameseDiffusion(nn.Module):
             "consistency": zero,
             "augment": zero,
         }
-        if self.mode == "siamese":
-            image_prediction = self.predict_image(
-                zt, timesteps, text_emb, image_hint, mask_control, progress, features
-            )
+        if image_prediction is not None:
             terms["image"] = denoising_loss(image_prediction, target)
             terms["consistency"] = noise_consistency_loss(mask_prediction, image_prediction)
             if progress > self.aug_start:
@@ -190,6 +187,27 @@ class SiameseDiffusion(nn.Module):
 
     # A DDP-wrapped model must be called as model(...) for its gradient hooks to fire.
     forward = loss_terms
+
+    def branch_predictions(
+        self,
+        zt: Tensor,
+        t: Tensor,
+        text_emb: Tensor,
+        mask_hint: Tensor,
+        image_hint: Tensor,
+        image_weight: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Mask-Diffusion's and Image-Diffusion's predictions (None in mask-only mode) for
+        one noised batch, as training computes them: c_m once, the UNet encoder once."""
+        mask_control = self.control(zt, t, text_emb, mask_hint)
+        features = encode(self.unet, zt, t, text_emb)  # shared by both branches
+        mask_prediction = self.decode(features, mask_control)
+        if self.mode != "siamese":
+            return mask_prediction, None
+        image_prediction = self.predict_image(
+            zt, t, text_emb, image_hint, mask_control, image_weight, features
+        )
+        return mask_prediction, image_prediction
 
     def control(self, zt: Tensor, t: Tensor, text_emb: Tensor, hint: Tensor) -> Control:
         down, mid = self.controlnet(
