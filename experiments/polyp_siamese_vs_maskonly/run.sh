@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Siamese-Diffusion vs mask-only ControlNet+DHI on Kvasir-SEG + CVC-ClinicDB, same budget.
 #
-#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~1.5 h on 2 cores
+#   bash experiments/polyp_siamese_vs_maskonly/run.sh          # CPU scale (cpu.yaml), ~2 h on 2 cores
 #
 # prepare -> train both arms -> export -> sample (training masks, and 8 test masks for the grid)
 # -> segmenter on the real training split (the yardstick) -> evaluate both arms (and the Siamese

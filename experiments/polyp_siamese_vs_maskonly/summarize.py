@@ -139,20 +139,20 @@ def held_out_denoising(model_dir: Path, data: Path, size: int) -> dict[str, dict
     return result
 
 
-def equal_budget_config(work: Path, arms: list[str]) -> DictConfig:
-    """The first arm's resolved training config, once every arm's agrees with it on all but
-    ``PER_ARM``; otherwise the settings that differ, as an error."""
-    configs = [load_config(work / f"run-{arm}" / RUN_CONFIG) for arm in arms]
+def equal_budget_config(runs: list[Path], per_arm: tuple[str, ...] = PER_ARM) -> DictConfig:
+    """The first run's resolved training config, once every run's agrees with it on all but
+    ``per_arm``; otherwise the settings that differ, as an error."""
+    configs = [load_config(run / RUN_CONFIG) for run in runs]
     flat = [flat_settings(OmegaConf.to_container(cfg)) for cfg in configs]
     differ = sorted(
         key
         for key in set().union(*flat)
-        if key not in PER_ARM and len({repr(f.get(key)) for f in flat}) > 1
+        if key not in per_arm and len({repr(f.get(key)) for f in flat}) > 1
     )
     if differ:
         raise SystemExit(f"the arms were not trained at equal budget: {', '.join(differ)} differ")
     shared = configs[0]
-    for key in PER_ARM:
+    for key in per_arm:
         OmegaConf.update(shared, key, None)
     return shared
 
@@ -171,7 +171,7 @@ def main() -> None:
         arm: json.loads((args.work / f"eval-{arm}" / "metrics.json").read_text())
         for arm in args.arms
     }
-    cfg = equal_budget_config(args.work, args.arms)
+    cfg = equal_budget_config([args.work / f"run-{arm}" for arm in args.arms])
     size = int(cfg.data.transforms.size)
     synthesis = json.loads((args.work / f"syn-{args.arms[0]}" / "manifest-v1.json").read_text())
     sampler = synthesis["records"][0]["extra"]["sampler"]
