@@ -213,12 +213,22 @@ def test_a_larger_per_mask_grows_a_set_to_what_one_run_writes(
 
 
 def test_a_grown_set_rewrites_the_copies_an_earlier_run_exported(
-    exported: Path, phantom_data: Path, tmp_path: Path
+    exported: Path, phantom_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Grown without --format, its nnU-Net copy still held the first half: a tool pointed at
     it trained on part of the set."""
     out = tmp_path / "syn"
     sample(exported, phantom_data, out, per_mask=1, formats=("nnunet", "folder"))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    # Stopped while rewriting them: the set must not look finished beside stale copies.
+    monkeypatch.setattr(synth, "export_format", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample(exported, phantom_data, out)
+    assert not (out / MANIFEST_NAME).exists()
+    monkeypatch.undo()
     grown = sample(exported, phantom_data, out, formats=("pranet",))
     assert set(grown.exports) == {"pranet", "nnunet", "folder"}
     ids = [r.id for r in load_manifest(out).records]
@@ -333,7 +343,7 @@ def test_other_settings_on_an_existing_output_are_refused(
     assert (foreign / "holiday.jpg").read_bytes() == b"x"
 
 
-def test_a_moved_project_resumes_but_other_masks_behind_the_same_path_are_refused(
+def test_a_moved_project_resumes_but_other_masks_or_models_are_refused(
     reference: Path, exported: Path, phantom_data: Path, tmp_path: Path
 ):
     """Masks, model and output moved together (another disk, a renamed folder) named the same
@@ -352,12 +362,8 @@ def test_a_moved_project_resumes_but_other_masks_behind_the_same_path_are_refuse
     synthesis = load_manifest(moved / "syn").preprocessing["synthesis"]
     assert synthesis["masks"] == str(moved / "data") and synthesis["model"] == str(moved / "model")
 
-    # Sets written before masks were named by content: their manifest names them.
-    for path in (moved / "syn" / MANIFEST_NAME, moved / "syn" / synth.SETTINGS_NAME):
-        text = json.loads(path.read_text())
-        settings = text["preprocessing"]["synthesis"] if path.name == MANIFEST_NAME else text
-        del settings["masks_identity"]
-        path.write_text(json.dumps(text))
+    # Unfinished (no manifest: its journal lists its pairs) and moved again: it resumes too.
+    (moved / "syn" / MANIFEST_NAME).unlink()
     again = tmp_path / "again"
     moved.rename(again)
     assert sample(again / "model", again / "data", again / "syn").reused == 8
@@ -365,8 +371,27 @@ def test_a_moved_project_resumes_but_other_masks_behind_the_same_path_are_refuse
     # Other masks at another path: the set would mix pairs of two datasets.
     raw = make_phantom_dataset(tmp_path / "raw", n=24, size=64, groups=6, seed=2)
     prepare([("folder", raw)], tmp_path / "other", size=PHANTOM_SIZE, workers=1, progress=False)
-    with pytest.raises(SiamdiffError, match=r"other settings \(masks, masks_identity differ\)"):
+    with pytest.raises(SiamdiffError, match=r"other settings \(masks differs\)"):
         sample(again / "model", tmp_path / "other", again / "syn")
+
+    # Another model's weights behind a model folder elsewhere: refused by their SHA-256.
+    run = tmp_path / "other-run"
+    train(tiny_config(phantom_data, run, "train.max_steps=1", "train.sample_every=100"))
+    other_model = export_run(run, tmp_path / "other-model")
+    with pytest.raises(
+        SiamdiffError, match=r"other settings \(model_identity, model_weights differ\)"
+    ):
+        sample(other_model, again / "data", again / "syn")
+    # A set of an older version named its model by path alone: elsewhere, even a copy of it
+    # cannot be told from another model.
+    settings_path = again / "syn" / synth.SETTINGS_NAME
+    settings = json.loads(settings_path.read_text())
+    del settings["model_weights"], settings["model_trained_on"]
+    settings_path.write_text(json.dumps(settings))
+    copy = shutil.copytree(again / "model", tmp_path / "copy")
+    with pytest.raises(SiamdiffError, match=r"other settings \(model differs\)"):
+        sample(copy, again / "data", again / "syn")
+    assert sample(again / "model", again / "data", again / "syn").reused == 8
 
 
 def test_an_interrupted_overwrite_never_looks_finished_and_is_overwritten_again(

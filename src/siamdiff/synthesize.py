@@ -41,7 +41,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -330,9 +330,17 @@ def source_digest(source: Record, hints: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _masks_identity(sources: Iterable[tuple[str, dict[str, Any]]]) -> str:
-    """SHA-256 naming the masks a set is sampled from: (source id, :func:`source_digest`)."""
-    return hashlib.sha256(json.dumps(sorted(sources)).encode()).hexdigest()
+def source_key(source_id: str, digest: Mapping[str, Any]) -> str:
+    """A source mask by id and content (:func:`source_digest`), comparable across runs."""
+    return json.dumps([source_id, digest], sort_keys=True)
+
+
+def _sampled_from(out: Path, manifest_settings: dict[str, Any] | None) -> set[str]:
+    """The :func:`source_key` of every pair ``out`` holds, finished (manifest) or journaled."""
+    records = [r for entries in _read_journals(out).values() for r in entries]
+    if manifest_settings is not None:
+        records += load_manifest(out).records
+    return {source_key(r.extra.get("source_id", ""), _conditioned_on(r)) for r in records}
 
 
 def _conditioned_on(record: Record) -> dict[str, Any]:
@@ -367,10 +375,13 @@ def _synthetic_manifest_settings(out: Path) -> dict[str, Any] | None:
     return None
 
 
-def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+def _check_out(
+    out: Path, settings: dict[str, Any], overwrite: bool, selected: frozenset[str]
+) -> None:
     """Refuse an ``out`` made by other settings (unless overwrite; a larger per_mask grows
-    it). Reads only: every rank checks the same files before any writes, so they all fail or
-    all go on together."""
+    it). ``selected``: the :func:`source_key` of the masks to sample. Paths may differ when
+    content does not (a moved project). Reads only: every rank checks the same files before
+    any writes, so they all fail or all go on together."""
     settings_path = out / SETTINGS_NAME
     if out.exists() and not out.is_dir():
         raise SiamdiffError("exists and is not a directory", out)
@@ -398,19 +409,15 @@ def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         if not isinstance(previous, dict):
             raise SiamdiffError("is not a JSON object of sampling settings", settings_path)
         previous = LATER_SETTINGS | previous
+        named_by_weights = "model_weights" in previous  # older sets: by its path alone
         for later in ("precision", "model_weights", "model_trained_on"):  # older lack them
             previous.setdefault(later, settings[later])
-        if "masks_identity" not in previous and recorded:  # older sets: from their pairs
-            previous["masks_identity"] = _masks_identity(
-                (r.extra["source_id"], _conditioned_on(r))
-                for r in load_manifest(out).records
-                if r.extra.get("sample_index") == 0
-            )
-        if previous.get("masks_identity") == settings["masks_identity"]:
-            # Model and masks are named by content: a moved folder's paths may differ.
-            previous |= {key: settings[key] for key in ("model", "masks")}
-        elif previous.get("masks") == settings["masks"]:  # re-annotated: redone pair by pair
-            previous["masks_identity"] = settings["masks_identity"]
+        if named_by_weights:  # the weights' SHA-256 is compared: the model's path may differ
+            previous["model"] = settings["model"]
+        # Masks elsewhere are the same masks if every pair here was sampled from one of them
+        # (by id and hashes); at the same path a re-annotated mask is redone pair by pair.
+        if previous.get("masks") != settings["masks"] and _sampled_from(out, recorded) <= selected:
+            previous["masks"] = settings["masks"]
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k)
@@ -674,15 +681,16 @@ def _finalize(
     for stale in out.glob(".*.tmp"):
         stale.unlink()
     records = [done[pair_id] for pair_id in ids]
+    _write_grid(out, masks, indices)
+    # Copies an earlier run made are rewritten too: a grown or re-sampled set beside a copy of
+    # part of it would train another tool on that part. Before the manifest, which says the
+    # set, copies included, is finished.
+    formats = [f for f in FORMATS if f in formats or (out / f"export-{f}").is_dir()]
+    exports = {fmt: export_format(out, records, fmt, out / f"export-{fmt}") for fmt in formats}
     write_manifest(
         out,
         Manifest(records=records, kind="synthetic", preprocessing={"synthesis": settings}),
     )
-    _write_grid(out, masks, indices)
-    # Copies an earlier run made are rewritten too: a grown or re-sampled set beside a copy of
-    # part of it would train another tool on that part.
-    formats = [f for f in FORMATS if f in formats or (out / f"export-{f}").is_dir()]
-    exports = {fmt: export_format(out, records, fmt, out / f"export-{fmt}") for fmt in formats}
     return 0, exports
 
 
@@ -844,14 +852,15 @@ def synthesize(
     indices = spread_subset(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )
-    settings["masks_identity"] = _masks_identity(
-        (masks.records[i].id, source_digest(masks.records[i], masks.hints)) for i in indices
+    selected = frozenset(
+        source_key(masks.records[i].id, source_digest(masks.records[i], masks.hints))
+        for i in indices
     )
     # Before --out is made: damaged weights must leave nothing behind.
     loaded = source.load(device)
     apply_levers(loaded.model, levers, loaded.autoencoder)
     with exclusive_writer(out, rank, "siamdiff sample"):
-        _check_out(out, settings, overwrite)
+        _check_out(out, settings, overwrite, selected)
         _wait_for_other_ranks(world_size)
         if rank == 0:
             _create_out(out, settings, overwrite)
