@@ -57,6 +57,14 @@ stage() {  # stage NAME COMMAND...: run it, append {"stage", "seconds"} to $stag
   printf '{"stage": "%s", "seconds": %d}\n' "$name" "$(($(date +%s) - start))" >>"$stages"
 }
 
+# timed_unless DONE NAME COMMAND...: stage, but untimed once DONE exists (the rerun of a
+# finished stage only checks its settings: no work of that stage)
+timed_unless() {
+  local done=$1
+  shift
+  if [ -e "$done" ]; then shift; "$@"; else stage "$@"; fi
+}
+
 if [ ! -f "$data/manifest-v1.json" ]; then
   stage prepare siamdiff prepare --source kvasir-seg="$shared/data/Kvasir-SEG" \
     --source cvc-clinicdb="$shared/data/CVC-ClinicDB" --out "$data" --size "$size"
@@ -70,7 +78,8 @@ arm_pipeline() {  # train -> export -> sample, for one arm
     autoencoder.path="$shared/weights/taef2" ${train_overrides[@]+"${train_overrides[@]}"} \
     ${resume[@]+"${resume[@]}"} >>"$work/train-$arm.log" 2>&1
   [ -d "$work/model-$arm" ] || siamdiff export "$run" "$work/model-$arm"
-  stage "sample $arm" siamdiff sample "$work/model-$arm" --masks "$data:train" \
+  timed_unless "$work/syn-$arm/manifest-v1.json" "sample $arm" siamdiff sample \
+    "$work/model-$arm" --masks "$data:train" \
     --out "$work/syn-$arm" --limit "$sample_masks" --per-mask "$per_mask" --steps "$steps" \
     --device "$device" >>"$work/sample-$arm.log" 2>&1
   siamdiff sample "$work/model-$arm" --masks "$data:test" --out "$work/grid-$arm" --limit 8 \
@@ -86,7 +95,8 @@ yardstick() {  # the evaluation's segmenter: real training split only, fixed see
 
 solver_study() {  # the faster solver's cost: DPM-Solver++ 20 steps vs DDIM 50, Siamese arm
   local arm=siamese name=siamese-dpm20
-  stage "sample $name" siamdiff sample "$work/model-$arm" --masks "$data:train" \
+  timed_unless "$work/syn-$name/manifest-v1.json" "sample $name" siamdiff sample \
+    "$work/model-$arm" --masks "$data:train" \
     --out "$work/syn-$name" --limit "$sample_masks" --per-mask "$per_mask" --steps 20 \
     --scheduler dpmsolver++ --device "$device" >>"$work/sample-$name.log" 2>&1
   [ -f "$work/eval-$name/metrics.json" ] && return 0
