@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Which Siamese term costs mask fidelity? The Siamese arm retrained without one term at a time.
+#
+#   bash experiments/siamese_terms/run.sh     # ~40 min on 2 cores, after the polyp experiment's
+#                                             # 1200-step run (its steps-1200/ line)
+#
+# In every CPU run of ../polyp_siamese_vs_maskonly the mask-only arm's samples matched their
+# masks better than the Siamese arm's. Each variant here trains from that experiment's Siamese
+# run config (its resolved config.yaml: same data, seed, model, budget) with one setting changed,
+# then samples and evaluates exactly as there (160 training masks x 2, DDIM 50, guidance 9, its
+# yardstick segmenter, no utility stage). summarize.py compares them with that experiment's two
+# arms and probes how much each denoiser uses its mask; it refuses variants whose configs differ
+# from the Siamese arm's in anything but their own setting. Stages skip what is done, so a rerun
+# continues. Environment knobs: POLYP (that experiment's work folder), WORK, DEVICE.
+set -euo pipefail
+main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
+here=$(cd "$(dirname "$0")" && pwd)
+polyp=${POLYP:-$here/../polyp_siamese_vs_maskonly/out-1200}
+work=${WORK:-$here/out}                  # git-ignored
+device=${DEVICE:-cpu}
+# name=setting: what each variant leaves out of the Siamese loss
+variants=(no-consistency=model.consistency_weight=0 no-augmentation=model.aug_start=1)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per variant
+source "$here/../parallel.sh"
+for need in data/manifest-v1.json segmenter/segmenter.json run-siamese/config.yaml \
+  eval-mask-only/metrics.json eval-siamese/metrics.json; do
+  if [ ! -e "$polyp/$need" ]; then
+    echo "run.sh: $polyp/$need is missing: run experiments/polyp_siamese_vs_maskonly/run.sh" \
+      "(its steps-1200 line) first" >&2
+    exit 2
+  fi
+done
+mkdir -p "$work"
+trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+
+variant() {  # variant NAME SETTING: train -> export -> sample -> evaluate, each once
+  local name=$1 setting=$2 run=$work/run-$1 resume=() start
+  [ -d "$run/checkpoints" ] && resume=(--resume)
+  start=$(date +%s)
+  siamdiff train "$polyp/run-siamese/config.yaml" run_dir="$run" "$setting" \
+    data.latent_cache="$work/latents-$name.lmdb" ${resume[@]+"${resume[@]}"} \
+    >>"$work/train-$name.log" 2>&1
+  [ -d "$work/model-$name" ] || siamdiff export "$run" "$work/model-$name"
+  local sampler=(--steps 50 --device "$device")
+  siamdiff sample "$work/model-$name" --masks "$polyp/data:train" --out "$work/syn-$name" \
+    --limit 160 --per-mask 2 "${sampler[@]}" >>"$work/sample-$name.log" 2>&1
+  siamdiff sample "$work/model-$name" --masks "$polyp/data:test" --out "$work/grid-$name" \
+    --limit 8 "${sampler[@]}" >>"$work/sample-$name.log" 2>&1
+  [ -f "$work/eval-$name/metrics.json" ] || siamdiff evaluate "$polyp/data" "$work/syn-$name" \
+    --out "$work/eval-$name/metrics.json" --segmenter "$polyp/segmenter" --run "$run" \
+    --device "$device" >"$work/evaluate-$name.log" 2>&1
+  printf '{"variant": "%s", "seconds": %d}\n' "$name" "$(($(date +%s) - start))" \
+    >>"$work/stages.jsonl"
+}
+
+pids=()
+for spec in "${variants[@]}"; do
+  variant "${spec%%=*}" "${spec#*=}" &
+  pids+=($!)
+done
+wait_all "${pids[@]}"
+
+python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" \
+  --variants "${variants[@]}" --device "$device"
+}
+main "$@"
