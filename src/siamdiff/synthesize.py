@@ -330,17 +330,17 @@ def source_digest(source: Record, hints: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def source_key(source_id: str, digest: Mapping[str, Any]) -> str:
+def _source_key(source_id: str, digest: Mapping[str, Any]) -> str:
     """A source mask by id and content (:func:`source_digest`), comparable across runs."""
     return json.dumps([source_id, digest], sort_keys=True)
 
 
 def _sampled_from(out: Path, manifest_settings: dict[str, Any] | None) -> set[str]:
-    """The :func:`source_key` of every pair ``out`` holds, finished (manifest) or journaled."""
+    """The :func:`_source_key` of every pair ``out`` holds, finished (manifest) or journaled."""
     records = [r for entries in _read_journals(out).values() for r in entries]
     if manifest_settings is not None:
         records += load_manifest(out).records
-    return {source_key(r.extra.get("source_id", ""), _conditioned_on(r)) for r in records}
+    return {_source_key(r.extra.get("source_id", ""), _conditioned_on(r)) for r in records}
 
 
 def _conditioned_on(record: Record) -> dict[str, Any]:
@@ -379,7 +379,7 @@ def _check_out(
     out: Path, settings: dict[str, Any], overwrite: bool, selected: frozenset[str]
 ) -> None:
     """Refuse an ``out`` made by other settings (unless overwrite; a larger per_mask grows
-    it). ``selected``: the :func:`source_key` of the masks to sample. Paths may differ when
+    it). ``selected``: the :func:`_source_key` of the masks to sample. Paths may differ when
     content does not (a moved project). Reads only: every rank checks the same files before
     any writes, so they all fail or all go on together."""
     settings_path = out / SETTINGS_NAME
@@ -853,7 +853,7 @@ def synthesize(
         sorted(range(len(masks.records)), key=lambda i: masks.records[i].id), limit
     )
     selected = frozenset(
-        source_key(masks.records[i].id, source_digest(masks.records[i], masks.hints))
+        _source_key(masks.records[i].id, source_digest(masks.records[i], masks.hints))
         for i in indices
     )
     # Before --out is made: damaged weights must leave nothing behind.
