@@ -10,16 +10,23 @@
 # then samples and evaluates exactly as there (160 training masks x 2, DDIM 50, guidance 9, its
 # yardstick segmenter, no utility stage). summarize.py compares them with that experiment's two
 # arms and probes how much each denoiser uses its mask; it refuses variants whose configs differ
-# from the Siamese arm's in anything but their own setting. Stages skip what is done, so a rerun
-# continues. Environment knobs: POLYP (that experiment's work folder), WORK, DEVICE.
+# from the Siamese arm's in anything but their own settings. Stages skip what is done, so a rerun
+# continues. Environment knobs: POLYP (that experiment's work folder), WORK, DEVICE, VARIANTS
+# ("NAME=KEY=VALUE[;KEY=VALUE...] ...": other variants), RESULTS (where results.* go; its
+# notes.md is appended). The capacity test in wide/ (both arms 1.5x wider, ~70 min):
+#
+#   w='backbone.unet.block_out_channels=[96,96,192]' d=experiments/siamese_terms
+#   VARIANTS="wide-mask-only=model.mode=mask-only;$w wide-siamese=$w" RESULTS=$d/wide bash $d/run.sh
 set -euo pipefail
 main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
 here=$(cd "$(dirname "$0")" && pwd)
 polyp=${POLYP:-$here/../polyp_siamese_vs_maskonly/out-1200}
 work=${WORK:-$here/out}                  # git-ignored
 device=${DEVICE:-cpu}
-# name=setting: what each variant leaves out of the Siamese loss
-variants=(no-consistency=model.consistency_weight=0 no-augmentation=model.aug_start=1)
+# name=settings: what each variant changes in the Siamese arm's config (here: the loss term
+# it leaves out); settings are separated by ';'
+read -r -a variants <<<"${VARIANTS:-no-consistency=model.consistency_weight=0 no-augmentation=model.aug_start=1}"
+results=${RESULTS:-$here}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per variant
 source "$here/../parallel.sh"
 for need in data/manifest-v1.json segmenter/segmenter.json run-siamese/config.yaml \
@@ -33,11 +40,12 @@ done
 mkdir -p "$work"
 trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
 
-variant() {  # variant NAME SETTING: train -> export -> sample -> evaluate, each once
-  local name=$1 setting=$2 run=$work/run-$1 resume=() start
+variant() {  # variant NAME SETTINGS: train -> export -> sample -> evaluate, each once
+  local name=$1 settings run=$work/run-$1 resume=() start
+  IFS=';' read -r -a settings <<<"$2"
   [ -d "$run/checkpoints" ] && resume=(--resume)
   start=$(date +%s)
-  siamdiff train "$polyp/run-siamese/config.yaml" run_dir="$run" "$setting" \
+  siamdiff train "$polyp/run-siamese/config.yaml" run_dir="$run" "${settings[@]}" \
     data.latent_cache="$work/latents-$name.lmdb" ${resume[@]+"${resume[@]}"} \
     >>"$work/train-$name.log" 2>&1
   [ -d "$work/model-$name" ] || siamdiff export "$run" "$work/model-$name"
@@ -60,7 +68,11 @@ for spec in "${variants[@]}"; do
 done
 wait_all "${pids[@]}"
 
-python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" \
-  --variants "${variants[@]}" --device "$device"
+mkdir -p "$results"
+command="bash experiments/siamese_terms/run.sh"
+[ -z "${RESULTS:-}" ] || command="RESULTS=$RESULTS $command"
+[ -z "${VARIANTS:-}" ] || command="VARIANTS='$VARIANTS' $command"
+python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$results" \
+  --variants "${variants[@]}" --command "$command" --device "$device"
 }
 main "$@"

@@ -1,7 +1,7 @@
 """Collect run.sh's outputs into results.json and results.md (in --out).
 
 The table sets each variant beside the polyp experiment's two arms (same data, seed, model and
-budget: the variants' configs must equal its Siamese arm's but for their own setting), then the
+budget: the variants' configs must equal its Siamese arm's but for their own settings), then the
 held-out mask-use probe of that experiment for all four. ``notes.md`` in --out, written by hand
 after reading the numbers, is appended.
 """
@@ -31,18 +31,22 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--polyp", type=Path, required=True, help="the polyp experiment's work")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", required=True, help="NAME=KEY=VALUE each")
+    parser.add_argument(
+        "--variants", nargs="+", required=True, help="NAME=KEY=VALUE[;KEY=VALUE...] each"
+    )
+    parser.add_argument("--command", required=True, help="the line that reruns the experiment")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     variants = dict(spec.split("=", 1) for spec in args.variants)
     reference = args.polyp / "run-siamese"
-    # Each variant against the reference on its own: one may differ only in its own setting.
+    # Each variant against the reference on its own: one may differ only in its own settings.
     configs = [
         polyp.equal_budget_config(
-            [reference, args.work / f"run-{name}"], (*PER_RUN, setting.split("=", 1)[0])
+            [reference, args.work / f"run-{name}"],
+            (*PER_RUN, *(setting.split("=", 1)[0] for setting in settings.split(";"))),
         )
-        for name, setting in variants.items()
+        for name, settings in variants.items()
     ]
     cfg = configs[0]
     size = int(cfg.data.transforms.size)
@@ -65,7 +69,7 @@ def main() -> None:
     }
     results = {
         "experiment": "siamese_terms",
-        "command": "bash experiments/siamese_terms/run.sh",
+        "command": args.command,
         "device": polyp.device_name(args.device),
         "scale": f"{size} px, {cfg.train.max_steps} steps x batch {cfg.train.batch_size}, "
         f"backbone {cfg.backbone.kind}, {cfg.backbone.prediction_type} target",
@@ -76,7 +80,7 @@ def main() -> None:
     names = list(places)
     notes = args.out / "notes.md"
     text = (
-        "# Which Siamese term costs mask fidelity\n\n"
+        "# Siamese-Diffusion variants and mask fidelity\n\n"
         f"Device: {results['device']}. Scale: {results['scale']}.\n"
         f"Reproduce: `{results['command']}`. Every number: `results.json`.\n\n"
         + "".join(f"- {arm}: `{arm_result['setting']}`\n" for arm, arm_result in arms.items())
