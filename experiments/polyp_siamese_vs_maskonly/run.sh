@@ -40,11 +40,8 @@ utility=${UTILITY:-1}
 util_matched_steps=${UTIL_MATCHED_STEPS:-1}
 results=${RESULTS:-$here}
 arms=(mask-only siamese)
-# One intra-op thread per process: two processes share the 2 cores without spin-wait thrashing.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$work"
-trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
-source "$here/../parallel.sh"
+source "$here/../parallel.sh"   # one core per process
+work_dir "$work"
 data=$work/data
 stages=$work/stages.jsonl                # wall time per stage, for results.json
 

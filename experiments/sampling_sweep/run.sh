@@ -22,17 +22,10 @@ utility_settings=${UTILITY_SETTINGS:-9:1.5}
 more_seeds=${MORE_SEEDS:-0}              # utility seeds beyond 0-2, for UTILITY_SETTINGS only
 device=${DEVICE:-cpu}
 arms=(mask-only siamese)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per arm
-source "$here/../parallel.sh"
-for need in data/manifest-v1.json segmenter/segmenter.json model-mask-only model-siamese \
-  eval-mask-only/metrics.json eval-siamese/metrics.json; do
-  if [ ! -e "$polyp/$need" ]; then
-    echo "run.sh: $polyp/$need is missing: run experiments/polyp_siamese_vs_maskonly/run.sh first" >&2
-    exit 2
-  fi
-done
-mkdir -p "$work"
-trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+source "$here/../parallel.sh"   # one core per process
+need_polyp "$polyp" "" data/manifest-v1.json segmenter/segmenter.json model-mask-only \
+  model-siamese eval-mask-only/metrics.json eval-siamese/metrics.json
+work_dir "$work"
 
 setting() {  # setting ARM GUIDANCE CONTROL_SCALE: sample, grid, evaluate (each once)
   local arm=$1 guidance=$2 scale=$3 dir start

@@ -27,18 +27,10 @@ device=${DEVICE:-cpu}
 # it leaves out); settings are separated by ';'
 read -r -a variants <<<"${VARIANTS:-no-consistency=model.consistency_weight=0 no-augmentation=model.aug_start=1}"
 results=${RESULTS:-$here}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per variant
-source "$here/../parallel.sh"
-for need in data/manifest-v1.json segmenter/segmenter.json run-siamese/config.yaml \
-  eval-mask-only/metrics.json eval-siamese/metrics.json; do
-  if [ ! -e "$polyp/$need" ]; then
-    echo "run.sh: $polyp/$need is missing: run experiments/polyp_siamese_vs_maskonly/run.sh" \
-      "(its steps-1200 line) first" >&2
-    exit 2
-  fi
-done
-mkdir -p "$work"
-trap 'echo "run.sh: a stage failed; its log is in $work" >&2' ERR
+source "$here/../parallel.sh"   # one core per process
+need_polyp "$polyp" " (its steps-1200 line)" data/manifest-v1.json segmenter/segmenter.json \
+  run-siamese/config.yaml eval-mask-only/metrics.json eval-siamese/metrics.json
+work_dir "$work"
 
 variant() {  # variant NAME SETTINGS: train -> export -> sample -> evaluate, each once
   local name=$1 settings run=$work/run-$1 resume=() start
