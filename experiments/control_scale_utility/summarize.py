@@ -9,7 +9,6 @@ after reading the numbers, is appended to results.md.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -117,13 +116,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--work", type=Path, required=True)
+    parser = polyp.experiment_parser(__doc__)
     parser.add_argument("--polyp", type=Path, required=True, help="the polyp experiment's work")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arms", nargs="+", required=True)
     parser.add_argument("--control-scale", type=float, required=True)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     if args.control_scale == 1.0:

@@ -157,13 +157,20 @@ def equal_budget_config(runs: list[Path], per_arm: tuple[str, ...] = PER_ARM) ->
     return shared
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def experiment_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every experiment's summarize.py takes: run.sh's work folder, the folder the
+    results go to, the device the experiment ran on."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main() -> None:
+    parser = experiment_parser(__doc__)
     parser.add_argument("--arms", nargs="+", required=True)
     parser.add_argument("--command", required=True, help="the line that reruns the experiment")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--solver-study", default=None, help="eval-NAME of a faster sampler run")
     args = parser.parse_args()
 

@@ -8,7 +8,6 @@ after reading the numbers, is appended.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -27,15 +26,12 @@ PER_RUN = ("run_dir", "data.latent_cache")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--work", type=Path, required=True)
+    parser = polyp.experiment_parser(__doc__)
     parser.add_argument("--polyp", type=Path, required=True, help="the polyp experiment's work")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--variants", nargs="+", required=True, help="NAME=KEY=VALUE[;KEY=VALUE...] each"
     )
     parser.add_argument("--command", required=True, help="the line that reruns the experiment")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     variants = dict(spec.split("=", 1) for spec in args.variants)
