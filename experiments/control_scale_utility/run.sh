@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does sampling at ControlNet scale 1.5 make the synthetic pairs useful beyond extra steps?
 #
-#   bash experiments/control_scale_utility/run.sh   # ~70 min on 2 cores, after the polyp
+#   bash experiments/control_scale_utility/run.sh   # ~65 min on 2 cores, after the polyp
 #                                                   # experiment (its 3000-step run, out/)
 #
 # The sampling sweep found scale 1.5 the one setting whose pairs lifted a U-Net (+5.1 mDice,

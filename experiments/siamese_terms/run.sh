@@ -13,7 +13,7 @@
 # from the Siamese arm's in anything but their own settings. Stages skip what is done, so a rerun
 # continues. Environment knobs: POLYP (that experiment's work folder), WORK, DEVICE, VARIANTS
 # ("NAME=KEY=VALUE[;KEY=VALUE...] ...": other variants), RESULTS (where results.* go; its
-# notes.md is appended). The capacity test in wide/ (both arms 1.5x wider, ~70 min):
+# notes.md is appended). The capacity test in wide/ (both arms 1.5x wider, ~50 min):
 #
 #   w='backbone.unet.block_out_channels=[96,96,192]' d=experiments/siamese_terms
 #   VARIANTS="wide-mask-only=model.mode=mask-only;$w wide-siamese=$w" RESULTS=$d/wide bash $d/run.sh
