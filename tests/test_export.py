@@ -118,6 +118,7 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
         ({**meta, "resolution": 33}, "resolution must be a positive multiple of 8, got 33"),
         ({**meta, "crop": "zoom"}, "crop must be one of crop, pad, got 'zoom'"),
         ({**meta, "trained_on": "x"}, r"trained_on must be null or an object \{data: path"),
+        ({**meta, "trained_on": {"data": "d", "split": None, "images": 1}}, "trained_on must"),
     ):
         if message is None:
             del broken["mode"]
@@ -147,7 +148,9 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
     scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "x"}))
     with pytest.raises(SiamdiffError, match=r"scheduler: prediction_type 'x' is not supported"):
         load_export(out)
-    assert json.loads((out / "siamdiff.json").read_text())["trained_on"]["split"] == "train"
+    learned = json.loads((out / "siamdiff.json").read_text())["trained_on"]
+    assert learned["split"] == "train"
+    assert learned["images"] == load_manifest(learned["data"]).images_fingerprint("train")
 
 
 def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(

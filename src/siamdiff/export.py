@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from siamdiff import __version__
 from siamdiff.atomic import atomic_output_dir, atomic_write_json, check_apart, read_json
 from siamdiff.config import RUN_CONFIG, load_config
-from siamdiff.data.manifest import TRAINED_ON, is_trained_on
+from siamdiff.data.manifest import TRAINED_ON, is_trained_on, load_manifest
 from siamdiff.data.transforms import CROP_MODES
 from siamdiff.errors import SiamdiffError, first_line
 from siamdiff.models.autoencoder import LatentAutoencoder, load_autoencoder, local_weights_dir
@@ -364,8 +364,13 @@ def export_run(
 
 def trained_on(cfg: Any) -> dict[str, Any]:
     """Which images a run learned from: a segmentation utility must never score a generator
-    on test images it was trained on."""
-    return {"data": str(cfg.data.root), "split": cfg.data.split}
+    on test images it was trained on. The images' fingerprint still names them once their
+    folder is renamed (left out when the data is gone already)."""
+    learned = {"data": str(cfg.data.root), "split": cfg.data.split}
+    try:
+        return learned | {"images": load_manifest(cfg.data.root).images_fingerprint(cfg.data.split)}
+    except SiamdiffError:
+        return learned
 
 
 def weights_digest(checkpoint: Path) -> str | None:

@@ -412,8 +412,10 @@ def _check_out(
         named_by_weights = "model_weights" in previous  # older sets: by its path alone
         for later in ("precision", "model_weights", "model_trained_on"):  # older lack them
             previous.setdefault(later, settings[later])
-        if named_by_weights:  # the weights' SHA-256 is compared: the model's path may differ
+        if named_by_weights:  # the weights' SHA-256 is compared: the model's path may differ,
+            # and what it learned from is recorded by path too (a run's data moved with it)
             previous["model"] = settings["model"]
+            previous["model_trained_on"] = settings["model_trained_on"]
         # Masks elsewhere are the same masks if every pair here was sampled from one of them
         # (by id and hashes); at the same path a re-annotated mask is redone pair by pair.
         if previous.get("masks") != settings["masks"] and _sampled_from(out, recorded) <= selected:

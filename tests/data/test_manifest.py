@@ -113,7 +113,7 @@ def corrupt(root: Path, change: Any) -> None:
         (
             lambda o: o["preprocessing"].update(synthesis={"model_trained_on": "x"}),
             r"preprocessing.synthesis.model_trained_on must be null or an object "
-            r"\{data: path, split: name or null\}, got 'x'",
+            r"\{data: path, split: name or null\[, images: fingerprint\]\}, got 'x'",
         ),
         (
             lambda o: o["preprocessing"].update(

@@ -130,6 +130,13 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
     gone = {"data": str(tmp_path / "gone"), "split": None}
     assert _learned_scored_images(gone, tmp_path / "gone")
     assert not _learned_scored_images(gone, real_root)
+    # Renamed since: its images' fingerprint finds it under the new name, whatever that is.
+    manifest = load_manifest(real_root)
+    renamed = gone | {"images": manifest.images_fingerprint(None)}
+    assert _learned_scored_images(renamed, real_root)
+    assert not _learned_scored_images(renamed, copies)  # other images
+    renamed |= {"split": "train", "images": manifest.images_fingerprint("train")}
+    assert not _learned_scored_images(renamed, real_root)
     with pytest.raises(SiamdiffError, match="at least one architecture and one seed"):
         evaluate(
             real_root,

@@ -107,6 +107,12 @@ class Manifest:
         """The records of split ``name``; every record for None."""
         return list(self.records) if name is None else [r for r in self.records if r.split == name]
 
+    def images_fingerprint(self, split: str | None) -> str:
+        """SHA-256 over the sorted image hashes of ``split``: the same images under another
+        folder name (a renamed or copied dataset) give the same fingerprint."""
+        digests = sorted(record.image_sha256 for record in self.split(split))
+        return sha256_bytes("\n".join(digests).encode())
+
 
 def save_pair(
     root: str | Path,
@@ -241,7 +247,7 @@ def _check_fields(raw: dict[str, Any], manifest_path: Path) -> None:
         )
 
 
-TRAINED_ON = "null or an object {data: path, split: name or null}"
+TRAINED_ON = "null or an object {data: path, split: name or null[, images: fingerprint]}"
 
 
 def is_trained_on(value: Any) -> bool:
@@ -254,6 +260,7 @@ def is_trained_on(value: Any) -> bool:
         and value["data"] != ""
         and "split" in value
         and (value["split"] is None or isinstance(value["split"], str))
+        and isinstance(value.get("images", ""), str)
     )
 
 

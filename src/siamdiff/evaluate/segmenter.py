@@ -123,7 +123,8 @@ def training_split(manifest: Manifest, root: str | Path, real_root: str | Path) 
 def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> bool:
     """Whether a generator trained on ``generator`` (export.trained_on; empty for sets of
     older versions) learned from images of ``real_root``'s val or test split: by their hashes
-    while its data is there, else by its path."""
+    while its data is there; once gone, ``real_root`` is that data when the images'
+    fingerprint or (older exports) the path says so."""
     if not generator:
         return False
     data, split = Path(generator["data"]), generator["split"]
@@ -131,9 +132,11 @@ def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> 
     if split == "train" and is_real:
         return False
     scored = scored_images_learned(data, split, real_root)
-    if scored is None:  # moved or gone
-        return split != "train" and is_real
-    return scored > 0
+    if scored is not None:
+        return scored > 0
+    if "images" in generator:  # moved or gone: the real data may be it, renamed
+        is_real = load_manifest(real_root).images_fingerprint(split) == generator["images"]
+    return split != "train" and is_real
 
 
 def scored_images_learned(data: str | Path, split: str | None, real_root: str | Path) -> int | None:
