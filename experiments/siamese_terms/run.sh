@@ -33,12 +33,15 @@ need_polyp "$polyp" " (its steps-1200 line)" data/manifest-v1.json segmenter/seg
 work_dir "$work"
 
 variant() {  # variant NAME SETTINGS: train -> export -> sample -> evaluate, each once
+  # data.root: the polyp experiment's data where it is now (its folder may have been renamed
+  # since it trained, and its config records the old path)
   local name=$1 settings run=$work/run-$1 resume=() start
   IFS=';' read -r -a settings <<<"$2"
   [ -d "$run/checkpoints" ] && resume=(--resume)
   start=$(date +%s)
   siamdiff train "$polyp/run-siamese/config.yaml" run_dir="$run" "${settings[@]}" \
-    data.latent_cache="$work/latents-$name.lmdb" ${resume[@]+"${resume[@]}"} \
+    data.root="$polyp/data" data.latent_cache="$work/latents-$name.lmdb" \
+    ${resume[@]+"${resume[@]}"} \
     >>"$work/train-$name.log" 2>&1
   [ -d "$work/model-$name" ] || siamdiff export "$run" "$work/model-$name"
   local sampler=(--steps 50 --device "$device")

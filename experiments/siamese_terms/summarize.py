@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from siamdiff.atomic import atomic_write_json, atomic_write_text
+from siamdiff.config import RUN_CONFIG, load_config
 from siamdiff.report import read_loss_log, training_seconds
 from siamdiff.synthesize import comparison_grid
 
@@ -22,7 +23,9 @@ assert _spec is not None and _spec.loader is not None
 polyp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(polyp)
 
-PER_RUN = ("run_dir", "data.latent_cache")
+# run.sh points each variant at the polyp experiment's data where it lies now: the reference
+# config may record the folder's path before a rename, so data.root is checked on its own.
+PER_RUN = ("run_dir", "data.root", "data.latent_cache")
 
 
 def main() -> None:
@@ -44,6 +47,10 @@ def main() -> None:
         )
         for name, settings in variants.items()
     ]
+    for name in variants:
+        root = Path(load_config(args.work / f"run-{name}" / RUN_CONFIG).data.root)
+        if root.resolve() != (args.polyp / "data").resolve():
+            raise SystemExit(f"run-{name} trained on {root}, not on {args.polyp / 'data'}")
     cfg = configs[0]
     size = int(cfg.data.transforms.size)
     # Where each arm's files are: the reference arms in the polyp experiment's work folder.
