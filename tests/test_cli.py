@@ -328,10 +328,10 @@ def _fake_segmenter_dir(tmp_path: Path) -> Path:
 OPTIONS_REACH_THEIR_CALL = {
     "prepare": (
         "siamdiff.data.prepare.prepare",
-        "prepare --source folder=raw --out d --size 96 --mask-threshold 7 --workers 0 --strict "
-        "--drop-empty --overwrite",
+        "prepare --source folder=raw --out d --size 96 --mask-threshold 7 --image-bits 12 "
+        "--workers 0 --strict --drop-empty --overwrite",
         {"size": 96, "mask_threshold": 7, "overwrite": True, "strict": True, "drop_empty": True}
-        | {"workers": 0},
+        | {"workers": 0, "image_bits": 12},
     ),
     "download": (
         "siamdiff.data.download.download_kvasir",

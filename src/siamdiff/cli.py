@@ -42,6 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         args.out,
         size=args.size,
         mask_threshold=args.mask_threshold,
+        image_bits=args.image_bits,
         overwrite=args.overwrite,
         strict=args.strict,
         drop_empty=args.drop_empty,
@@ -346,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=128,
         help="grey masks: foreground = value >= this (label masks: nonzero)",
+    )
+    prep.add_argument(
+        "--image-bits",
+        type=int,
+        default=16,
+        help="bit depth of images stored in 16 bits: 12 for 12-bit data (default: all 16)",
     )
     prep.add_argument("--workers", type=at_least(0), default=2)
     prep.add_argument("--strict", action="store_true", help="any skipped file is an error")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 import siamdiff.data.manifest as manifest_module
@@ -401,11 +402,33 @@ def test_nothing_usable_is_an_error(tmp_path: Path) -> None:
         ({"size": 100_000}, r"size must be 8\.\.4096 pixels, got 100000$"),  # gigabytes a frame
         ({"mask_threshold": 0}, "threshold"),
         ({"mask_threshold": 256}, "threshold"),
+        ({"image_bits": 7}, r"image bits must be in 8\.\.16, got 7$"),
+        ({"image_bits": 17}, r"image bits must be in 8\.\.16, got 17$"),
     ],
 )
 def test_invalid_settings(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(SiamdiffError, match=message):
         prepare([("folder", tmp_path)], tmp_path / "out", **kwargs)
+
+
+def test_12_bit_images_are_prepared_at_full_range_and_the_setting_recorded(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 5).clip(0, 4095)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    for name, image in (("ok", ramp), ("bright", ramp + 1)):  # bright: 4096 somewhere
+        tifffile.imwrite(src / f"{name}.tif", image)
+        Image.fromarray(mask).save(src / f"{name}_mask.png")
+    summary = prepare([("folder", src)], tmp_path / "out", 32, image_bits=12, workers=1)
+    assert summary.skipped == [(str(src / "bright.tif"), summary.skipped[0][1])]
+    assert "holds the value 4096, above the 12-bit maximum 4095" in summary.skipped[0][1]
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.preprocessing["image_bits"] == 12
+    image = np.asarray(Image.open(tmp_path / "out" / manifest.records[0].image))
+    assert image.max() == 255 and image.min() == 0  # 16-bit scaling would stop at 16
 
 
 def test_an_image_in_two_sources_is_kept_once(tmp_path: Path) -> None:

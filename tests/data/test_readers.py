@@ -152,6 +152,21 @@ def test_16_bit_png_and_tiff_are_scaled_to_8_bit(tmp_path: Path) -> None:
         np.testing.assert_array_equal(load_mask(tmp_path / name)[0], [False, False, True, True])
 
 
+def test_12_bit_data_in_16_bit_files_reads_full_range_at_12_bits(tmp_path: Path) -> None:
+    """X-ray and CT exports keep 12-bit values in 16-bit files: read as 16-bit they would use
+    the bottom sixteenth of the 8-bit range; a value above the given depth is refused."""
+    values = np.array([[0, 16, 2048, 4095]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "12.tif", values)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "12.tif")[0, :, 0], [0, 0, 8, 16])
+    np.testing.assert_array_equal(load_rgb(tmp_path / "12.tif", 12)[0, :, 0], [0, 1, 128, 255])
+    Image.fromarray(RGB).save(tmp_path / "8.png")  # 8-bit files are read as stored
+    np.testing.assert_array_equal(load_rgb(tmp_path / "8.png", 12), RGB)
+    values[0, 0] = 4096
+    tifffile.imwrite(tmp_path / "13.tif", values)
+    with pytest.raises(UnreadableImageError, match="holds the value 4096, above the 12-bit maxi"):
+        load_rgb(tmp_path / "13.tif", 12)
+
+
 def test_planar_rgb_tiff(tmp_path: Path) -> None:
     tifffile.imwrite(
         tmp_path / "p.tif", np.moveaxis(RGB, -1, 0), photometric="rgb", planarconfig="separate"

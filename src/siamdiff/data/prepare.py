@@ -142,11 +142,11 @@ class Prepared(NamedTuple):
 
 
 def _process_pair(
-    pair: SourcePair, out: Path, size: int, threshold: int, drop_empty: bool
+    pair: SourcePair, out: Path, size: int, threshold: int, drop_empty: bool, image_bits: int
 ) -> Prepared | tuple[str, str]:
     """Write one resized pair into ``out``; a (file, reason) tuple when it has to be skipped."""
     try:
-        image = load_rgb(pair.image)
+        image = load_rgb(pair.image, image_bits)
         if pair.labels is None:
             mask = load_mask(pair.mask, threshold)
         else:
@@ -381,6 +381,7 @@ def prepare(
     size: int = 384,
     *,
     mask_threshold: int = MASK_THRESHOLD,
+    image_bits: int = 16,
     overwrite: bool = False,
     strict: bool = False,
     drop_empty: bool = False,
@@ -392,7 +393,9 @@ def prepare(
     Unpaired, unreadable or size-mismatched files, and images already given by an earlier
     pair or source, are skipped and listed in ``prepare-summary.json`` (``strict=True``:
     the first one is a SiamdiffError instead).
-    Masks that are empty after resizing are kept with coverage 0, or dropped with
+    Images stored in more than 8 bits are scaled from ``0..2**image_bits - 1`` (12: 12-bit
+    data in 16-bit files); masks are read by their own rules. Masks that are empty after
+    resizing are kept with coverage 0, or dropped with
     ``drop_empty``. Replacing a dataset (``overwrite``) bumps its version: major when the
     raw images changed, minor when only the preprocessing did. ``workers <= 1`` runs in
     this process.
@@ -404,6 +407,8 @@ def prepare(
         raise SiamdiffError(f"size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     if not 1 <= mask_threshold <= 255:
         raise SiamdiffError(f"mask threshold must be in 1..255, got {mask_threshold}")
+    if not 8 <= image_bits <= 16:
+        raise SiamdiffError(f"image bits must be in 8..16, got {image_bits}")
     if not sources:
         raise SiamdiffError("no source given")
     for kind, root in sources:  # --overwrite would delete a source inside --out
@@ -418,11 +423,18 @@ def prepare(
         "drop_empty": drop_empty,
         "split": {"method": "sha256(dataset/group)", "fractions": list(DEFAULT_FRACTIONS)},
     }
+    if image_bits != 16:  # recorded when set: a dataset re-prepared as before keeps its version
+        preprocessing["image_bits"] = image_bits
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             pairs, skipped = _collect_pairs(sources, strict)
             job = functools.partial(
-                _process_pair, out=tmp, size=size, threshold=mask_threshold, drop_empty=drop_empty
+                _process_pair,
+                out=tmp,
+                size=size,
+                threshold=mask_threshold,
+                drop_empty=drop_empty,
+                image_bits=image_bits,
             )
             prepared: list[Prepared] = []
             for result in _run(job, pairs, workers, progress):

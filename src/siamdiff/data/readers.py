@@ -186,14 +186,23 @@ def _decode_pil(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+def _to_uint8(array: np.ndarray, path: Path, bits: int = 16) -> np.ndarray:
+    """8-bit data as stored; wider integers scaled from ``0..2**bits - 1`` (16: the whole
+    16-bit range; 12 for 12-bit data in 16-bit files, which would otherwise read dark)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 65535:
-        # 16-bit data (Pillow's I;16 / I modes, uint16 TIFFs): 0..65535 -> 0..255, rounded.
-        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        # Pillow's I;16 / I modes, uint16 TIFFs: 0..top -> 0..255, rounded.
+        top = (1 << bits) - 1
+        if array.max() > top:
+            raise UnreadableImageError(
+                f"holds the value {array.max()}, above the {bits}-bit maximum {top} "
+                "(give the bit depth of its data: --image-bits)",
+                path,
+            )
+        return ((array.astype(np.uint32) * 255 + top // 2) // top).astype(np.uint8)
     raise UnreadableImageError(f"unsupported pixel type {array.dtype}", path)
 
 
@@ -310,20 +319,21 @@ def _decoded(path: Path) -> np.ndarray:
     return _pixels(_read(path, _decode_tiff_pixels if _is_tiff(path) else _decode_pil), path)
 
 
-def _read_uint8(path: Path) -> np.ndarray:
+def _read_uint8(path: Path, bits: int = 16) -> np.ndarray:
     """Decode ``path`` to uint8 HxW or HxWx3."""
     path = Path(path)
-    return _to_hw_or_hwc(_to_uint8(_decoded(path), path), path)
+    return _to_hw_or_hwc(_to_uint8(_decoded(path), path, bits), path)
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
+def load_rgb(path: str | Path, bits: int = 16) -> np.ndarray:
     """The image at ``path`` as uint8 HxWx3 RGB.
 
-    Alpha is dropped, palettes are expanded, grey is repeated to three channels and 16-bit
-    data is scaled to 8 bits. A corrupt or truncated file raises a one-line
-    :class:`UnreadableImageError` naming it.
+    Alpha is dropped, palettes are expanded, grey is repeated to three channels and data
+    wider than 8 bits is scaled to 8 bits from ``0..2**bits - 1`` (a value above it is an
+    error). A corrupt or truncated file raises a one-line :class:`UnreadableImageError`
+    naming it.
     """
-    array = _read_uint8(Path(path))
+    array = _read_uint8(Path(path), bits)
     return np.repeat(array[..., None], 3, axis=-1) if array.ndim == 2 else array
 
 
