@@ -60,7 +60,6 @@ from siamdiff.config import finite_number, whole_number
 from siamdiff.data.manifest import Record, load_manifest, require_intact
 from siamdiff.data.readers import load_rgb
 from siamdiff.errors import SiamdiffError, first_line, out_of_memory_error
-from siamdiff.evaluate.segmenter import split_fingerprint
 from siamdiff.models.dhi import DenseHintInput
 from siamdiff.report import read_loss_log, save_columns, save_loss_curve, truncate_loss_log
 from siamdiff.rng import cpu_seeded
@@ -410,7 +409,7 @@ def train_vae(
     held_out = manifest.split(held_out_split)
     crops = ImageCrops(data, records, settings.size)
     held_out_crops = ImageCrops(data, held_out, settings.size)
-    fingerprint = split_fingerprint(manifest, train_split)
+    fingerprint = manifest.images_fingerprint(train_split)
     # Steps draw images by their place in the list: a resume needs the same order too.
     order = hashlib.sha256("\n".join(r.image_sha256 for r in records).encode()).hexdigest()
     with exclusive_writer(out, 0, "siamdiff train-vae"):

@@ -108,8 +108,8 @@ class Manifest:
         return list(self.records) if name is None else [r for r in self.records if r.split == name]
 
     def images_fingerprint(self, split: str | None) -> str:
-        """SHA-256 over the sorted image hashes of ``split``: the same images under another
-        folder name (a renamed or copied dataset) give the same fingerprint."""
+        """SHA-256 over the sorted image hashes of ``split``: names the exact images a model
+        learned from, under any folder name (a renamed or copied dataset)."""
         digests = sorted(record.image_sha256 for record in self.split(split))
         return sha256_bytes("\n".join(digests).encode())
 

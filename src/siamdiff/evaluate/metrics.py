@@ -61,7 +61,6 @@ from siamdiff.evaluate.segmenter import (
     read_segmenter_config,
     score_segmenter,
     scored_images_learned,
-    split_fingerprint,
 )
 from siamdiff.evaluate.standard import (
     MissingWeights,
@@ -257,7 +256,7 @@ def _segmenter_section(segmenter_dir: Path, real_root: Path, warnings: list[str]
             "need one trained on the real training split only",
             segmenter_dir,
         )
-    same_split = data[0].get("fingerprint") == split_fingerprint(load_manifest(real_root), "train")
+    same_split = data[0].get("fingerprint") == load_manifest(real_root).images_fingerprint("train")
     if not same_split:
         learned = scored_images_learned(data[0].get("root", ""), data[0].get("split"), real_root)
         if learned:

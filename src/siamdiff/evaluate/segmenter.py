@@ -18,7 +18,6 @@ training data identity, loss history, validation scores, speed).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
@@ -85,12 +84,6 @@ def frame_transforms(size: int, train: bool) -> Callable[[Sample], Sample]:
 def frames(root: str | Path, split: str | None, size: int) -> PairedDataset:
     """One split (``None``: every record) of a siamdiff dataset as whole ``size`` px frames."""
     return PairedDataset(root, split=split, transform=frame_transforms(size, train=False))
-
-
-def split_fingerprint(manifest: Manifest, split: str | None) -> str:
-    """SHA-256 over the sorted image hashes of a split: names the exact images trained on."""
-    records = manifest.split(split)
-    return hashlib.sha256("\n".join(sorted(r.image_sha256 for r in records)).encode()).hexdigest()
 
 
 def training_split(manifest: Manifest, root: str | Path, real_root: str | Path) -> str | None:
@@ -333,7 +326,7 @@ def training_set(
                 "kind": manifest.kind,
                 "split": split or "all",
                 "dataset_version": manifest.dataset_version,
-                "fingerprint": split_fingerprint(manifest, split),
+                "fingerprint": manifest.images_fingerprint(split),
                 "images": len(dataset),
             }
         )
