@@ -153,6 +153,23 @@ def test_a_damaged_export_is_one_line(trained_run: Path, tmp_path: Path):
     assert learned["images"] == load_manifest(learned["data"]).images_fingerprint("train")
 
 
+def test_an_export_names_the_images_learned_after_the_data_moved(trained_run: Path, tmp_path: Path):
+    """The checkpoint records the fingerprint of the images it learned from: an export made
+    after the data folder was renamed still tells the leak guard which images they were."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    cfg = load_config(run / "config.yaml")
+    learned = load_manifest(cfg.data.root).images_fingerprint("train")
+    config = (run / "config.yaml").read_text().replace(cfg.data.root, str(tmp_path / "gone"))
+    (run / "config.yaml").write_text(config)
+    out = export_run(run, tmp_path / "export")
+    meta = json.loads((out / "siamdiff.json").read_text())
+    assert meta["trained_on"] == {
+        "data": str(tmp_path / "gone"),
+        "split": "train",
+        "images": learned,
+    }
+
+
 def test_a_checkpoint_of_other_shapes_than_the_config_is_one_line(
     trained_run: Path, tmp_path: Path
 ):

@@ -356,17 +356,21 @@ def export_run(
             "source_run": str(run.resolve()),
             "step": state["step"],
             "weights_sha256": weights_digest(chosen),
-            "trained_on": trained_on(cfg),
+            "trained_on": trained_on(cfg, chosen),
         },
         copy_autoencoder=copy_autoencoder,
     )
 
 
-def trained_on(cfg: Any) -> dict[str, Any]:
+def trained_on(cfg: Any, checkpoint: Path) -> dict[str, Any]:
     """Which images a run learned from: a segmentation utility must never score a generator
-    on test images it was trained on. The images' fingerprint still names them once their
-    folder is renamed (left out when the data is gone already)."""
+    on test images it was trained on. Their fingerprint, as the checkpoint recorded it, still
+    names them once their folder is renamed or holds other data (checkpoints of older
+    versions lack it: then the data's now, unless it is gone)."""
     learned = {"data": str(cfg.data.root), "split": cfg.data.split}
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if "images_fingerprint" in state:
+        return learned | {"images": state["images_fingerprint"]}
     try:
         return learned | {"images": load_manifest(cfg.data.root).images_fingerprint(cfg.data.split)}
     except SiamdiffError:

@@ -451,6 +451,8 @@ def trained_on(cfg: DictConfig, autoencoder: LatentAutoencoder) -> dict[str, Any
     return {
         "data_pairs": len(records),
         "data_fingerprint": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+        # Which images, in any order: what an export tells the leak guard (export.trained_on).
+        "images_fingerprint": manifest.images_fingerprint(cfg.data.split),
         "autoencoder_identity": autoencoder.identity,
     }
 

@@ -137,6 +137,12 @@ def test_pairs_sampled_from_test_masks_are_refused_before_any_training(
     assert not _learned_scored_images(renamed, copies)  # other images
     renamed |= {"split": "train", "images": manifest.images_fingerprint("train")}
     assert not _learned_scored_images(renamed, real_root)
+    # Its folder holding other data since: the fingerprint, not the path, says what it saw.
+    learned_real = {"data": str(copies), "split": None, "images": manifest.images_fingerprint(None)}
+    assert _learned_scored_images(learned_real, real_root)
+    assert not _learned_scored_images(
+        {"data": str(real_root), "split": None, "images": "other images"}, real_root
+    )
     with pytest.raises(SiamdiffError, match="at least one architecture and one seed"):
         evaluate(
             real_root,

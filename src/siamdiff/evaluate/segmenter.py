@@ -116,29 +116,35 @@ def training_split(manifest: Manifest, root: str | Path, real_root: str | Path) 
 def _learned_scored_images(generator: dict[str, Any], real_root: str | Path) -> bool:
     """Whether a generator trained on ``generator`` (export.trained_on; empty for sets of
     older versions) learned from images of ``real_root``'s val or test split: by their hashes
-    while its data is there; once gone, ``real_root`` is that data when the images'
-    fingerprint or (older exports) the path says so."""
+    while its data is there, unchanged; once gone or replaced, ``real_root`` is that data when
+    the images' fingerprint or (older exports) the path says so."""
     if not generator:
         return False
-    data, split = Path(generator["data"]), generator["split"]
+    data, split, images = Path(generator["data"]), generator["split"], generator.get("images")
     is_real = data.resolve() == Path(real_root).resolve()
-    if split == "train" and is_real:
+    if split == "train" and is_real:  # re-prepared, train frames stay in train (prepare)
         return False
-    scored = scored_images_learned(data, split, real_root)
+    scored = scored_images_learned(data, split, real_root, images)
     if scored is not None:
         return scored > 0
-    if "images" in generator:  # moved or gone: the real data may be it, renamed
-        is_real = load_manifest(real_root).images_fingerprint(split) == generator["images"]
+    if images is not None:  # moved, gone or replaced: the real data may be it, renamed
+        is_real = load_manifest(real_root).images_fingerprint(split) == images
     return split != "train" and is_real
 
 
-def scored_images_learned(data: str | Path, split: str | None, real_root: str | Path) -> int | None:
+def scored_images_learned(
+    data: str | Path, split: str | None, real_root: str | Path, images: str | None = None
+) -> int | None:
     """How many of ``real_root``'s val and test images (by hash) are in ``split`` of the
-    dataset at ``data`` (every split for None); None when that dataset cannot be read."""
+    dataset at ``data`` (every split for None); None when that dataset cannot be read, or
+    when its images there are not those of the fingerprint ``images`` (replaced since)."""
     try:
-        learned = load_manifest(data).split(split)
+        manifest = load_manifest(data)
     except SiamdiffError:
         return None
+    if images is not None and manifest.images_fingerprint(split) != images:
+        return None
+    learned = manifest.split(split)
     scored = {r.image_sha256 for r in load_manifest(real_root).records if r.split != "train"}
     return sum(record.image_sha256 in scored for record in learned)
 
