@@ -398,19 +398,20 @@ def test_a_moved_project_resumes_but_other_masks_or_models_are_refused(
 def test_a_run_sampled_from_resumes_after_its_data_moved(
     trained_run: Path, phantom_data: Path, tmp_path: Path
 ):
-    """A training run names its data by the path in its config: once that folder is renamed,
-    what the run learned from reads differently (no images' fingerprint), yet the weights,
-    compared by their SHA-256, are the same model and the set resumes."""
+    """A run's data moved and its config pointed at the new folder: what the run learned from
+    now reads another path, yet its weights, compared by their SHA-256, are the same model,
+    and the set resumes."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     data = Path(shutil.copytree(phantom_data, tmp_path / "data"))
-    cfg = (run / RUN_CONFIG).read_text().replace(str(phantom_data), str(data))
-    (run / RUN_CONFIG).write_text(cfg)
+    config = (run / RUN_CONFIG).read_text()
+    (run / RUN_CONFIG).write_text(config.replace(str(phantom_data), str(data)))
     assert sample(run, data, tmp_path / "syn").generated == 8
     learned = load_manifest(tmp_path / "syn").preprocessing["synthesis"]["model_trained_on"]
     assert learned["images"] == load_manifest(data).images_fingerprint("train")
     (tmp_path / "syn" / MANIFEST_NAME).unlink()  # unfinished: its journal lists its pairs
     data.rename(tmp_path / "renamed")
+    (run / RUN_CONFIG).write_text(config.replace(str(phantom_data), str(tmp_path / "renamed")))
     assert sample(run, tmp_path / "renamed", tmp_path / "syn").reused == 8
 
 
