@@ -17,6 +17,11 @@
 #
 #   w='backbone.unet.block_out_channels=[96,96,192]' d=experiments/siamese_terms
 #   VARIANTS="wide-mask-only=model.mode=mask-only;$w wide-siamese=$w" RESULTS=$d/wide bash $d/run.sh
+#
+# and at 3000 steps in wide-3000/ (~95 min), against the polyp experiment's 3000-step run:
+#
+#   POLYP=experiments/polyp_siamese_vs_maskonly/out WORK=$d/out-3000 \
+#   VARIANTS="wide-mask-only=model.mode=mask-only;$w wide-siamese=$w" RESULTS=$d/wide-3000 bash $d/run.sh
 set -euo pipefail
 main() {  # one function, parsed whole before it runs: editing this file mid-run is safe
 here=$(cd "$(dirname "$0")" && pwd)
@@ -67,6 +72,10 @@ mkdir -p "$results"
 command="bash experiments/siamese_terms/run.sh"
 [ -z "${RESULTS:-}" ] || command="RESULTS=$RESULTS $command"
 [ -z "${VARIANTS:-}" ] || command="VARIANTS='$VARIANTS' $command"
+repo=$(cd "$here/../.." && pwd)
+for knob in POLYP WORK; do  # which reference and work folder, relative to the repository
+  [ -z "${!knob:-}" ] || command="$knob=$(realpath -m --relative-to="$repo" "${!knob}") $command"
+done
 python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$results" \
   --variants "${variants[@]}" --command "$command" --device "$device"
 }
