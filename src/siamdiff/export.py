@@ -356,19 +356,18 @@ def export_run(
             "source_run": str(run.resolve()),
             "step": state["step"],
             "weights_sha256": weights_digest(chosen),
-            "trained_on": trained_on(cfg, chosen),
+            "trained_on": trained_on(cfg, state),
         },
         copy_autoencoder=copy_autoencoder,
     )
 
 
-def trained_on(cfg: Any, checkpoint: Path) -> dict[str, Any]:
+def trained_on(cfg: Any, state: dict[str, Any]) -> dict[str, Any]:
     """Which images a run learned from: a segmentation utility must never score a generator
-    on test images it was trained on. Their fingerprint, as the checkpoint recorded it, still
-    names them once their folder is renamed or holds other data (checkpoints of older
-    versions lack it: then the data's now, unless it is gone)."""
+    on test images it was trained on. Their fingerprint, as the checkpoint's trainer
+    ``state`` recorded it, still names them once their folder is renamed or holds other data
+    (checkpoints of older versions lack it: then the data's now, unless it is gone)."""
     learned = {"data": str(cfg.data.root), "split": cfg.data.split}
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
     if "images_fingerprint" in state:
         return learned | {"images": state["images_fingerprint"]}
     try:

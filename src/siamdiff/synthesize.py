@@ -238,7 +238,7 @@ def resolve_model(path: str | Path) -> ModelSource:
         tuple(cfg.data.hints),
         str(cfg.data.transforms.crop),
         weights_digest(chosen),
-        trained_on(cfg, chosen),
+        trained_on(cfg, json.loads((chosen / "trainer_state.json").read_text())),
     )
 
 
