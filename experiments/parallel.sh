@@ -21,6 +21,13 @@ need_polyp() {  # need_polyp DIR HOW PATH...: stop in one line unless DIR holds 
   done
 }
 
+knobs() {  # knobs NAME...: those environment knobs that are set, as the start of a rerun line
+  local name
+  for name in "$@"; do
+    if [ -n "${!name:-}" ]; then printf '%s=%s ' "$name" "${!name@Q}"; fi
+  done
+}
+
 stop_tree() {  # stop_tree PID: the process and everything it started, children first
   local child
   for child in $(pgrep -P "$1"); do stop_tree "$child"; done

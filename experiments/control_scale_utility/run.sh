@@ -49,6 +49,7 @@ done
 wait_all "${pids[@]}"
 
 python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$here" --arms "${arms[@]}" \
-  --control-scale "$scale" --device "$device"
+  --control-scale "$scale" --device "$device" \
+  --command "$(knobs POLYP WORK DEVICE CONTROL_SCALE)bash experiments/control_scale_utility/run.sh"
 }
 main "$@"

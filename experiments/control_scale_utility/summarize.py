@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--polyp", type=Path, required=True, help="the polyp experiment's work")
     parser.add_argument("--arms", nargs="+", required=True)
     parser.add_argument("--control-scale", type=float, required=True)
+    parser.add_argument("--command", required=True, help="the line that reruns the experiment")
     args = parser.parse_args()
 
     if args.control_scale == 1.0:
@@ -152,7 +153,7 @@ def main() -> None:
     reproduced = all(runs[0] == runs[1] for arm in baselines.values() for runs in arm.values())
     results = {
         "experiment": "control_scale_utility",
-        "command": "bash experiments/control_scale_utility/run.sh",
+        "command": args.command,
         "device": polyp.device_name(args.device),
         "models": f"polyp_siamese_vs_maskonly's ({POLYP_RESULTS['scale']}), from "
         f"{os.path.relpath(args.polyp.resolve(), REPO)}",

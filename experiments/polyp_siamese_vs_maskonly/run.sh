@@ -132,16 +132,10 @@ first=$!
 second=$!
 wait_all "$first" "$second"
 
-knobs() {  # the environment knobs this run was given, as the line that reruns it
-  local name
-  for name in CONFIG SIZE SAMPLE_MASKS PER_MASK STEPS SEG_SIZE SEG_EPOCHS UTIL_SIZE UTIL_EPOCHS \
-    UTIL_SEEDS UTIL_ARCHS DEVICE TRAIN_OVERRIDES UTILITY UTIL_MATCHED_STEPS RESULTS WORK; do
-    if [ -n "${!name:-}" ]; then printf '%s=%s ' "$name" "${!name@Q}"; fi
-  done
-}
-
+given=$(knobs CONFIG SIZE SAMPLE_MASKS PER_MASK STEPS SEG_SIZE SEG_EPOCHS UTIL_SIZE UTIL_EPOCHS \
+  UTIL_SEEDS UTIL_ARCHS DEVICE TRAIN_OVERRIDES UTILITY UTIL_MATCHED_STEPS RESULTS WORK)
 mkdir -p "$results"
 python3 "$here/summarize.py" --work "$work" --out "$results" --arms "${arms[@]}" \
-  --device "$device" --solver-study siamese-dpm20 --command "$(knobs)bash $0"
+  --device "$device" --solver-study siamese-dpm20 --command "${given}bash $0"
 }
 main "$@"

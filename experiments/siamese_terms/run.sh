@@ -69,13 +69,7 @@ done
 wait_all "${pids[@]}"
 
 mkdir -p "$results"
-command="bash experiments/siamese_terms/run.sh"
-[ -z "${RESULTS:-}" ] || command="RESULTS=$RESULTS $command"
-[ -z "${VARIANTS:-}" ] || command="VARIANTS='$VARIANTS' $command"
-repo=$(cd "$here/../.." && pwd)
-for knob in POLYP WORK; do  # which reference and work folder, relative to the repository
-  [ -z "${!knob:-}" ] || command="$knob=$(realpath -m --relative-to="$repo" "${!knob}") $command"
-done
+command="$(knobs WORK POLYP VARIANTS RESULTS DEVICE)bash experiments/siamese_terms/run.sh"
 python3 "$here/summarize.py" --work "$work" --polyp "$polyp" --out "$results" \
   --variants "${variants[@]}" --command "$command" --device "$device"
 }
